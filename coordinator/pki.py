@@ -1,0 +1,205 @@
+"""Federation PKI: a CA, the coordinator's server certificate, and site/admin client certificates.
+
+Every certificate is issued by the federation CA (ECDSA P-256, X.509 via ``cryptography``). A site certificate
+carries the site's name as CN, its role as OU, and the site's Ed25519 envelope-signing public key in a private
+extension, so the CA binds the signing key to the identity: the coordinator never trusts a key a request names.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+# Private arc for fedbridge extensions (Ed25519 raw public key used to sign update envelopes).
+SIGNING_KEY_OID = x509.ObjectIdentifier("1.3.6.1.4.1.59862.1.1")
+ROLES = ("site", "admin", "coordinator")
+
+
+class PKIError(ValueError):
+    """A certificate is missing, malformed or not usable for the requested role."""
+
+
+@dataclass(frozen=True)
+class PeerIdentity:
+    """Who is on the other end of an mTLS connection, as the CA-signed certificate says."""
+
+    name: str
+    role: str
+    signing_key: Ed25519PublicKey | None
+    serial: int
+    fingerprint: str
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey | Ed25519PrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def _write(path: Path, data: bytes, private: bool = False) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    if private:
+        path.chmod(0o600)
+
+
+@dataclass(frozen=True)
+class CertificateAuthority:
+    cert: x509.Certificate
+    key: ec.EllipticCurvePrivateKey
+
+    @classmethod
+    def create(cls, name: str = "fedbridge federation CA", days: int = 3650) -> CertificateAuthority:
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name),
+                             x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "ca")])
+        cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+                .serial_number(x509.random_serial_number()).not_valid_before(_now() - dt.timedelta(minutes=5))
+                .not_valid_after(_now() + dt.timedelta(days=days))
+                .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+                .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                             content_commitment=False, key_encipherment=False,
+                                             data_encipherment=False, key_agreement=False, encipher_only=False,
+                                             decipher_only=False), critical=True)
+                .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+                .sign(key, hashes.SHA256()))
+        return cls(cert, key)
+
+    @classmethod
+    def load(cls, cert_path: Path, key_path: Path) -> CertificateAuthority:
+        cert = x509.load_pem_x509_certificate(Path(cert_path).read_bytes())
+        key = serialization.load_pem_private_key(Path(key_path).read_bytes(), password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise PKIError(f"{key_path}: CA key must be an EC private key")
+        return cls(cert, key)
+
+    def save(self, cert_path: Path, key_path: Path) -> None:
+        _write(cert_path, self.cert_pem)
+        _write(key_path, _pem_key(self.key), private=True)
+
+    @property
+    def cert_pem(self) -> bytes:
+        return self.cert.public_bytes(serialization.Encoding.PEM)
+
+    def issue(self, name: str, role: str, *, hosts: tuple[str, ...] = (), signing_key: Ed25519PublicKey | None = None,
+              days: int = 825) -> tuple[bytes, bytes]:
+        """Issue a leaf certificate; returns ``(cert_pem, key_pem)``.
+
+        Args:
+            name: CN: the site name, the admin's name, or the coordinator's host name.
+            role: One of :data:`ROLES`; stored as OU and checked by the coordinator.
+            hosts: DNS names / IP addresses for a server certificate's subjectAltName.
+            signing_key: For a site, its Ed25519 envelope-signing public key (embedded in an extension).
+            days: Validity.
+        """
+        if role not in ROLES:
+            raise PKIError(f"unknown certificate role {role!r}; expected one of {ROLES}")
+        if not name or any(c in name for c in "/\\\n\r\t,=+<>#;\"") or len(name) > 64:
+            raise PKIError(f"invalid certificate name {name!r}: use 1-64 letters, digits, '-', '_' or '.'")
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name),
+                             x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role)])
+        server = role == "coordinator"
+        b = (x509.CertificateBuilder().subject_name(subject).issuer_name(self.cert.subject)
+             .public_key(key.public_key()).serial_number(x509.random_serial_number())
+             .not_valid_before(_now() - dt.timedelta(minutes=5)).not_valid_after(_now() + dt.timedelta(days=days))
+             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if server
+                                                   else ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False))
+        if hosts:
+            sans: list[x509.GeneralName] = []
+            for h in hosts:
+                try:
+                    sans.append(x509.IPAddress(ipaddress.ip_address(h)))
+                except ValueError:
+                    sans.append(x509.DNSName(h))
+            b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        if signing_key is not None:
+            raw = signing_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+            b = b.add_extension(x509.UnrecognizedExtension(SIGNING_KEY_OID, raw), critical=False)
+        cert = b.sign(self.key, hashes.SHA256())
+        return cert.public_bytes(serialization.Encoding.PEM), _pem_key(key)
+
+
+def peer_identity(cert_pem: bytes) -> PeerIdentity:
+    """Read name, role and signing key from a peer certificate that the TLS layer already verified."""
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+    except ValueError as e:
+        raise PKIError(f"peer certificate is not valid PEM: {e}") from e
+    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    ous = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
+    if len(cns) != 1 or len(ous) != 1:
+        raise PKIError("peer certificate must have exactly one CN and one OU")
+    signing_key = None
+    try:
+        ext = cert.extensions.get_extension_for_oid(SIGNING_KEY_OID)
+        signing_key = Ed25519PublicKey.from_public_bytes(ext.value.value)  # type: ignore[attr-defined]
+    except x509.ExtensionNotFound:
+        pass
+    return PeerIdentity(name=str(cns[0].value), role=str(ous[0].value), signing_key=signing_key,
+                        serial=cert.serial_number, fingerprint=cert.fingerprint(hashes.SHA256()).hex())
+
+
+@dataclass(frozen=True)
+class SiteKitPaths:
+    """Files a site needs to talk to the coordinator."""
+
+    dir: Path
+    ca: Path
+    cert: Path
+    key: Path
+    signing_key: Path
+
+
+def write_site_kit(ca: CertificateAuthority, name: str, out_dir: Path) -> SiteKitPaths:
+    """Create a site's TLS key/cert and Ed25519 signing key under ``out_dir``."""
+    signing = Ed25519PrivateKey.generate()
+    cert_pem, key_pem = ca.issue(name, "site", signing_key=signing.public_key())
+    kit = SiteKitPaths(out_dir, out_dir / "ca.pem", out_dir / "client.pem", out_dir / "client.key",
+                       out_dir / "signing.key")
+    _write(kit.ca, ca.cert_pem)
+    _write(kit.cert, cert_pem)
+    _write(kit.key, key_pem, private=True)
+    _write(kit.signing_key, _pem_key(signing), private=True)
+    return kit
+
+
+@dataclass(frozen=True)
+class DevPKI:
+    """A development federation PKI on disk: CA, coordinator server cert, and one kit per site."""
+
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+    sites: dict[str, SiteKitPaths]
+    admin_cert: Path
+    admin_key: Path
+
+
+def create_dev_pki(out_dir: Path, sites: list[str], hosts: tuple[str, ...] = ("localhost", "127.0.0.1")) -> DevPKI:
+    """Generate a fresh CA, a coordinator certificate for ``hosts``, an admin certificate, and site kits."""
+    out_dir = Path(out_dir)
+    ca = CertificateAuthority.create()
+    ca.save(out_dir / "ca.pem", out_dir / "ca.key")
+    server_pem, server_key = ca.issue(hosts[0], "coordinator", hosts=hosts)
+    _write(out_dir / "coordinator" / "server.pem", server_pem)
+    _write(out_dir / "coordinator" / "server.key", server_key, private=True)
+    admin_pem, admin_key = ca.issue("admin", "admin")
+    _write(out_dir / "admin" / "admin.pem", admin_pem)
+    _write(out_dir / "admin" / "admin.key", admin_key, private=True)
+    kits = {s: write_site_kit(ca, s, out_dir / "sites" / s) for s in sites}
+    return DevPKI(out_dir / "ca.pem", out_dir / "coordinator" / "server.pem", out_dir / "coordinator" / "server.key",
+                  kits, out_dir / "admin" / "admin.pem", out_dir / "admin" / "admin.key")

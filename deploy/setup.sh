@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Set up fedbridge from nothing: a .venv with torch 2.13.0 (CPU wheel) installed FIRST, then the project and its
+# extras. Re-running is free: a stamp of the inputs' hash skips the install when nothing changed.
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+PY=${PYTHON:-python3}
+VENV=${FEDBRIDGE_VENV:-$root/.venv}
+EXTRAS=${FEDBRIDGE_EXTRAS:-site,eval,dev}
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[setup] creating $VENV"
+  "$PY" -m venv "$VENV"
+fi
+stamp="$VENV/.fedbridge-setup"
+want=$(cat pyproject.toml deploy/setup.sh | sha256sum | cut -c1-32)-$EXTRAS
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+pip=("$VENV/bin/python" -m pip --disable-pip-version-check)
+# 1. torch first: a bare `torch` requirement with no torch installed pulls a multi-GB CUDA build.
+if ! "$VENV/bin/python" -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') else 1)" 2>/dev/null; then
+  echo "[setup] installing torch==2.13.0 (CPU)"
+  "${pip[@]}" install -q "torch==2.13.0"
+fi
+# 2. the project and its extras. DeepSpeed must not try to compile its CUDA ops.
+echo "[setup] installing fedbridge[$EXTRAS]"
+DS_BUILD_OPS=0 "${pip[@]}" install -q -e ".[$EXTRAS]"
+"${pip[@]}" check
+echo "$want" > "$stamp"
+echo "[setup] ready: $VENV"

@@ -1,0 +1,103 @@
+"""Model manifests: the SHA-256 of every file in a model directory, and one hash that pins them all.
+
+The manifest hash travels in every task and every update envelope, so a site can prove it trained on exactly the
+base model the federation agreed on, and the coordinator can refuse an update made against any other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+MANIFEST_NAME = "fedbridge-manifest.json"
+_CHUNK = 1 << 20
+
+
+class ManifestMismatch(ValueError):
+    """A model directory does not match its manifest (names the files that differ)."""
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Hashes of every file of a model directory (the manifest file itself excluded).
+
+    Attributes:
+        files: Relative POSIX path -> hex SHA-256.
+    """
+
+    files: dict[str, str]
+
+    @property
+    def sha256(self) -> str:
+        """One hash over the sorted (path, hash) pairs: the base model's identity."""
+        return hashlib.sha256(self.canonical_json().encode()).hexdigest()
+
+    def canonical_json(self) -> str:
+        return json.dumps({"files": dict(sorted(self.files.items()))}, sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def of_dir(cls, model_dir: str | Path) -> Manifest:
+        """Hash every regular file under ``model_dir`` (skipping the manifest file and hidden files)."""
+        root = Path(model_dir)
+        if not root.is_dir():
+            raise ManifestMismatch(f"model directory {root} does not exist")
+        files = {}
+        for p in sorted(root.rglob("*")):
+            rel = p.relative_to(root).as_posix()
+            if p.is_file() and rel != MANIFEST_NAME and not any(part.startswith(".") for part in p.relative_to(root).parts):
+                files[rel] = sha256_file(p)
+        if not files:
+            raise ManifestMismatch(f"model directory {root} holds no files")
+        return cls(files)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Manifest:
+        """Read a manifest JSON file (``{"files": {...}}``)."""
+        p = Path(path)
+        try:
+            data = json.loads(p.read_text())
+            files = data["files"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ManifestMismatch(f"{p}: not a readable manifest ({e})") from e
+        if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+            raise ManifestMismatch(f"{p}: field 'files' must map relative paths to hex SHA-256 strings")
+        return cls(dict(files))
+
+    def save(self, model_dir: str | Path) -> Path:
+        """Write the manifest into ``model_dir`` and return its path."""
+        p = Path(model_dir) / MANIFEST_NAME
+        p.write_text(json.dumps({"files": dict(sorted(self.files.items())), "sha256": self.sha256}, indent=1) + "\n")
+        return p
+
+
+def verify_model_dir(model_dir: str | Path, expected_sha256: str) -> Manifest:
+    """Check that ``model_dir`` hashes to ``expected_sha256``; return its manifest.
+
+    Raises:
+        ManifestMismatch: naming the missing, extra or changed files when the directory's manifest on disk says
+            what was expected, or the two hashes otherwise.
+    """
+    actual = Manifest.of_dir(model_dir)
+    if actual.sha256 == expected_sha256:
+        return actual
+    detail = ""
+    recorded = Path(model_dir) / MANIFEST_NAME
+    if recorded.exists():
+        want = Manifest.load(recorded)
+        changed = sorted(k for k in want.files.keys() & actual.files.keys() if want.files[k] != actual.files[k])
+        missing = sorted(want.files.keys() - actual.files.keys())
+        extra = sorted(actual.files.keys() - want.files.keys())
+        detail = f" (changed: {changed}, missing: {missing}, unexpected: {extra})"
+    raise ManifestMismatch(f"base model at {model_dir} has manifest hash {actual.sha256[:16]}…, "
+                           f"the task pins {expected_sha256[:16]}…{detail}")
