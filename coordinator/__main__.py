@@ -1,0 +1,3 @@
+from coordinator.admin_cli import main
+
+main()

@@ -1,0 +1,381 @@
+"""The round engine: opens rounds, hands out tasks, validates and stores updates, aggregates at quorum, publishes.
+
+All state lives in :class:`coordinator.store.Store`; the engine keeps only caches and wake-up events in memory,
+so a restarted coordinator resumes exactly where the store says it was. It runs on the gRPC server's event loop;
+checks and acceptance of an update happen without an ``await`` in between, so an update is either counted in the
+round's aggregate or refused, never accepted and then missed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from coordinator.adapter import AdapterInit
+from coordinator.config import FederationConfig
+from coordinator.errors import DuplicateUpdate, InvalidUpdate, NotFound, PermissionDenied, UpdateTooLarge, WrongRound
+from coordinator.pki import PeerIdentity
+from coordinator.publish import publish
+from coordinator.store import Store, UpdateRow, now_ms
+from protos import codec
+from protos.fedbridge.v1 import federation_service_pb2 as pb
+from strategies.fedavg import FedAvgConfig
+from strategies.fedavg import aggregate as fedavg_aggregate
+from strategies.types import ClientUpdate
+
+log = logging.getLogger(__name__)
+
+PHASES = ("train", "eval_global")
+_METRIC_NAME = re.compile(r"^[a-z][a-z0-9_.]{0,63}$")
+
+
+@dataclass(frozen=True)
+class TaskOffer:
+    """What FetchTask answers: wait, train round ``round``, or done (``round`` is then total rounds + 1)."""
+
+    status: str
+    round: int = 0
+    global_sha256: str = ""
+    global_size: int = 0
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One message of an upload stream, as domain values."""
+
+    signed: pb.SignedEnvelope | None
+    offset: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class UploadResult:
+    accepted: bool
+    committed_offset: int
+    update_id: str
+
+
+@dataclass
+class _Upload:
+    env: pb.UpdateEnvelope
+    signed: pb.SignedEnvelope
+    path: Path
+    offset: int
+    already_accepted: bool = False
+
+
+@dataclass
+class _Adapters:
+    """In-memory copies of small global adapters by round (they are also on disk)."""
+
+    by_round: dict[int, bytes] = field(default_factory=dict)
+
+
+class RoundEngine:
+    """Drives a federation through its rounds.
+
+    Args:
+        config: The federation config.
+        store: Durable state.
+        base_sha256: Manifest hash of the base model (checked against the directory at start).
+        adapter: The initial adapter and its spec.
+    """
+
+    def __init__(self, config: FederationConfig, store: Store, base_sha256: str, adapter: AdapterInit) -> None:
+        self.cfg = config
+        self.store = store
+        self.base_sha256 = base_sha256
+        self.spec = adapter.spec
+        self._init_state = adapter.state
+        self._changed = asyncio.Event()
+        self._closing: set[int] = set()
+        self._cache = _Adapters()
+        self._lock = asyncio.Lock()
+        self.finished = asyncio.Event()
+
+    # -- lifecycle ----------------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Create round 1, or resume from whatever the store holds."""
+        fed = self.store.get_meta("federation_id")
+        if fed is not None and fed != self.cfg.federation_id:
+            raise RuntimeError(f"state dir {self.store.dir} belongs to federation {fed!r}, not {self.cfg.federation_id!r}")
+        base = self.store.get_meta("base_model_sha256")
+        if base is not None and base != self.base_sha256:
+            raise RuntimeError(f"base model changed since the federation started ({base[:16]}… -> {self.base_sha256[:16]}…)")
+        if fed is None:
+            self.store.set_meta("federation_id", self.cfg.federation_id)
+            self.store.set_meta("base_model_sha256", self.base_sha256)
+            self.store.set_meta("adapter_spec_sha256", self.spec.sha256)
+        cur = self.store.current_round()
+        if cur is None:
+            payload = codec.encode_state(self._init_state)
+            self.store.put_adapter(1, payload)
+            self.store.open_round(1, codec.sha256_hex(payload))
+            log.info("[RoundEngine.start] federation=%s round=1 opened", self.cfg.federation_id)
+        else:
+            log.info("[RoundEngine.start] federation=%s resuming at round=%d state=%s", self.cfg.federation_id,
+                     cur.round, cur.state)
+        await self._advance()
+
+    async def _advance(self) -> None:
+        """Make progress from whatever state the store is in (used at start and after each accepted update)."""
+        async with self._lock:
+            while True:
+                cur = self.store.current_round()
+                assert cur is not None
+                if cur.state == "open":
+                    ups = self.store.updates(cur.round)
+                    if len(ups) < self.cfg.min_sites:
+                        break
+                    self._closing.add(cur.round)
+                    try:
+                        await asyncio.to_thread(self._aggregate, cur.round, ups)
+                    finally:
+                        self._closing.discard(cur.round)
+                elif cur.round < self.cfg.rounds:
+                    self.store.open_round(cur.round + 1, cur.output_sha256 or "")
+                    log.info("[RoundEngine] round=%d opened", cur.round + 1)
+                elif not self.store.publications():
+                    await asyncio.to_thread(self._publish)
+                else:
+                    self.finished.set()
+                    break
+                self._notify()
+        self._notify()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    # -- tasks --------------------------------------------------------------------------------------------------
+    def join(self, peer: PeerIdentity, agent_version: str, lora_rank: int) -> None:
+        self._require_site(peer)
+        self.store.upsert_site(peer.name, peer.fingerprint, agent_version[:64], int(lora_rank))
+        log.info("[FederationService.Join] site=%s agent=%s", peer.name, agent_version[:64])
+
+    def _offer(self, site: str) -> TaskOffer:
+        if self.finished.is_set():
+            final = self.cfg.rounds + 1
+            return TaskOffer("done", final, *self._adapter_meta(final))
+        cur = self.store.current_round()
+        if cur is None or cur.state != "open" or cur.round in self._closing:
+            return TaskOffer("wait")
+        if any(u.site == site for u in self.store.updates(cur.round)):
+            return TaskOffer("wait")
+        return TaskOffer("train", cur.round, *self._adapter_meta(cur.round))
+
+    async def fetch_task(self, peer: PeerIdentity, wait_s: float) -> TaskOffer:
+        """Long-poll: return a task as soon as one exists for this site, else ``wait`` after ``wait_s``."""
+        self._require_site(peer)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(0.0, min(wait_s, self.cfg.long_poll_ms / 1000))
+        while True:
+            offer = self._offer(peer.name)
+            remaining = deadline - loop.time()
+            if offer.status != "wait" or remaining <= 0:
+                return offer
+            try:
+                await asyncio.wait_for(self._changed.wait(), remaining)
+            except asyncio.TimeoutError:
+                pass
+
+    def adapter_bytes(self, round: int) -> bytes:
+        """The global adapter that is the input of ``round`` (``rounds + 1``: the final one)."""
+        if round not in self._cache.by_round:
+            path = self.store.adapter_path(round)
+            if round < 1 or not path.exists():
+                raise NotFound(f"no global adapter for round {round}")
+            self._cache.by_round[round] = path.read_bytes()
+        return self._cache.by_round[round]
+
+    def _adapter_meta(self, round: int) -> tuple[str, int]:
+        data = self.adapter_bytes(round)
+        return codec.sha256_hex(data), len(data)
+
+    # -- uploads ------------------------------------------------------------------------------------------------
+    def _require_site(self, peer: PeerIdentity) -> None:
+        if peer.role != "site":
+            raise PermissionDenied(f"certificate of {peer.name!r} has role {peer.role!r}, not 'site'")
+
+    def _check_envelope(self, peer: PeerIdentity, signed: pb.SignedEnvelope) -> pb.UpdateEnvelope:
+        self._require_site(peer)
+        if peer.signing_key is None:
+            raise PermissionDenied(f"certificate of site {peer.name!r} carries no envelope-signing key")
+        try:
+            env = codec.verify_envelope(signed, peer.signing_key)
+        except codec.SignatureError as e:
+            raise InvalidUpdate(str(e)) from None
+        if env.site != peer.name:
+            raise PermissionDenied(f"envelope names site {env.site!r} but the certificate is {peer.name!r}")
+        if env.federation_id != self.cfg.federation_id:
+            raise InvalidUpdate(f"envelope is for federation {env.federation_id!r}, this is {self.cfg.federation_id!r}")
+        cur = self.store.current_round()
+        if cur is None or cur.state != "open" or cur.round in self._closing or env.round != cur.round:
+            now = f"round {cur.round} is {cur.state}" if cur else "no round is open"
+            raise WrongRound(f"update is for round {env.round}; {now}")
+        if env.base_model_sha256 != self.base_sha256:
+            raise InvalidUpdate(f"update was trained on base model {env.base_model_sha256[:16]}…, "
+                                f"the federation pins {self.base_sha256[:16]}…")
+        if env.adapter_spec_sha256 != self.spec.sha256:
+            raise InvalidUpdate("update follows a different adapter spec than the round's")
+        if env.payload_kind != pb.PAYLOAD_KIND_DIFF:
+            raise InvalidUpdate(f"payload kind must be DIFF, got {pb.PayloadKind.Name(env.payload_kind)}")
+        if env.payload_size > self.cfg.max_update_bytes:
+            raise UpdateTooLarge(f"payload of {env.payload_size} bytes exceeds the limit of {self.cfg.max_update_bytes}")
+        if env.num_examples <= 0:
+            raise InvalidUpdate("envelope num_examples must be > 0")
+        if not math.isfinite(env.epsilon_spent) or env.epsilon_spent < 0:
+            raise InvalidUpdate("envelope epsilon_spent must be a finite number >= 0")
+        return env
+
+    def _begin(self, peer: PeerIdentity, signed: pb.SignedEnvelope, offset: int) -> _Upload:
+        env = self._check_envelope(peer, signed)
+        mine = [u for u in self.store.updates(env.round) if u.site == peer.name]
+        path = self.store.partial_path(env.round, peer.name, env.payload_sha256)
+        if mine:
+            if mine[0].nonce == env.nonce and mine[0].payload_sha256 == env.payload_sha256:
+                return _Upload(env, signed, path, env.payload_size, already_accepted=True)
+            raise DuplicateUpdate(f"site {peer.name!r} already has an accepted update for round {env.round}")
+        if self.store.nonce_seen(env.nonce):
+            raise InvalidUpdate("envelope nonce was already used (replay)")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        have = path.stat().st_size if path.exists() else 0
+        if offset > have:
+            raise WrongRound(f"upload resumes at offset {offset} but the coordinator holds {have} bytes")
+        with open(path, "ab") as f:
+            f.truncate(offset)
+        return _Upload(env, signed, path, offset)
+
+    async def receive_upload(self, peer: PeerIdentity, chunks: AsyncIterator[Chunk]) -> UploadResult:
+        """Consume one upload stream; store the update durably before returning ``accepted``."""
+        up: _Upload | None = None
+        f = None
+        try:
+            async for ch in chunks:
+                if up is None:
+                    if ch.signed is None:
+                        raise InvalidUpdate("the first message of an upload stream must carry the signed envelope")
+                    up = self._begin(peer, ch.signed, ch.offset)
+                    if up.already_accepted:
+                        continue
+                    f = open(up.path, "ab")
+                if up.already_accepted:
+                    continue
+                if ch.offset != up.offset:
+                    raise InvalidUpdate(f"chunk at offset {ch.offset}, expected {up.offset}")
+                if up.offset + len(ch.data) > up.env.payload_size:
+                    raise UpdateTooLarge(f"upload exceeds the {up.env.payload_size} bytes the envelope declares")
+                assert f is not None
+                f.write(ch.data)
+                up.offset += len(ch.data)
+        finally:
+            if f is not None:
+                f.flush()
+                f.close()
+        if up is None:
+            raise InvalidUpdate("empty upload stream")
+        update_id = f"{up.env.round}/{peer.name}/{up.env.payload_sha256[:16]}"
+        if up.already_accepted:
+            return UploadResult(True, up.env.payload_size, update_id)
+        if up.offset < up.env.payload_size:
+            return UploadResult(False, up.offset, update_id)
+        self._accept(peer, up)
+        asyncio.get_running_loop().create_task(self._advance())
+        return UploadResult(True, up.offset, update_id)
+
+    def _accept(self, peer: PeerIdentity, up: _Upload) -> UpdateRow:
+        """Validate the complete payload and store it. No ``await`` here: the round cannot close meanwhile."""
+        env = self._check_envelope(peer, up.signed)  # the round may have moved on while bytes streamed in
+        payload = up.path.read_bytes()
+        try:
+            codec.check_payload(env, payload)
+            state = codec.decode_state(payload)
+            codec.check_against_spec(state, self.spec)
+        except codec.CodecError as e:
+            up.path.unlink(missing_ok=True)
+            log.warning("[FederationService.UploadUpdate] round=%d site=%s refused: %s", env.round, peer.name, e)
+            raise InvalidUpdate(str(e)) from None
+        row = self.store.accept_update(round=env.round, site=peer.name, payload=payload,
+                                       payload_sha256=env.payload_sha256, num_examples=env.num_examples,
+                                       nonce=env.nonce, envelope=up.signed.envelope, signature=up.signed.signature)
+        up.path.unlink(missing_ok=True)
+        log.info("[FederationService.UploadUpdate] round=%d site=%s accepted bytes=%d", env.round, peer.name, len(payload))
+        return row
+
+    def upload_status(self, peer: PeerIdentity, round: int, payload_sha256: str) -> tuple[int, bool]:
+        self._require_site(peer)
+        for u in self.store.updates(round):
+            if u.site == peer.name and u.payload_sha256 == payload_sha256:
+                return u.size, True
+        path = self.store.partial_path(round, peer.name, payload_sha256)
+        return (path.stat().st_size if path.exists() else 0), False
+
+    # -- metrics ------------------------------------------------------------------------------------------------
+    def report_metrics(self, peer: PeerIdentity, round: int, phase: str, metrics: dict[str, float],
+                       num_examples: int) -> None:
+        self._require_site(peer)
+        if phase not in PHASES:
+            raise InvalidUpdate(f"unknown metrics phase {phase!r}; expected one of {PHASES}")
+        if not 1 <= round <= self.cfg.rounds + 1:
+            raise InvalidUpdate(f"metrics for round {round} outside 1..{self.cfg.rounds + 1}")
+        if len(metrics) > 64:
+            raise InvalidUpdate("at most 64 metrics per report")
+        for k, v in metrics.items():
+            if not _METRIC_NAME.match(k):
+                raise InvalidUpdate("metric names must match [a-z][a-z0-9_.]{0,63}")
+            if not math.isfinite(v):
+                raise InvalidUpdate(f"metric {k!r} is not finite")
+        self.store.put_metrics(round, peer.name, phase, metrics, num_examples)
+        self._notify()
+
+    # -- aggregation and publishing (run in a worker thread) ----------------------------------------------------
+    def _aggregate(self, round: int, ups: list[UpdateRow]) -> None:
+        global_state = codec.decode_state(self.adapter_bytes(round))
+        updates = [ClientUpdate(u.site, codec.decode_state(u.path.read_bytes()), u.num_examples) for u in ups]
+        new_state = fedavg_aggregate(global_state, updates, FedAvgConfig(**self.cfg.strategy_params))
+        payload = codec.encode_state(new_state)
+        self.store.put_adapter(round + 1, payload)
+        info: dict[str, Any] = {
+            "strategy": self.cfg.strategy, "strategy_params": dict(self.cfg.strategy_params),
+            "updates": {u.site: {"payload_sha256": u.payload_sha256, "num_examples": u.num_examples,
+                                 "bytes": u.size} for u in ups},
+        }
+        self.store.close_round(round, codec.sha256_hex(payload), info)
+        log.info("[RoundEngine.aggregate] round=%d sites=%d closed", round, len(ups))
+
+    def _publish(self) -> None:
+        final = self.cfg.rounds + 1
+        state = codec.decode_state(self.adapter_bytes(final))
+        rounds = [{"round": r.round, "input_sha256": r.input_sha256, "output_sha256": r.output_sha256, **r.info}
+                  for r in self.store.rounds()]
+        sites = sorted({s for r in rounds for s in r.get("updates", {})})
+        provenance = {
+            "federation_id": self.cfg.federation_id,
+            "base_model": {"ref": self.cfg.base_model_ref, "manifest_sha256": self.base_sha256},
+            "adapter_spec": {"rank": self.spec.rank, "alpha": self.spec.alpha,
+                             "target_modules": list(self.spec.target_modules), "sha256": self.spec.sha256},
+            "strategy": {"name": self.cfg.strategy, "params": dict(self.cfg.strategy_params)},
+            "rounds": rounds, "sites": sites,
+            "privacy": {"transfers": "adapter deltas only", "epsilon": {s: 0.0 for s in sites}},
+            "global_adapter_sha256": codec.sha256_hex(self.adapter_bytes(final)),
+            "published_ms": now_ms(),
+        }
+        version, path, manifest_sha = publish(base_model=self.cfg.base_model, spec=self.spec, state=state,
+                                              registry_dir=self.cfg.registry_dir,
+                                              federation_id=self.cfg.federation_id, provenance=provenance,
+                                              base_model_ref=self.cfg.base_model_ref)
+        self.store.add_publication(version, self.cfg.rounds, path, manifest_sha)
+
+    def drained(self) -> bool:
+        """Finished, and every joined site reported its evaluation of the final model."""
+        if not self.finished.is_set():
+            return False
+        final = self.cfg.rounds + 1
+        reported = {m[1] for m in self.store.metrics(final) if m[2] == "eval_global"}
+        return all(s["name"] in reported for s in self.store.sites())

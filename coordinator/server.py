@@ -1,0 +1,115 @@
+"""Run the coordinator: a grpc.aio server with mutual TLS in front of the round engine."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from coordinator.adapter import init_adapter
+from coordinator.config import FederationConfig
+from coordinator.engine import RoundEngine
+from coordinator.servicer import FederationServicer
+from coordinator.store import Store, write_durable
+from protos.fedbridge.v1 import federation_service_pb2_grpc as pb_grpc
+from protos.manifest import Manifest
+
+log = logging.getLogger(__name__)
+MAX_MESSAGE = 8 << 20
+DRAIN_TIMEOUT_S = 120.0
+
+
+class InboundRecorder(grpc.aio.ServerInterceptor):
+    """Appends the raw bytes of every inbound request message to a file (length-prefixed).
+
+    A privacy audit tap: it shows exactly which bytes reached the coordinator, and the canary test reads it.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+
+    def _wrap(self, method: str, deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]:
+        def record(raw: bytes) -> Any:
+            with self._lock, open(self.path, "ab") as f:
+                name = method.encode()
+                f.write(len(name).to_bytes(2, "big") + name + len(raw).to_bytes(8, "big") + raw)
+            return deserializer(raw) if deserializer else raw
+
+        return record
+
+    async def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        return handler._replace(request_deserializer=self._wrap(handler_call_details.method,
+                                                                handler.request_deserializer))
+
+
+def read_recording(path: Path) -> list[tuple[str, bytes]]:
+    """Parse an :class:`InboundRecorder` file into ``(method, raw_bytes)`` pairs."""
+    data = Path(path).read_bytes()
+    out, i = [], 0
+    while i < len(data):
+        n = int.from_bytes(data[i:i + 2], "big")
+        name = data[i + 2:i + 2 + n].decode()
+        i += 2 + n
+        m = int.from_bytes(data[i:i + 8], "big")
+        out.append((name, data[i + 8:i + 8 + m]))
+        i += 8 + m
+    return out
+
+
+def server_credentials(cfg: FederationConfig) -> grpc.ServerCredentials:
+    return grpc.ssl_server_credentials([(cfg.tls.key.read_bytes(), cfg.tls.cert.read_bytes())],
+                                       root_certificates=cfg.tls.ca.read_bytes(), require_client_auth=True)
+
+
+async def serve(cfg: FederationConfig, stop: asyncio.Event | None = None) -> None:
+    """Serve until stopped (SIGTERM/SIGINT or ``stop``), or until done and drained if ``exit_when_done``."""
+    manifest = Manifest.of_dir(cfg.base_model)
+    adapter = await asyncio.to_thread(init_adapter, cfg.base_model, cfg.lora)
+    store = Store(cfg.state_dir)
+    engine = RoundEngine(cfg, store, manifest.sha256, adapter)
+    interceptors = [InboundRecorder(cfg.record_inbound)] if cfg.record_inbound else []
+    server = grpc.aio.server(interceptors=interceptors, options=[
+        ("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)])
+    pb_grpc.add_FederationServiceServicer_to_server(FederationServicer(engine), server)
+    port = server.add_secure_port(cfg.listen, server_credentials(cfg))
+    await server.start()
+    await engine.start()
+    host = cfg.listen.rsplit(":", 1)[0]
+    write_durable(cfg.state_dir / "coordinator.port", f"{port}\n".encode())
+    log.info("[Coordinator] federation=%s listening on %s:%d (mTLS) pid=%d", cfg.federation_id, host, port, os.getpid())
+
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass
+
+    async def until_drained() -> None:
+        await engine.finished.wait()
+        deadline = loop.time() + DRAIN_TIMEOUT_S
+        while not engine.drained() and loop.time() < deadline:
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(0.5)  # let the last responses go out
+        stop.set()
+
+    watcher = asyncio.create_task(until_drained()) if cfg.exit_when_done else None
+    await stop.wait()
+    if watcher:
+        watcher.cancel()
+    await server.stop(grace=2)
+    store.close()
+    log.info("[Coordinator] federation=%s stopped", cfg.federation_id)

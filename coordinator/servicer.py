@@ -1,0 +1,117 @@
+"""FederationService: protobuf in, one engine call, protobuf out. Identity comes from the client certificate."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+
+from coordinator.engine import Chunk, RoundEngine
+from coordinator.errors import CoordinatorError, Unauthenticated
+from coordinator.pki import PeerIdentity, PKIError, peer_identity
+from protos import codec
+from protos.fedbridge.v1 import federation_service_pb2 as pb
+from protos.fedbridge.v1 import federation_service_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+AGENT_POLL_MS = 1000
+_TASK_STATUS = {"wait": pb.TASK_STATUS_WAIT, "train": pb.TASK_STATUS_TRAIN, "done": pb.TASK_STATUS_DONE}
+
+
+@functools.lru_cache(maxsize=1024)
+def _identity(cert_pem: bytes) -> PeerIdentity:
+    return peer_identity(cert_pem)
+
+
+def peer_of(context: grpc.aio.ServicerContext) -> PeerIdentity:
+    """The caller's identity from its verified mTLS certificate."""
+    pems = context.auth_context().get("x509_pem_cert")
+    if not pems:
+        raise Unauthenticated("no client certificate on this connection")
+    try:
+        return _identity(pems[0])
+    except PKIError as e:
+        raise Unauthenticated(str(e)) from None
+
+
+async def _abort(context: grpc.aio.ServicerContext, method: str, err: CoordinatorError) -> None:
+    log.warning("[FederationService.%s] refused %s: %s", method, err.status, err)
+    await context.abort(getattr(grpc.StatusCode, err.status), str(err))
+
+
+class FederationServicer(pb_grpc.FederationServiceServicer):
+    def __init__(self, engine: RoundEngine) -> None:
+        self.engine = engine
+
+    async def Join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext) -> pb.JoinResponse:
+        try:
+            peer = peer_of(context)
+            self.engine.join(peer, request.agent_version, request.lora_rank)
+        except CoordinatorError as e:
+            await _abort(context, "Join", e)
+        return pb.JoinResponse(federation_id=self.engine.cfg.federation_id, site=peer.name,
+                               poll_interval_ms=AGENT_POLL_MS)
+
+    async def FetchTask(self, request: pb.FetchTaskRequest, context: grpc.aio.ServicerContext) -> pb.FetchTaskResponse:
+        try:
+            offer = await self.engine.fetch_task(peer_of(context), request.wait_ms / 1000)
+        except CoordinatorError as e:
+            await _abort(context, "FetchTask", e)
+        resp = pb.FetchTaskResponse(status=_TASK_STATUS[offer.status])
+        if offer.status != "wait":
+            cfg, t = self.engine.cfg, self.engine.cfg.training
+            resp.task.CopyFrom(pb.Task(
+                federation_id=cfg.federation_id, round=offer.round, total_rounds=cfg.rounds,
+                base_model_sha256=self.engine.base_sha256, base_model_ref=cfg.base_model_ref,
+                training=pb.TrainingConfig(mode=t.mode, max_steps=t.max_steps, learning_rate=t.learning_rate,
+                                           per_device_batch_size=t.batch_size,
+                                           gradient_accumulation_steps=t.gradient_accumulation_steps,
+                                           max_length=t.max_length, seed=t.seed, weight_decay=t.weight_decay,
+                                           warmup_ratio=t.warmup_ratio),
+                adapter_spec=self.engine.spec, global_adapter_sha256=offer.global_sha256,
+                global_adapter_size=offer.global_size))
+        return resp
+
+    async def DownloadAdapter(self, request: pb.DownloadAdapterRequest,
+                              context: grpc.aio.ServicerContext) -> AsyncIterator[pb.DownloadAdapterResponse]:
+        try:
+            self.engine._require_site(peer_of(context))
+            data = self.engine.adapter_bytes(request.round)
+            chunks = list(codec.iter_chunks(data, offset=min(request.offset, len(data))))
+        except (CoordinatorError, codec.CodecError) as e:
+            err = e if isinstance(e, CoordinatorError) else CoordinatorError(str(e))
+            await _abort(context, "DownloadAdapter", err)
+        for offset, chunk in chunks:
+            yield pb.DownloadAdapterResponse(offset=offset, data=chunk)
+
+    async def UploadUpdate(self, request_iterator: AsyncIterator[pb.UploadUpdateRequest],
+                           context: grpc.aio.ServicerContext) -> pb.UploadUpdateResponse:
+        async def chunks() -> AsyncIterator[Chunk]:
+            async for req in request_iterator:
+                yield Chunk(req.envelope if req.HasField("envelope") else None, req.offset, req.data)
+
+        try:
+            result = await self.engine.receive_upload(peer_of(context), chunks())
+        except CoordinatorError as e:
+            await _abort(context, "UploadUpdate", e)
+        return pb.UploadUpdateResponse(accepted=result.accepted, committed_offset=result.committed_offset,
+                                       update_id=result.update_id)
+
+    async def GetUploadStatus(self, request: pb.GetUploadStatusRequest,
+                              context: grpc.aio.ServicerContext) -> pb.GetUploadStatusResponse:
+        try:
+            offset, accepted = self.engine.upload_status(peer_of(context), request.round, request.payload_sha256)
+        except CoordinatorError as e:
+            await _abort(context, "GetUploadStatus", e)
+        return pb.GetUploadStatusResponse(committed_offset=offset, accepted=accepted)
+
+    async def ReportMetrics(self, request: pb.ReportMetricsRequest,
+                            context: grpc.aio.ServicerContext) -> pb.ReportMetricsResponse:
+        try:
+            self.engine.report_metrics(peer_of(context), request.round, request.phase, dict(request.metrics),
+                                       request.num_examples)
+        except CoordinatorError as e:
+            await _abort(context, "ReportMetrics", e)
+        return pb.ReportMetricsResponse()

@@ -1,0 +1,228 @@
+"""The coordinator's durable state: SQLite in WAL mode plus content-addressed artifact files.
+
+Every write that an acknowledgement depends on is committed (and its file fsynced) before the call returns, so a
+crash at any point loses no accepted update and a restart resumes the same round.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS sites (
+  name TEXT PRIMARY KEY, fingerprint TEXT NOT NULL, agent_version TEXT, lora_rank INTEGER,
+  joined_ms INTEGER NOT NULL, last_seen_ms INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS rounds (
+  round INTEGER PRIMARY KEY, state TEXT NOT NULL, input_sha256 TEXT NOT NULL, output_sha256 TEXT,
+  opened_ms INTEGER NOT NULL, closed_ms INTEGER, info TEXT);
+CREATE TABLE IF NOT EXISTS updates (
+  round INTEGER NOT NULL, site TEXT NOT NULL, payload_sha256 TEXT NOT NULL, size INTEGER NOT NULL,
+  num_examples INTEGER NOT NULL, nonce BLOB NOT NULL UNIQUE, envelope BLOB NOT NULL, signature BLOB NOT NULL,
+  path TEXT NOT NULL, accepted_ms INTEGER NOT NULL, PRIMARY KEY (round, site));
+CREATE TABLE IF NOT EXISTS metrics (
+  round INTEGER NOT NULL, site TEXT NOT NULL, phase TEXT NOT NULL, key TEXT NOT NULL, value REAL NOT NULL,
+  num_examples INTEGER NOT NULL, reported_ms INTEGER NOT NULL, PRIMARY KEY (round, site, phase, key));
+CREATE TABLE IF NOT EXISTS publications (
+  version INTEGER PRIMARY KEY, round INTEGER NOT NULL, path TEXT NOT NULL, manifest_sha256 TEXT NOT NULL,
+  published_ms INTEGER NOT NULL);
+"""
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def write_durable(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically: temp file, fsync, rename, fsync the folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class RoundRow:
+    round: int
+    state: str
+    input_sha256: str
+    output_sha256: str | None
+    opened_ms: int
+    closed_ms: int | None
+    info: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class UpdateRow:
+    round: int
+    site: str
+    payload_sha256: str
+    size: int
+    num_examples: int
+    nonce: bytes
+    path: Path
+    accepted_ms: int
+
+
+class Store:
+    """SQLite (WAL) + artifact folders under ``state_dir``. Thread-safe (one connection, one lock)."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.dir = Path(state_dir)
+        self.artifacts = self.dir / "artifacts"
+        self.uploads = self.dir / "uploads"
+        for d in (self.dir, self.artifacts, self.uploads):
+            d.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(self.dir / "coordinator.db", check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        """One atomic transaction."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _q(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    # -- meta ---------------------------------------------------------------------------------------------------
+    def get_meta(self, key: str) -> str | None:
+        rows = self._q("SELECT value FROM meta WHERE key=?", (key,))
+        return rows[0][0] if rows else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self.tx() as db:
+            db.execute("INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                       (key, value))
+
+    # -- artifacts ----------------------------------------------------------------------------------------------
+    def adapter_path(self, round: int) -> Path:
+        """The global adapter that is the input of ``round`` (round 1's input is the initial adapter)."""
+        return self.artifacts / "globals" / f"round-{round:05d}.safetensors"
+
+    def put_adapter(self, round: int, data: bytes) -> Path:
+        path = self.adapter_path(round)
+        write_durable(path, data)
+        return path
+
+    def update_path(self, round: int, site: str) -> Path:
+        return self.artifacts / "updates" / f"round-{round:05d}" / f"{site}.safetensors"
+
+    def partial_path(self, round: int, site: str, payload_sha256: str) -> Path:
+        return self.uploads / f"round-{round:05d}" / f"{site}-{payload_sha256}.part"
+
+    # -- sites --------------------------------------------------------------------------------------------------
+    def upsert_site(self, name: str, fingerprint: str, agent_version: str, lora_rank: int) -> None:
+        t = now_ms()
+        with self.tx() as db:
+            db.execute("INSERT INTO sites(name, fingerprint, agent_version, lora_rank, joined_ms, last_seen_ms) "
+                       "VALUES(?,?,?,?,?,?) ON CONFLICT(name) DO UPDATE SET fingerprint=excluded.fingerprint, "
+                       "agent_version=excluded.agent_version, lora_rank=excluded.lora_rank, last_seen_ms=excluded.last_seen_ms",
+                       (name, fingerprint, agent_version, lora_rank, t, t))
+
+    def sites(self) -> list[dict[str, Any]]:
+        rows = self._q("SELECT name, fingerprint, agent_version, lora_rank, joined_ms, last_seen_ms FROM sites ORDER BY name")
+        keys = ("name", "fingerprint", "agent_version", "lora_rank", "joined_ms", "last_seen_ms")
+        return [dict(zip(keys, r)) for r in rows]
+
+    # -- rounds -------------------------------------------------------------------------------------------------
+    def open_round(self, round: int, input_sha256: str) -> None:
+        with self.tx() as db:
+            db.execute("INSERT INTO rounds(round, state, input_sha256, opened_ms) VALUES(?, 'open', ?, ?)",
+                       (round, input_sha256, now_ms()))
+
+    def close_round(self, round: int, output_sha256: str, info: dict[str, Any]) -> None:
+        with self.tx() as db:
+            db.execute("UPDATE rounds SET state='closed', output_sha256=?, closed_ms=?, info=? WHERE round=?",
+                       (output_sha256, now_ms(), json.dumps(info, sort_keys=True), round))
+
+    def rounds(self) -> list[RoundRow]:
+        rows = self._q("SELECT round, state, input_sha256, output_sha256, opened_ms, closed_ms, info FROM rounds ORDER BY round")
+        return [RoundRow(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]) if r[6] else {}) for r in rows]
+
+    def current_round(self) -> RoundRow | None:
+        rs = self.rounds()
+        return rs[-1] if rs else None
+
+    # -- updates ------------------------------------------------------------------------------------------------
+    def accept_update(self, *, round: int, site: str, payload: bytes, payload_sha256: str, num_examples: int,
+                      nonce: bytes, envelope: bytes, signature: bytes) -> UpdateRow:
+        """Store the payload file durably, then the row, in that order: a row never points at a missing file."""
+        path = self.update_path(round, site)
+        write_durable(path, payload)
+        t = now_ms()
+        with self.tx() as db:
+            db.execute("INSERT INTO updates(round, site, payload_sha256, size, num_examples, nonce, envelope, signature,"
+                       " path, accepted_ms) VALUES(?,?,?,?,?,?,?,?,?,?)",
+                       (round, site, payload_sha256, len(payload), num_examples, nonce, envelope, signature,
+                        str(path.relative_to(self.dir)), t))
+        return UpdateRow(round, site, payload_sha256, len(payload), num_examples, nonce, path, t)
+
+    def updates(self, round: int | None = None) -> list[UpdateRow]:
+        sql = "SELECT round, site, payload_sha256, size, num_examples, nonce, path, accepted_ms FROM updates"
+        rows = self._q(sql + " WHERE round=? ORDER BY site" if round is not None else sql + " ORDER BY round, site",
+                       (round,) if round is not None else ())
+        return [UpdateRow(r[0], r[1], r[2], r[3], r[4], bytes(r[5]), self.dir / r[6], r[7]) for r in rows]
+
+    def nonce_seen(self, nonce: bytes) -> bool:
+        return bool(self._q("SELECT 1 FROM updates WHERE nonce=?", (nonce,)))
+
+    # -- metrics ------------------------------------------------------------------------------------------------
+    def put_metrics(self, round: int, site: str, phase: str, metrics: dict[str, float], num_examples: int) -> None:
+        t = now_ms()
+        with self.tx() as db:
+            db.executemany("INSERT INTO metrics(round, site, phase, key, value, num_examples, reported_ms) "
+                           "VALUES(?,?,?,?,?,?,?) ON CONFLICT(round, site, phase, key) DO UPDATE SET "
+                           "value=excluded.value, num_examples=excluded.num_examples, reported_ms=excluded.reported_ms",
+                           [(round, site, phase, k, float(v), num_examples, t) for k, v in sorted(metrics.items())])
+
+    def metrics(self, round: int | None = None) -> list[tuple[int, str, str, str, float, int]]:
+        sql = "SELECT round, site, phase, key, value, num_examples FROM metrics"
+        if round is None:
+            return [tuple(r) for r in self._q(sql + " ORDER BY round, site, phase, key")]  # type: ignore[misc]
+        return [tuple(r) for r in self._q(sql + " WHERE round=? ORDER BY site, phase, key", (round,))]  # type: ignore[misc]
+
+    # -- publications -------------------------------------------------------------------------------------------
+    def add_publication(self, version: int, round: int, path: Path, manifest_sha256: str) -> None:
+        with self.tx() as db:
+            db.execute("INSERT INTO publications(version, round, path, manifest_sha256, published_ms) VALUES(?,?,?,?,?)",
+                       (version, round, str(path), manifest_sha256, now_ms()))
+
+    def publications(self) -> list[dict[str, Any]]:
+        rows = self._q("SELECT version, round, path, manifest_sha256, published_ms FROM publications ORDER BY version")
+        return [dict(zip(("version", "round", "path", "manifest_sha256", "published_ms"), r)) for r in rows]

@@ -1,0 +1,129 @@
+"""The site agent's task loop: join, fetch a task, verify, train, sign, upload, report. Read top to bottom."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from protos import codec
+from protos.fedbridge.v1 import federation_service_pb2 as pb
+from protos.manifest import ManifestMismatch, verify_model_dir
+from site_agent.client import CoordinatorClient
+from site_agent.config import SiteConfig
+from site_agent.data import load_sft
+
+log = logging.getLogger(__name__)
+AGENT_VERSION = "fedbridge-site/0.1.0"
+
+
+class SiteRefusal(RuntimeError):
+    """The site refuses a task (the message names the reason); nothing was trained or sent."""
+
+
+@dataclass
+class _BaseModelCheck:
+    """Re-hashes the base model only when a file's size or mtime changed since the last good check."""
+
+    path: Path
+    verified_sha: str = ""
+    stamp: tuple[tuple[str, int, int], ...] = ()
+
+    def _stamp(self) -> tuple[tuple[str, int, int], ...]:
+        return tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(self.path.rglob("*")) if p.is_file())
+
+    def verify(self, expected_sha: str) -> None:
+        stamp = self._stamp()
+        if expected_sha == self.verified_sha and stamp == self.stamp:
+            return
+        try:
+            verify_model_dir(self.path, expected_sha)
+        except ManifestMismatch as e:
+            raise SiteRefusal(f"refusing to train: {e}") from None
+        self.verified_sha, self.stamp = expected_sha, stamp
+
+
+def load_signing_key(path: Path) -> Ed25519PrivateKey:
+    key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise SiteRefusal(f"{path}: the envelope signing key must be Ed25519")
+    return key
+
+
+def run_site(cfg: SiteConfig, show_progress: bool = True) -> int:
+    """Serve the federation until it is done. Returns the number of rounds this site trained."""
+    from site_agent.progress import RoundProgress
+    from site_agent.trainer import SftSiteTrainer
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    # 1. Validate all private data before anything else: no training starts on a partly bad file.
+    train_rows = load_sft(cfg.data.train)
+    heldout_rows = load_sft(cfg.data.heldout) if cfg.data.heldout else []
+    signing_key = load_signing_key(cfg.tls.signing_key)
+    base_check = _BaseModelCheck(cfg.base_model)
+    trainer: SftSiteTrainer | None = None
+    client = CoordinatorClient(cfg)
+    trained = 0
+    try:
+        # 2. Join: the coordinator reads our identity from the certificate.
+        joined = client.join(AGENT_VERSION)
+        log.info("[Site.Join] site=%s federation=%s", joined.site, joined.federation_id)
+        last_round = 0
+        while True:
+            # 3. Long-poll for a task.
+            resp = client.fetch_task(cfg.fetch_wait_ms)
+            if resp.status == pb.TASK_STATUS_WAIT:
+                continue
+            task = resp.task
+            if resp.status == pb.TASK_STATUS_TRAIN and task.round <= last_round:
+                continue
+            # 4. Check the task: the base model must be exactly the one pinned by hash.
+            base_check.verify(task.base_model_sha256)
+            if trainer is None:
+                os.makedirs(cfg.work_dir, exist_ok=True)
+                trainer = SftSiteTrainer(cfg.base_model, train_rows, cfg.work_dir)
+            global_bytes = client.download_adapter(task.round, task.global_adapter_sha256, task.global_adapter_size)
+            global_state = codec.decode_state(global_bytes)
+            if resp.status == pb.TASK_STATUS_DONE:
+                _report_eval(client, trainer, task, global_state, heldout_rows)
+                log.info("[Site] federation=%s done after %d rounds", task.federation_id, task.total_rounds)
+                return trained
+            if task.training.mode != "sft":
+                raise SiteRefusal(f"refusing task: training mode {task.training.mode!r} is not supported by this agent")
+            # 5. Train locally.
+            with RoundProgress(cfg.name, task.round, task.total_rounds, task.training.max_steps,
+                               enabled=show_progress) as bar:
+                result = trainer.train_round(task, global_state, bar.update)
+            # 6. Only the adapter delta leaves: encode, sign, upload.
+            codec.check_against_spec(result.delta, task.adapter_spec)
+            payload = codec.encode_state(result.delta)
+            env = codec.make_envelope(federation_id=task.federation_id, round=task.round, site=cfg.name,
+                                      base_model_sha256=task.base_model_sha256, payload=payload,
+                                      adapter_spec_sha256=task.adapter_spec.sha256, num_examples=result.num_examples)
+            client.upload(codec.sign_envelope(env, signing_key), env, payload)
+            log.info("[Site.UploadUpdate] round=%d site=%s bytes=%d accepted", task.round, cfg.name, len(payload))
+            client.report_metrics(task.round, "train", {
+                "loss": result.train_loss, "train_time_s": result.train_time_s, "tokens": float(result.tokens),
+                "tokens_per_s": result.tokens / max(result.train_time_s, 1e-9), "upload_bytes": float(len(payload)),
+            }, result.num_examples)
+            trained += 1
+            last_round = task.round
+            # 7. Off the critical path: score the round's incoming global adapter on our held-out split.
+            _report_eval(client, trainer, task, global_state, heldout_rows)
+    finally:
+        client.close()
+
+
+def _report_eval(client: CoordinatorClient, trainer, task: pb.Task, state: dict[str, torch.Tensor],  # type: ignore[no-untyped-def]
+                 heldout_rows: list[dict]) -> None:
+    if not heldout_rows:
+        return
+    loss, tokens = trainer.evaluate(task.adapter_spec, state, heldout_rows)
+    client.report_metrics(task.round, "eval_global", {"loss": loss, "tokens": float(tokens)}, len(heldout_rows))
+    log.info("[Site.Eval] round=%d heldout_loss=%.4f", task.round, loss)

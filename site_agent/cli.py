@@ -1,0 +1,52 @@
+"""``fedbridge-site``: the site operator's command."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(help="fedbridge site agent: trains on private data, sends only signed adapter deltas.",
+                  no_args_is_help=True)
+console = Console(stderr=True)
+
+
+@app.callback()
+def _group() -> None:
+    """fedbridge site agent."""
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    for noisy in ("httpx", "urllib3", "filelock", "datasets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@app.command()
+def run(config: Path = typer.Option(..., "--config", "-c", help="site.toml"),
+        verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
+    """Join the federation and train every round until it is done."""
+    from protos.tomlconfig import ConfigError
+    from site_agent.agent import SiteRefusal, run_site
+    from site_agent.config import load_site_config
+    from site_agent.data import DataError
+
+    setup_logging(verbose)
+    try:
+        cfg = load_site_config(config)
+        rounds = run_site(cfg)
+    except (ConfigError, DataError, SiteRefusal) as e:
+        console.print(f"[bold red]refused:[/] {e}")
+        raise typer.Exit(2) from None
+    console.print(f"[green]done[/]: trained {rounds} round(s)")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

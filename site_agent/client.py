@@ -1,0 +1,120 @@
+"""The site's outbound gRPC client: mTLS, retries with back-off, resumable downloads and uploads."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+import grpc
+
+from protos import codec
+from protos.fedbridge.v1 import federation_service_pb2 as pb
+from protos.fedbridge.v1 import federation_service_pb2_grpc as pb_grpc
+from site_agent.config import SiteConfig
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
+             grpc.StatusCode.ABORTED}
+MAX_MESSAGE = 8 << 20
+
+
+class CoordinatorClient:
+    """Talks to one coordinator over a mutually authenticated TLS channel."""
+
+    def __init__(self, cfg: SiteConfig, chunk_size: int = codec.DEFAULT_CHUNK_SIZE) -> None:
+        self.cfg = cfg
+        self.chunk_size = chunk_size
+        creds = grpc.ssl_channel_credentials(root_certificates=cfg.tls.ca.read_bytes(),
+                                             private_key=cfg.tls.key.read_bytes(),
+                                             certificate_chain=cfg.tls.cert.read_bytes())
+        options = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)]
+        if cfg.server_name:
+            options.append(("grpc.ssl_target_name_override", cfg.server_name))
+        self.channel = grpc.secure_channel(cfg.coordinator, creds, options=options)
+        self.stub = pb_grpc.FederationServiceStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def _retry(self, what: str, fn: Callable[[], T]) -> T:
+        deadline = time.monotonic() + self.cfg.retry_for_s
+        delay = 0.2
+        while True:
+            try:
+                return fn()
+            except grpc.RpcError as e:
+                code = e.code()  # type: ignore[attr-defined]
+                if code not in RETRYABLE or time.monotonic() > deadline:
+                    raise
+                log.info("[Site.%s] coordinator %s (%s); retrying in %.1fs", what, code.name,
+                         e.details(), delay)  # type: ignore[attr-defined]
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def join(self, agent_version: str, lora_rank: int = 0) -> pb.JoinResponse:
+        req = pb.JoinRequest(agent_version=agent_version, lora_rank=lora_rank, modes=["sft"])
+        return self._retry("Join", lambda: self.stub.Join(req, timeout=30))
+
+    def fetch_task(self, wait_ms: int) -> pb.FetchTaskResponse:
+        req = pb.FetchTaskRequest(wait_ms=wait_ms)
+        return self._retry("FetchTask", lambda: self.stub.FetchTask(req, timeout=wait_ms / 1000 + 30))
+
+    def download_adapter(self, round: int, sha256: str, size: int) -> bytes:
+        """Fetch a global adapter, resuming from the bytes already held after a broken stream."""
+        buf = bytearray()
+
+        def attempt() -> None:
+            for msg in self.stub.DownloadAdapter(pb.DownloadAdapterRequest(round=round, offset=len(buf)), timeout=120):
+                if msg.offset != len(buf):
+                    raise codec.CodecError(f"adapter chunk at offset {msg.offset}, expected {len(buf)}")
+                buf.extend(msg.data)
+
+        self._retry("DownloadAdapter", attempt)
+        data = bytes(buf)
+        if len(data) != size or codec.sha256_hex(data) != sha256:
+            raise codec.CodecError(f"global adapter for round {round} does not match the task's size/SHA-256")
+        return data
+
+    def upload(self, signed: pb.SignedEnvelope, env: pb.UpdateEnvelope, payload: bytes,
+               on_progress: Callable[[int], None] | None = None) -> pb.UploadUpdateResponse:
+        """Upload a signed update; after a dropped stream, ask the coordinator what it holds and resume there."""
+        offset = 0
+        deadline = time.monotonic() + self.cfg.retry_for_s
+        delay = 0.2
+        while True:
+            try:
+                resp = self.stub.UploadUpdate(self._upload_messages(signed, payload, offset, on_progress), timeout=300)
+                if resp.accepted:
+                    return resp
+                offset = resp.committed_offset
+                continue
+            except grpc.RpcError as e:
+                if e.code() not in RETRYABLE or time.monotonic() > deadline:  # type: ignore[attr-defined]
+                    raise
+                log.info("[Site.UploadUpdate] round=%d stream broke (%s); resuming", env.round,
+                         e.code().name)  # type: ignore[attr-defined]
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+            status = self._retry("GetUploadStatus", lambda: self.stub.GetUploadStatus(
+                pb.GetUploadStatusRequest(round=env.round, payload_sha256=env.payload_sha256), timeout=30))
+            if status.accepted:
+                return pb.UploadUpdateResponse(accepted=True, committed_offset=status.committed_offset)
+            offset = status.committed_offset
+
+    def _upload_messages(self, signed: pb.SignedEnvelope, payload: bytes, offset: int,
+                         on_progress: Callable[[int], None] | None) -> Iterator[pb.UploadUpdateRequest]:
+        first = True
+        for off, data in codec.iter_chunks(payload, self.chunk_size, offset):
+            yield pb.UploadUpdateRequest(envelope=signed if first else None, offset=off, data=data)
+            first = False
+            if on_progress:
+                on_progress(off + len(data))
+        if first:  # everything was already there: the envelope alone completes it
+            yield pb.UploadUpdateRequest(envelope=signed, offset=offset, data=b"")
+
+    def report_metrics(self, round: int, phase: str, metrics: dict[str, float], num_examples: int) -> None:
+        req = pb.ReportMetricsRequest(round=round, phase=phase, metrics=metrics, num_examples=num_examples)
+        self._retry("ReportMetrics", lambda: self.stub.ReportMetrics(req, timeout=30))

@@ -1,0 +1,78 @@
+"""The site's own config (``site.toml``): where its coordinator, keys, base model and private data are."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from protos.tomlconfig import load_config
+
+
+@dataclass(frozen=True)
+class SiteTls:
+    """The site kit's key material.
+
+    Attributes:
+        ca: Federation CA certificate (the coordinator's certificate must chain to it).
+        cert: This site's client certificate (its identity).
+        key: This site's TLS private key.
+        signing_key: This site's Ed25519 key for update envelopes (its public half is in the certificate).
+    """
+
+    ca: Path
+    cert: Path
+    key: Path
+    signing_key: Path
+
+
+@dataclass(frozen=True)
+class SiteData:
+    """Private data files; they never leave the site.
+
+    Attributes:
+        train: Training jsonl (chat ``messages`` or alpaca).
+        heldout: Held-out jsonl scored against each global adapter (only the metric leaves).
+    """
+
+    train: Path
+    heldout: Path | None = None
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """Everything a site agent needs.
+
+    Attributes:
+        name: The site's name (must match the CN of its certificate).
+        coordinator: ``host:port`` of the coordinator.
+        base_model: Local directory of the base model; verified against the task's manifest hash.
+        tls: Key material.
+        data: Private data.
+        work_dir: Scratch space for training.
+        server_name: TLS name to expect on the coordinator's certificate when it differs from the host.
+        threads: Torch CPU threads (0: torch's default).
+        fetch_wait_ms: Long-poll time per FetchTask call.
+        retry_for_s: How long to keep retrying when the coordinator is unreachable.
+    """
+
+    name: str
+    coordinator: str
+    base_model: Path
+    tls: SiteTls
+    data: SiteData
+    work_dir: Path
+    server_name: str = ""
+    threads: int = 0
+    fetch_wait_ms: int = 15_000
+    retry_for_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        if ":" not in self.coordinator:
+            raise ValueError(f"field 'coordinator': must be host:port, got {self.coordinator!r}")
+        if self.threads < 0:
+            raise ValueError(f"field 'threads': must be >= 0, got {self.threads}")
+
+
+def load_site_config(path: str | Path) -> SiteConfig:
+    """Read and check ``site.toml`` (relative paths resolve against its folder)."""
+    return load_config(SiteConfig, path)

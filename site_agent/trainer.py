@@ -1,0 +1,187 @@
+"""Local LoRA SFT with TRL/PEFT: load the global adapter, train a round, return the delta.
+
+The base model and the tokenised dataset are loaded once per process; each round only loads the new global
+adapter, resets the optimizer and trains ``max_steps`` steps. Only the adapter delta (local − global) leaves.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from protos import codec
+from protos.fedbridge.v1 import federation_service_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """What a round of local training produced.
+
+    Attributes:
+        delta: Local adapter minus the global adapter, in the spec's keys, shapes and dtypes.
+        num_examples: Examples seen (steps × batch × accumulation): the FedAvg weight.
+        train_loss: Mean training loss over the round.
+        train_time_s: Wall time of the training loop itself.
+        tokens: Tokens processed (for tokens/s).
+    """
+
+    delta: dict[str, torch.Tensor]
+    num_examples: int
+    train_loss: float
+    train_time_s: float
+    tokens: int
+
+
+def lora_config(spec: pb.AdapterSpec):  # -> peft.LoraConfig
+    from peft import LoraConfig
+
+    return LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
+                      target_modules=list(spec.target_modules), task_type="CAUSAL_LM")
+
+
+class _Progress:
+    """A transformers TrainerCallback forwarding (step, max_steps, loss) to a plain function."""
+
+    def __new__(cls, fn: Callable[[int, int, float | None], None]):  # type: ignore[no-untyped-def]
+        from transformers import TrainerCallback
+
+        class Callback(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kw):  # type: ignore[no-untyped-def]
+                fn(state.global_step, state.max_steps, (logs or {}).get("loss"))
+
+            def on_step_end(self, args, state, control, **kw):  # type: ignore[no-untyped-def]
+                fn(state.global_step, state.max_steps, None)
+
+        return Callback()
+
+
+class SftSiteTrainer:
+    """LoRA supervised fine-tuning of the site's private chat data.
+
+    Args:
+        base_model: Verified local base model directory.
+        train_rows: Rows in ``{"messages": [...]}`` form (already validated).
+        work_dir: Scratch directory for the trainer.
+    """
+
+    def __init__(self, base_model: Path, train_rows: list[dict[str, Any]], work_dir: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.base_model = Path(base_model)
+        self.work_dir = Path(work_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.base_model)
+        self._base = AutoModelForCausalLM.from_pretrained(self.base_model, dtype=torch.float32)
+        self._rows = train_rows
+        self._dataset: Any = None  # tokenised once by the first SFTTrainer, reused after
+        self.model: Any = None
+        self._spec_sha = ""
+
+    def _ensure_model(self, spec: pb.AdapterSpec) -> Any:
+        from peft import get_peft_model
+
+        if self.model is None:
+            self.model = get_peft_model(self._base, lora_config(spec))
+            self._spec_sha = spec.sha256
+        elif self._spec_sha != spec.sha256:
+            raise ValueError("the federation changed its adapter spec mid-run; restart the agent to follow it")
+        return self.model
+
+    def load_adapter(self, spec: pb.AdapterSpec, state: dict[str, torch.Tensor]) -> None:
+        """Put ``state`` into the model's LoRA weights (after checking it against the spec)."""
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+        codec.check_against_spec(state, spec)
+        model = self._ensure_model(spec)
+        mine = get_peft_model_state_dict(model)
+        codec.check_against_spec({k: v.detach() for k, v in mine.items()}, spec)
+        set_peft_model_state_dict(model, state)
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        from peft import get_peft_model_state_dict
+
+        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.model).items()}
+
+    def train_round(self, task: pb.Task, global_state: dict[str, torch.Tensor],
+                    progress: Callable[[int, int, float | None], None] | None = None) -> RoundResult:
+        """Train one round from ``global_state`` and return the delta."""
+        from trl import SFTConfig, SFTTrainer
+
+        t = task.training
+        self.load_adapter(task.adapter_spec, global_state)
+        args = SFTConfig(
+            output_dir=str(self.work_dir / "trainer"), max_steps=t.max_steps,
+            per_device_train_batch_size=t.per_device_batch_size,
+            gradient_accumulation_steps=max(1, t.gradient_accumulation_steps), learning_rate=t.learning_rate,
+            weight_decay=t.weight_decay, warmup_steps=t.warmup_ratio, lr_scheduler_type="linear",
+            max_length=t.max_length, seed=t.seed + task.round, data_seed=t.seed + task.round,
+            assistant_only_loss=True, use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
+            save_strategy="no", report_to=[], logging_steps=max(1, t.max_steps // 4), disable_tqdm=True,
+            dataloader_num_workers=0, remove_unused_columns=True)
+        trainer = SFTTrainer(model=self.model, args=args, processing_class=self.tokenizer,
+                             train_dataset=self._dataset if self._dataset is not None else _as_dataset(self._rows),
+                             callbacks=[_Progress(progress)] if progress else None)
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)  # it prints raw log dicts to stdout; progress goes through `progress`
+        if self._dataset is None:
+            self._dataset = trainer.train_dataset
+        start = time.perf_counter()
+        out = trainer.train()
+        train_time = time.perf_counter() - start
+        local = self.adapter_state()
+        delta = {k: (local[k] - global_state[k]).to(global_state[k].dtype).contiguous() for k in global_state}
+        examples = t.max_steps * t.per_device_batch_size * max(1, t.gradient_accumulation_steps)
+        tokens = int(getattr(trainer.state, "num_input_tokens_seen", 0) or 0)
+        if not tokens:
+            lengths = [len(x) for x in self._dataset["input_ids"]]
+            tokens = int(sum(lengths) / max(1, len(lengths)) * examples)
+        return RoundResult(delta, examples, float(out.training_loss), train_time, tokens)
+
+    @torch.no_grad()
+    def evaluate(self, spec: pb.AdapterSpec, state: dict[str, torch.Tensor], rows: list[dict[str, Any]],
+                 max_length: int = 512) -> tuple[float, int]:
+        """Mean next-token loss on the assistant tokens of ``rows`` with ``state`` as the adapter.
+
+        Returns:
+            ``(loss, tokens)``: token-weighted mean cross-entropy and how many tokens were scored.
+        """
+        self.load_adapter(spec, state)
+        self.model.eval()
+        total, count = 0.0, 0
+        for row in rows:
+            enc = self.tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=True,
+                                                     return_assistant_tokens_mask=True)
+            ids = torch.tensor(enc["input_ids"][:max_length]).unsqueeze(0)
+            mask = torch.tensor(enc["assistant_masks"][:max_length], dtype=torch.bool)
+            labels = ids.clone().squeeze(0)
+            labels[~mask] = -100
+            logits = self.model(input_ids=ids).logits[0, :-1]
+            target = labels[1:]
+            n = int((target != -100).sum())
+            if n == 0:
+                continue
+            loss = torch.nn.functional.cross_entropy(logits.float(), target, ignore_index=-100, reduction="sum")
+            total += float(loss)
+            count += n
+        self.model.train()
+        if count == 0:
+            raise ValueError("held-out data has no assistant tokens to score")
+        mean = total / count
+        if not math.isfinite(mean):
+            raise ValueError("held-out loss is not finite")
+        return mean, count
+
+
+def _as_dataset(rows: list[dict[str, Any]]) -> Any:
+    from datasets import Dataset
+
+    return Dataset.from_list(rows)
