@@ -1,0 +1,215 @@
+"""Round engine: ingress validation, resumable uploads, idempotency, quorum aggregation, resume after restart."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from coordinator.adapter import AdapterInit
+from coordinator.config import FederationConfig, TlsSpec
+from coordinator.engine import Chunk, RoundEngine
+from coordinator.errors import DuplicateUpdate, InvalidUpdate, PermissionDenied, UpdateTooLarge, WrongRound
+from coordinator.pki import PeerIdentity
+from coordinator.store import Store
+from protos import codec
+from protos.fedbridge.v1 import federation_service_pb2 as pb
+
+BASE_SHA = "ab" * 32
+
+
+def _init() -> AdapterInit:
+    state = {"l.lora_A.weight": torch.ones(2, 4), "l.lora_B.weight": torch.zeros(4, 2)}
+    return AdapterInit(state, codec.make_adapter_spec(state, 2, 4.0, 0.0, ["l"]))
+
+
+class Site:
+    def __init__(self, name: str) -> None:
+        self.key = Ed25519PrivateKey.generate()
+        self.peer = PeerIdentity(name, "site", self.key.public_key(), 1, name)
+
+    def update(self, round: int, delta: dict[str, torch.Tensor], n: int = 10, **env_over: object
+               ) -> tuple[pb.SignedEnvelope, bytes]:
+        payload = codec.encode_state(delta)
+        env = codec.make_envelope(federation_id="fed", round=round, site=self.peer.name, base_model_sha256=BASE_SHA,
+                                  payload=payload, adapter_spec_sha256=_init().spec.sha256, num_examples=n)
+        for k, v in env_over.items():
+            setattr(env, "round" if k == "env_round" else k, v)
+        return codec.sign_envelope(env, self.key), payload
+
+
+def _engine(tmp_path: Path, min_sites: int = 2, **over: object) -> RoundEngine:
+    cfg = FederationConfig(federation_id="fed", base_model=tmp_path / "base", state_dir=tmp_path / "state",
+                           registry_dir=tmp_path / "reg", tls=TlsSpec(Path("c"), Path("c"), Path("k")), rounds=2,
+                           min_sites=min_sites, **over)  # type: ignore[arg-type]
+    return RoundEngine(cfg, Store(cfg.state_dir), BASE_SHA, _init())
+
+
+async def _chunks(signed: pb.SignedEnvelope | None, payload: bytes, size: int = 64, offset: int = 0,
+                  stop_at: int | None = None) -> AsyncIterator[Chunk]:
+    first = True
+    for off, data in codec.iter_chunks(payload, size, offset):
+        if stop_at is not None and off >= stop_at:
+            return
+        yield Chunk(signed if first else None, off, data)
+        first = False
+    if first:
+        yield Chunk(signed, offset, b"")
+
+
+def _delta(a: float, b: float) -> dict[str, torch.Tensor]:
+    return {"l.lora_A.weight": torch.full((2, 4), a), "l.lora_B.weight": torch.full((4, 2), b)}
+
+
+def test_quorum_aggregates_weighted_mean(tmp_path: Path) -> None:
+    async def main() -> None:
+        eng = _engine(tmp_path)
+        await eng.start()
+        a, b = Site("a"), Site("b")
+        assert (await eng.fetch_task(a.peer, 0)).status == "train"
+        s, p = a.update(1, _delta(1.0, 2.0), n=10)
+        assert (await eng.receive_upload(a.peer, _chunks(s, p))).accepted
+        assert eng.store.current_round().round == 1  # type: ignore[union-attr]
+        assert (await eng.fetch_task(a.peer, 0)).status == "wait"  # already sent this round
+        s, p = b.update(1, _delta(4.0, -1.0), n=30)
+        assert (await eng.receive_upload(b.peer, _chunks(s, p))).accepted
+        await asyncio.sleep(0.2)
+        rounds = eng.store.rounds()
+        assert [r.state for r in rounds] == ["closed", "open"]
+        new = codec.decode_state(eng.adapter_bytes(2))
+        # A: 1 + (10*1 + 30*4)/40 = 4.25 ; B: 0 + (10*2 + 30*(-1))/40 = -0.25
+        assert torch.allclose(new["l.lora_A.weight"], torch.full((2, 4), 4.25))
+        assert torch.allclose(new["l.lora_B.weight"], torch.full((4, 2), -0.25))
+        assert rounds[0].info["updates"]["a"]["num_examples"] == 10
+    asyncio.run(main())
+
+
+def test_interrupted_upload_resumes_from_committed_offset(tmp_path: Path) -> None:
+    async def main() -> None:
+        eng = _engine(tmp_path)
+        await eng.start()
+        a = Site("a")
+        s, p = a.update(1, _delta(1.0, 1.0))
+        half = (len(p) // 2 // 64) * 64
+        r1 = await eng.receive_upload(a.peer, _chunks(s, p, stop_at=half))
+        assert (r1.accepted, r1.committed_offset) == (False, half)
+        env = pb.UpdateEnvelope.FromString(s.envelope)
+        assert eng.upload_status(a.peer, 1, env.payload_sha256) == (half, False)
+        r2 = await eng.receive_upload(a.peer, _chunks(s, p, offset=half))
+        assert r2.accepted and r2.committed_offset == len(p)
+        assert eng.upload_status(a.peer, 1, env.payload_sha256) == (len(p), True)
+        # The ack was lost and the site retries the same envelope: accepted again, stored once.
+        r3 = await eng.receive_upload(a.peer, _chunks(s, p))
+        assert r3.accepted
+        assert len(eng.store.updates(1)) == 1
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("case,error", [
+    ("bad_signature", InvalidUpdate), ("other_site", PermissionDenied), ("wrong_round", WrongRound),
+    ("wrong_base", InvalidUpdate), ("wrong_spec", InvalidUpdate), ("nan", InvalidUpdate), ("bad_shape", InvalidUpdate),
+    ("hash_mismatch", InvalidUpdate), ("too_large", UpdateTooLarge), ("admin_cert", PermissionDenied),
+    ("full_kind", InvalidUpdate), ("no_envelope", InvalidUpdate),
+])
+def test_refused_updates_never_touch_the_round(tmp_path: Path, case: str, error: type[Exception]) -> None:
+    async def main() -> None:
+        eng = _engine(tmp_path, max_update_bytes=4096)
+        await eng.start()
+        a = Site("a")
+        peer = a.peer
+        delta = _delta(1.0, 1.0)
+        over: dict[str, object] = {}
+        if case == "wrong_round":
+            over["env_round"] = 2
+        elif case == "wrong_base":
+            over["base_model_sha256"] = "cd" * 32
+        elif case == "wrong_spec":
+            over["adapter_spec_sha256"] = "ef" * 32
+        elif case == "full_kind":
+            over["payload_kind"] = pb.PAYLOAD_KIND_FULL
+        elif case == "nan":
+            delta["l.lora_A.weight"][0, 0] = float("nan")
+        elif case == "bad_shape":
+            delta["l.lora_A.weight"] = torch.zeros(3, 4)
+        s, p = a.update(1, delta, **over)
+        if case == "bad_signature":
+            s = pb.SignedEnvelope(envelope=s.envelope, signature=bytes(64))
+        elif case == "other_site":
+            peer = PeerIdentity("b", "site", a.key.public_key(), 2, "b")  # right key, wrong identity
+        elif case == "hash_mismatch":
+            p = p[:-1] + bytes([p[-1] ^ 1])
+        elif case == "too_large":
+            s, p = a.update(1, delta, payload_size=10_000)
+        elif case == "admin_cert":
+            peer = PeerIdentity("a", "admin", a.key.public_key(), 3, "x")
+        elif case == "no_envelope":
+            s = None  # type: ignore[assignment]
+        with pytest.raises(error):
+            await eng.receive_upload(peer, _chunks(s, p))
+        assert eng.store.updates(1) == []
+    asyncio.run(main())
+
+
+def test_replay_and_duplicate_are_refused(tmp_path: Path) -> None:
+    async def main() -> None:
+        eng = _engine(tmp_path, min_sites=2)
+        await eng.start()
+        a = Site("a")
+        s, p = a.update(1, _delta(1.0, 1.0))
+        assert (await eng.receive_upload(a.peer, _chunks(s, p))).accepted
+        s2, p2 = a.update(1, _delta(2.0, 2.0))  # a second, different update for the same round
+        with pytest.raises(DuplicateUpdate):
+            await eng.receive_upload(a.peer, _chunks(s2, p2))
+        # b replays a's nonce in its own envelope
+        b = Site("b")
+        env = pb.UpdateEnvelope.FromString(s.envelope)
+        sb, pb_ = b.update(1, _delta(1.0, 1.0), nonce=env.nonce)
+        with pytest.raises(InvalidUpdate, match="replay"):
+            await eng.receive_upload(b.peer, _chunks(sb, pb_))
+        assert [u.site for u in eng.store.updates(1)] == ["a"]
+    asyncio.run(main())
+
+
+def test_restart_resumes_round_and_aggregates_pending_quorum(tmp_path: Path) -> None:
+    eng_site_a = Site("a")
+
+    async def first_run() -> None:
+        eng = _engine(tmp_path, min_sites=2)
+        await eng.start()
+        s, p = eng_site_a.update(1, _delta(1.0, 1.0))
+        assert (await eng.receive_upload(eng_site_a.peer, _chunks(s, p))).accepted
+        eng.store.close()
+
+    async def second_run() -> None:
+        eng = _engine(tmp_path, min_sites=2)
+        await eng.start()
+        assert [r.state for r in eng.store.rounds()] == ["open"]
+        assert [u.site for u in eng.store.updates(1)] == ["a"]  # the accepted update survived
+        b = Site("b")
+        s, p = b.update(1, _delta(3.0, 3.0))
+        assert (await eng.receive_upload(b.peer, _chunks(s, p))).accepted
+        await asyncio.sleep(0.2)
+        assert [r.state for r in eng.store.rounds()] == ["closed", "open"]
+        new = codec.decode_state(eng.adapter_bytes(2))
+        assert torch.allclose(new["l.lora_A.weight"], torch.full((2, 4), 3.0))  # 1 + mean(1, 3)
+
+    asyncio.run(first_run())
+    asyncio.run(second_run())
+
+
+def test_metrics_validation(tmp_path: Path) -> None:
+    async def main() -> None:
+        eng = _engine(tmp_path)
+        await eng.start()
+        a = Site("a")
+        eng.report_metrics(a.peer, 1, "train", {"loss": 1.5}, 8)
+        assert eng.store.metrics(1) == [(1, "a", "train", "loss", 1.5, 8)]
+        for args, msg in [((1, "gossip", {"x": 1.0}), "phase"), ((9, "train", {"x": 1.0}), "outside"),
+                          ((1, "train", {"Sample Text": 1.0}), "names"), ((1, "train", {"x": float("nan")}), "finite")]:
+            with pytest.raises(InvalidUpdate, match=msg):
+                eng.report_metrics(a.peer, *args, 1)  # type: ignore[arg-type]
+    asyncio.run(main())
