@@ -109,7 +109,8 @@ def run_site(cfg: SiteConfig, show_progress: bool = True) -> int:
             client.upload(codec.sign_envelope(env, signing_key), env, payload)
             log.info("[Site.UploadUpdate] round=%d site=%s bytes=%d accepted", task.round, cfg.name, len(payload))
             client.report_metrics(task.round, "train", {
-                "loss": result.train_loss, "train_time_s": result.train_time_s, "tokens": float(result.tokens),
+                "loss": result.train_loss, "train_time_s": result.train_time_s, "round_time_s": result.round_time_s,
+                "tokens": float(result.tokens),
                 "tokens_per_s": result.tokens / max(result.train_time_s, 1e-9), "upload_bytes": float(len(payload)),
             }, result.num_examples)
             trained += 1

@@ -32,6 +32,8 @@ class RoundResult:
         train_loss: Mean training loss over the round.
         train_time_s: Wall time of the training loop itself.
         tokens: Tokens processed (for tokens/s).
+        round_time_s: Wall time of the whole local round: loading the global adapter, trainer set-up, training,
+            and computing the delta.
     """
 
     delta: dict[str, torch.Tensor]
@@ -39,6 +41,7 @@ class RoundResult:
     train_loss: float
     train_time_s: float
     tokens: int
+    round_time_s: float
 
 
 def lora_config(spec: pb.AdapterSpec):  # -> peft.LoraConfig
@@ -116,6 +119,7 @@ class SftSiteTrainer:
         from trl import SFTConfig, SFTTrainer
 
         t = task.training
+        round_start = time.perf_counter()
         self.load_adapter(task.adapter_spec, global_state)
         args = SFTConfig(
             output_dir=str(self.work_dir / "trainer"), max_steps=t.max_steps,
@@ -144,11 +148,12 @@ class SftSiteTrainer:
         if not tokens:
             lengths = [len(x) for x in self._dataset["input_ids"]]
             tokens = int(sum(lengths) / max(1, len(lengths)) * examples)
-        return RoundResult(delta, examples, float(out.training_loss), train_time, tokens)
+        return RoundResult(delta, examples, float(out.training_loss), train_time, tokens,
+                           time.perf_counter() - round_start)
 
     @torch.no_grad()
     def evaluate(self, spec: pb.AdapterSpec, state: dict[str, torch.Tensor], rows: list[dict[str, Any]],
-                 max_length: int = 512) -> tuple[float, int]:
+                 max_length: int = 512, batch_size: int = 32) -> tuple[float, int]:
         """Mean next-token loss on the assistant tokens of ``rows`` with ``state`` as the adapter.
 
         Returns:
@@ -156,23 +161,30 @@ class SftSiteTrainer:
         """
         self.load_adapter(spec, state)
         self.model.eval()
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         total, count = 0.0, 0
-        for row in rows:
-            enc = self.tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=True,
-                                                     return_assistant_tokens_mask=True)
-            ids = torch.tensor(enc["input_ids"][:max_length]).unsqueeze(0)
-            mask = torch.tensor(enc["assistant_masks"][:max_length], dtype=torch.bool)
-            labels = ids.clone().squeeze(0)
-            labels[~mask] = -100
-            logits = self.model(input_ids=ids).logits[0, :-1]
-            target = labels[1:]
-            n = int((target != -100).sum())
-            if n == 0:
-                continue
-            loss = torch.nn.functional.cross_entropy(logits.float(), target, ignore_index=-100, reduction="sum")
-            total += float(loss)
-            count += n
-        self.model.train()
+        try:
+            for start in range(0, len(rows), batch_size):
+                ids_list, labels_list = [], []
+                for row in rows[start:start + batch_size]:
+                    enc = self.tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=True,
+                                                             return_assistant_tokens_mask=True)
+                    ids = list(enc["input_ids"][:max_length])
+                    mask = list(enc["assistant_masks"][:max_length])
+                    ids_list.append(ids)
+                    labels_list.append([t if m else -100 for t, m in zip(ids, mask)])
+                width = max(len(x) for x in ids_list)
+                ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids_list])
+                attn = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids_list])
+                labels = torch.tensor([x + [-100] * (width - len(x)) for x in labels_list])
+                logits = self.model(input_ids=ids, attention_mask=attn).logits[:, :-1]
+                target = labels[:, 1:]
+                loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                                         target.reshape(-1), ignore_index=-100, reduction="sum")
+                total += float(loss)
+                count += int((target != -100).sum())
+        finally:
+            self.model.train()
         if count == 0:
             raise ValueError("held-out data has no assistant tokens to score")
         mean = total / count

@@ -1,0 +1,42 @@
+"""Shared output of the benchmarks: a markdown table on stdout and ``bench/results/<name>.json``.
+
+Schema (DESIGN.md): ``{"bench": name, "rows": [{"case", "ours", "reference", "ratio", "unit", "goal", "meets_goal"}]}``.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass(frozen=True)
+class Row:
+    case: str
+    ours: float
+    reference: float
+    ratio: float
+    unit: str
+    goal: str
+    meets_goal: bool
+
+
+def write_results(bench: str, rows: list[Row], notes: list[str] | None = None) -> Path:
+    """Print the rows as a markdown table and write the JSON results file; returns its path."""
+    print(f"\n### {bench}\n")
+    print("| case | ours | reference | ratio | unit | goal | meets goal |")
+    print("|---|---:|---:|---:|---|---|---|")
+    for r in rows:
+        print(f"| {r.case} | {r.ours:.6g} | {r.reference:.6g} | {r.ratio:.4f} | {r.unit} | {r.goal} | "
+              f"{'yes' if r.meets_goal else 'NO'} |")
+    for n in notes or []:
+        print(f"\n{n}")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{bench}.json"
+    path.write_text(json.dumps({"bench": bench, "rows": [asdict(r) for r in rows],
+                                "machine": platform.platform(), "notes": notes or []}, indent=1) + "\n")
+    print(f"\nwrote {path}")
+    return path
