@@ -50,6 +50,7 @@ def main() -> None:
         model_bytes = tensor_bytes(codec.decode_state((base / "model.safetensors").read_bytes()))
         assert fed.record_inbound is not None
         upload_msgs: dict[str, int] = {}
+        last = ""  # later chunks of a stream carry no envelope: they belong to the stream's site
         for method, data in read_recording(fed.record_inbound):
             if method.endswith("/UploadUpdate"):
                 msg = pb.UploadUpdateRequest.FromString(data)

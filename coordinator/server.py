@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -93,15 +94,13 @@ async def serve(cfg: FederationConfig, stop: asyncio.Event | None = None) -> Non
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # not in the main thread
             loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):
-            pass
 
     async def until_drained() -> None:
         await engine.finished.wait()
         deadline = loop.time() + DRAIN_TIMEOUT_S
-        while not engine.drained() and loop.time() < deadline:
+        while not engine.drained() and loop.time() < deadline:  # noqa: ASYNC110 - polls the store, bounded
             await asyncio.sleep(0.2)
         await asyncio.sleep(0.5)  # let the last responses go out
         stop.set()

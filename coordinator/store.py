@@ -158,7 +158,7 @@ class Store:
     def sites(self) -> list[dict[str, Any]]:
         rows = self._q("SELECT name, fingerprint, agent_version, lora_rank, joined_ms, last_seen_ms FROM sites ORDER BY name")
         keys = ("name", "fingerprint", "agent_version", "lora_rank", "joined_ms", "last_seen_ms")
-        return [dict(zip(keys, r)) for r in rows]
+        return [dict(zip(keys, r, strict=True)) for r in rows]
 
     # -- rounds -------------------------------------------------------------------------------------------------
     def open_round(self, round: int, input_sha256: str) -> None:
@@ -225,4 +225,4 @@ class Store:
 
     def publications(self) -> list[dict[str, Any]]:
         rows = self._q("SELECT version, round, path, manifest_sha256, published_ms FROM publications ORDER BY version")
-        return [dict(zip(("version", "round", "path", "manifest_sha256", "published_ms"), r)) for r in rows]
+        return [dict(zip(("version", "round", "path", "manifest_sha256", "published_ms"), r, strict=True)) for r in rows]

@@ -135,7 +135,7 @@ def new_nonce() -> bytes:
 
 
 def make_envelope(*, federation_id: str, round: int, site: str, base_model_sha256: str, payload: bytes,
-                  adapter_spec_sha256: str, num_examples: int, kind: int = pb.PAYLOAD_KIND_DIFF,
+                  adapter_spec_sha256: str, num_examples: int, kind: pb.PayloadKind = pb.PAYLOAD_KIND_DIFF,
                   epsilon_spent: float = 0.0) -> pb.UpdateEnvelope:
     """Describe ``payload`` in a fresh envelope (new nonce, current time)."""
     return pb.UpdateEnvelope(

@@ -172,7 +172,7 @@ class SftSiteTrainer:
                     ids = list(enc["input_ids"][:max_length])
                     mask = list(enc["assistant_masks"][:max_length])
                     ids_list.append(ids)
-                    labels_list.append([t if m else -100 for t, m in zip(ids, mask)])
+                    labels_list.append([t if m else -100 for t, m in zip(ids, mask, strict=True)])
                 width = max(len(x) for x in ids_list)
                 ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids_list])
                 attn = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids_list])
