@@ -1,0 +1,233 @@
+"""Read and validate a site's private training data (jsonl).
+
+Three row formats are understood:
+
+- **chat** SFT: ``{"messages": [{"role": "user", "content": "..."}, ..., {"role": "assistant", ...}]}``
+- **alpaca** SFT: ``{"instruction": "...", "input": "..." (optional), "output": "..."}``
+- **preference** pairs: ``{"prompt", "chosen", "rejected"}``, all strings, or all lists of messages (TRL's
+  conversational preference format).
+
+The WHOLE file is parsed and validated before anything is returned, so training never starts on a partly bad file.
+Every problem raises :class:`DataError`, which names the file, the 1-based line and the field. Privacy rule: an error
+message never contains a value from the data (no sample text, no keys the data chose), only where the problem is
+and what is wrong, because error messages end up in logs and may be shown to the coordinator's operators.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+FORMATS = ("chat", "alpaca", "preference")
+ROLES = ("system", "user", "assistant")
+
+_JSON_TYPES = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number",
+               type(None): "null"}
+
+
+class DataError(ValueError):
+    """A data file is unusable. The message names file, line and field, and never echoes the data.
+
+    Attributes:
+        path: The file.
+        line: 1-based line number of the offending row, or None for a whole-file problem (an empty file).
+        field: Path of the offending field inside the row (``messages[2].role``), or None for the whole row.
+        problem: What is wrong, in words.
+    """
+
+    def __init__(self, path: str | Path, line: int | None, field: str | None, problem: str) -> None:
+        self.path = str(path)
+        self.line = line
+        self.field = field
+        self.problem = problem
+        where = self.path if line is None else f"{self.path}:{line}"
+        what = problem if field is None else f"field '{field}': {problem}"
+        super().__init__(f"{where}: {what}")
+
+    def __reduce__(self) -> tuple[type[DataError], tuple[str, int | None, str | None, str]]:
+        # The default pickling passes only the message back to __init__; keep every attribute instead.
+        return (DataError, (self.path, self.line, self.field, self.problem))
+
+
+class _RowError(Exception):
+    """Raised by the validators below; the loader adds the path and line."""
+
+    def __init__(self, field: str | None, problem: str) -> None:
+        super().__init__(problem)
+        self.field = field
+        self.problem = problem
+
+
+def _json_type(value: Any) -> str:
+    return _JSON_TYPES.get(type(value), "unknown")
+
+
+def detect_format(row: dict[str, Any]) -> str | None:
+    """Guess a row's format from its keys: ``"chat"``, ``"preference"``, ``"alpaca"``, or None if none fits.
+
+    Detection looks only at which format-defining keys are present; the validators then report what is missing or
+    malformed, so a row with ``chosen`` but no ``prompt`` is reported as a preference row missing ``prompt``.
+    """
+    if "messages" in row:
+        return "chat"
+    if "chosen" in row or "rejected" in row:
+        return "preference"
+    if "instruction" in row or "output" in row:
+        return "alpaca"
+    return None
+
+
+def _string(row: dict[str, Any], key: str, field: str, *, required: bool = True, allow_empty: bool = False) -> str:
+    if key not in row:
+        if required:
+            raise _RowError(field, "missing")
+        return ""
+    value = row[key]
+    if not isinstance(value, str):
+        raise _RowError(field, f"must be a string, got {_json_type(value)}")
+    if not allow_empty and not value.strip():
+        raise _RowError(field, "must not be empty")
+    return value
+
+
+def _messages(value: Any, field: str, *, last_role: str | None = None) -> list[dict[str, str]]:
+    if not isinstance(value, list):
+        raise _RowError(field, f"must be a list of messages, got {_json_type(value)}")
+    if not value:
+        raise _RowError(field, "must hold at least one message")
+    out = []
+    for i, msg in enumerate(value):
+        where = f"{field}[{i}]"
+        if not isinstance(msg, dict):
+            raise _RowError(where, f"must be an object, got {_json_type(msg)}")
+        role = _string(msg, "role", f"{where}.role")
+        if role not in ROLES:
+            raise _RowError(f"{where}.role", f"must be one of {', '.join(ROLES)}")
+        content = _string(msg, "content", f"{where}.content")
+        out.append({"role": role, "content": content})
+    if last_role is not None and out[-1]["role"] != last_role:
+        raise _RowError(f"{field}[{len(out) - 1}].role", f"the last message must be from the {last_role}")
+    return out
+
+
+def _check_chat(row: dict[str, Any]) -> dict[str, Any]:
+    if "messages" not in row:
+        raise _RowError("messages", "missing")
+    return {"messages": _messages(row["messages"], "messages", last_role="assistant")}
+
+
+def _check_alpaca(row: dict[str, Any]) -> dict[str, Any]:
+    return {"instruction": _string(row, "instruction", "instruction"),
+            "input": _string(row, "input", "input", required=False, allow_empty=True),
+            "output": _string(row, "output", "output")}
+
+
+def _check_preference(row: dict[str, Any]) -> dict[str, Any]:
+    for key in ("prompt", "chosen", "rejected"):
+        if key not in row:
+            raise _RowError(key, "missing")
+    if isinstance(row["prompt"], list):  # conversational: the answers are assistant turns after the prompt
+        return {"prompt": _messages(row["prompt"], "prompt"),
+                "chosen": _messages(row["chosen"], "chosen", last_role="assistant"),
+                "rejected": _messages(row["rejected"], "rejected", last_role="assistant")}
+    if not isinstance(row["prompt"], str):
+        raise _RowError("prompt", f"must be a string or a list of messages, got {_json_type(row['prompt'])}")
+    # TRL needs all three in one shape: a string prompt takes string answers.
+    return {key: _string(row, key, key) for key in ("prompt", "chosen", "rejected")}
+
+
+_CHECKS = {"chat": _check_chat, "alpaca": _check_alpaca, "preference": _check_preference}
+
+
+def _parse_line(raw: bytes) -> dict[str, Any]:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:  # str(e) would quote the offending byte
+        raise _RowError(None, f"not valid UTF-8 (at byte {e.start + 1})") from None
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as e:  # e.msg never quotes the document; str(e) is safe too but longer
+        raise _RowError(None, f"invalid JSON: {e.msg} at column {e.colno}") from None
+    if not isinstance(row, dict):
+        raise _RowError(None, f"must be a JSON object, got {_json_type(row)}")
+    return row
+
+
+def _load_rows(path: str | Path, fmt: str, allowed: tuple[str, ...]) -> tuple[str, list[dict[str, Any]]]:
+    if fmt != "auto" and fmt not in allowed:
+        raise ValueError(f"fmt must be 'auto' or one of {', '.join(allowed)}, got {fmt!r}")
+    path = Path(path)
+    rows: list[dict[str, Any]] = []
+    file_fmt = None if fmt == "auto" else fmt
+    first_line = 0
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                row = _parse_line(raw)
+                row_fmt = detect_format(row)
+                if file_fmt is None:
+                    if row_fmt is None:
+                        raise _RowError(None, "matches no known format (expected 'messages'; 'instruction' and "
+                                              "'output'; or 'prompt', 'chosen' and 'rejected')")
+                    if row_fmt not in allowed:
+                        raise _RowError(None, f"is a {row_fmt} row, expected {' or '.join(allowed)} rows")
+                    file_fmt, first_line = row_fmt, line_no
+                elif fmt == "auto" and row_fmt != file_fmt:
+                    raise _RowError(None, f"is not a {file_fmt} row like line {first_line}; a file holds one format")
+                rows.append(_CHECKS[file_fmt](row))
+            except _RowError as e:
+                raise DataError(path, line_no, e.field, e.problem) from None
+    if file_fmt is None or not rows:
+        raise DataError(path, None, None, "file holds no rows")
+    return file_fmt, rows
+
+
+def load_jsonl(path: str | Path, fmt: str = "auto") -> list[dict[str, Any]]:
+    """Parse and validate a whole jsonl file; return its rows in their own format, with only the known fields.
+
+    Blank lines are skipped but still counted, so line numbers match an editor's.
+
+    Args:
+        path: The jsonl file.
+        fmt: ``"chat"``, ``"alpaca"``, ``"preference"``, or ``"auto"`` to detect it from the first row. Every row
+            of a file must have the same format.
+
+    Returns:
+        The validated rows. Message lists keep only ``role`` and ``content``; alpaca rows always have ``input``.
+
+    Raises:
+        DataError: On the first problem found; nothing is returned for a file with any bad row.
+        OSError: If the file cannot be read.
+        ValueError: If ``fmt`` is not a known format.
+    """
+    return _load_rows(path, fmt, FORMATS)[1]
+
+
+def _alpaca_to_chat(row: dict[str, str]) -> dict[str, Any]:
+    user = row["instruction"] + ("\n\n" + row["input"] if row["input"] else "")
+    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]}
+
+
+def load_sft(path: str | Path) -> list[dict[str, Any]]:
+    """Load a chat or alpaca SFT file as TRL conversational rows ``{"messages": [...]}``.
+
+    An alpaca row becomes a user turn (the instruction, then a blank line and the input if there is one) and an
+    assistant turn (the output).
+
+    Raises:
+        DataError: For any bad row, or a file of preference pairs.
+    """
+    file_fmt, rows = _load_rows(path, "auto", ("chat", "alpaca"))
+    return rows if file_fmt == "chat" else [_alpaca_to_chat(r) for r in rows]
+
+
+def load_preference(path: str | Path) -> list[dict[str, Any]]:
+    """Load a preference file as TRL rows ``{"prompt", "chosen", "rejected"}`` (strings or message lists).
+
+    Raises:
+        DataError: For any bad row, or a file of SFT rows.
+    """
+    return _load_rows(path, "auto", ("preference",))[1]
