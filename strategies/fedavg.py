@@ -9,12 +9,12 @@ time and keeps memory at O(adapter size) whatever the number of sites.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from strategies.types import AggregationError, ClientUpdate, StateDict, check_compatible
+from strategies.types import AggregationError, ClientUpdate, StateDict, check_compatible, feed
 
 
 @dataclass(frozen=True)
@@ -33,28 +33,110 @@ class FedAvgConfig:
 
 
 class FedAvgAccumulator:
-    """Streaming weighted sum of deltas, accumulated in float64 for order-independent results."""
+    """Streaming weighted sum of deltas, accumulated in float64 so the order of arrival barely matters.
+
+    Memory is one float64 copy of the adapter whatever the number of updates; an update can be dropped as soon as
+    :meth:`add` returns (the accumulator keeps no reference to it).
+    """
 
     def __init__(self, template: Mapping[str, torch.Tensor]) -> None:
         self._shapes = {k: tuple(v.shape) for k, v in template.items()}
         self._sum: dict[str, torch.Tensor] = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in template.items()}
         self.total_weight = 0.0
         self.count = 0
+        self._released = False
 
     def add(self, update: ClientUpdate) -> None:
         """Fold one update in (checks keys and shapes against the template)."""
-        check_compatible(_shape_stub(self._shapes), [update])
+        if self._released:
+            raise AggregationError("fedavg: accumulator already released by apply_to(release=True)")
+        self._check(update)
         w = float(update.num_examples)
         for k, v in update.delta.items():
-            self._sum[k].add_(v.detach().to(torch.float64), alpha=w)
+            # In-place add with type promotion: no float64 temporary of the update is made.
+            self._sum[k].add_(v.detach(), alpha=w)
         self.total_weight += w
         self.count += 1
 
+    def add_many(self, updates: Sequence[ClientUpdate]) -> None:
+        """Fold updates that are all in memory already, key by key (all are checked before any is folded).
+
+        The sums are bit-for-bit those of calling :meth:`add` on each in order (every element is summed in the same
+        order), but each key's float64 sum stays in cache while every update is added to it instead of the whole
+        accumulator streaming through memory once per update, which is several times faster.
+        """
+        if self._released:
+            raise AggregationError("fedavg: accumulator already released by apply_to(release=True)")
+        for u in updates:
+            self._check(u)
+        weights = [float(u.num_examples) for u in updates]
+        for k, acc in self._sum.items():
+            for u, w in zip(updates, weights, strict=True):
+                acc.add_(u.delta[k].detach(), alpha=w)
+        for w in weights:
+            self.total_weight += w
+        self.count += len(updates)
+
+    def _check(self, update: ClientUpdate) -> None:
+        delta = update.delta
+        if delta.keys() != self._shapes.keys() or any(tuple(v.shape) != self._shapes[k] for k, v in delta.items()):
+            check_compatible(_shape_stub(self._shapes), [update])  # raises with a message naming the mismatch
+
     def mean(self) -> StateDict:
         """The weighted mean delta so far (float64)."""
+        self._check_nonempty()
+        return {k: v / self.total_weight for k, v in self._sum.items()}
+
+    def lazy_mean(self) -> Mapping[str, torch.Tensor]:
+        """The weighted mean delta as a read-only mapping that computes each float64 tensor on access.
+
+        Server steps iterate it key by key, so the whole float64 mean never exists at once.
+        """
+        self._check_nonempty()
+        return _LazyMean(self._sum, self.total_weight)
+
+    def apply_to(self, global_state: Mapping[str, torch.Tensor], lr: float = 1.0, *, release: bool = False
+                 ) -> StateDict:
+        """Return ``global + lr * mean`` in each global tensor's dtype, one key at a time (memory-lean).
+
+        Args:
+            global_state: The round's global adapter (same keys as the template).
+            lr: Server step size.
+            release: Free each key's float64 sum as soon as its output exists, so the peak is about the sums
+                rather than sums plus output; the accumulator cannot be used afterwards.
+        """
+        self._check_nonempty()
+        scale = lr / self.total_weight
+        out: StateDict = {}
+        for k, g in global_state.items():
+            # One float64 temporary per key: g + sum·(lr/W), promoted to float64 by torch.add, then cast back.
+            out[k] = torch.add(g.detach(), self._sum[k], alpha=scale).to(g.dtype)
+            if release:
+                del self._sum[k]
+        if release:
+            self._released = True
+        return out
+
+    def _check_nonempty(self) -> None:
+        if self._released:
+            raise AggregationError("fedavg: accumulator already released by apply_to(release=True)")
         if self.count == 0:
             raise AggregationError("fedavg: no updates accumulated")
-        return {k: v / self.total_weight for k, v in self._sum.items()}
+
+
+class _LazyMean(Mapping[str, torch.Tensor]):
+    def __init__(self, sums: Mapping[str, torch.Tensor], total: float) -> None:
+        self._sums = sums
+        self._total = total
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._sums[key] / self._total
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._sums)
+
+    def __len__(self) -> int:
+        return len(self._sums)
 
 
 def _shape_stub(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
@@ -63,16 +145,30 @@ def _shape_stub(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor
 
 def apply_delta(global_state: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor], lr: float = 1.0) -> StateDict:
     """Return ``global + lr * delta`` in each global tensor's dtype, without mutating either input."""
-    return {k: (g.detach().to(torch.float64) + lr * delta[k].to(torch.float64)).to(g.dtype) for k, g in global_state.items()}
+    out: StateDict = {}
+    for k, g in global_state.items():
+        # Key by key, so only one tensor's float64 temporaries exist at a time; torch.add promotes to float64.
+        out[k] = torch.add(g.detach(), delta[k].to(torch.float64), alpha=lr).to(g.dtype)
+    return out
 
 
-def aggregate(global_state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate],
+def fold(acc: FedAvgAccumulator, updates: Iterable[ClientUpdate]) -> None:
+    """Fold updates into ``acc``: key by key when they are a sequence in memory, else one at a time, lazily."""
+    if isinstance(updates, Sequence):
+        acc.add_many(updates)
+    else:
+        feed(acc, updates)
+
+
+def aggregate(global_state: Mapping[str, torch.Tensor], updates: Iterable[ClientUpdate],
               config: FedAvgConfig = FedAvgConfig()) -> StateDict:
     """New global state = global + server_lr * Σ n_i Δ_i / Σ n_i.
 
     Args:
         global_state: The round's global adapter (FULL state).
-        updates: The accepted DIFF updates of the round.
+        updates: The accepted DIFF updates of the round. A sequence (already in memory) is folded key by key; any
+            other iterable (for example a generator that loads one stored update at a time) is consumed once,
+            lazily, so memory stays O(adapter size). Both give the same bits.
         config: FedAvg parameters.
 
     Returns:
@@ -81,8 +177,8 @@ def aggregate(global_state: Mapping[str, torch.Tensor], updates: Sequence[Client
     Raises:
         AggregationError: On no updates or mismatched keys/shapes.
     """
-    check_compatible(global_state, list(updates))
     acc = FedAvgAccumulator(global_state)
-    for u in updates:
-        acc.add(u)
-    return apply_delta(global_state, acc.mean(), config.server_lr)
+    fold(acc, updates)
+    if acc.count == 0:
+        raise AggregationError("fedavg: no updates to aggregate")
+    return acc.apply_to(global_state, config.server_lr, release=True)
