@@ -9,6 +9,29 @@ from typing import Any
 from protos.tomlconfig import load_config
 
 MODES = ("sft",)
+SCHEDULERS = ("constant", "linear", "cosine")
+# Rules whose output the round engine cannot ship yet: a dense base residual (FedEx-LoRA), a rank that changes per
+# round (FLoRA), or a per-site rank (HetLoRA, FlexLoRA) all need the task to carry more than one global adapter.
+ENGINE_UNSUPPORTED = {
+    "fedex_lora": "its base-weight residual is not yet shipped to sites with the task",
+    "flora": "its stacked adapter changes rank every round, which sites cannot follow yet",
+    "hetlora": "per-site ranks are not yet negotiated at Join",
+    "flexlora": "per-site ranks are not yet negotiated at Join",
+}
+
+
+def check_strategy(name: str, params: dict[str, Any]) -> None:
+    """Refuse, at start, an unknown strategy, a bad parameter, or a rule the round engine cannot run."""
+    from strategies.registry import build_strategy
+    from strategies.types import AggregationError
+
+    try:
+        strategy = build_strategy(name, params)
+    except AggregationError as e:
+        raise ValueError(f"field 'strategy': {e}") from None
+    if strategy.name in ENGINE_UNSUPPORTED:
+        raise ValueError(f"field 'strategy': {strategy.name!r} is implemented in strategies/ but the coordinator "
+                         f"cannot run it yet: {ENGINE_UNSUPPORTED[strategy.name]}")
 
 
 @dataclass(frozen=True)
@@ -54,19 +77,23 @@ class TrainingSpec:
         seed: Base seed; each round trains with ``seed + round``.
         weight_decay: AdamW weight decay.
         warmup_ratio: Fraction of steps of linear warm-up.
+        lr_scheduler_type: Learning-rate schedule within a round's local steps: constant, linear or cosine.
     """
 
     mode: str = "sft"
     max_steps: int = 20
-    learning_rate: float = 1e-3
-    batch_size: int = 4
+    learning_rate: float = 2e-3
+    batch_size: int = 8
     gradient_accumulation_steps: int = 1
     max_length: int = 128
     seed: int = 0
     weight_decay: float = 0.0
     warmup_ratio: float = 0.0
+    lr_scheduler_type: str = "constant"
 
     def __post_init__(self) -> None:
+        if self.lr_scheduler_type not in SCHEDULERS:
+            raise ValueError(f"field 'training.lr_scheduler_type': {self.lr_scheduler_type!r} is not one of {SCHEDULERS}")
         if self.mode not in MODES:
             raise ValueError(f"field 'training.mode': {self.mode!r} is not one of {MODES}")
         for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "max_length"):
@@ -103,8 +130,8 @@ class FederationConfig:
         base_model_ref: Where the base model comes from (hub id or a name), for provenance.
         rounds: Number of rounds.
         min_sites: Quorum: accepted updates needed to close a round.
-        strategy: Aggregation strategy name (see ``strategies``).
-        strategy_params: Parameters of the strategy.
+        strategy: Aggregation strategy name (``strategies.registry.list_strategies()``).
+        strategy_params: Parameters of the strategy (plus ``clip_norm`` for norm-bound clipping before the rule).
         lora: The adapter sites train.
         training: Local training per round.
         listen: ``host:port`` to serve on (port 0 picks a free port, written to ``state_dir/coordinator.port``).
@@ -142,8 +169,7 @@ class FederationConfig:
             raise ValueError(f"field 'rounds': must be > 0, got {self.rounds}")
         if self.min_sites <= 0:
             raise ValueError(f"field 'min_sites': must be > 0, got {self.min_sites}")
-        if self.strategy != "fedavg":
-            raise ValueError(f"field 'strategy': unknown strategy {self.strategy!r} (available: fedavg)")
+        check_strategy(self.strategy, self.strategy_params)
         if ":" not in self.listen:
             raise ValueError(f"field 'listen': must be host:port, got {self.listen!r}")
 

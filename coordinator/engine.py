@@ -13,7 +13,7 @@ import contextlib
 import logging
 import math
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,9 +26,9 @@ from coordinator.publish import publish
 from coordinator.store import Store, UpdateRow, now_ms
 from protos import codec
 from protos.fedbridge.v1 import federation_service_pb2 as pb
-from strategies.fedavg import FedAvgConfig
-from strategies.fedavg import aggregate as fedavg_aggregate
-from strategies.types import ClientUpdate
+from strategies.error_meter import aggregation_error_from_updates
+from strategies.registry import build_strategy
+from strategies.types import ClientUpdate, ServerState
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,7 @@ class RoundEngine:
         self._cache = _Adapters()
         self._lock = asyncio.Lock()
         self.finished = asyncio.Event()
+        self.strategy = build_strategy(config.strategy, config.strategy_params)
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -337,17 +338,37 @@ class RoundEngine:
     # -- aggregation and publishing (run in a worker thread) ----------------------------------------------------
     def _aggregate(self, round: int, ups: list[UpdateRow]) -> None:
         global_state = codec.decode_state(self.adapter_bytes(round))
-        updates = [ClientUpdate(u.site, codec.decode_state(u.path.read_bytes()), u.num_examples) for u in ups]
-        new_state = fedavg_aggregate(global_state, updates, FedAvgConfig(**self.cfg.strategy_params))
-        payload = codec.encode_state(new_state)
+
+        def load() -> Iterator[ClientUpdate]:  # one update in memory at a time for streaming rules
+            for u in ups:
+                yield ClientUpdate(u.site, codec.decode_state(u.path.read_bytes()), u.num_examples)
+
+        result = self.strategy.aggregate(global_state, load(), self._server_state(round - 1))
+        payload = codec.encode_state(result.state)
         self.store.put_adapter(round + 1, payload)
+        if result.server_state is not None:
+            self.store.put_server_state(round, result.server_state.rule, result.server_state.to_flat())
+        # The aggregation-error meter compares what is published with the exact mean of the sites' B·A products.
+        errors = aggregation_error_from_updates(global_state, list(load()), result.state, result.base_residual)
+        finite = [e for e in errors.values() if e == e]
         info: dict[str, Any] = {
-            "strategy": self.cfg.strategy, "strategy_params": dict(self.cfg.strategy_params),
+            "strategy": self.strategy.name, "strategy_params": dict(self.cfg.strategy_params),
             "updates": {u.site: {"payload_sha256": u.payload_sha256, "num_examples": u.num_examples,
                                  "bytes": u.size} for u in ups},
+            "strategy_info": dict(result.info),
+            "aggregation_error": {"mean": sum(finite) / len(finite) if finite else 0.0,
+                                  "max": max(finite, default=0.0), "per_module": errors},
         }
         self.store.close_round(round, codec.sha256_hex(payload), info)
-        log.info("[RoundEngine.aggregate] round=%d sites=%d closed", round, len(ups))
+        log.info("[RoundEngine.aggregate] round=%d sites=%d strategy=%s error_mean=%.4g closed", round, len(ups),
+                 self.strategy.name, info["aggregation_error"]["mean"])
+
+    def _server_state(self, round: int) -> ServerState | None:
+        """The server optimizer state stored after ``round`` (None before the first or for stateless rules)."""
+        if not self.strategy.stateful or round < 1:
+            return None
+        flat = self.store.get_server_state(round)
+        return None if flat is None else ServerState.from_flat(flat[0], flat[1])
 
     def _publish(self) -> None:
         final = self.cfg.rounds + 1
@@ -360,7 +381,7 @@ class RoundEngine:
             "base_model": {"ref": self.cfg.base_model_ref, "manifest_sha256": self.base_sha256},
             "adapter_spec": {"rank": self.spec.rank, "alpha": self.spec.alpha,
                              "target_modules": list(self.spec.target_modules), "sha256": self.spec.sha256},
-            "strategy": {"name": self.cfg.strategy, "params": dict(self.cfg.strategy_params)},
+            "strategy": {"name": self.strategy.name, "params": dict(self.cfg.strategy_params)},
             "rounds": rounds, "sites": sites,
             "privacy": {"transfers": "adapter deltas only", "epsilon": {s: 0.0 for s in sites}},
             "global_adapter_sha256": codec.sha256_hex(self.adapter_bytes(final)),

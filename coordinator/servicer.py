@@ -62,6 +62,7 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
         resp = pb.FetchTaskResponse(status=_TASK_STATUS[offer.status])
         if offer.status != "wait":
             cfg, t = self.engine.cfg, self.engine.cfg.training
+            hints = self.engine.strategy.site_params
             resp.task.CopyFrom(pb.Task(
                 federation_id=cfg.federation_id, round=offer.round, total_rounds=cfg.rounds,
                 base_model_sha256=self.engine.base_sha256, base_model_ref=cfg.base_model_ref,
@@ -69,9 +70,11 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
                                            per_device_batch_size=t.batch_size,
                                            gradient_accumulation_steps=t.gradient_accumulation_steps,
                                            max_length=t.max_length, seed=t.seed, weight_decay=t.weight_decay,
-                                           warmup_ratio=t.warmup_ratio),
+                                           warmup_ratio=t.warmup_ratio, lr_scheduler_type=t.lr_scheduler_type),
                 adapter_spec=self.engine.spec, global_adapter_sha256=offer.global_sha256,
-                global_adapter_size=offer.global_size))
+                global_adapter_size=offer.global_size,
+                hints=pb.SiteHints(proximal_mu=float(hints.get("proximal_mu", 0.0)),
+                                   freeze_lora_a=bool(hints.get("freeze_lora_A", False)))))
         return resp
 
     async def DownloadAdapter(self, request: pb.DownloadAdapterRequest,

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS sites (
@@ -139,6 +141,25 @@ class Store:
         path = self.adapter_path(round)
         write_durable(path, data)
         return path
+
+    def server_state_path(self, round: int) -> Path:
+        return self.artifacts / "server_state" / f"round-{round:05d}.safetensors"
+
+    def put_server_state(self, round: int, rule: str, flat: dict[str, torch.Tensor]) -> None:
+        """Store a strategy's server optimizer state after ``round`` (before the round is marked closed)."""
+        from safetensors.torch import save
+
+        write_durable(self.server_state_path(round), save(dict(flat), metadata={"rule": rule}))
+
+    def get_server_state(self, round: int) -> tuple[str, dict[str, torch.Tensor]] | None:
+        path = self.server_state_path(round)
+        if not path.exists():
+            return None
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            rule = (f.metadata() or {}).get("rule", "")
+            return rule, {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
 
     def update_path(self, round: int, site: str) -> Path:
         return self.artifacts / "updates" / f"round-{round:05d}" / f"{site}.safetensors"

@@ -20,7 +20,7 @@ def demo(workdir: Path = typer.Option(Path("demo-run"), help="folder for PKI, da
          sites: int = typer.Option(3, help="number of site processes (1-5)"),
          rounds: int = typer.Option(4, help="federated rounds"),
          steps: int = typer.Option(30, help="local steps per round"),
-         learning_rate: float = typer.Option(3e-3, help="local learning rate"),
+         learning_rate: float = typer.Option(2e-3, help="local learning rate"),
          rank: int = typer.Option(16, help="LoRA rank")) -> None:
     """Run a coordinator and SITES site agents on loopback with mTLS for ROUNDS rounds, then publish."""
     from deploy.demo import DemoConfig, run_demo

@@ -8,6 +8,7 @@ mean of the sites' held-out losses of the round's global adapter.
 
 from __future__ import annotations
 
+import json
 import shutil
 import sqlite3
 import time
@@ -40,7 +41,7 @@ class DemoConfig:
     sites: int = 3
     rounds: int = 4
     steps: int = 30
-    learning_rate: float = 3e-3
+    learning_rate: float = 2e-3
     rank: int = 16
     timeout_s: float = 600.0
 
@@ -59,6 +60,7 @@ class RoundView:
     state: str
     uploaded: dict[str, float]  # site -> train loss (nan until its metrics arrive)
     heldout: dict[str, tuple[float, float]]  # site -> (loss, tokens) of this round's OUTPUT global adapter
+    aggregation_error: float  # mean over LoRA modules of ||mean(B_i A_i) - B A|| / ||mean(B_i A_i)|| (nan if open)
 
 
 def read_store(db: Path, n_rounds: int) -> tuple[list[RoundView], dict[str, tuple[float, float]], list[str]]:
@@ -67,7 +69,7 @@ def read_store(db: Path, n_rounds: int) -> tuple[list[RoundView], dict[str, tupl
         return [], {}, []
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
     try:
-        rounds = con.execute("SELECT round, state FROM rounds ORDER BY round").fetchall()
+        rounds = con.execute("SELECT round, state, info FROM rounds ORDER BY round").fetchall()
         ups = con.execute("SELECT round, site FROM updates").fetchall()
         mets = con.execute("SELECT round, site, phase, key, value FROM metrics").fetchall()
         pubs = [r[0] for r in con.execute("SELECT path FROM publications ORDER BY version")]
@@ -84,9 +86,10 @@ def read_store(db: Path, n_rounds: int) -> tuple[list[RoundView], dict[str, tupl
                 if rr == r and ph == "eval_global" and "loss" in v}
 
     views = []
-    for r, state in rounds:
+    for r, state, info in rounds:
         uploaded = {s: m.get((r, s, "train"), {}).get("loss", float("nan")) for rr, s in ups if rr == r}
-        views.append(RoundView(r, state, uploaded, heldout(r + 1)))  # eval of round r+1's input = round r's output
+        error = json.loads(info).get("aggregation_error", {}).get("mean", float("nan")) if info else float("nan")
+        views.append(RoundView(r, state, uploaded, heldout(r + 1), error))  # round r+1's input = round r's output
     return views, heldout(1), pubs
 
 
@@ -96,7 +99,9 @@ def union_loss(heldout: dict[str, tuple[float, float]]) -> float:
 
 
 def round_table(view: RoundView, before: dict[str, tuple[float, float]], sites: list[str]) -> Table:
-    t = Table(title=f"round {view.round}", title_justify="left")
+    t = Table(title=f"round {view.round}", title_justify="left",
+              caption=f"aggregation error of the published adapter vs mean(B_i A_i): {view.aggregation_error:.4f}",
+              caption_justify="left")
     t.add_column("site")
     t.add_column("train loss", justify="right")
     t.add_column("held-out loss (global in)", justify="right")

@@ -6,6 +6,7 @@ adapter, resets the optimizer and trains ``max_steps`` steps. Only the adapter d
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -108,6 +109,17 @@ class SftSiteTrainer:
         codec.check_against_spec({k: v.detach() for k, v in mine.items()}, spec)
         set_peft_model_state_dict(model, state)
 
+    def _set_trainable(self, freeze_lora_a: bool) -> dict[str, torch.nn.Parameter]:
+        """Make the LoRA weights trainable, except A under FFA-LoRA (Sun et al., ICLR 2024); return them by name."""
+        trainable = {}
+        for name, param in self.model.named_parameters():
+            if "lora_" not in name:
+                continue
+            param.requires_grad = not (freeze_lora_a and "lora_A" in name)
+            if param.requires_grad:
+                trainable[name] = param
+        return trainable
+
     def adapter_state(self) -> dict[str, torch.Tensor]:
         from peft import get_peft_model_state_dict
 
@@ -116,23 +128,28 @@ class SftSiteTrainer:
     def train_round(self, task: pb.Task, global_state: dict[str, torch.Tensor],
                     progress: Callable[[int, int, float | None], None] | None = None) -> RoundResult:
         """Train one round from ``global_state`` and return the delta."""
-        from trl import SFTConfig, SFTTrainer
+        from trl import SFTConfig
 
         t = task.training
         round_start = time.perf_counter()
         self.load_adapter(task.adapter_spec, global_state)
+        trainable = self._set_trainable(freeze_lora_a=task.hints.freeze_lora_a)
         args = SFTConfig(
             output_dir=str(self.work_dir / "trainer"), max_steps=t.max_steps,
             per_device_train_batch_size=t.per_device_batch_size,
             gradient_accumulation_steps=max(1, t.gradient_accumulation_steps), learning_rate=t.learning_rate,
-            weight_decay=t.weight_decay, warmup_steps=t.warmup_ratio, lr_scheduler_type="linear",
+            weight_decay=t.weight_decay, warmup_steps=t.warmup_ratio, lr_scheduler_type=_scheduler(t),
             max_length=t.max_length, seed=t.seed + task.round, data_seed=t.seed + task.round,
             assistant_only_loss=True, use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
             save_strategy="no", report_to=[], logging_steps=max(1, t.max_steps // 4), disable_tqdm=True,
             dataloader_num_workers=0, remove_unused_columns=True)
-        trainer = SFTTrainer(model=self.model, args=args, processing_class=self.tokenizer,
-                             train_dataset=self._dataset if self._dataset is not None else _as_dataset(self._rows),
-                             callbacks=[_Progress(progress)] if progress else None)
+        trainer = _sft_trainer_cls()(
+            model=self.model, args=args, processing_class=self.tokenizer,
+            train_dataset=self._dataset if self._dataset is not None else _as_dataset(self._rows),
+            callbacks=[_Progress(progress)] if progress else None)
+        # FedProx (Li et al., MLSys 2020): mu/2 * ||w - w_global||^2 over the trainable adapter weights.
+        trainer.proximal_mu = float(task.hints.proximal_mu)
+        trainer.proximal_ref = {n: p.detach().clone() for n, p in trainable.items()} if trainer.proximal_mu > 0 else {}
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)  # it prints raw log dicts to stdout; progress goes through `progress`
@@ -191,6 +208,36 @@ class SftSiteTrainer:
         if not math.isfinite(mean):
             raise ValueError("held-out loss is not finite")
         return mean, count
+
+
+def _scheduler(t: pb.TrainingConfig) -> str:
+    kind = t.lr_scheduler_type or "constant"
+    if kind not in ("constant", "linear", "cosine"):
+        raise ValueError(f"unsupported lr_scheduler_type {kind!r}")
+    return "constant_with_warmup" if kind == "constant" and t.warmup_ratio > 0 else kind
+
+
+@functools.cache
+def _sft_trainer_cls() -> Any:
+    """TRL's SFTTrainer plus an optional FedProx proximal term (``proximal_mu``, ``proximal_ref``)."""
+    from trl import SFTTrainer
+
+    class FedSFTTrainer(SFTTrainer):
+        proximal_mu: float = 0.0
+        proximal_ref: dict[str, torch.Tensor] = {}
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[no-untyped-def]
+            out = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                       num_items_in_batch=num_items_in_batch)
+            if self.proximal_mu <= 0:
+                return out
+            params = dict(model.named_parameters())
+            prox = sum(((params[n] - ref) ** 2).sum() for n, ref in self.proximal_ref.items())
+            if return_outputs:
+                return out[0] + 0.5 * self.proximal_mu * prox, out[1]
+            return out + 0.5 * self.proximal_mu * prox
+
+    return FedSFTTrainer
 
 
 def _as_dataset(rows: list[dict[str, Any]]) -> Any:

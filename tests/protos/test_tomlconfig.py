@@ -63,3 +63,22 @@ def test_dumps_roundtrips(tmp_path: Path) -> None:
     p = tmp_path / "x.toml"
     p.write_text(dumps(data))
     assert load_toml(p) == data
+
+
+@pytest.mark.parametrize("extra,msg", [
+    ('strategy = "fedadam"\n[strategy_params]\neta = -1.0\n', "eta"),
+    ('strategy = "fedavg"\n[strategy_params]\nwarp = 1\n', "warp"),
+    ('strategy = "fedex_lora"\n', "cannot run it yet"),
+])
+def test_strategy_is_checked_at_start(tmp_path: Path, extra: str, msg: str) -> None:
+    p = _write(tmp_path, BASE.replace('federation_id = "f"\n', 'federation_id = "f"\n' + extra.split("[")[0])
+               + ("[" + extra.split("[", 1)[1] if "[" in extra else ""))
+    with pytest.raises(ConfigError) as e:
+        load_federation_config(p)
+    assert "'strategy'" in str(e.value) and msg in str(e.value)
+
+
+def test_known_strategy_with_params_loads(tmp_path: Path) -> None:
+    p = _write(tmp_path, BASE.replace('federation_id = "f"\n', 'federation_id = "f"\nstrategy = "fedadam"\n')
+               + "[strategy_params]\neta = 0.01\nclip_norm = 5.0\n")
+    assert load_federation_config(p).strategy_params == {"eta": 0.01, "clip_norm": 5.0}

@@ -54,7 +54,7 @@ class AdapterSpec(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., alpha: _Optional[float] = ..., dropout: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class TrainingConfig(_message.Message):
-    __slots__ = ("mode", "max_steps", "learning_rate", "per_device_batch_size", "gradient_accumulation_steps", "max_length", "seed", "weight_decay", "warmup_ratio")
+    __slots__ = ("mode", "max_steps", "learning_rate", "per_device_batch_size", "gradient_accumulation_steps", "max_length", "seed", "weight_decay", "warmup_ratio", "lr_scheduler_type")
     MODE_FIELD_NUMBER: _ClassVar[int]
     MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
@@ -64,6 +64,7 @@ class TrainingConfig(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
     WARMUP_RATIO_FIELD_NUMBER: _ClassVar[int]
+    LR_SCHEDULER_TYPE_FIELD_NUMBER: _ClassVar[int]
     mode: str
     max_steps: int
     learning_rate: float
@@ -73,10 +74,11 @@ class TrainingConfig(_message.Message):
     seed: int
     weight_decay: float
     warmup_ratio: float
-    def __init__(self, mode: _Optional[str] = ..., max_steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., per_device_batch_size: _Optional[int] = ..., gradient_accumulation_steps: _Optional[int] = ..., max_length: _Optional[int] = ..., seed: _Optional[int] = ..., weight_decay: _Optional[float] = ..., warmup_ratio: _Optional[float] = ...) -> None: ...
+    lr_scheduler_type: str
+    def __init__(self, mode: _Optional[str] = ..., max_steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., per_device_batch_size: _Optional[int] = ..., gradient_accumulation_steps: _Optional[int] = ..., max_length: _Optional[int] = ..., seed: _Optional[int] = ..., weight_decay: _Optional[float] = ..., warmup_ratio: _Optional[float] = ..., lr_scheduler_type: _Optional[str] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("federation_id", "round", "total_rounds", "base_model_sha256", "base_model_ref", "training", "adapter_spec", "global_adapter_sha256", "global_adapter_size", "deadline_unix_ms")
+    __slots__ = ("federation_id", "round", "total_rounds", "base_model_sha256", "base_model_ref", "training", "adapter_spec", "global_adapter_sha256", "global_adapter_size", "deadline_unix_ms", "hints")
     FEDERATION_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
@@ -87,6 +89,7 @@ class Task(_message.Message):
     GLOBAL_ADAPTER_SHA256_FIELD_NUMBER: _ClassVar[int]
     GLOBAL_ADAPTER_SIZE_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    HINTS_FIELD_NUMBER: _ClassVar[int]
     federation_id: str
     round: int
     total_rounds: int
@@ -97,7 +100,16 @@ class Task(_message.Message):
     global_adapter_sha256: str
     global_adapter_size: int
     deadline_unix_ms: int
-    def __init__(self, federation_id: _Optional[str] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., base_model_sha256: _Optional[str] = ..., base_model_ref: _Optional[str] = ..., training: _Optional[_Union[TrainingConfig, _Mapping]] = ..., adapter_spec: _Optional[_Union[AdapterSpec, _Mapping]] = ..., global_adapter_sha256: _Optional[str] = ..., global_adapter_size: _Optional[int] = ..., deadline_unix_ms: _Optional[int] = ...) -> None: ...
+    hints: SiteHints
+    def __init__(self, federation_id: _Optional[str] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., base_model_sha256: _Optional[str] = ..., base_model_ref: _Optional[str] = ..., training: _Optional[_Union[TrainingConfig, _Mapping]] = ..., adapter_spec: _Optional[_Union[AdapterSpec, _Mapping]] = ..., global_adapter_sha256: _Optional[str] = ..., global_adapter_size: _Optional[int] = ..., deadline_unix_ms: _Optional[int] = ..., hints: _Optional[_Union[SiteHints, _Mapping]] = ...) -> None: ...
+
+class SiteHints(_message.Message):
+    __slots__ = ("proximal_mu", "freeze_lora_a")
+    PROXIMAL_MU_FIELD_NUMBER: _ClassVar[int]
+    FREEZE_LORA_A_FIELD_NUMBER: _ClassVar[int]
+    proximal_mu: float
+    freeze_lora_a: bool
+    def __init__(self, proximal_mu: _Optional[float] = ..., freeze_lora_a: _Optional[bool] = ...) -> None: ...
 
 class UpdateEnvelope(_message.Message):
     __slots__ = ("federation_id", "round", "site", "base_model_sha256", "payload_sha256", "payload_size", "nonce", "payload_kind", "adapter_spec_sha256", "num_examples", "epsilon_spent", "created_unix_ms")
