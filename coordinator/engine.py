@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from coordinator.adapter import AdapterInit
 from coordinator.config import FederationConfig
 from coordinator.errors import DuplicateUpdate, InvalidUpdate, NotFound, PermissionDenied, UpdateTooLarge, WrongRound
@@ -44,6 +46,8 @@ class TaskOffer:
     round: int = 0
     global_sha256: str = ""
     global_size: int = 0
+    residual_sha256: str = ""
+    residual_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -164,13 +168,13 @@ class RoundEngine:
     def _offer(self, site: str) -> TaskOffer:
         if self.finished.is_set():
             final = self.cfg.rounds + 1
-            return TaskOffer("done", final, *self._adapter_meta(final))
+            return TaskOffer("done", final, *self._adapter_meta(final), *self._residual_meta(final))
         cur = self.store.current_round()
         if cur is None or cur.state != "open" or cur.round in self._closing:
             return TaskOffer("wait")
         if any(u.site == site for u in self.store.updates(cur.round)):
             return TaskOffer("wait")
-        return TaskOffer("train", cur.round, *self._adapter_meta(cur.round))
+        return TaskOffer("train", cur.round, *self._adapter_meta(cur.round), *self._residual_meta(cur.round))
 
     async def fetch_task(self, peer: PeerIdentity, wait_s: float) -> TaskOffer:
         """Long-poll: return a task as soon as one exists for this site, else ``wait`` after ``wait_s``."""
@@ -197,6 +201,20 @@ class RoundEngine:
     def _adapter_meta(self, round: int) -> tuple[str, int]:
         data = self.adapter_bytes(round)
         return codec.sha256_hex(data), len(data)
+
+    def residual_bytes(self, round: int) -> bytes | None:
+        """The cumulative, scaled base-weight residual that is the input of ``round`` (None when there is none)."""
+        key = -round  # negative keys hold residuals in the same small cache
+        if key not in self._cache.by_round:
+            path = self.store.residual_path(round)
+            if not path.exists():
+                return None
+            self._cache.by_round[key] = path.read_bytes()
+        return self._cache.by_round[key]
+
+    def _residual_meta(self, round: int) -> tuple[str, int]:
+        data = self.residual_bytes(round)
+        return ("", 0) if data is None else (codec.sha256_hex(data), len(data))
 
     # -- uploads ------------------------------------------------------------------------------------------------
     def _require_site(self, peer: PeerIdentity) -> None:
@@ -345,6 +363,7 @@ class RoundEngine:
 
         result = self.strategy.aggregate(global_state, load(), self._server_state(round - 1))
         payload = codec.encode_state(result.state)
+        self._carry_residual(round, result.base_residual)
         self.store.put_adapter(round + 1, payload)
         if result.server_state is not None:
             self.store.put_server_state(round, result.server_state.rule, result.server_state.to_flat())
@@ -362,6 +381,21 @@ class RoundEngine:
         self.store.close_round(round, codec.sha256_hex(payload), info)
         log.info("[RoundEngine.aggregate] round=%d sites=%d strategy=%s error_mean=%.4g closed", round, len(ups),
                  self.strategy.name, info["aggregation_error"]["mean"])
+
+    def _carry_residual(self, round: int, residual: dict[str, Any]) -> None:
+        """FedEx-LoRA: add this round's residual, scaled by alpha/r, to the cumulative one sites fold into the base.
+
+        Written before the round's output adapter, so a round never closes with a residual missing.
+        """
+        previous = self.residual_bytes(round)
+        if not residual and previous is None:
+            return
+        total = codec.decode_state(previous) if previous is not None else {}
+        scale = self.spec.alpha / self.spec.rank
+        for name, r in residual.items():
+            add = (scale * r.to(torch.float64)).to(torch.float32)
+            total[name] = total[name] + add if name in total else add.contiguous()
+        self.store.put_residual(round + 1, codec.encode_state(total))
 
     def _server_state(self, round: int) -> ServerState | None:
         """The server optimizer state stored after ``round`` (None before the first or for stateless rules)."""

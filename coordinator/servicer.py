@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from coordinator.engine import Chunk, RoundEngine
-from coordinator.errors import CoordinatorError, Unauthenticated
+from coordinator.errors import CoordinatorError, NotFound, Unauthenticated
 from coordinator.pki import PeerIdentity, PKIError, peer_identity
 from protos import codec
 from protos.fedbridge.v1 import federation_service_pb2 as pb
@@ -72,7 +72,8 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
                                            max_length=t.max_length, seed=t.seed, weight_decay=t.weight_decay,
                                            warmup_ratio=t.warmup_ratio, lr_scheduler_type=t.lr_scheduler_type),
                 adapter_spec=self.engine.spec, global_adapter_sha256=offer.global_sha256,
-                global_adapter_size=offer.global_size,
+                global_adapter_size=offer.global_size, base_residual_sha256=offer.residual_sha256,
+                base_residual_size=offer.residual_size,
                 hints=pb.SiteHints(proximal_mu=float(hints.get("proximal_mu", 0.0)),
                                    freeze_lora_a=bool(hints.get("freeze_lora_A", False)))))
         return resp
@@ -81,7 +82,13 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
                               context: grpc.aio.ServicerContext) -> AsyncIterator[pb.DownloadAdapterResponse]:
         try:
             self.engine._require_site(peer_of(context))
-            data = self.engine.adapter_bytes(request.round)
+            if request.artifact == pb.ARTIFACT_KIND_BASE_RESIDUAL:
+                residual = self.engine.residual_bytes(request.round)
+                if residual is None:
+                    raise NotFound(f"round {request.round} has no base residual")
+                data = residual
+            else:
+                data = self.engine.adapter_bytes(request.round)
             chunks = list(codec.iter_chunks(data, offset=min(request.offset, len(data))))
         except (CoordinatorError, codec.CodecError) as e:
             err = e if isinstance(e, CoordinatorError) else CoordinatorError(str(e))

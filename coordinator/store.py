@@ -142,6 +142,15 @@ class Store:
         write_durable(path, data)
         return path
 
+    def residual_path(self, round: int) -> Path:
+        """The cumulative base-weight residual that is the input of ``round`` (FedEx-LoRA)."""
+        return self.artifacts / "residuals" / f"round-{round:05d}.safetensors"
+
+    def put_residual(self, round: int, data: bytes) -> Path:
+        path = self.residual_path(round)
+        write_durable(path, data)
+        return path
+
     def server_state_path(self, round: int) -> Path:
         return self.artifacts / "server_state" / f"round-{round:05d}.safetensors"
 

@@ -90,6 +90,11 @@ def run_site(cfg: SiteConfig, show_progress: bool = True) -> int:
                 trainer = SftSiteTrainer(cfg.base_model, train_rows, cfg.work_dir)
             global_bytes = client.download_adapter(task.round, task.global_adapter_sha256, task.global_adapter_size)
             global_state = codec.decode_state(global_bytes)
+            residual = {}
+            if task.base_residual_size:  # FedEx-LoRA: the federation folded a correction into the base weights
+                residual = codec.decode_state(client.download_adapter(
+                    task.round, task.base_residual_sha256, task.base_residual_size, pb.ARTIFACT_KIND_BASE_RESIDUAL))
+            trainer.set_base_residual(residual)
             if resp.status == pb.TASK_STATUS_DONE:
                 _report_eval(client, trainer, task, global_state, heldout_rows)
                 log.info("[Site] federation=%s done after %d rounds", task.federation_id, task.total_rounds)

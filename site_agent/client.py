@@ -62,12 +62,14 @@ class CoordinatorClient:
         req = pb.FetchTaskRequest(wait_ms=wait_ms)
         return self._retry("FetchTask", lambda: self.stub.FetchTask(req, timeout=wait_ms / 1000 + 30))
 
-    def download_adapter(self, round: int, sha256: str, size: int) -> bytes:
-        """Fetch a global adapter, resuming from the bytes already held after a broken stream."""
+    def download_adapter(self, round: int, sha256: str, size: int,
+                         artifact: pb.ArtifactKind = pb.ARTIFACT_KIND_GLOBAL_ADAPTER) -> bytes:
+        """Fetch a round's artifact, resuming from the bytes already held after a broken stream."""
         buf = bytearray()
 
         def attempt() -> None:
-            for msg in self.stub.DownloadAdapter(pb.DownloadAdapterRequest(round=round, offset=len(buf)), timeout=120):
+            req = pb.DownloadAdapterRequest(round=round, offset=len(buf), artifact=artifact)
+            for msg in self.stub.DownloadAdapter(req, timeout=120):
                 if msg.offset != len(buf):
                     raise codec.CodecError(f"adapter chunk at offset {msg.offset}, expected {len(buf)}")
                 buf.extend(msg.data)
@@ -75,7 +77,8 @@ class CoordinatorClient:
         self._retry("DownloadAdapter", attempt)
         data = bytes(buf)
         if len(data) != size or codec.sha256_hex(data) != sha256:
-            raise codec.CodecError(f"global adapter for round {round} does not match the task's size/SHA-256")
+            raise codec.CodecError(f"{pb.ArtifactKind.Name(artifact)} for round {round} does not match the task's "
+                                   "size/SHA-256")
         return data
 
     def upload(self, signed: pb.SignedEnvelope, env: pb.UpdateEnvelope, payload: bytes,

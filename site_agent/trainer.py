@@ -88,6 +88,7 @@ class SftSiteTrainer:
         self._dataset: Any = None  # tokenised once by the first SFTTrainer, reused after
         self.model: Any = None
         self._spec_sha = ""
+        self._pristine: dict[str, torch.Tensor] = {}  # base weights before any residual was folded in
 
     def _ensure_model(self, spec: pb.AdapterSpec) -> Any:
         from peft import get_peft_model
@@ -108,6 +109,34 @@ class SftSiteTrainer:
         mine = get_peft_model_state_dict(model)
         codec.check_against_spec({k: v.detach() for k, v in mine.items()}, spec)
         set_peft_model_state_dict(model, state)
+
+    def set_base_residual(self, residual: dict[str, torch.Tensor]) -> None:
+        """Make the base weights ``W0 + residual`` (FedEx-LoRA's folded correction, already scaled).
+
+        ``residual`` is the federation's cumulative residual, keyed by base weight name; weights it does not name
+        go back to their pristine values.
+
+        Raises:
+            ValueError: A name that is not a base weight, a shape mismatch, or a non-finite value.
+        """
+        params = dict(self._base.named_parameters())
+        for name, value in residual.items():
+            target = name if name in params else name.replace(".weight", ".base_layer.weight")
+            if not name.endswith(".weight") or target not in params:
+                raise ValueError(f"base residual names {name!r}, which is not a weight of the base model")
+            if tuple(value.shape) != tuple(params[target].shape):
+                raise ValueError(f"base residual {name!r} has shape {tuple(value.shape)}, the weight has "
+                                 f"{tuple(params[target].shape)}")
+            if not bool(torch.isfinite(value).all()):
+                raise ValueError(f"base residual {name!r} holds NaN or Inf values")
+        with torch.no_grad():
+            wanted = {(n if n in params else n.replace(".weight", ".base_layer.weight")): v for n, v in residual.items()}
+            for target in set(self._pristine) | set(wanted):
+                param = params[target]
+                if target not in self._pristine:
+                    self._pristine[target] = param.detach().clone()
+                base = self._pristine[target]
+                param.copy_(base + wanted[target].to(base.dtype) if target in wanted else base)
 
     def _set_trainable(self, freeze_lora_a: bool) -> dict[str, torch.nn.Parameter]:
         """Make the LoRA weights trainable, except A under FFA-LoRA (Sun et al., ICLR 2024); return them by name."""

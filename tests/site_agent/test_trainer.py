@@ -57,3 +57,26 @@ def test_fedprox_pulls_towards_the_global(setup) -> None:  # type: ignore[no-unt
     free = trainer.train_round(_task(init), init.state)
     pulled = trainer.train_round(_task(init, proximal_mu=1e4), init.state)
     assert _norm(pulled.delta, "lora_") < 0.5 * _norm(free.delta, "lora_")
+
+
+def test_base_residual_is_folded_and_can_be_replaced(setup) -> None:  # type: ignore[no-untyped-def]
+    trainer, init, heldout = setup
+    trainer.load_adapter(init.spec, init.state)
+    name = "model.layers.0.self_attn.q_proj.weight"  # a LoRA-wrapped module: its weight lives in base_layer
+    params = dict(trainer._base.named_parameters())
+    weight = params["model.layers.0.self_attn.q_proj.base_layer.weight"]
+    before = weight.detach().clone()
+    before_loss, _ = trainer.evaluate(init.spec, init.state, heldout)
+    residual = torch.full_like(before, 0.01)
+    trainer.set_base_residual({name: residual})
+    assert torch.allclose(weight, before + 0.01)
+    assert trainer.evaluate(init.spec, init.state, heldout)[0] != before_loss
+    trainer.set_base_residual({name: 2 * residual})  # cumulative residuals replace, never stack
+    assert torch.allclose(weight, before + 0.02)
+    trainer.set_base_residual({})
+    assert torch.equal(weight, before)
+    for bad, msg in [({"model.nope.weight": residual}, "not a weight"), ({name: residual[:1]}, "shape"),
+                     ({name: residual * float("nan")}, "NaN")]:
+        with pytest.raises(ValueError, match=msg):
+            trainer.set_base_residual(bad)
+    assert torch.equal(weight, before)

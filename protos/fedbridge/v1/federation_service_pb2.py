@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,protos/fedbridge/v1/federation_service.proto\x12\x0c\x66\x65\x64\x62ridge.v1\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\"\x8e\x01\n\x0b\x41\x64\x61pterSpec\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\r\n\x05\x61lpha\x18\x02 \x01(\x01\x12\x0f\n\x07\x64ropout\x18\x03 \x01(\x01\x12\x16\n\x0etarget_modules\x18\x04 \x03(\t\x12)\n\x07tensors\x18\x05 \x03(\x0b\x32\x18.fedbridge.v1.TensorSpec\x12\x0e\n\x06sha256\x18\x06 \x01(\t\"\xf5\x01\n\x0eTrainingConfig\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\x11\n\tmax_steps\x18\x02 \x01(\r\x12\x15\n\rlearning_rate\x18\x03 \x01(\x01\x12\x1d\n\x15per_device_batch_size\x18\x04 \x01(\r\x12#\n\x1bgradient_accumulation_steps\x18\x05 \x01(\r\x12\x12\n\nmax_length\x18\x06 \x01(\r\x12\x0c\n\x04seed\x18\x07 \x01(\r\x12\x14\n\x0cweight_decay\x18\x08 \x01(\x01\x12\x14\n\x0cwarmup_ratio\x18\t \x01(\x01\x12\x19\n\x11lr_scheduler_type\x18\n \x01(\t\"\xd4\x02\n\x04Task\x12\x15\n\rfederation_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x14\n\x0ctotal_rounds\x18\x03 \x01(\x04\x12\x19\n\x11\x62\x61se_model_sha256\x18\x04 \x01(\t\x12\x16\n\x0e\x62\x61se_model_ref\x18\x05 \x01(\t\x12.\n\x08training\x18\x06 \x01(\x0b\x32\x1c.fedbridge.v1.TrainingConfig\x12/\n\x0c\x61\x64\x61pter_spec\x18\x07 \x01(\x0b\x32\x19.fedbridge.v1.AdapterSpec\x12\x1d\n\x15global_adapter_sha256\x18\x08 \x01(\t\x12\x1b\n\x13global_adapter_size\x18\t \x01(\x04\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\n \x01(\x03\x12&\n\x05hints\x18\x0b \x01(\x0b\x32\x17.fedbridge.v1.SiteHints\"7\n\tSiteHints\x12\x13\n\x0bproximal_mu\x18\x01 \x01(\x01\x12\x15\n\rfreeze_lora_a\x18\x02 \x01(\x08\"\xb0\x02\n\x0eUpdateEnvelope\x12\x15\n\rfederation_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x0c\n\x04site\x18\x03 \x01(\t\x12\x19\n\x11\x62\x61se_model_sha256\x18\x04 \x01(\t\x12\x16\n\x0epayload_sha256\x18\x05 \x01(\t\x12\x14\n\x0cpayload_size\x18\x06 \x01(\x04\x12\r\n\x05nonce\x18\x07 \x01(\x0c\x12/\n\x0cpayload_kind\x18\x08 \x01(\x0e\x32\x19.fedbridge.v1.PayloadKind\x12\x1b\n\x13\x61\x64\x61pter_spec_sha256\x18\t \x01(\t\x12\x14\n\x0cnum_examples\x18\n \x01(\x04\x12\x15\n\repsilon_spent\x18\x0b \x01(\x01\x12\x17\n\x0f\x63reated_unix_ms\x18\x0c \x01(\x03\"5\n\x0eSignedEnvelope\x12\x10\n\x08\x65nvelope\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"F\n\x0bJoinRequest\x12\x15\n\ragent_version\x18\x01 \x01(\t\x12\x11\n\tlora_rank\x18\x02 \x01(\r\x12\r\n\x05modes\x18\x03 \x03(\t\"M\n\x0cJoinResponse\x12\x15\n\rfederation_id\x18\x01 \x01(\t\x12\x0c\n\x04site\x18\x02 \x01(\t\x12\x18\n\x10poll_interval_ms\x18\x03 \x01(\r\"#\n\x10\x46\x65tchTaskRequest\x12\x0f\n\x07wait_ms\x18\x01 \x01(\r\"_\n\x11\x46\x65tchTaskResponse\x12(\n\x06status\x18\x01 \x01(\x0e\x32\x18.fedbridge.v1.TaskStatus\x12 \n\x04task\x18\x02 \x01(\x0b\x32\x12.fedbridge.v1.Task\"7\n\x16\x44ownloadAdapterRequest\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x0e\n\x06offset\x18\x02 \x01(\x04\"7\n\x17\x44ownloadAdapterResponse\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"c\n\x13UploadUpdateRequest\x12.\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x1c.fedbridge.v1.SignedEnvelope\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"U\n\x14UploadUpdateResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x18\n\x10\x63ommitted_offset\x18\x02 \x01(\x04\x12\x11\n\tupdate_id\x18\x03 \x01(\t\"?\n\x16GetUploadStatusRequest\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x16\n\x0epayload_sha256\x18\x02 \x01(\t\"E\n\x17GetUploadStatusResponse\x12\x18\n\x10\x63ommitted_offset\x18\x01 \x01(\x04\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x08\"\xbc\x01\n\x14ReportMetricsRequest\x12\r\n\x05round\x18\x01 \x01(\x04\x12\r\n\x05phase\x18\x02 \x01(\t\x12@\n\x07metrics\x18\x03 \x03(\x0b\x32/.fedbridge.v1.ReportMetricsRequest.MetricsEntry\x12\x14\n\x0cnum_examples\x18\x04 \x01(\x04\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x17\n\x15ReportMetricsResponse*Y\n\x0bPayloadKind\x12\x1c\n\x18PAYLOAD_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11PAYLOAD_KIND_DIFF\x10\x01\x12\x15\n\x11PAYLOAD_KIND_FULL\x10\x02*l\n\nTaskStatus\x12\x1b\n\x17TASK_STATUS_UNSPECIFIED\x10\x00\x12\x14\n\x10TASK_STATUS_WAIT\x10\x01\x12\x15\n\x11TASK_STATUS_TRAIN\x10\x02\x12\x14\n\x10TASK_STATUS_DONE\x10\x03\x32\x95\x04\n\x11\x46\x65\x64\x65rationService\x12=\n\x04Join\x12\x19.fedbridge.v1.JoinRequest\x1a\x1a.fedbridge.v1.JoinResponse\x12L\n\tFetchTask\x12\x1e.fedbridge.v1.FetchTaskRequest\x1a\x1f.fedbridge.v1.FetchTaskResponse\x12`\n\x0f\x44ownloadAdapter\x12$.fedbridge.v1.DownloadAdapterRequest\x1a%.fedbridge.v1.DownloadAdapterResponse0\x01\x12W\n\x0cUploadUpdate\x12!.fedbridge.v1.UploadUpdateRequest\x1a\".fedbridge.v1.UploadUpdateResponse(\x01\x12^\n\x0fGetUploadStatus\x12$.fedbridge.v1.GetUploadStatusRequest\x1a%.fedbridge.v1.GetUploadStatusResponse\x12X\n\rReportMetrics\x12\".fedbridge.v1.ReportMetricsRequest\x1a#.fedbridge.v1.ReportMetricsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,protos/fedbridge/v1/federation_service.proto\x12\x0c\x66\x65\x64\x62ridge.v1\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\"\x8e\x01\n\x0b\x41\x64\x61pterSpec\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\r\n\x05\x61lpha\x18\x02 \x01(\x01\x12\x0f\n\x07\x64ropout\x18\x03 \x01(\x01\x12\x16\n\x0etarget_modules\x18\x04 \x03(\t\x12)\n\x07tensors\x18\x05 \x03(\x0b\x32\x18.fedbridge.v1.TensorSpec\x12\x0e\n\x06sha256\x18\x06 \x01(\t\"\xf5\x01\n\x0eTrainingConfig\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\x11\n\tmax_steps\x18\x02 \x01(\r\x12\x15\n\rlearning_rate\x18\x03 \x01(\x01\x12\x1d\n\x15per_device_batch_size\x18\x04 \x01(\r\x12#\n\x1bgradient_accumulation_steps\x18\x05 \x01(\r\x12\x12\n\nmax_length\x18\x06 \x01(\r\x12\x0c\n\x04seed\x18\x07 \x01(\r\x12\x14\n\x0cweight_decay\x18\x08 \x01(\x01\x12\x14\n\x0cwarmup_ratio\x18\t \x01(\x01\x12\x19\n\x11lr_scheduler_type\x18\n \x01(\t\"\x8e\x03\n\x04Task\x12\x15\n\rfederation_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x14\n\x0ctotal_rounds\x18\x03 \x01(\x04\x12\x19\n\x11\x62\x61se_model_sha256\x18\x04 \x01(\t\x12\x16\n\x0e\x62\x61se_model_ref\x18\x05 \x01(\t\x12.\n\x08training\x18\x06 \x01(\x0b\x32\x1c.fedbridge.v1.TrainingConfig\x12/\n\x0c\x61\x64\x61pter_spec\x18\x07 \x01(\x0b\x32\x19.fedbridge.v1.AdapterSpec\x12\x1d\n\x15global_adapter_sha256\x18\x08 \x01(\t\x12\x1b\n\x13global_adapter_size\x18\t \x01(\x04\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\n \x01(\x03\x12&\n\x05hints\x18\x0b \x01(\x0b\x32\x17.fedbridge.v1.SiteHints\x12\x1c\n\x14\x62\x61se_residual_sha256\x18\x0c \x01(\t\x12\x1a\n\x12\x62\x61se_residual_size\x18\r \x01(\x04\"7\n\tSiteHints\x12\x13\n\x0bproximal_mu\x18\x01 \x01(\x01\x12\x15\n\rfreeze_lora_a\x18\x02 \x01(\x08\"\xb0\x02\n\x0eUpdateEnvelope\x12\x15\n\rfederation_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x0c\n\x04site\x18\x03 \x01(\t\x12\x19\n\x11\x62\x61se_model_sha256\x18\x04 \x01(\t\x12\x16\n\x0epayload_sha256\x18\x05 \x01(\t\x12\x14\n\x0cpayload_size\x18\x06 \x01(\x04\x12\r\n\x05nonce\x18\x07 \x01(\x0c\x12/\n\x0cpayload_kind\x18\x08 \x01(\x0e\x32\x19.fedbridge.v1.PayloadKind\x12\x1b\n\x13\x61\x64\x61pter_spec_sha256\x18\t \x01(\t\x12\x14\n\x0cnum_examples\x18\n \x01(\x04\x12\x15\n\repsilon_spent\x18\x0b \x01(\x01\x12\x17\n\x0f\x63reated_unix_ms\x18\x0c \x01(\x03\"5\n\x0eSignedEnvelope\x12\x10\n\x08\x65nvelope\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"F\n\x0bJoinRequest\x12\x15\n\ragent_version\x18\x01 \x01(\t\x12\x11\n\tlora_rank\x18\x02 \x01(\r\x12\r\n\x05modes\x18\x03 \x03(\t\"M\n\x0cJoinResponse\x12\x15\n\rfederation_id\x18\x01 \x01(\t\x12\x0c\n\x04site\x18\x02 \x01(\t\x12\x18\n\x10poll_interval_ms\x18\x03 \x01(\r\"#\n\x10\x46\x65tchTaskRequest\x12\x0f\n\x07wait_ms\x18\x01 \x01(\r\"_\n\x11\x46\x65tchTaskResponse\x12(\n\x06status\x18\x01 \x01(\x0e\x32\x18.fedbridge.v1.TaskStatus\x12 \n\x04task\x18\x02 \x01(\x0b\x32\x12.fedbridge.v1.Task\"e\n\x16\x44ownloadAdapterRequest\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12,\n\x08\x61rtifact\x18\x03 \x01(\x0e\x32\x1a.fedbridge.v1.ArtifactKind\"7\n\x17\x44ownloadAdapterResponse\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"c\n\x13UploadUpdateRequest\x12.\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x1c.fedbridge.v1.SignedEnvelope\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"U\n\x14UploadUpdateResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x18\n\x10\x63ommitted_offset\x18\x02 \x01(\x04\x12\x11\n\tupdate_id\x18\x03 \x01(\t\"?\n\x16GetUploadStatusRequest\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x16\n\x0epayload_sha256\x18\x02 \x01(\t\"E\n\x17GetUploadStatusResponse\x12\x18\n\x10\x63ommitted_offset\x18\x01 \x01(\x04\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x08\"\xbc\x01\n\x14ReportMetricsRequest\x12\r\n\x05round\x18\x01 \x01(\x04\x12\r\n\x05phase\x18\x02 \x01(\t\x12@\n\x07metrics\x18\x03 \x03(\x0b\x32/.fedbridge.v1.ReportMetricsRequest.MetricsEntry\x12\x14\n\x0cnum_examples\x18\x04 \x01(\x04\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x17\n\x15ReportMetricsResponse*Y\n\x0bPayloadKind\x12\x1c\n\x18PAYLOAD_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11PAYLOAD_KIND_DIFF\x10\x01\x12\x15\n\x11PAYLOAD_KIND_FULL\x10\x02*l\n\nTaskStatus\x12\x1b\n\x17TASK_STATUS_UNSPECIFIED\x10\x00\x12\x14\n\x10TASK_STATUS_WAIT\x10\x01\x12\x15\n\x11TASK_STATUS_TRAIN\x10\x02\x12\x14\n\x10TASK_STATUS_DONE\x10\x03*p\n\x0c\x41rtifactKind\x12\x1d\n\x19\x41RTIFACT_KIND_UNSPECIFIED\x10\x00\x12 \n\x1c\x41RTIFACT_KIND_GLOBAL_ADAPTER\x10\x01\x12\x1f\n\x1b\x41RTIFACT_KIND_BASE_RESIDUAL\x10\x02\x32\x95\x04\n\x11\x46\x65\x64\x65rationService\x12=\n\x04Join\x12\x19.fedbridge.v1.JoinRequest\x1a\x1a.fedbridge.v1.JoinResponse\x12L\n\tFetchTask\x12\x1e.fedbridge.v1.FetchTaskRequest\x1a\x1f.fedbridge.v1.FetchTaskResponse\x12`\n\x0f\x44ownloadAdapter\x12$.fedbridge.v1.DownloadAdapterRequest\x1a%.fedbridge.v1.DownloadAdapterResponse0\x01\x12W\n\x0cUploadUpdate\x12!.fedbridge.v1.UploadUpdateRequest\x1a\".fedbridge.v1.UploadUpdateResponse(\x01\x12^\n\x0fGetUploadStatus\x12$.fedbridge.v1.GetUploadStatusRequest\x1a%.fedbridge.v1.GetUploadStatusResponse\x12X\n\rReportMetrics\x12\".fedbridge.v1.ReportMetricsRequest\x1a#.fedbridge.v1.ReportMetricsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,10 +33,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_REPORTMETRICSREQUEST_METRICSENTRY']._loaded_options = None
   _globals['_REPORTMETRICSREQUEST_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_PAYLOADKIND']._serialized_start=2214
-  _globals['_PAYLOADKIND']._serialized_end=2303
-  _globals['_TASKSTATUS']._serialized_start=2305
-  _globals['_TASKSTATUS']._serialized_end=2413
+  _globals['_PAYLOADKIND']._serialized_start=2318
+  _globals['_PAYLOADKIND']._serialized_end=2407
+  _globals['_TASKSTATUS']._serialized_start=2409
+  _globals['_TASKSTATUS']._serialized_end=2517
+  _globals['_ARTIFACTKIND']._serialized_start=2519
+  _globals['_ARTIFACTKIND']._serialized_end=2631
   _globals['_TENSORSPEC']._serialized_start=62
   _globals['_TENSORSPEC']._serialized_end=118
   _globals['_ADAPTERSPEC']._serialized_start=121
@@ -44,39 +46,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TRAININGCONFIG']._serialized_start=266
   _globals['_TRAININGCONFIG']._serialized_end=511
   _globals['_TASK']._serialized_start=514
-  _globals['_TASK']._serialized_end=854
-  _globals['_SITEHINTS']._serialized_start=856
-  _globals['_SITEHINTS']._serialized_end=911
-  _globals['_UPDATEENVELOPE']._serialized_start=914
-  _globals['_UPDATEENVELOPE']._serialized_end=1218
-  _globals['_SIGNEDENVELOPE']._serialized_start=1220
-  _globals['_SIGNEDENVELOPE']._serialized_end=1273
-  _globals['_JOINREQUEST']._serialized_start=1275
-  _globals['_JOINREQUEST']._serialized_end=1345
-  _globals['_JOINRESPONSE']._serialized_start=1347
-  _globals['_JOINRESPONSE']._serialized_end=1424
-  _globals['_FETCHTASKREQUEST']._serialized_start=1426
-  _globals['_FETCHTASKREQUEST']._serialized_end=1461
-  _globals['_FETCHTASKRESPONSE']._serialized_start=1463
-  _globals['_FETCHTASKRESPONSE']._serialized_end=1558
-  _globals['_DOWNLOADADAPTERREQUEST']._serialized_start=1560
-  _globals['_DOWNLOADADAPTERREQUEST']._serialized_end=1615
-  _globals['_DOWNLOADADAPTERRESPONSE']._serialized_start=1617
-  _globals['_DOWNLOADADAPTERRESPONSE']._serialized_end=1672
-  _globals['_UPLOADUPDATEREQUEST']._serialized_start=1674
-  _globals['_UPLOADUPDATEREQUEST']._serialized_end=1773
-  _globals['_UPLOADUPDATERESPONSE']._serialized_start=1775
-  _globals['_UPLOADUPDATERESPONSE']._serialized_end=1860
-  _globals['_GETUPLOADSTATUSREQUEST']._serialized_start=1862
-  _globals['_GETUPLOADSTATUSREQUEST']._serialized_end=1925
-  _globals['_GETUPLOADSTATUSRESPONSE']._serialized_start=1927
-  _globals['_GETUPLOADSTATUSRESPONSE']._serialized_end=1996
-  _globals['_REPORTMETRICSREQUEST']._serialized_start=1999
-  _globals['_REPORTMETRICSREQUEST']._serialized_end=2187
-  _globals['_REPORTMETRICSREQUEST_METRICSENTRY']._serialized_start=2141
-  _globals['_REPORTMETRICSREQUEST_METRICSENTRY']._serialized_end=2187
-  _globals['_REPORTMETRICSRESPONSE']._serialized_start=2189
-  _globals['_REPORTMETRICSRESPONSE']._serialized_end=2212
-  _globals['_FEDERATIONSERVICE']._serialized_start=2416
-  _globals['_FEDERATIONSERVICE']._serialized_end=2949
+  _globals['_TASK']._serialized_end=912
+  _globals['_SITEHINTS']._serialized_start=914
+  _globals['_SITEHINTS']._serialized_end=969
+  _globals['_UPDATEENVELOPE']._serialized_start=972
+  _globals['_UPDATEENVELOPE']._serialized_end=1276
+  _globals['_SIGNEDENVELOPE']._serialized_start=1278
+  _globals['_SIGNEDENVELOPE']._serialized_end=1331
+  _globals['_JOINREQUEST']._serialized_start=1333
+  _globals['_JOINREQUEST']._serialized_end=1403
+  _globals['_JOINRESPONSE']._serialized_start=1405
+  _globals['_JOINRESPONSE']._serialized_end=1482
+  _globals['_FETCHTASKREQUEST']._serialized_start=1484
+  _globals['_FETCHTASKREQUEST']._serialized_end=1519
+  _globals['_FETCHTASKRESPONSE']._serialized_start=1521
+  _globals['_FETCHTASKRESPONSE']._serialized_end=1616
+  _globals['_DOWNLOADADAPTERREQUEST']._serialized_start=1618
+  _globals['_DOWNLOADADAPTERREQUEST']._serialized_end=1719
+  _globals['_DOWNLOADADAPTERRESPONSE']._serialized_start=1721
+  _globals['_DOWNLOADADAPTERRESPONSE']._serialized_end=1776
+  _globals['_UPLOADUPDATEREQUEST']._serialized_start=1778
+  _globals['_UPLOADUPDATEREQUEST']._serialized_end=1877
+  _globals['_UPLOADUPDATERESPONSE']._serialized_start=1879
+  _globals['_UPLOADUPDATERESPONSE']._serialized_end=1964
+  _globals['_GETUPLOADSTATUSREQUEST']._serialized_start=1966
+  _globals['_GETUPLOADSTATUSREQUEST']._serialized_end=2029
+  _globals['_GETUPLOADSTATUSRESPONSE']._serialized_start=2031
+  _globals['_GETUPLOADSTATUSRESPONSE']._serialized_end=2100
+  _globals['_REPORTMETRICSREQUEST']._serialized_start=2103
+  _globals['_REPORTMETRICSREQUEST']._serialized_end=2291
+  _globals['_REPORTMETRICSREQUEST_METRICSENTRY']._serialized_start=2245
+  _globals['_REPORTMETRICSREQUEST_METRICSENTRY']._serialized_end=2291
+  _globals['_REPORTMETRICSRESPONSE']._serialized_start=2293
+  _globals['_REPORTMETRICSRESPONSE']._serialized_end=2316
+  _globals['_FEDERATIONSERVICE']._serialized_start=2634
+  _globals['_FEDERATIONSERVICE']._serialized_end=3167
 # @@protoc_insertion_point(module_scope)

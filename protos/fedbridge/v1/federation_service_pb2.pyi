@@ -19,6 +19,12 @@ class TaskStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TASK_STATUS_WAIT: _ClassVar[TaskStatus]
     TASK_STATUS_TRAIN: _ClassVar[TaskStatus]
     TASK_STATUS_DONE: _ClassVar[TaskStatus]
+
+class ArtifactKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ARTIFACT_KIND_UNSPECIFIED: _ClassVar[ArtifactKind]
+    ARTIFACT_KIND_GLOBAL_ADAPTER: _ClassVar[ArtifactKind]
+    ARTIFACT_KIND_BASE_RESIDUAL: _ClassVar[ArtifactKind]
 PAYLOAD_KIND_UNSPECIFIED: PayloadKind
 PAYLOAD_KIND_DIFF: PayloadKind
 PAYLOAD_KIND_FULL: PayloadKind
@@ -26,6 +32,9 @@ TASK_STATUS_UNSPECIFIED: TaskStatus
 TASK_STATUS_WAIT: TaskStatus
 TASK_STATUS_TRAIN: TaskStatus
 TASK_STATUS_DONE: TaskStatus
+ARTIFACT_KIND_UNSPECIFIED: ArtifactKind
+ARTIFACT_KIND_GLOBAL_ADAPTER: ArtifactKind
+ARTIFACT_KIND_BASE_RESIDUAL: ArtifactKind
 
 class TensorSpec(_message.Message):
     __slots__ = ("name", "shape", "dtype")
@@ -78,7 +87,7 @@ class TrainingConfig(_message.Message):
     def __init__(self, mode: _Optional[str] = ..., max_steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., per_device_batch_size: _Optional[int] = ..., gradient_accumulation_steps: _Optional[int] = ..., max_length: _Optional[int] = ..., seed: _Optional[int] = ..., weight_decay: _Optional[float] = ..., warmup_ratio: _Optional[float] = ..., lr_scheduler_type: _Optional[str] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("federation_id", "round", "total_rounds", "base_model_sha256", "base_model_ref", "training", "adapter_spec", "global_adapter_sha256", "global_adapter_size", "deadline_unix_ms", "hints")
+    __slots__ = ("federation_id", "round", "total_rounds", "base_model_sha256", "base_model_ref", "training", "adapter_spec", "global_adapter_sha256", "global_adapter_size", "deadline_unix_ms", "hints", "base_residual_sha256", "base_residual_size")
     FEDERATION_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
@@ -90,6 +99,8 @@ class Task(_message.Message):
     GLOBAL_ADAPTER_SIZE_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     HINTS_FIELD_NUMBER: _ClassVar[int]
+    BASE_RESIDUAL_SHA256_FIELD_NUMBER: _ClassVar[int]
+    BASE_RESIDUAL_SIZE_FIELD_NUMBER: _ClassVar[int]
     federation_id: str
     round: int
     total_rounds: int
@@ -101,7 +112,9 @@ class Task(_message.Message):
     global_adapter_size: int
     deadline_unix_ms: int
     hints: SiteHints
-    def __init__(self, federation_id: _Optional[str] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., base_model_sha256: _Optional[str] = ..., base_model_ref: _Optional[str] = ..., training: _Optional[_Union[TrainingConfig, _Mapping]] = ..., adapter_spec: _Optional[_Union[AdapterSpec, _Mapping]] = ..., global_adapter_sha256: _Optional[str] = ..., global_adapter_size: _Optional[int] = ..., deadline_unix_ms: _Optional[int] = ..., hints: _Optional[_Union[SiteHints, _Mapping]] = ...) -> None: ...
+    base_residual_sha256: str
+    base_residual_size: int
+    def __init__(self, federation_id: _Optional[str] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., base_model_sha256: _Optional[str] = ..., base_model_ref: _Optional[str] = ..., training: _Optional[_Union[TrainingConfig, _Mapping]] = ..., adapter_spec: _Optional[_Union[AdapterSpec, _Mapping]] = ..., global_adapter_sha256: _Optional[str] = ..., global_adapter_size: _Optional[int] = ..., deadline_unix_ms: _Optional[int] = ..., hints: _Optional[_Union[SiteHints, _Mapping]] = ..., base_residual_sha256: _Optional[str] = ..., base_residual_size: _Optional[int] = ...) -> None: ...
 
 class SiteHints(_message.Message):
     __slots__ = ("proximal_mu", "freeze_lora_a")
@@ -182,12 +195,14 @@ class FetchTaskResponse(_message.Message):
     def __init__(self, status: _Optional[_Union[TaskStatus, str]] = ..., task: _Optional[_Union[Task, _Mapping]] = ...) -> None: ...
 
 class DownloadAdapterRequest(_message.Message):
-    __slots__ = ("round", "offset")
+    __slots__ = ("round", "offset", "artifact")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
+    ARTIFACT_FIELD_NUMBER: _ClassVar[int]
     round: int
     offset: int
-    def __init__(self, round: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
+    artifact: ArtifactKind
+    def __init__(self, round: _Optional[int] = ..., offset: _Optional[int] = ..., artifact: _Optional[_Union[ArtifactKind, str]] = ...) -> None: ...
 
 class DownloadAdapterResponse(_message.Message):
     __slots__ = ("offset", "data")

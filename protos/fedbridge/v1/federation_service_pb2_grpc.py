@@ -84,7 +84,8 @@ class FederationServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DownloadAdapter(self, request, context):
-        """Stream the round's global adapter (safetensors bytes) from an offset, so a broken download resumes.
+        """Stream one of the round's artifacts (safetensors bytes: the global adapter, or the base-weight residual) from
+        an offset, so a broken download resumes.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
