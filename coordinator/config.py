@@ -10,13 +10,12 @@ from protos.tomlconfig import load_config
 
 MODES = ("sft",)
 SCHEDULERS = ("constant", "linear", "cosine")
-# Rules whose output the round engine cannot ship yet: a dense base residual (FedEx-LoRA), a rank that changes per
-# round (FLoRA), or a per-site rank (HetLoRA, FlexLoRA) all need the task to carry more than one global adapter.
+# Rules whose output the round engine cannot publish yet: a dense base residual (FedEx-LoRA), a rank that changes per
+# round (FLoRA) or a base residual from re-projection (FlexLoRA) are not yet carried into the published model.
 ENGINE_UNSUPPORTED = {
-    "fedex_lora": "its base-weight residual is not yet shipped to sites with the task",
-    "flora": "its stacked adapter changes rank every round, which sites cannot follow yet",
-    "hetlora": "per-site ranks are not yet negotiated at Join",
-    "flexlora": "per-site ranks are not yet negotiated at Join",
+    "fedex_lora": "its base-weight residual is not yet folded into the published model",
+    "flora": "its folded stack (a base-weight residual) is not yet carried into the published model",
+    "flexlora": "its SVD re-projection residual is not yet folded into the published model",
 }
 
 

@@ -28,13 +28,17 @@ from coordinator.publish import publish
 from coordinator.store import Store, UpdateRow, now_ms
 from protos import codec
 from protos.fedbridge.v1 import federation_service_pb2 as pb
+from strategies import flexlora, hetlora
 from strategies.error_meter import aggregation_error_from_updates
+from strategies.lora import truncate_rank
 from strategies.registry import build_strategy
 from strategies.types import ClientUpdate, ServerState
 
 log = logging.getLogger(__name__)
 
 PHASES = ("train", "eval_global")
+# Rules under which sites train at their own rank, and how the global adapter is projected to a site's rank.
+SITE_RANK_RULES = {"hetlora": hetlora.for_site, "flexlora": flexlora.for_site}
 _METRIC_NAME = re.compile(r"^[a-z][a-z0-9_.]{0,63}$")
 
 
@@ -102,8 +106,13 @@ class RoundEngine:
         self._closing: set[int] = set()
         self._cache = _Adapters()
         self._lock = asyncio.Lock()
+        self._projected: dict[tuple[int, int], bytes] = {}
         self.finished = asyncio.Event()
         self.strategy = build_strategy(config.strategy, config.strategy_params)
+        # HetLoRA / FlexLoRA: each site trains at the rank it declared at Join; others train the federation's rank.
+        self.project_to_site = SITE_RANK_RULES.get(self.strategy.name)
+        self._site_ranks: dict[str, int] = {}
+        self._specs: dict[int, pb.AdapterSpec] = {self.spec.rank: self.spec}
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -162,19 +171,53 @@ class RoundEngine:
     # -- tasks --------------------------------------------------------------------------------------------------
     def join(self, peer: PeerIdentity, agent_version: str, lora_rank: int) -> None:
         self._require_site(peer)
-        self.store.upsert_site(peer.name, peer.fingerprint, agent_version[:64], int(lora_rank))
+        rank = int(lora_rank) or self.spec.rank
+        if self.project_to_site is None and rank != self.spec.rank:
+            raise WrongRound(f"site {peer.name!r} declared LoRA rank {rank} but this federation trains rank "
+                             f"{self.spec.rank} with strategy {self.strategy.name!r} (mixed ranks need hetlora or flexlora)")
+        if not 1 <= rank <= self.spec.rank:
+            raise WrongRound(f"site {peer.name!r} declared LoRA rank {rank}; this federation allows 1..{self.spec.rank}")
+        self.store.upsert_site(peer.name, peer.fingerprint, agent_version[:64], rank)
+        self._site_ranks[peer.name] = rank
         log.info("[FederationService.Join] site=%s agent=%s", peer.name, agent_version[:64])
+
+    def site_rank(self, site: str) -> int:
+        """The LoRA rank ``site`` trains (declared at Join and stored; the federation's rank by default)."""
+        if site not in self._site_ranks:
+            stored = {s["name"]: s["lora_rank"] for s in self.store.sites()}
+            self._site_ranks[site] = int(stored.get(site) or self.spec.rank)
+        return self._site_ranks[site]
+
+    def spec_for(self, site: str) -> pb.AdapterSpec:
+        """The adapter spec ``site`` trains: the federation's, or a lower-rank one with the same alpha/r scaling."""
+        rank = self.site_rank(site)
+        if rank not in self._specs:
+            shapes = truncate_rank(self._init_state, rank)
+            self._specs[rank] = codec.make_adapter_spec(shapes, rank, self.spec.alpha * rank / self.spec.rank,
+                                                        self.spec.dropout, list(self.spec.target_modules))
+        return self._specs[rank]
+
+    def site_adapter_bytes(self, site: str, round: int) -> bytes:
+        """The global adapter of ``round`` as ``site`` receives it (projected to its rank under mixed ranks)."""
+        data = self.adapter_bytes(round)
+        rank = self.site_rank(site)
+        if self.project_to_site is None or rank == self.spec.rank:
+            return data
+        key = (round, rank)
+        if key not in self._projected:
+            self._projected[key] = codec.encode_state(self.project_to_site(codec.decode_state(data), rank))
+        return self._projected[key]
 
     def _offer(self, site: str) -> TaskOffer:
         if self.finished.is_set():
             final = self.cfg.rounds + 1
-            return TaskOffer("done", final, *self._adapter_meta(final), *self._residual_meta(final))
+            return TaskOffer("done", final, *self._adapter_meta(site, final), *self._residual_meta(final))
         cur = self.store.current_round()
         if cur is None or cur.state != "open" or cur.round in self._closing:
             return TaskOffer("wait")
         if any(u.site == site for u in self.store.updates(cur.round)):
             return TaskOffer("wait")
-        return TaskOffer("train", cur.round, *self._adapter_meta(cur.round), *self._residual_meta(cur.round))
+        return TaskOffer("train", cur.round, *self._adapter_meta(site, cur.round), *self._residual_meta(cur.round))
 
     async def fetch_task(self, peer: PeerIdentity, wait_s: float) -> TaskOffer:
         """Long-poll: return a task as soon as one exists for this site, else ``wait`` after ``wait_s``."""
@@ -198,8 +241,8 @@ class RoundEngine:
             self._cache.by_round[round] = path.read_bytes()
         return self._cache.by_round[round]
 
-    def _adapter_meta(self, round: int) -> tuple[str, int]:
-        data = self.adapter_bytes(round)
+    def _adapter_meta(self, site: str, round: int) -> tuple[str, int]:
+        data = self.site_adapter_bytes(site, round)
         return codec.sha256_hex(data), len(data)
 
     def residual_bytes(self, round: int) -> bytes | None:
@@ -240,7 +283,7 @@ class RoundEngine:
         if env.base_model_sha256 != self.base_sha256:
             raise InvalidUpdate(f"update was trained on base model {env.base_model_sha256[:16]}…, "
                                 f"the federation pins {self.base_sha256[:16]}…")
-        if env.adapter_spec_sha256 != self.spec.sha256:
+        if env.adapter_spec_sha256 != self.spec_for(peer.name).sha256:
             raise InvalidUpdate("update follows a different adapter spec than the round's")
         if env.payload_kind != pb.PAYLOAD_KIND_DIFF:
             raise InvalidUpdate(f"payload kind must be DIFF, got {pb.PayloadKind.Name(env.payload_kind)}")
@@ -315,7 +358,7 @@ class RoundEngine:
         try:
             codec.check_payload(env, payload)
             state = codec.decode_state(payload)
-            codec.check_against_spec(state, self.spec)
+            codec.check_against_spec(state, self.spec_for(peer.name))
         except codec.CodecError as e:
             up.path.unlink(missing_ok=True)
             log.warning("[FederationService.UploadUpdate] round=%d site=%s refused: %s", env.round, peer.name, e)
@@ -359,7 +402,8 @@ class RoundEngine:
 
         def load() -> Iterator[ClientUpdate]:  # one update in memory at a time for streaming rules
             for u in ups:
-                yield ClientUpdate(u.site, codec.decode_state(u.path.read_bytes()), u.num_examples)
+                yield ClientUpdate(u.site, codec.decode_state(u.path.read_bytes()), u.num_examples,
+                                   {"lora_rank": self.site_rank(u.site)})
 
         result = self.strategy.aggregate(global_state, load(), self._server_state(round - 1))
         payload = codec.encode_state(result.state)

@@ -56,7 +56,8 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
 
     async def FetchTask(self, request: pb.FetchTaskRequest, context: grpc.aio.ServicerContext) -> pb.FetchTaskResponse:
         try:
-            offer = await self.engine.fetch_task(peer_of(context), request.wait_ms / 1000)
+            peer = peer_of(context)
+            offer = await self.engine.fetch_task(peer, request.wait_ms / 1000)
         except CoordinatorError as e:
             await _abort(context, "FetchTask", e)
         resp = pb.FetchTaskResponse(status=_TASK_STATUS[offer.status])
@@ -71,7 +72,7 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
                                            gradient_accumulation_steps=t.gradient_accumulation_steps,
                                            max_length=t.max_length, seed=t.seed, weight_decay=t.weight_decay,
                                            warmup_ratio=t.warmup_ratio, lr_scheduler_type=t.lr_scheduler_type),
-                adapter_spec=self.engine.spec, global_adapter_sha256=offer.global_sha256,
+                adapter_spec=self.engine.spec_for(peer.name), global_adapter_sha256=offer.global_sha256,
                 global_adapter_size=offer.global_size, base_residual_sha256=offer.residual_sha256,
                 base_residual_size=offer.residual_size,
                 hints=pb.SiteHints(proximal_mu=float(hints.get("proximal_mu", 0.0)),
@@ -81,14 +82,15 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
     async def DownloadAdapter(self, request: pb.DownloadAdapterRequest,
                               context: grpc.aio.ServicerContext) -> AsyncIterator[pb.DownloadAdapterResponse]:
         try:
-            self.engine._require_site(peer_of(context))
+            peer = peer_of(context)
+            self.engine._require_site(peer)
             if request.artifact == pb.ARTIFACT_KIND_BASE_RESIDUAL:
                 residual = self.engine.residual_bytes(request.round)
                 if residual is None:
                     raise NotFound(f"round {request.round} has no base residual")
                 data = residual
             else:
-                data = self.engine.adapter_bytes(request.round)
+                data = self.engine.site_adapter_bytes(peer.name, request.round)
             chunks = list(codec.iter_chunks(data, offset=min(request.offset, len(data))))
         except (CoordinatorError, codec.CodecError) as e:
             err = e if isinstance(e, CoordinatorError) else CoordinatorError(str(e))

@@ -72,7 +72,7 @@ def run_site(cfg: SiteConfig, show_progress: bool = True) -> int:
     trained = 0
     try:
         # 2. Join: the coordinator reads our identity from the certificate.
-        joined = client.join(AGENT_VERSION)
+        joined = client.join(AGENT_VERSION, cfg.lora_rank)
         log.info("[Site.Join] site=%s federation=%s", joined.site, joined.federation_id)
         last_round = 0
         while True:

@@ -53,6 +53,8 @@ class SiteConfig:
         threads: Torch CPU threads (0: torch's default).
         fetch_wait_ms: Long-poll time per FetchTask call.
         retry_for_s: How long to keep retrying when the coordinator is unreachable.
+        lora_rank: LoRA rank this site trains, declared at Join (0: the federation's rank; a lower rank needs a
+            mixed-rank strategy such as hetlora).
     """
 
     name: str
@@ -65,10 +67,13 @@ class SiteConfig:
     threads: int = 0
     fetch_wait_ms: int = 15_000
     retry_for_s: float = 300.0
+    lora_rank: int = 0
 
     def __post_init__(self) -> None:
         if ":" not in self.coordinator:
             raise ValueError(f"field 'coordinator': must be host:port, got {self.coordinator!r}")
+        if self.lora_rank < 0:
+            raise ValueError(f"field 'lora_rank': must be >= 0, got {self.lora_rank}")
         if self.threads < 0:
             raise ValueError(f"field 'threads': must be >= 0, got {self.threads}")
 

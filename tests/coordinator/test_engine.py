@@ -263,3 +263,39 @@ def test_error_meter_recorded_per_round(tmp_path: Path) -> None:
         # A_i = 1 + da, B_i = db: mean(B_i A_i) = (1*2 + 3*0)/2 = 1 ; B̄Ā = 2 * 1 = 2 -> error |1 - 2| / 1 = 1
         assert err["per_module"] == {"l.weight": pytest.approx(1.0)}
     asyncio.run(main())
+
+
+def test_mixed_ranks_hetlora(tmp_path: Path) -> None:
+    """A rank-1 site gets the global truncated to rank 1 and a spec of its own; its update is zero-padded."""
+    async def main() -> None:
+        eng = _engine(tmp_path, min_sites=2, strategy="hetlora")
+        await eng.start()
+        low, full = Site("low"), Site("full")
+        eng.join(low.peer, "t", 1)
+        eng.join(full.peer, "t", 0)
+        assert eng.spec_for("full").sha256 == _init().spec.sha256
+        low_spec = eng.spec_for("low")
+        assert low_spec.rank == 1 and low_spec.alpha == 2.0  # alpha/r kept at 4/2
+        got = codec.decode_state(eng.site_adapter_bytes("low", 1))
+        assert tuple(got["l.lora_A.weight"].shape) == (1, 4) and tuple(got["l.lora_B.weight"].shape) == (4, 1)
+        low_delta = {"l.lora_A.weight": torch.full((1, 4), 2.0), "l.lora_B.weight": torch.full((4, 1), 2.0)}
+        payload = codec.encode_state(low_delta)
+        env = codec.make_envelope(federation_id="fed", round=1, site="low", base_model_sha256=BASE_SHA,
+                                  payload=payload, adapter_spec_sha256=low_spec.sha256, num_examples=10)
+        assert (await eng.receive_upload(low.peer, _chunks(codec.sign_envelope(env, low.key), payload))).accepted
+        # The full-rank site may not use the low-rank spec, and vice versa.
+        s, p = full.update(1, _delta(0.0, 0.0))
+        assert (await eng.receive_upload(full.peer, _chunks(s, p))).accepted
+        await asyncio.sleep(0.2)
+        new = codec.decode_state(eng.adapter_bytes(2))
+        # "all" averaging: component 0 moves by 10*2/20 = 1, component 1 (held only by "full", delta 0) stays.
+        assert torch.allclose(new["l.lora_A.weight"][0], torch.full((4,), 2.0))
+        assert torch.allclose(new["l.lora_A.weight"][1], torch.full((4,), 1.0))
+        assert torch.allclose(new["l.lora_B.weight"][:, 0], torch.full((4,), 1.0))
+    asyncio.run(main())
+
+
+def test_rank_mismatch_refused_without_mixed_rank_strategy(tmp_path: Path) -> None:
+    eng = _engine(tmp_path)
+    with pytest.raises(WrongRound, match="mixed ranks need hetlora"):
+        eng.join(Site("low").peer, "t", 1)
