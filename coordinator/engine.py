@@ -14,7 +14,7 @@ import logging
 import math
 import re
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -79,13 +79,6 @@ class _Upload:
     already_accepted: bool = False
 
 
-@dataclass
-class _Adapters:
-    """In-memory copies of small global adapters by round (they are also on disk)."""
-
-    by_round: dict[int, bytes] = field(default_factory=dict)
-
-
 class RoundEngine:
     """Drives a federation through its rounds.
 
@@ -104,7 +97,8 @@ class RoundEngine:
         self._init_state = adapter.state
         self._changed = asyncio.Event()
         self._closing: set[int] = set()
-        self._cache = _Adapters()
+        self._adapters: dict[int, bytes] = {}  # in-memory copies of the global adapters by round (also on disk)
+        self._residuals: dict[int, bytes] = {}
         self._lock = asyncio.Lock()
         self._projected: dict[tuple[int, int], bytes] = {}
         self.finished = asyncio.Event()
@@ -123,6 +117,9 @@ class RoundEngine:
         base = self.store.get_meta("base_model_sha256")
         if base is not None and base != self.base_sha256:
             raise RuntimeError(f"base model changed since the federation started ({base[:16]}… -> {self.base_sha256[:16]}…)")
+        spec = self.store.get_meta("adapter_spec_sha256")
+        if spec is not None and spec != self.spec.sha256:
+            raise RuntimeError("the [lora] settings changed since the federation started; its adapters no longer fit")
         if fed is None:
             self.store.set_meta("federation_id", self.cfg.federation_id)
             self.store.set_meta("base_model_sha256", self.base_sha256)
@@ -234,12 +231,12 @@ class RoundEngine:
 
     def adapter_bytes(self, round: int) -> bytes:
         """The global adapter that is the input of ``round`` (``rounds + 1``: the final one)."""
-        if round not in self._cache.by_round:
+        if round not in self._adapters:
             path = self.store.adapter_path(round)
             if round < 1 or not path.exists():
                 raise NotFound(f"no global adapter for round {round}")
-            self._cache.by_round[round] = path.read_bytes()
-        return self._cache.by_round[round]
+            self._adapters[round] = path.read_bytes()
+        return self._adapters[round]
 
     def _adapter_meta(self, site: str, round: int) -> tuple[str, int]:
         data = self.site_adapter_bytes(site, round)
@@ -247,13 +244,12 @@ class RoundEngine:
 
     def residual_bytes(self, round: int) -> bytes | None:
         """The cumulative, scaled base-weight residual that is the input of ``round`` (None when there is none)."""
-        key = -round  # negative keys hold residuals in the same small cache
-        if key not in self._cache.by_round:
+        if round not in self._residuals:
             path = self.store.residual_path(round)
             if not path.exists():
                 return None
-            self._cache.by_round[key] = path.read_bytes()
-        return self._cache.by_round[key]
+            self._residuals[round] = path.read_bytes()
+        return self._residuals[round]
 
     def _residual_meta(self, round: int) -> tuple[str, int]:
         data = self.residual_bytes(round)
