@@ -44,6 +44,66 @@ def dev_pki(out: Path = typer.Option(..., "--out", help="folder to write the CA,
         console.print(f"site kit {name}: {kit.dir}")
 
 
+@app.command("publish")
+def publish_cmd(registry: Path = typer.Option(..., "--registry", help="registry folder (federation.toml's registry_dir)"),
+                federation: str = typer.Option(..., "--federation", help="federation id"),
+                version: int = typer.Option(..., "--version", help="published version number N (folder v<N>)"),
+                to: str = typer.Option(..., "--to", help="hf://<org>/<name> or modelscope://<org>/<name>"),
+                public: bool = typer.Option(False, "--public", help="create the hub repository public (default private)"),
+                token_env: str = typer.Option("", "--token-env",
+                                              help="environment variable holding the hub token (default: the hub "
+                                                   "library's own login)")) -> None:
+    """Push a published version (verified against its SHA256SUMS) to the Hugging Face Hub or ModelScope."""
+    import os
+
+    from coordinator.publish import PushError, push_version
+
+    path = registry / federation / f"v{version}"
+    token = os.environ.get(token_env) if token_env else None
+    with console.status(f"pushing {path} to {to}"):
+        try:
+            url = push_version(path, to, token=token, private=not public)
+        except PushError as e:
+            console.print(f"[bold red]push failed:[/] {e}")
+            raise typer.Exit(1) from None
+    console.print(f"[bold green]pushed[/] {path} -> {url}")
+
+
+@app.command("releases")
+def releases(state_dir: Path = typer.Option(..., "--state-dir", help="the coordinator's state_dir")) -> None:
+    """List the federation's shared evaluations, publications and blocked publications (with the gate's reason)."""
+    from rich.table import Table
+
+    from coordinator.store import Store
+
+    if not (state_dir / "coordinator.db").exists():
+        console.print(f"[bold red]error:[/] {state_dir} holds no coordinator.db")
+        raise typer.Exit(2)
+    store = Store(state_dir)
+    try:
+        evals = Table(title="shared evaluation (primary score per benchmark)", title_justify="left")
+        scores = store.eval_scores()
+        names = sorted({b for r in scores.values() for b in r})
+        for c in ["round", "status", *names]:
+            evals.add_column(c)
+        for run in store.eval_runs():
+            row = scores.get(run["round"], {})
+            evals.add_row(str(run["round"]), run["status"] if not run["error"] else f"{run['status']}: {run['error'][:80]}",
+                          *[f"{row[b]['score']:.4f}" if b in row else "" for b in names])
+        rel = Table(title="releases", title_justify="left")
+        for c in ("round", "outcome", "version / reason", "path"):
+            rel.add_column(c)
+        for p in store.publications():
+            rel.add_row(str(p["round"]), "[green]published[/]", f"v{p['version']}", p["path"])
+        for b in store.blocked_publications():
+            rel.add_row(str(b["round"]), "[red]blocked[/]", b["reason"], "")
+    finally:
+        store.close()
+    out = Console(width=200)
+    out.print(evals)
+    out.print(rel)
+
+
 def main() -> None:
     app()
 

@@ -8,15 +8,21 @@ from typing import Any
 
 from protos.tomlconfig import load_config
 
-MODES = ("sft",)
-SCHEDULERS = ("constant", "linear", "cosine")
-# Rules whose output the round engine cannot publish yet: a dense base residual (FedEx-LoRA), a rank that changes per
-# round (FLoRA) or a base residual from re-projection (FlexLoRA) are not yet carried into the published model.
-ENGINE_UNSUPPORTED = {
-    "fedex_lora": "its base-weight residual is not yet folded into the published model",
-    "flora": "its folded stack (a base-weight residual) is not yet carried into the published model",
-    "flexlora": "its SVD re-projection residual is not yet folded into the published model",
+MODES = ("sft", "qlora", "dpo", "kto", "orpo", "simpo")
+# Loss variants per preference mode (TRL 1.16 names; ms-swift passes the same strings). "" is the trainer's default.
+LOSS_TYPES = {
+    "dpo": ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+            "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm"),
+    "kto": ("kto", "apo_zero_unpaired"),
+    "simpo": ("simpo",),
 }
+SCHEDULERS = ("constant", "linear", "cosine")
+# FLoRA's stacked adapter grows in rank each round unless it is folded into the base; sites train one fixed spec,
+# so the engine runs FLoRA only in the paper's fold-every-round form (max_rank = 0).
+def _engine_limits(strategy: Any) -> str:
+    if strategy.name == "flora" and strategy.config.max_rank > 0:
+        return "flora with max_rank > 0 publishes a growing-rank adapter, which sites cannot follow; use max_rank = 0"
+    return ""
 
 
 def check_strategy(name: str, params: dict[str, Any]) -> None:
@@ -28,9 +34,9 @@ def check_strategy(name: str, params: dict[str, Any]) -> None:
         strategy = build_strategy(name, params)
     except AggregationError as e:
         raise ValueError(f"field 'strategy': {e}") from None
-    if strategy.name in ENGINE_UNSUPPORTED:
-        raise ValueError(f"field 'strategy': {strategy.name!r} is implemented in strategies/ but the coordinator "
-                         f"cannot run it yet: {ENGINE_UNSUPPORTED[strategy.name]}")
+    limit = _engine_limits(strategy)
+    if limit:
+        raise ValueError(f"field 'strategy': {limit}")
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,16 @@ class TrainingSpec:
         weight_decay: AdamW weight decay.
         warmup_ratio: Fraction of steps of linear warm-up.
         lr_scheduler_type: Learning-rate schedule within a round's local steps: constant, linear or cosine.
+        beta: Preference modes: temperature of the implicit reward (ORPO: the weight lambda of the odds-ratio
+            term). 0: TRL's default.
+        loss_type: Loss variant: DPO (``sigmoid``, ``ipo``, ``hinge``, …), KTO (``kto``, ``apo_zero_unpaired``),
+            SimPO (``simpo``). Empty: the mode's default. SFT, QLoRA and ORPO take none.
+        rpo_alpha: DPO only: weight of the NLL term on chosen answers (RPO). 0: off.
+        simpo_gamma: SimPO only: target reward margin gamma. 0: TRL's default (0.5).
+        cpo_alpha: SimPO only: weight of the behaviour-cloning NLL term (0: pure SimPO).
+        desirable_weight: KTO only: weight of desirable examples. 0: TRL's default (1.0).
+        undesirable_weight: KTO only: weight of undesirable examples. 0: TRL's default (1.0).
+        label_smoothing: DPO/SimPO: conservative label smoothing in [0, 0.5).
     """
 
     mode: str = "sft"
@@ -89,8 +105,17 @@ class TrainingSpec:
     weight_decay: float = 0.0
     warmup_ratio: float = 0.0
     lr_scheduler_type: str = "constant"
+    beta: float = 0.0
+    loss_type: str = ""
+    rpo_alpha: float = 0.0
+    simpo_gamma: float = 0.0
+    cpo_alpha: float = 0.0
+    desirable_weight: float = 0.0
+    undesirable_weight: float = 0.0
+    label_smoothing: float = 0.0
 
     def __post_init__(self) -> None:
+        self._check_preference()
         if self.lr_scheduler_type not in SCHEDULERS:
             raise ValueError(f"field 'training.lr_scheduler_type': {self.lr_scheduler_type!r} is not one of {SCHEDULERS}")
         if self.mode not in MODES:
@@ -102,6 +127,24 @@ class TrainingSpec:
             raise ValueError(f"field 'training.learning_rate': must be in (0, 1), got {self.learning_rate}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"field 'training.warmup_ratio': must be in [0, 1), got {self.warmup_ratio}")
+
+    def _check_preference(self) -> None:
+        """Each preference field is valid and used only by the modes that read it (a silently ignored knob is a bug)."""
+        used_by = {"beta": ("dpo", "kto", "orpo", "simpo"), "rpo_alpha": ("dpo",), "simpo_gamma": ("simpo",),
+                   "cpo_alpha": ("simpo",), "desirable_weight": ("kto",), "undesirable_weight": ("kto",),
+                   "label_smoothing": ("dpo", "simpo")}
+        for name, modes in used_by.items():
+            value = getattr(self, name)
+            if value < 0:
+                raise ValueError(f"field 'training.{name}': must be >= 0, got {value}")
+            if value and self.mode not in modes:
+                raise ValueError(f"field 'training.{name}': applies to mode {' or '.join(modes)}, not {self.mode!r}")
+        if not self.label_smoothing < 0.5:
+            raise ValueError(f"field 'training.label_smoothing': must be in [0, 0.5), got {self.label_smoothing}")
+        if self.loss_type and self.loss_type not in LOSS_TYPES.get(self.mode, ()):
+            allowed = LOSS_TYPES.get(self.mode)
+            raise ValueError(f"field 'training.loss_type': {self.loss_type!r} is not a loss of mode {self.mode!r}"
+                             + (f" (one of {allowed})" if allowed else " (it takes none)"))
 
 
 @dataclass(frozen=True)
@@ -117,6 +160,148 @@ class TlsSpec:
     ca: Path
     cert: Path
     key: Path
+
+
+LOCAL_BENCHMARKS = ("general_mcq", "general_qa")  # EvalScope custom-dataset formats that run offline from local_path
+QA_METRICS = ("Rouge", "BLEU")
+
+
+@dataclass(frozen=True)
+class BenchmarkSpec:
+    """One EvalScope benchmark that every evaluated merged model runs.
+
+    Attributes:
+        name: EvalScope benchmark: ``general_mcq`` / ``general_qa`` (local custom datasets, run offline) or a named
+            one (mmlu, ceval, cmmlu, gsm8k, arc, ...) whose dataset the coordinator must reach, or find at local_path.
+        local_path: Folder of the dataset files (required for general_mcq and general_qa).
+        subsets: Subsets to run (file stems of a local dataset); empty means the benchmark's default.
+        prompt_template: Prompt template; empty means an English default for general_mcq/general_qa (EvalScope's
+            own defaults are Chinese) and EvalScope's template for named benchmarks.
+        metrics: EvalScope metrics (general_qa: Rouge and/or BLEU); empty means Rouge for general_qa.
+        strict_choice_parsing: general_mcq only: credit a reply only if it says ``ANSWER: <letter>``. EvalScope
+            otherwise falls back to the last capital letter anywhere in the reply, which credits chance letters.
+    """
+
+    name: str
+    local_path: Path | None = None
+    subsets: tuple[str, ...] = ()
+    prompt_template: str = ""
+    metrics: tuple[str, ...] = ()
+    strict_choice_parsing: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.name.replace("_", "").replace("-", "").isalnum():
+            raise ValueError(f"field 'evaluation.benchmarks.name': {self.name!r} is not a benchmark name")
+        if self.name in LOCAL_BENCHMARKS and self.local_path is None:
+            raise ValueError(f"field 'evaluation.benchmarks.local_path': benchmark {self.name!r} is a local custom "
+                             "dataset and needs the folder of its jsonl files")
+        bad = [m for m in self.metrics if m not in QA_METRICS]
+        if self.name == "general_qa" and bad:
+            raise ValueError(f"field 'evaluation.benchmarks.metrics': {bad[0]!r} is not one of {QA_METRICS}")
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """Shared evaluation of the merged model with EvalScope after aggregation.
+
+    Attributes:
+        enabled: Run the evaluation at all.
+        every_k_rounds: Evaluate the global model after every k-th round; the last round is always evaluated.
+        benchmarks: The shared benchmark list (names must be unique).
+        max_new_tokens: Generation limit per answer.
+        limit: At most this many samples per subset of every benchmark (0: all).
+        dataset_hub: Where EvalScope fetches named benchmarks: ``modelscope`` or ``huggingface``.
+        device_map: Where the merged model runs during evaluation (``cpu``, ``auto``, ``cuda:0``...).
+        precision: Weight dtype during evaluation: ``float32``, ``bfloat16`` or ``float16``.
+        punkt_dir: NLTK data folder for BLEU's ``punkt_tab``. If set and it lacks one, a Punkt model is trained on
+            the local QA datasets' text and saved there (offline). Unset: BLEU needs ``punkt_tab`` on NLTK's
+            search path, else the coordinator refuses to start (offline, EvalScope would silently score BLEU 0).
+    """
+
+    enabled: bool = False
+    every_k_rounds: int = 1
+    benchmarks: tuple[BenchmarkSpec, ...] = ()
+    max_new_tokens: int = 32
+    limit: int = 0
+    dataset_hub: str = "modelscope"
+    device_map: str = "cpu"
+    precision: str = "float32"
+    punkt_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.every_k_rounds < 1:
+            raise ValueError(f"field 'evaluation.every_k_rounds': must be >= 1, got {self.every_k_rounds}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"field 'evaluation.max_new_tokens': must be >= 1, got {self.max_new_tokens}")
+        if self.limit < 0:
+            raise ValueError(f"field 'evaluation.limit': must be >= 0, got {self.limit}")
+        if self.dataset_hub not in ("modelscope", "huggingface"):
+            raise ValueError(f"field 'evaluation.dataset_hub': {self.dataset_hub!r} is not modelscope or huggingface")
+        if self.precision not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"field 'evaluation.precision': {self.precision!r} is not float32, bfloat16 or float16")
+        names = [b.name for b in self.benchmarks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"field 'evaluation.benchmarks': names must be unique, got {names}")
+        if self.enabled and not self.benchmarks:
+            raise ValueError("field 'evaluation.benchmarks': evaluation is enabled but lists no benchmark")
+
+
+@dataclass(frozen=True)
+class GateSpec:
+    """Release gate: what a merged model must score before it is published.
+
+    Attributes:
+        thresholds: Minimum primary score per gated benchmark (benchmark name -> score in [0, 1]). Only these
+            benchmarks are gated; an empty table publishes without a gate.
+        max_regression: Largest drop of a gated score allowed against the last published version (absolute).
+    """
+
+    thresholds: dict[str, float] = field(default_factory=dict)
+    max_regression: float = 0.0
+
+    def __post_init__(self) -> None:
+        for k, v in self.thresholds.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+                raise ValueError(f"field 'gate.thresholds.{k}': must be a number in [0, 1], got {v!r}")
+        if not 0 <= self.max_regression <= 1:
+            raise ValueError(f"field 'gate.max_regression': must be in [0, 1], got {self.max_regression}")
+
+
+@dataclass(frozen=True)
+class PublishSpec:
+    """What goes on the published model card besides provenance, and how the merged model is sharded.
+
+    Attributes:
+        license: Licence id for the card metadata (SPDX-like, e.g. ``apache-2.0``; ``other`` with a name and link).
+        license_name: Licence name when ``license`` is ``other``.
+        license_link: Link to the licence text.
+        site_regions: Region per site name (e.g. ``site-a = "EU/DE"``); sites not listed show ``unspecified``.
+        max_shard_mb: Largest safetensors shard of the merged model, in MiB.
+    """
+
+    license: str = "other"
+    license_name: str = "unspecified"
+    license_link: str = ""
+    site_regions: dict[str, str] = field(default_factory=dict)
+    max_shard_mb: int = 2048
+
+    def __post_init__(self) -> None:
+        if not self.license:
+            raise ValueError("field 'publish.license': must not be empty")
+        if self.max_shard_mb < 1:
+            raise ValueError(f"field 'publish.max_shard_mb': must be >= 1, got {self.max_shard_mb}")
+        for k, v in self.site_regions.items():
+            if not isinstance(v, str):
+                raise ValueError(f"field 'publish.site_regions.{k}': must be a string")
+
+
+def check_gate(evaluation: EvalSpec, gate: GateSpec) -> None:
+    """Refuse a gate on benchmarks that are not evaluated."""
+    if gate.thresholds and not evaluation.enabled:
+        raise ValueError("field 'gate.thresholds': a release gate needs evaluation.enabled = true")
+    unknown = sorted(set(gate.thresholds) - {b.name for b in evaluation.benchmarks})
+    if unknown:
+        raise ValueError(f"field 'gate.thresholds': {unknown[0]!r} is not one of evaluation.benchmarks")
 
 
 @dataclass(frozen=True)
@@ -141,6 +326,9 @@ class FederationConfig:
         long_poll_ms: Longest time a FetchTask call is held when no task is ready.
         exit_when_done: Stop serving once the federation finished and the sites were told.
         record_inbound: If set, append every inbound request message's raw bytes to this file (a privacy audit tap).
+        evaluation: Shared EvalScope evaluation of the merged model (off by default).
+        gate: Release gate on the evaluation's scores.
+        publish: Model-card licence fields, site regions, shard size.
     """
 
     federation_id: str
@@ -160,6 +348,9 @@ class FederationConfig:
     long_poll_ms: int = 20_000
     exit_when_done: bool = False
     record_inbound: Path | None = None
+    evaluation: EvalSpec = field(default_factory=EvalSpec)
+    gate: GateSpec = field(default_factory=GateSpec)
+    publish: PublishSpec = field(default_factory=PublishSpec)
 
     def __post_init__(self) -> None:
         if not self.federation_id or len(self.federation_id) > 128:
@@ -169,6 +360,7 @@ class FederationConfig:
         if self.min_sites <= 0:
             raise ValueError(f"field 'min_sites': must be > 0, got {self.min_sites}")
         check_strategy(self.strategy, self.strategy_params)
+        check_gate(self.evaluation, self.gate)
         if ":" not in self.listen:
             raise ValueError(f"field 'listen': must be host:port, got {self.listen!r}")
 

@@ -20,12 +20,13 @@ from typing import Any
 
 import torch
 
+from coordinator import evaluation, gate
 from coordinator.adapter import AdapterInit
 from coordinator.config import FederationConfig
 from coordinator.errors import DuplicateUpdate, InvalidUpdate, NotFound, PermissionDenied, UpdateTooLarge, WrongRound
 from coordinator.pki import PeerIdentity
-from coordinator.publish import publish
-from coordinator.store import Store, UpdateRow, now_ms
+from coordinator.publish import build_provenance, publish
+from coordinator.store import Store, UpdateRow
 from protos import codec
 from protos.fedbridge.v1 import federation_service_pb2 as pb
 from strategies import flexlora, hetlora
@@ -133,6 +134,9 @@ class RoundEngine:
         else:
             log.info("[RoundEngine.start] federation=%s resuming at round=%d state=%s", self.cfg.federation_id,
                      cur.round, cur.state)
+        if self.cfg.evaluation.enabled:  # refuse at start an evaluation that cannot run or would score silently
+            evaluation.check_benchmarks(self.cfg.evaluation)
+            asyncio.get_running_loop().run_in_executor(None, evaluation.warm_up)  # hide the import behind round 1
         await self._advance()
 
     async def _advance(self) -> None:
@@ -150,10 +154,12 @@ class RoundEngine:
                         await asyncio.to_thread(self._aggregate, cur.round, ups)
                     finally:
                         self._closing.discard(cur.round)
+                elif self._evaluation_due(cur.round):
+                    await asyncio.to_thread(self._evaluate, cur.round)
                 elif cur.round < self.cfg.rounds:
                     self.store.open_round(cur.round + 1, cur.output_sha256 or "")
                     log.info("[RoundEngine] round=%d opened", cur.round + 1)
-                elif not self.store.publications():
+                elif not self.store.release_decided(self.cfg.rounds):
                     await asyncio.to_thread(self._publish)
                 else:
                     self.finished.set()
@@ -444,28 +450,62 @@ class RoundEngine:
         flat = self.store.get_server_state(round)
         return None if flat is None else ServerState.from_flat(flat[0], flat[1])
 
+    def _evaluation_due(self, round: int) -> bool:
+        """Round ``round`` closed, its output is to be evaluated (every k rounds and the last), and was not yet."""
+        ev = self.cfg.evaluation
+        due = ev.enabled and evaluation.is_due(round, self.cfg.rounds, ev.every_k_rounds)
+        return due and self.store.eval_run(round) is None
+
+    def _evaluate(self, round: int) -> None:
+        """Run the shared benchmarks on round ``round``'s output merged into the base; record scores or the failure.
+
+        A failed evaluation is recorded (and logged as an error), never scored: the release gate then blocks.
+        """
+        data = self.adapter_bytes(round + 1)
+        residual = self.residual_bytes(round + 1)
+        work = self.store.dir / "eval" / f"round-{round:05d}"
+        log.info("[RoundEngine.evaluate] round=%d benchmarks=%s", round, [b.name for b in self.cfg.evaluation.benchmarks])
+        try:
+            report = evaluation.evaluate_adapter(base_model=self.cfg.base_model, spec=self.spec,
+                                                 state=codec.decode_state(data), eval_spec=self.cfg.evaluation,
+                                                 work_dir=work,
+                                                 residual=codec.decode_state(residual) if residual else None)
+        except Exception as e:  # EvaluationError, and anything EvalScope raises: record it, keep the federation going
+            log.exception("[RoundEngine.evaluate] round=%d failed", round)
+            self.store.put_eval_run(round, status="failed", error=f"{type(e).__name__}: {e}"[:2000],
+                                    adapter_sha256=codec.sha256_hex(data), seconds=0.0, work_dir=work, scores={},
+                                    primary_metrics={})
+            return
+        self.store.put_eval_run(round, status="ok", error="", adapter_sha256=codec.sha256_hex(data),
+                                seconds=report.seconds, work_dir=work, scores=report.store_rows(),
+                                primary_metrics={b: r.primary_metric for b, r in report.results.items()})
+        log.info("[RoundEngine.evaluate] round=%d scores=%s seconds=%.1f", round,
+                 {b: f"{v:.4f}" for b, v in report.scores().items()}, report.seconds)
+
     def _publish(self) -> None:
-        final = self.cfg.rounds + 1
-        state = codec.decode_state(self.adapter_bytes(final))
-        rounds = [{"round": r.round, "input_sha256": r.input_sha256, "output_sha256": r.output_sha256, **r.info}
-                  for r in self.store.rounds()]
-        sites = sorted({s for r in rounds for s in r.get("updates", {})})
-        provenance = {
-            "federation_id": self.cfg.federation_id,
-            "base_model": {"ref": self.cfg.base_model_ref, "manifest_sha256": self.base_sha256},
-            "adapter_spec": {"rank": self.spec.rank, "alpha": self.spec.alpha,
-                             "target_modules": list(self.spec.target_modules), "sha256": self.spec.sha256},
-            "strategy": {"name": self.strategy.name, "params": dict(self.cfg.strategy_params)},
-            "rounds": rounds, "sites": sites,
-            "privacy": {"transfers": "adapter deltas only", "epsilon": {s: 0.0 for s in sites}},
-            "global_adapter_sha256": codec.sha256_hex(self.adapter_bytes(final)),
-            "published_ms": now_ms(),
-        }
-        version, path, manifest_sha = publish(base_model=self.cfg.base_model, spec=self.spec, state=state,
-                                              registry_dir=self.cfg.registry_dir,
+        """Publish the final global model if the release gate passes; else record the blocked publication."""
+        final = self.cfg.rounds
+        data = self.adapter_bytes(final + 1)
+        run = self.store.eval_run(final)
+        scores = ({b: kv["score"] for b, kv in self.store.eval_scores(final).get(final, {}).items()}
+                  if run and run["status"] == "ok" else None)
+        decision = gate.decide(scores, self.cfg.gate.thresholds, self.cfg.gate.max_regression,
+                               gate.last_published(self.cfg.registry_dir / self.cfg.federation_id),
+                               evaluation_error=run["error"] if run else "")
+        if not decision.passed:
+            self.store.add_blocked_publication(final, decision.reason, decision.to_dict())
+            log.warning("[RoundEngine.publish] round=%d blocked by the release gate: %s", final, decision.reason)
+            return
+        provenance = build_provenance(self.cfg, self.store, base_sha256=self.base_sha256, spec=self.spec,
+                                      strategy=self.strategy.name, global_sha256=codec.sha256_hex(data), gate=decision)
+        residual = self.residual_bytes(final + 1)
+        version, path, manifest_sha = publish(base_model=self.cfg.base_model, spec=self.spec,
+                                              state=codec.decode_state(data), registry_dir=self.cfg.registry_dir,
                                               federation_id=self.cfg.federation_id, provenance=provenance,
-                                              base_model_ref=self.cfg.base_model_ref)
-        self.store.add_publication(version, self.cfg.rounds, path, manifest_sha)
+                                              base_model_ref=self.cfg.base_model_ref,
+                                              max_shard_bytes=self.cfg.publish.max_shard_mb << 20,
+                                              residual=codec.decode_state(residual) if residual else None)
+        self.store.add_publication(version, final, path, manifest_sha)
 
     def drained(self) -> bool:
         """Finished, and every joined site reported its evaluation of the final model."""

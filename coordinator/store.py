@@ -39,6 +39,19 @@ CREATE TABLE IF NOT EXISTS publications (
   published_ms INTEGER NOT NULL);
 """
 
+# Shared evaluation of each evaluated round's output and release decisions (publish or blocked, with the reason).
+_SCHEMA += """
+CREATE TABLE IF NOT EXISTS eval_runs (
+  round INTEGER PRIMARY KEY, status TEXT NOT NULL, error TEXT NOT NULL, adapter_sha256 TEXT NOT NULL,
+  seconds REAL NOT NULL, work_dir TEXT NOT NULL, primary_metrics TEXT NOT NULL, finished_ms INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS eval_scores (
+  round INTEGER NOT NULL, benchmark TEXT NOT NULL, key TEXT NOT NULL, value REAL NOT NULL, num_samples INTEGER NOT NULL,
+  PRIMARY KEY (round, benchmark, key));
+CREATE TABLE IF NOT EXISTS blocked_publications (
+  id INTEGER PRIMARY KEY AUTOINCREMENT, round INTEGER NOT NULL, reason TEXT NOT NULL, detail TEXT NOT NULL,
+  decided_ms INTEGER NOT NULL);
+"""
+
 
 def now_ms() -> int:
     return int(time.time() * 1000)
@@ -256,3 +269,66 @@ class Store:
     def publications(self) -> list[dict[str, Any]]:
         rows = self._q("SELECT version, round, path, manifest_sha256, published_ms FROM publications ORDER BY version")
         return [dict(zip(("version", "round", "path", "manifest_sha256", "published_ms"), r, strict=True)) for r in rows]
+
+    # -- shared evaluation --------------------------------------------------------------------------------------
+    def put_eval_run(self, round: int, *, status: str, error: str, adapter_sha256: str, seconds: float, work_dir: Path,
+                     scores: dict[str, dict[str, tuple[float, int]]], primary_metrics: dict[str, str]) -> None:
+        """Record one evaluation of round ``round``'s output: ``scores[benchmark][key] = (value, num_samples)``;
+        key ``score`` is the value of the benchmark's primary metric, named in ``primary_metrics[benchmark]``."""
+        with self.tx() as db:
+            db.execute("INSERT OR REPLACE INTO eval_runs(round, status, error, adapter_sha256, seconds, work_dir, "
+                       "primary_metrics, finished_ms) VALUES(?,?,?,?,?,?,?,?)",
+                       (round, status, error, adapter_sha256, float(seconds), str(work_dir),
+                        json.dumps(primary_metrics, sort_keys=True), now_ms()))
+            db.execute("DELETE FROM eval_scores WHERE round=?", (round,))
+            db.executemany("INSERT INTO eval_scores(round, benchmark, key, value, num_samples) VALUES(?,?,?,?,?)",
+                           [(round, b, k, float(v), int(n)) for b, kv in sorted(scores.items())
+                            for k, (v, n) in sorted(kv.items())])
+
+    def eval_runs(self) -> list[dict[str, Any]]:
+        keys = ("round", "status", "error", "adapter_sha256", "seconds", "work_dir", "primary_metrics", "finished_ms")
+        rows = self._q(f"SELECT {', '.join(keys)} FROM eval_runs ORDER BY round")
+        out = [dict(zip(keys, r, strict=True)) for r in rows]
+        for r in out:
+            r["primary_metrics"] = json.loads(r["primary_metrics"])
+        return out
+
+    def eval_run(self, round: int) -> dict[str, Any] | None:
+        return next((r for r in self.eval_runs() if r["round"] == round), None)
+
+    def eval_scores(self, round: int | None = None) -> dict[int, dict[str, dict[str, float]]]:
+        """``{round: {benchmark: {key: value}}}``; key ``score`` is the benchmark's primary score."""
+        sql = "SELECT round, benchmark, key, value FROM eval_scores"
+        rows = self._q(sql + " WHERE round=?", (round,)) if round is not None else self._q(sql)
+        out: dict[int, dict[str, dict[str, float]]] = {}
+        for r, b, k, v in rows:
+            out.setdefault(r, {}).setdefault(b, {})[k] = v
+        return out
+
+    # -- release decisions --------------------------------------------------------------------------------------
+    def add_blocked_publication(self, round: int, reason: str, detail: dict[str, Any]) -> None:
+        with self.tx() as db:
+            db.execute("INSERT INTO blocked_publications(round, reason, detail, decided_ms) VALUES(?,?,?,?)",
+                       (round, reason, json.dumps(detail, sort_keys=True), now_ms()))
+
+    def blocked_publications(self) -> list[dict[str, Any]]:
+        rows = self._q("SELECT id, round, reason, detail, decided_ms FROM blocked_publications ORDER BY id")
+        return [{"id": r[0], "round": r[1], "reason": r[2], "detail": json.loads(r[3]), "decided_ms": r[4]} for r in rows]
+
+    def release_decided(self, round: int) -> bool:
+        """A publication of round ``round``'s output was made or blocked."""
+        return bool(self._q("SELECT 1 FROM publications WHERE round=? UNION ALL SELECT 1 FROM blocked_publications "
+                            "WHERE round=?", (round, round)))
+
+    # -- provenance ledger --------------------------------------------------------------------------------------
+    def ledger(self) -> list[dict[str, Any]]:
+        """Per accepted update: which round, site, payload hash and examples went into which global adapter.
+
+        ``input_sha256`` is the global adapter the site trained from, ``output_sha256`` the global adapter the
+        round's aggregation produced from it (None while the round is open). ``envelope`` is the signed envelope's
+        bytes (it carries the site's reported epsilon).
+        """
+        rows = self._q("SELECT u.round, u.site, u.payload_sha256, u.num_examples, u.size, u.envelope, r.input_sha256, "
+                       "r.output_sha256 FROM updates u JOIN rounds r ON r.round = u.round ORDER BY u.round, u.site")
+        keys = ("round", "site", "payload_sha256", "num_examples", "bytes", "envelope", "input_sha256", "output_sha256")
+        return [dict(zip(keys, (*r[:5], bytes(r[5]), *r[6:]), strict=True)) for r in rows]

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.pki import create_dev_pki
+from deploy.benchmarks import make_shared_benchmark
 from deploy.synthetic import SiteData, make_site_datasets
 from protos.tomlconfig import dumps
 
@@ -133,8 +134,15 @@ def _tail(path: Path, n: int = 30) -> str:
 def prepare(root: Path, base_model: Path, *, n_sites: int = 3, rounds: int = 3, min_sites: int | None = None,
             training: dict[str, Any] | None = None, lora: dict[str, Any] | None = None, marker: str | None = None,
             record_inbound: bool = False, n_train: int = 64, n_heldout: int = 16, seed: int = 0,
-            federation_id: str = "demo") -> LocalFederation:
-    """Lay out a federation under ``root``: PKI, data, and ``federation.toml``."""
+            federation_id: str = "demo", shared_eval: dict[str, Any] | None = None, gate: dict[str, Any] | None = None,
+            publish: dict[str, Any] | None = None, strategy: str = "fedavg",
+            strategy_params: dict[str, Any] | None = None) -> LocalFederation:
+    """Lay out a federation under ``root``: PKI, data, and ``federation.toml``.
+
+    ``shared_eval`` turns on the coordinator's EvalScope evaluation on a generated shared benchmark covering every
+    site's fact family (:mod:`deploy.benchmarks`); its keys override ``[evaluation]`` settings. ``gate`` and
+    ``publish`` become the ``[gate]`` and ``[publish]`` tables.
+    """
     root = Path(root)
     sites = make_site_datasets(root / "data", n_sites=n_sites, seed=seed, marker=marker, n_train=n_train,
                                n_heldout=n_heldout)
@@ -143,13 +151,18 @@ def prepare(root: Path, base_model: Path, *, n_sites: int = 3, rounds: int = 3, 
     record = root / "coordinator" / "inbound.rec" if record_inbound else None
     cfg: dict[str, Any] = {
         "federation_id": federation_id, "base_model": str(base_model), "base_model_ref": "fedbridge/tiny-llama",
-        "rounds": rounds, "min_sites": min_sites or n_sites, "listen": "127.0.0.1:0",
+        "rounds": rounds, "min_sites": min_sites or n_sites, "strategy": strategy,
+        "strategy_params": strategy_params or {}, "listen": "127.0.0.1:0",
         "state_dir": str(state_dir), "registry_dir": str(registry), "exit_when_done": True,
         "tls": {"ca": str(pki.ca_cert), "cert": str(pki.server_cert), "key": str(pki.server_key)},
         "lora": lora or {}, "training": training or {},
     }
     if record:
         cfg["record_inbound"] = str(record)
+    if shared_eval is not None:
+        bench = make_shared_benchmark(root / "benchmark", n_sites=n_sites, seed=seed)
+        cfg["evaluation"] = {"enabled": True, "benchmarks": bench.benchmark_tables(), **shared_eval}
+    cfg["gate"], cfg["publish"] = gate or {}, publish or {}
     fed_toml = root / "coordinator" / "federation.toml"
     fed_toml.parent.mkdir(parents=True, exist_ok=True)
     fed_toml.write_text(dumps({k: v for k, v in cfg.items() if v != {}}))

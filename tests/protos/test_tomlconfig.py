@@ -68,7 +68,7 @@ def test_dumps_roundtrips(tmp_path: Path) -> None:
 @pytest.mark.parametrize("extra,msg", [
     ('strategy = "fedadam"\n[strategy_params]\neta = -1.0\n', "eta"),
     ('strategy = "fedavg"\n[strategy_params]\nwarp = 1\n', "warp"),
-    ('strategy = "fedex_lora"\n', "cannot run it yet"),
+    ('strategy = "flora"\n[strategy_params]\nmax_rank = 64\n', "max_rank = 0"),
 ])
 def test_strategy_is_checked_at_start(tmp_path: Path, extra: str, msg: str) -> None:
     p = _write(tmp_path, BASE.replace('federation_id = "f"\n', 'federation_id = "f"\n' + extra.split("[")[0])
