@@ -147,7 +147,7 @@ def prepare(root: Path, base_model: Path, *, n_sites: int = 3, rounds: int = 3, 
     sites = make_site_datasets(root / "data", n_sites=n_sites, seed=seed, marker=marker, n_train=n_train,
                                n_heldout=n_heldout)
     pki = create_dev_pki(root / "pki", [s.name for s in sites])
-    state_dir, registry = root / "coordinator" / "state", root / "registry"
+    state_dir, registry = root / "coordinator" / "state", root / "published"
     record = root / "coordinator" / "inbound.rec" if record_inbound else None
     cfg: dict[str, Any] = {
         "federation_id": federation_id, "base_model": str(base_model), "base_model_ref": "fedbridge/tiny-llama",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -16,7 +17,16 @@ from protos.fedbridge.v1 import federation_service_pb2 as pb
 from protos.manifest import ManifestMismatch, verify_model_dir
 from site_agent.client import CoordinatorClient
 from site_agent.config import SiteConfig
-from site_agent.data import load_sft
+from site_agent.data import load_for_mode, load_jsonl, load_sft
+from site_agent.policy import (
+    AuditSink,
+    LogAuditSink,
+    PolicyRefusal,
+    check_coordinator,
+    check_task,
+    check_upload_size,
+    load_policy,
+)
 
 log = logging.getLogger(__name__)
 AGENT_VERSION = "fedbridge-site/0.1.0"
@@ -55,19 +65,59 @@ def load_signing_key(path: Path) -> Ed25519PrivateKey:
     return key
 
 
-def run_site(cfg: SiteConfig, show_progress: bool = True) -> int:
-    """Serve the federation until it is done. Returns the number of rounds this site trained."""
-    from site_agent.progress import RoundProgress
+def make_trainer(mode: str, base_model: Path, train_path: Path, work_dir: Path,  # type: ignore[no-untyped-def]
+                 checkpoint_steps: int = 0, deepspeed: Path | None = None):
+    """The site trainer for ``mode``, on the training file read in the format that mode needs.
+
+    Raises:
+        SiteRefusal: The training file is not in the format the mode trains on.
+    """
+    from site_agent.data import DataError
+    from site_agent.preference import PREFERENCE_MODES, PreferenceSiteTrainer
     from site_agent.trainer import SftSiteTrainer
 
+    try:
+        rows = load_for_mode(train_path, mode)
+    except DataError as e:
+        raise SiteRefusal(f"refusing task: the training data does not suit mode {mode!r}: {e}") from None
+    ds = json.loads(Path(deepspeed).read_text()) if deepspeed else None
+    if ds and mode != "sft":  # the preference trainers and a 4-bit base under DeepSpeed are not tested yet
+        raise SiteRefusal(f"refusing task: this site's DeepSpeed config is wired for mode 'sft' only, not {mode!r}")
+    if mode in PREFERENCE_MODES:
+        return PreferenceSiteTrainer(base_model, rows, work_dir, mode, checkpoint_steps=checkpoint_steps)
+    if mode in ("sft", "qlora"):
+        return SftSiteTrainer(base_model, rows, work_dir, quantize=mode == "qlora", checkpoint_steps=checkpoint_steps,
+                              deepspeed=ds)
+    raise SiteRefusal(f"refusing task: training mode {mode!r} is not supported by this agent")
+
+
+def run_site(cfg: SiteConfig, show_progress: bool = True, audit: AuditSink | None = None) -> int:
+    """Serve the federation until it is done. Returns the number of rounds this site trained.
+
+    Raises:
+        PolicyRefusal: The coordinator or a task is outside the site's policy (recorded in ``audit`` first).
+        SiteRefusal: The task cannot run here (base model mismatch, data unsuitable for the mode).
+    """
+    from site_agent.progress import RoundProgress
+
+    audit = audit or LogAuditSink()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    # 1. Validate all private data before anything else: no training starts on a partly bad file.
-    train_rows = load_sft(cfg.data.train)
+    # 1. Validate all private data and the site's policy before anything else: no training starts on a partly bad
+    #    file, and no connection goes to a coordinator the policy does not trust.
+    train_rows = load_jsonl(cfg.data.train)
     heldout_rows = load_sft(cfg.data.heldout) if cfg.data.heldout else []
+    policy = load_policy(cfg.policy)
+    if cfg.policy is None:
+        log.warning("[Site] site=%s no policy.toml configured: accepting any mode, step count and upload size", cfg.name)
+    try:
+        check_coordinator(policy, cfg.coordinator, Path(cfg.tls.ca).read_bytes())
+    except PolicyRefusal as e:
+        audit.record("coordinator_refused", {"site": cfg.name, "rule": e.rule})
+        raise
     signing_key = load_signing_key(cfg.tls.signing_key)
     base_check = _BaseModelCheck(cfg.base_model)
-    trainer: SftSiteTrainer | None = None
+    trainer, trainer_mode = None, ""
     client = CoordinatorClient(cfg)
     trained = 0
     try:
@@ -83,11 +133,22 @@ def run_site(cfg: SiteConfig, show_progress: bool = True) -> int:
             task = resp.task
             if resp.status == pb.TASK_STATUS_TRAIN and task.round <= last_round:
                 continue
-            # 4. Check the task: the base model must be exactly the one pinned by hash.
+            # 4. Check the task against the site's policy (nothing trains on a refused task), then the base model:
+            #    it must be exactly the one pinned by hash.
+            if resp.status == pb.TASK_STATUS_TRAIN:
+                try:
+                    check_task(policy, task, len(train_rows))
+                except PolicyRefusal as e:
+                    audit.record("task_refused", {"site": cfg.name, "round": task.round, "rule": e.rule,
+                                                  "mode": task.training.mode})
+                    raise
             base_check.verify(task.base_model_sha256)
+            mode = task.training.mode or "sft"
             if trainer is None:
                 os.makedirs(cfg.work_dir, exist_ok=True)
-                trainer = SftSiteTrainer(cfg.base_model, train_rows, cfg.work_dir)
+                trainer = make_trainer(mode, cfg.base_model, cfg.data.train, cfg.work_dir, cfg.checkpoint_steps,
+                                       cfg.deepspeed)
+                trainer_mode = mode
             global_bytes = client.download_adapter(task.round, task.global_adapter_sha256, task.global_adapter_size)
             global_state = codec.decode_state(global_bytes)
             residual = {}
@@ -99,8 +160,8 @@ def run_site(cfg: SiteConfig, show_progress: bool = True) -> int:
                 _report_eval(client, trainer, task, global_state, heldout_rows)
                 log.info("[Site] federation=%s done after %d rounds", task.federation_id, task.total_rounds)
                 return trained
-            if task.training.mode != "sft":
-                raise SiteRefusal(f"refusing task: training mode {task.training.mode!r} is not supported by this agent")
+            if mode != trainer_mode:
+                raise SiteRefusal("refusing task: the federation changed its training mode mid-run; restart the agent")
             # 5. Train locally.
             with RoundProgress(cfg.name, task.round, task.total_rounds, task.training.max_steps,
                                enabled=show_progress) as bar:
@@ -108,11 +169,18 @@ def run_site(cfg: SiteConfig, show_progress: bool = True) -> int:
             # 6. Only the adapter delta leaves: encode, sign, upload.
             codec.check_against_spec(result.delta, task.adapter_spec)
             payload = codec.encode_state(result.delta)
+            try:
+                check_upload_size(policy, len(payload))
+            except PolicyRefusal as e:
+                audit.record("upload_refused", {"site": cfg.name, "round": task.round, "rule": e.rule})
+                raise
             env = codec.make_envelope(federation_id=task.federation_id, round=task.round, site=cfg.name,
                                       base_model_sha256=task.base_model_sha256, payload=payload,
                                       adapter_spec_sha256=task.adapter_spec.sha256, num_examples=result.num_examples)
             client.upload(codec.sign_envelope(env, signing_key), env, payload)
             log.info("[Site.UploadUpdate] round=%d site=%s bytes=%d accepted", task.round, cfg.name, len(payload))
+            audit.record("update_uploaded", {"site": cfg.name, "round": task.round, "bytes": len(payload),
+                                             "payload_sha256": env.payload_sha256})
             client.report_metrics(task.round, "train", {
                 "loss": result.train_loss, "train_time_s": result.train_time_s, "round_time_s": result.round_time_s,
                 "tokens": float(result.tokens),

@@ -44,6 +44,34 @@ def run(config: Path = typer.Option(..., "--config", "-c", help="site.toml"),
     console.print(f"[green]done[/]: trained {rounds} round(s)")
 
 
+@app.command()
+def preflight(config: Path = typer.Option(..., "--config", "-c", help="site.toml"),
+              require_gpu: bool = typer.Option(False, "--require-gpu", help="fail when no GPU is visible"),
+              timeout: float = typer.Option(5.0, "--timeout", help="seconds to wait for the coordinator")) -> None:
+    """Check the kit (certificates, coordinator, base model, data, disk, GPU) and run one dry training step."""
+    from rich.table import Table
+
+    from protos.tomlconfig import ConfigError
+    from site_agent.config import load_site_config
+    from site_agent.preflight import run_preflight
+
+    setup_logging(False)
+    try:
+        cfg = load_site_config(config)
+    except ConfigError as e:
+        console.print(f"[bold red]FAIL[/] site config: {e}")
+        raise typer.Exit(2) from None
+    table = Table(title=f"preflight: site {cfg.name}")
+    for col in ("check", "result", "detail"):
+        table.add_column(col)
+    rows = run_preflight(cfg, connect_timeout_s=timeout, require_gpu=require_gpu)
+    for row in rows:
+        table.add_row(row.name, "[green]PASS[/]" if row.ok else "[bold red]FAIL[/]", row.detail)
+    Console().print(table)
+    if not all(r.ok for r in rows):
+        raise typer.Exit(1)
+
+
 def main() -> None:
     app()
 

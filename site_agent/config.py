@@ -30,8 +30,9 @@ class SiteData:
     """Private data files; they never leave the site.
 
     Attributes:
-        train: Training jsonl (chat ``messages`` or alpaca).
-        heldout: Held-out jsonl scored against each global adapter (only the metric leaves).
+        train: Training jsonl: chat ``messages``, ShareGPT or alpaca for sft/qlora; ``prompt``/``chosen``/
+            ``rejected`` pairs for dpo/orpo/simpo; ``prompt``/``completion``/``label`` rows for kto.
+        heldout: Held-out chat/ShareGPT/alpaca jsonl scored against each global adapter (only the metric leaves).
     """
 
     train: Path
@@ -55,6 +56,13 @@ class SiteConfig:
         retry_for_s: How long to keep retrying when the coordinator is unreachable.
         lora_rank: LoRA rank this site trains, declared at Join (0: the federation's rank; a lower rank needs a
             mixed-rank strategy such as hetlora).
+        policy: The site's ``policy.toml`` (see :mod:`site_agent.policy`). Unset: the permissive defaults, which
+            still pin the base model by the task's manifest hash and trust only the kit's CA; the agent warns.
+        checkpoint_steps: Save a step checkpoint every this many local steps, so an agent killed mid-round resumes
+            the round there on restart (0: off).
+        deepspeed: A DeepSpeed JSON config (ZeRO stage 1 or 2; mode sft) for training through accelerate/DeepSpeed on a
+            multi-GPU site (launch the agent under ``deepspeed``/``torchrun``); without a launcher it runs
+            single-process. Unset: plain PyTorch.
     """
 
     name: str
@@ -68,12 +76,17 @@ class SiteConfig:
     fetch_wait_ms: int = 15_000
     retry_for_s: float = 300.0
     lora_rank: int = 0
+    policy: Path | None = None
+    checkpoint_steps: int = 0
+    deepspeed: Path | None = None
 
     def __post_init__(self) -> None:
         if ":" not in self.coordinator:
             raise ValueError(f"field 'coordinator': must be host:port, got {self.coordinator!r}")
         if self.lora_rank < 0:
             raise ValueError(f"field 'lora_rank': must be >= 0, got {self.lora_rank}")
+        if self.checkpoint_steps < 0:
+            raise ValueError(f"field 'checkpoint_steps': must be >= 0, got {self.checkpoint_steps}")
         if self.threads < 0:
             raise ValueError(f"field 'threads': must be >= 0, got {self.threads}")
 

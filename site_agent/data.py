@@ -1,11 +1,15 @@
 """Read and validate a site's private training data (jsonl).
 
-Three row formats are understood:
+Five row formats are understood:
 
 - **chat** SFT: ``{"messages": [{"role": "user", "content": "..."}, ..., {"role": "assistant", ...}]}``
+- **sharegpt** SFT: ``{"conversations": [{"from": "human", "value": "..."}, ..., {"from": "gpt", ...}]}`` (ms-swift's
+  and LLaMA-Factory's ShareGPT; ``from`` is ``system``, ``human``/``user`` or ``gpt``/``assistant``)
 - **alpaca** SFT: ``{"instruction": "...", "input": "..." (optional), "output": "..."}``
 - **preference** pairs: ``{"prompt", "chosen", "rejected"}``, all strings, or all lists of messages (TRL's
   conversational preference format).
+- **kto** unpaired rows: ``{"prompt", "completion", "label"}`` with a boolean label (desirable or not); prompt and
+  completion are both strings or both message lists (TRL's unpaired preference format).
 
 The WHOLE file is parsed and validated before anything is returned, so training never starts on a partly bad file.
 Every problem raises :class:`DataError`, which names the file, the 1-based line and the field. Privacy rule: an error
@@ -19,8 +23,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-FORMATS = ("chat", "alpaca", "preference")
+FORMATS = ("chat", "sharegpt", "alpaca", "preference", "kto")
 ROLES = ("system", "user", "assistant")
+# ShareGPT speaker names (ms-swift / LLaMA-Factory) and the chat role each one maps to.
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 _JSON_TYPES = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number",
                type(None): "null"}
@@ -64,15 +70,20 @@ def _json_type(value: Any) -> str:
 
 
 def detect_format(row: dict[str, Any]) -> str | None:
-    """Guess a row's format from its keys: ``"chat"``, ``"preference"``, ``"alpaca"``, or None if none fits.
+    """Guess a row's format from its keys: ``"chat"``, ``"sharegpt"``, ``"preference"``, ``"kto"``, ``"alpaca"``, or
+    None if none fits.
 
     Detection looks only at which format-defining keys are present; the validators then report what is missing or
     malformed, so a row with ``chosen`` but no ``prompt`` is reported as a preference row missing ``prompt``.
     """
     if "messages" in row:
         return "chat"
+    if "conversations" in row:
+        return "sharegpt"
     if "chosen" in row or "rejected" in row:
         return "preference"
+    if "completion" in row or "label" in row:
+        return "kto"
     if "instruction" in row or "output" in row:
         return "alpaca"
     return None
@@ -117,6 +128,42 @@ def _check_chat(row: dict[str, Any]) -> dict[str, Any]:
     return {"messages": _messages(row["messages"], "messages", last_role="assistant")}
 
 
+def _check_sharegpt(row: dict[str, Any]) -> dict[str, Any]:
+    value = row["conversations"]
+    if not isinstance(value, list):
+        raise _RowError("conversations", f"must be a list of turns, got {_json_type(value)}")
+    if not value:
+        raise _RowError("conversations", "must hold at least one turn")
+    out = []
+    for i, turn in enumerate(value):
+        where = f"conversations[{i}]"
+        if not isinstance(turn, dict):
+            raise _RowError(where, f"must be an object, got {_json_type(turn)}")
+        speaker = _string(turn, "from", f"{where}.from")
+        if speaker not in SHAREGPT_ROLES:
+            raise _RowError(f"{where}.from", f"must be one of {', '.join(SHAREGPT_ROLES)}")
+        out.append({"role": SHAREGPT_ROLES[speaker], "content": _string(turn, "value", f"{where}.value")})
+    if out[-1]["role"] != "assistant":
+        raise _RowError(f"conversations[{len(out) - 1}].from", "the last turn must be from gpt (the assistant)")
+    return {"messages": out}
+
+
+def _check_kto(row: dict[str, Any]) -> dict[str, Any]:
+    for key in ("prompt", "completion", "label"):
+        if key not in row:
+            raise _RowError(key, "missing")
+    if not isinstance(row["label"], bool):
+        raise _RowError("label", f"must be true or false, got {_json_type(row['label'])}")
+    if isinstance(row["prompt"], list):
+        return {"prompt": _messages(row["prompt"], "prompt"),
+                "completion": _messages(row["completion"], "completion", last_role="assistant"),
+                "label": row["label"]}
+    if not isinstance(row["prompt"], str):
+        raise _RowError("prompt", f"must be a string or a list of messages, got {_json_type(row['prompt'])}")
+    return {"prompt": _string(row, "prompt", "prompt"), "completion": _string(row, "completion", "completion"),
+            "label": row["label"]}
+
+
 def _check_alpaca(row: dict[str, Any]) -> dict[str, Any]:
     return {"instruction": _string(row, "instruction", "instruction"),
             "input": _string(row, "input", "input", required=False, allow_empty=True),
@@ -137,7 +184,12 @@ def _check_preference(row: dict[str, Any]) -> dict[str, Any]:
     return {key: _string(row, key, key) for key in ("prompt", "chosen", "rejected")}
 
 
-_CHECKS = {"chat": _check_chat, "alpaca": _check_alpaca, "preference": _check_preference}
+_CHECKS = {"chat": _check_chat, "sharegpt": _check_sharegpt, "alpaca": _check_alpaca,
+           "preference": _check_preference, "kto": _check_kto}
+
+
+def _one_of(names: tuple[str, ...]) -> str:
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
 
 
 def _parse_line(raw: bytes) -> dict[str, Any]:
@@ -170,10 +222,11 @@ def _load_rows(path: str | Path, fmt: str, allowed: tuple[str, ...]) -> tuple[st
                 row_fmt = detect_format(row)
                 if file_fmt is None:
                     if row_fmt is None:
-                        raise _RowError(None, "matches no known format (expected 'messages'; 'instruction' and "
-                                              "'output'; or 'prompt', 'chosen' and 'rejected')")
+                        raise _RowError(None, "matches no known format (expected 'messages'; 'conversations'; "
+                                              "'instruction' and 'output'; 'prompt', 'chosen' and 'rejected'; or "
+                                              "'prompt', 'completion' and 'label')")
                     if row_fmt not in allowed:
-                        raise _RowError(None, f"is a {row_fmt} row, expected {' or '.join(allowed)} rows")
+                        raise _RowError(None, f"is a {row_fmt} row, expected {_one_of(allowed)} rows")
                     file_fmt, first_line = row_fmt, line_no
                 elif fmt == "auto" and row_fmt != file_fmt:
                     raise _RowError(None, f"is not a {file_fmt} row like line {first_line}; a file holds one format")
@@ -192,11 +245,12 @@ def load_jsonl(path: str | Path, fmt: str = "auto") -> list[dict[str, Any]]:
 
     Args:
         path: The jsonl file.
-        fmt: ``"chat"``, ``"alpaca"``, ``"preference"``, or ``"auto"`` to detect it from the first row. Every row
-            of a file must have the same format.
+        fmt: ``"chat"``, ``"sharegpt"``, ``"alpaca"``, ``"preference"``, ``"kto"``, or ``"auto"`` to detect it
+            from the first row. Every row of a file must have the same format.
 
     Returns:
-        The validated rows. Message lists keep only ``role`` and ``content``; alpaca rows always have ``input``.
+        The validated rows. Message lists keep only ``role`` and ``content``; alpaca rows always have ``input``;
+        sharegpt rows come back as chat rows ``{"messages": [...]}``.
 
     Raises:
         DataError: On the first problem found; nothing is returned for a file with any bad row.
@@ -212,7 +266,7 @@ def _alpaca_to_chat(row: dict[str, str]) -> dict[str, Any]:
 
 
 def load_sft(path: str | Path) -> list[dict[str, Any]]:
-    """Load a chat or alpaca SFT file as TRL conversational rows ``{"messages": [...]}``.
+    """Load a chat, ShareGPT or alpaca SFT file as TRL conversational rows ``{"messages": [...]}``.
 
     An alpaca row becomes a user turn (the instruction, then a blank line and the input if there is one) and an
     assistant turn (the output).
@@ -220,8 +274,8 @@ def load_sft(path: str | Path) -> list[dict[str, Any]]:
     Raises:
         DataError: For any bad row, or a file of preference pairs.
     """
-    file_fmt, rows = _load_rows(path, "auto", ("chat", "alpaca"))
-    return rows if file_fmt == "chat" else [_alpaca_to_chat(r) for r in rows]
+    file_fmt, rows = _load_rows(path, "auto", ("chat", "sharegpt", "alpaca"))
+    return [_alpaca_to_chat(r) for r in rows] if file_fmt == "alpaca" else rows
 
 
 def load_preference(path: str | Path) -> list[dict[str, Any]]:
@@ -231,3 +285,29 @@ def load_preference(path: str | Path) -> list[dict[str, Any]]:
         DataError: For any bad row, or a file of SFT rows.
     """
     return _load_rows(path, "auto", ("preference",))[1]
+
+
+def load_kto(path: str | Path) -> list[dict[str, Any]]:
+    """Load a KTO file as TRL unpaired rows ``{"prompt", "completion", "label"}`` (strings or message lists).
+
+    Raises:
+        DataError: For any bad row, or a file of another format.
+    """
+    return _load_rows(path, "auto", ("kto",))[1]
+
+
+def load_for_mode(path: str | Path, mode: str) -> list[dict[str, Any]]:
+    """Load a training file in the format ``mode`` trains on: SFT rows for sft/qlora, KTO rows for kto, and
+    preference pairs for dpo/orpo/simpo.
+
+    Raises:
+        DataError: For any bad row, or a file in another format than the mode needs.
+        ValueError: An unknown mode.
+    """
+    if mode in ("sft", "qlora"):
+        return load_sft(path)
+    if mode == "kto":
+        return load_kto(path)
+    if mode in ("dpo", "orpo", "simpo"):
+        return load_preference(path)
+    raise ValueError(f"unknown training mode {mode!r}")

@@ -7,8 +7,12 @@ adapter, resets the optimizer and trains ``max_steps`` steps. Only the adapter d
 from __future__ import annotations
 
 import functools
+import gc
+import hashlib
 import logging
 import math
+import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -69,26 +73,41 @@ class _Progress:
 
 
 class SftSiteTrainer:
-    """LoRA supervised fine-tuning of the site's private chat data.
+    """LoRA supervised fine-tuning of the site's private chat data (QLoRA when ``quantize``).
 
     Args:
         base_model: Verified local base model directory.
         train_rows: Rows in ``{"messages": [...]}`` form (already validated).
         work_dir: Scratch directory for the trainer.
+        quantize: Load the base in 4-bit nf4 with double quantization (QLoRA, Dettmers et al., 2023); the LoRA
+            weights, and so the delta, stay float32.
+        checkpoint_steps: Save a step checkpoint (adapter, optimizer, scheduler, RNG) every this many steps, so a
+            site killed mid-round resumes that round where it stopped; 0: off.
+        deepspeed: A DeepSpeed config (ZeRO stage 1 or 2) for training through accelerate/DeepSpeed; on CPU, or
+            outside a launcher, it runs single-process on gloo. None: plain PyTorch.
     """
 
-    def __init__(self, base_model: Path, train_rows: list[dict[str, Any]], work_dir: Path) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    def __init__(self, base_model: Path, train_rows: list[dict[str, Any]], work_dir: Path,
+                 quantize: bool = False, checkpoint_steps: int = 0, deepspeed: dict[str, Any] | None = None) -> None:
+        from transformers import AutoTokenizer
 
         self.base_model = Path(base_model)
         self.work_dir = Path(work_dir)
+        self.quantized = quantize
+        self.checkpoint_steps = checkpoint_steps
+        self.deepspeed = check_deepspeed(deepspeed) if deepspeed else None
+        self.resumed_from_step = 0  # the step the last round resumed from (0: it started fresh)
         self.tokenizer = AutoTokenizer.from_pretrained(self.base_model)
-        self._base = AutoModelForCausalLM.from_pretrained(self.base_model, dtype=torch.float32)
+        self._base = load_base(self.base_model, quantize)
         self._rows = train_rows
         self._dataset: Any = None  # tokenised once by the first SFTTrainer, reused after
         self.model: Any = None
         self._spec_sha = ""
         self._pristine: dict[str, torch.Tensor] = {}  # base weights before any residual was folded in
+        # Keep the long-lived model and libraries out of every later collection: train_round collects each round's
+        # trainer, and that then costs milliseconds instead of half a second. Collect first, so no garbage is frozen.
+        gc.collect()
+        gc.freeze()
 
     def _ensure_model(self, spec: pb.AdapterSpec) -> Any:
         from peft import get_peft_model
@@ -119,6 +138,8 @@ class SftSiteTrainer:
         Raises:
             ValueError: A name that is not a base weight, a shape mismatch, or a non-finite value.
         """
+        if residual and self.quantized:
+            raise ValueError("a base residual cannot be folded into a 4-bit (qlora) base model")
         params = dict(self._base.named_parameters())
         for name, value in residual.items():
             target = name if name in params else name.replace(".weight", ".base_layer.weight")
@@ -164,19 +185,21 @@ class SftSiteTrainer:
         self.load_adapter(task.adapter_spec, global_state)
         trainable = self._set_trainable(freeze_lora_a=task.hints.freeze_lora_a)
         args = SFTConfig(
-            output_dir=str(self.work_dir / "trainer"), max_steps=t.max_steps,
+            max_steps=t.max_steps,
             per_device_train_batch_size=t.per_device_batch_size,
             gradient_accumulation_steps=max(1, t.gradient_accumulation_steps), learning_rate=t.learning_rate,
             weight_decay=t.weight_decay, warmup_steps=t.warmup_ratio, lr_scheduler_type=_scheduler(t),
             max_length=t.max_length, seed=t.seed + task.round, data_seed=t.seed + task.round,
             assistant_only_loss=True, use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
-            save_strategy="no", report_to=[], logging_steps=max(1, t.max_steps // 4), disable_tqdm=True,
+            report_to=[], logging_steps=max(1, t.max_steps // 4), disable_tqdm=True,
+            **checkpoint_args(self.work_dir, task, self.checkpoint_steps), deepspeed=self.deepspeed,
             dataloader_num_workers=0, remove_unused_columns=True)
-        trainer = _sft_trainer_cls()(
+        trainer = proximal_trainer_cls("sft")(
             model=self.model, args=args, processing_class=self.tokenizer,
             train_dataset=self._dataset if self._dataset is not None else _as_dataset(self._rows),
             callbacks=[_Progress(progress)] if progress else None)
         # FedProx (Li et al., MLSys 2020): mu/2 * ||w - w_global||^2 over the trainable adapter weights.
+        keep_adapter_dtype(self.model)
         trainer.proximal_mu = float(task.hints.proximal_mu)
         trainer.proximal_ref = {n: p.detach().clone() for n, p in trainable.items()} if trainer.proximal_mu > 0 else {}
         from transformers.trainer_callback import PrinterCallback
@@ -185,8 +208,10 @@ class SftSiteTrainer:
         if self._dataset is None:
             self._dataset = trainer.train_dataset
         start = time.perf_counter()
-        out = trainer.train()
+        out = trainer.train(resume_from_checkpoint=self._resume_point(args.output_dir))
+        train_loss = float(out.training_loss)
         train_time = time.perf_counter() - start
+        self.last_engine = type(trainer.model_wrapped).__name__  # "DeepSpeedEngine" when DeepSpeed trained the round
         local = self.adapter_state()
         delta = {k: (local[k] - global_state[k]).to(global_state[k].dtype).contiguous() for k in global_state}
         examples = t.max_steps * t.per_device_batch_size * max(1, t.gradient_accumulation_steps)
@@ -194,8 +219,24 @@ class SftSiteTrainer:
         if not tokens:
             lengths = [len(x) for x in self._dataset["input_ids"]]
             tokens = int(sum(lengths) / max(1, len(lengths)) * examples)
-        return RoundResult(delta, examples, float(out.training_loss), train_time, tokens,
+        if self.checkpoint_steps:  # the round is done: its step checkpoints must not resume a later run
+            shutil.rmtree(args.output_dir, ignore_errors=True)
+        # The TRL trainer sits in reference cycles with its optimizer state; a long-lived agent that leaves them to
+        # the cyclic collector trains later rounds measurably slower (site_train bench), so free them now.
+        del trainer, out
+        gc.collect()
+        return RoundResult(delta, examples, train_loss, train_time, tokens,
                            time.perf_counter() - round_start)
+
+    def _resume_point(self, output_dir: str) -> str | None:
+        """The last step checkpoint of this exact round and task, if a killed run left one."""
+        from transformers.trainer_utils import get_last_checkpoint
+
+        last = get_last_checkpoint(output_dir) if self.checkpoint_steps and Path(output_dir).is_dir() else None
+        self.resumed_from_step = int(last.rsplit("-", 1)[1]) if last else 0
+        if last:
+            log.info("[Site.Train] resuming the round from step %d", self.resumed_from_step)
+        return last
 
     @torch.no_grad()
     def evaluate(self, spec: pb.AdapterSpec, state: dict[str, torch.Tensor], rows: list[dict[str, Any]],
@@ -239,6 +280,50 @@ class SftSiteTrainer:
         return mean, count
 
 
+def check_deepspeed(config: dict[str, Any]) -> dict[str, Any]:
+    """Check a site's DeepSpeed config and prepare a single-process run when no launcher set one up.
+
+    ZeRO-3 partitions the parameters themselves, so reading the adapter delta (and reusing the model across rounds)
+    needs gathering that this trainer does not do yet: it is refused rather than silently sending wrong tensors.
+
+    Raises:
+        ImportError: deepspeed is not installed (the ``site`` extra).
+        ValueError: ZeRO stage 3, or an unknown stage.
+    """
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError as e:
+        raise ImportError("a DeepSpeed config needs deepspeed: install the 'site' extra (pip install "
+                          "'fedbridge[site]')") from e
+    stage = int(config.get("zero_optimization", {}).get("stage", 0))
+    if stage not in (0, 1, 2):
+        raise ValueError(f"DeepSpeed ZeRO stage {stage} is not supported by the site trainer yet (use 1 or 2)")
+    if "RANK" not in os.environ:  # no torchrun/deepspeed launcher: one process on gloo (FIELD-NOTES)
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    return config
+
+
+def checkpoint_args(work_dir: Path, task: pb.Task, every: int) -> dict[str, Any]:
+    """Trainer arguments for step checkpoints of this round, in a folder keyed by everything that shapes the round.
+
+    The key covers the federation, round, global adapter, adapter spec, training config and hints, so a checkpoint
+    only ever resumes the very same round of the very same task.
+    """
+    if not every:
+        return {"output_dir": str(work_dir / "trainer"), "save_strategy": "no"}
+    key = hashlib.sha256(b"\0".join([task.federation_id.encode(), str(task.round).encode(),
+                                      task.global_adapter_sha256.encode(), task.adapter_spec.sha256.encode(),
+                                      task.training.SerializeToString(deterministic=True),
+                                      task.hints.SerializeToString(deterministic=True)])).hexdigest()[:16]
+    return {"output_dir": str(work_dir / "checkpoints" / f"round-{task.round}-{key}"), "save_strategy": "steps",
+            "save_steps": every, "save_total_limit": 1}
+
+
 def _scheduler(t: pb.TrainingConfig) -> str:
     kind = t.lr_scheduler_type or "constant"
     if kind not in ("constant", "linear", "cosine"):
@@ -246,12 +331,63 @@ def _scheduler(t: pb.TrainingConfig) -> str:
     return "constant_with_warmup" if kind == "constant" and t.warmup_ratio > 0 else kind
 
 
-@functools.cache
-def _sft_trainer_cls() -> Any:
-    """TRL's SFTTrainer plus an optional FedProx proximal term (``proximal_mu``, ``proximal_ref``)."""
-    from trl import SFTTrainer
+def load_base(base_model: Path, quantize: bool = False) -> Any:
+    """Load the base model in float32, or in 4-bit nf4 with double quantization and float32 compute (QLoRA).
 
-    class FedSFTTrainer(SFTTrainer):
+    Raises:
+        ImportError: ``quantize`` without bitsandbytes installed (the ``site`` extra).
+    """
+    from transformers import AutoModelForCausalLM
+
+    if not quantize:
+        return AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as e:
+        raise ImportError("mode 'qlora' needs bitsandbytes: install the 'site' extra (pip install "
+                          "'fedbridge[site]')") from e
+    from transformers import BitsAndBytesConfig
+
+    # fp32 compute: bf16 is about 13x slower on CPUs without bf16 instructions (FIELD-NOTES).
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.uint8)
+    device_map = "auto" if torch.cuda.is_available() else "cpu"
+    return AutoModelForCausalLM.from_pretrained(base_model, quantization_config=quant, device_map=device_map,
+                                                dtype=torch.float32)
+
+
+def keep_adapter_dtype(model: Any) -> None:
+    """Undo TRL's cast of LoRA weights to bf16 on a quantized base: the adapter spec (and the wire) is float32.
+
+    TRL 1.16 casts every trainable parameter of a quantized model to bf16 in its trainer's constructor (QLoRA paper
+    recommendation); the optimizer is built later, in ``train()``, so restoring float32 here is safe.
+    """
+    for name, param in model.named_parameters():
+        if "lora_" in name and param.dtype != torch.float32:
+            param.data = param.data.to(torch.float32)
+
+
+@functools.cache
+def proximal_trainer_cls(mode: str) -> Any:
+    """TRL's trainer for ``mode`` plus an optional FedProx proximal term (``proximal_mu``, ``proximal_ref``).
+
+    ``sft``/``qlora``: SFTTrainer; ``dpo``: DPOTrainer; ``kto``: KTOTrainer; ``orpo``: ORPOTrainer; ``simpo``:
+    CPOTrainer (TRL implements SimPO as CPO with ``loss_type="simpo"``).
+    """
+    if mode in ("sft", "qlora"):
+        from trl import SFTTrainer as Base
+    elif mode == "dpo":
+        from trl import DPOTrainer as Base
+    elif mode == "kto":
+        from trl import KTOTrainer as Base
+    elif mode == "orpo":
+        from trl.experimental.orpo import ORPOTrainer as Base
+    elif mode == "simpo":
+        from trl.experimental.cpo import CPOTrainer as Base
+    else:
+        raise ValueError(f"unknown training mode {mode!r}")
+
+    class FedTrainer(Base):  # type: ignore[misc,valid-type]
         proximal_mu: float = 0.0
         proximal_ref: dict[str, torch.Tensor] = {}
 
@@ -266,7 +402,8 @@ def _sft_trainer_cls() -> Any:
                 return out[0] + 0.5 * self.proximal_mu * prox, out[1]
             return out + 0.5 * self.proximal_mu * prox
 
-    return FedSFTTrainer
+    FedTrainer.__name__ = f"Fed{Base.__name__}"
+    return FedTrainer
 
 
 def _as_dataset(rows: list[dict[str, Any]]) -> Any:

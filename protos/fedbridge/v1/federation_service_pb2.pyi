@@ -63,7 +63,7 @@ class AdapterSpec(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., alpha: _Optional[float] = ..., dropout: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class TrainingConfig(_message.Message):
-    __slots__ = ("mode", "max_steps", "learning_rate", "per_device_batch_size", "gradient_accumulation_steps", "max_length", "seed", "weight_decay", "warmup_ratio", "lr_scheduler_type")
+    __slots__ = ("mode", "max_steps", "learning_rate", "per_device_batch_size", "gradient_accumulation_steps", "max_length", "seed", "weight_decay", "warmup_ratio", "lr_scheduler_type", "beta", "loss_type", "rpo_alpha", "simpo_gamma", "cpo_alpha", "desirable_weight", "undesirable_weight", "label_smoothing")
     MODE_FIELD_NUMBER: _ClassVar[int]
     MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
@@ -74,6 +74,14 @@ class TrainingConfig(_message.Message):
     WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
     WARMUP_RATIO_FIELD_NUMBER: _ClassVar[int]
     LR_SCHEDULER_TYPE_FIELD_NUMBER: _ClassVar[int]
+    BETA_FIELD_NUMBER: _ClassVar[int]
+    LOSS_TYPE_FIELD_NUMBER: _ClassVar[int]
+    RPO_ALPHA_FIELD_NUMBER: _ClassVar[int]
+    SIMPO_GAMMA_FIELD_NUMBER: _ClassVar[int]
+    CPO_ALPHA_FIELD_NUMBER: _ClassVar[int]
+    DESIRABLE_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    UNDESIRABLE_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    LABEL_SMOOTHING_FIELD_NUMBER: _ClassVar[int]
     mode: str
     max_steps: int
     learning_rate: float
@@ -84,7 +92,15 @@ class TrainingConfig(_message.Message):
     weight_decay: float
     warmup_ratio: float
     lr_scheduler_type: str
-    def __init__(self, mode: _Optional[str] = ..., max_steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., per_device_batch_size: _Optional[int] = ..., gradient_accumulation_steps: _Optional[int] = ..., max_length: _Optional[int] = ..., seed: _Optional[int] = ..., weight_decay: _Optional[float] = ..., warmup_ratio: _Optional[float] = ..., lr_scheduler_type: _Optional[str] = ...) -> None: ...
+    beta: float
+    loss_type: str
+    rpo_alpha: float
+    simpo_gamma: float
+    cpo_alpha: float
+    desirable_weight: float
+    undesirable_weight: float
+    label_smoothing: float
+    def __init__(self, mode: _Optional[str] = ..., max_steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., per_device_batch_size: _Optional[int] = ..., gradient_accumulation_steps: _Optional[int] = ..., max_length: _Optional[int] = ..., seed: _Optional[int] = ..., weight_decay: _Optional[float] = ..., warmup_ratio: _Optional[float] = ..., lr_scheduler_type: _Optional[str] = ..., beta: _Optional[float] = ..., loss_type: _Optional[str] = ..., rpo_alpha: _Optional[float] = ..., simpo_gamma: _Optional[float] = ..., cpo_alpha: _Optional[float] = ..., desirable_weight: _Optional[float] = ..., undesirable_weight: _Optional[float] = ..., label_smoothing: _Optional[float] = ...) -> None: ...
 
 class Task(_message.Message):
     __slots__ = ("federation_id", "round", "total_rounds", "base_model_sha256", "base_model_ref", "training", "adapter_spec", "global_adapter_sha256", "global_adapter_size", "deadline_unix_ms", "hints", "base_residual_sha256", "base_residual_size")

@@ -1,0 +1,124 @@
+"""The task loop routes a task's mode to its trainer and uploads only a delta of the spec (KTO here, end to end)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from coordinator.adapter import init_adapter
+from coordinator.config import LoraSpec
+from protos import codec
+from protos.fedbridge.v1 import federation_service_pb2 as pb
+from protos.manifest import Manifest
+from site_agent import agent
+from site_agent.config import SiteConfig, SiteData, SiteTls
+from site_agent.policy import PolicyRefusal
+
+CANARY = "CANARY-agent-kto-row"
+
+
+def _kit(tmp_path: Path, train_rows: list[dict], policy: str = "") -> SiteConfig:
+    (tmp_path / "sign.pem").write_bytes(Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    (tmp_path / "ca.pem").write_text("unused: the policy trusts any CA\n")
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train_rows))
+    (tmp_path / "policy.toml").write_text(policy)
+    tls = SiteTls(ca=tmp_path / "ca.pem", cert=tmp_path / "c.pem", key=tmp_path / "k.pem",
+                  signing_key=tmp_path / "sign.pem")
+    return SiteConfig(name="s1", coordinator="localhost:1", base_model=Path(), tls=tls,
+                      data=SiteData(train=tmp_path / "train.jsonl"), work_dir=tmp_path / "work",
+                      policy=tmp_path / "policy.toml")
+
+
+def _fake_client(task: pb.Task, global_bytes: bytes, uploads: list[bytes]):  # type: ignore[no-untyped-def]
+    class Client:
+        def __init__(self, cfg: SiteConfig) -> None:
+            self.polls = 0
+
+        def join(self, agent_version: str, lora_rank: int = 0) -> pb.JoinResponse:
+            return pb.JoinResponse(federation_id="f", site="s1")
+
+        def fetch_task(self, wait_ms: int) -> pb.FetchTaskResponse:
+            self.polls += 1
+            status = pb.TASK_STATUS_TRAIN if self.polls == 1 else pb.TASK_STATUS_DONE
+            return pb.FetchTaskResponse(status=status, task=task)
+
+        def download_adapter(self, round: int, sha256: str, size: int, artifact: int = 0) -> bytes:
+            return global_bytes
+
+        def upload(self, signed: pb.SignedEnvelope, env: pb.UpdateEnvelope, payload: bytes) -> None:
+            uploads.append(payload)
+
+        def report_metrics(self, *a, **kw) -> None:  # type: ignore[no-untyped-def]
+            pass
+
+        def close(self) -> None:
+            pass
+
+    return Client
+
+
+@pytest.fixture(scope="module")
+def federation(tiny_model_dir: Path):  # type: ignore[no-untyped-def]
+    init = init_adapter(tiny_model_dir, LoraSpec(rank=4, alpha=8.0, target_modules=("q_proj", "v_proj")))
+    blob = codec.encode_state(init.state)
+    return init, blob, Manifest.of_dir(tiny_model_dir).sha256
+
+
+def _task(init, base_sha: str, blob: bytes, mode: str) -> pb.Task:  # type: ignore[no-untyped-def]
+    return pb.Task(federation_id="f", round=1, total_rounds=1, base_model_sha256=base_sha, adapter_spec=init.spec,
+                   global_adapter_sha256=codec.sha256_hex(blob), global_adapter_size=len(blob),
+                   training=pb.TrainingConfig(mode=mode, max_steps=2, learning_rate=1e-2, per_device_batch_size=4,
+                                              max_length=64, seed=0, beta=0.2))
+
+
+def test_kto_task_trains_and_uploads_only_the_delta(tiny_model_dir: Path, federation, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare
+    init, blob, base_sha = federation
+    rows = [{"prompt": f"{CANARY} {i} plus three?", "completion": str(i + 3), "label": bool(i % 2)} for i in range(8)]
+    cfg = _kit(tmp_path, rows, policy='allowed_modes = ["kto"]\nmax_steps = 2\n')
+    cfg = SiteConfig(**{**cfg.__dict__, "base_model": tiny_model_dir})
+    uploads: list[bytes] = []
+    monkeypatch.setattr(agent, "CoordinatorClient", _fake_client(_task(init, base_sha, blob, "kto"), blob, uploads))
+
+    # Execute
+    trained = agent.run_site(cfg, show_progress=False)
+
+    # Assert
+    assert trained == 1 and len(uploads) == 1
+    delta = codec.decode_state(uploads[0])
+    codec.check_against_spec(delta, init.spec)
+    assert CANARY.encode() not in uploads[0]
+
+
+def test_data_that_does_not_suit_the_mode_is_refused(tiny_model_dir: Path, federation, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: chat SFT data, a DPO task
+    init, blob, base_sha = federation
+    rows = [{"messages": [{"role": "user", "content": CANARY}, {"role": "assistant", "content": "ok"}]}]
+    cfg = SiteConfig(**{**_kit(tmp_path, rows).__dict__, "base_model": tiny_model_dir})
+    uploads: list[bytes] = []
+    monkeypatch.setattr(agent, "CoordinatorClient", _fake_client(_task(init, base_sha, blob, "dpo"), blob, uploads))
+
+    # Execute
+    with pytest.raises(agent.SiteRefusal) as err:
+        agent.run_site(cfg, show_progress=False)
+
+    # Assert
+    assert "does not suit mode 'dpo'" in str(err.value) and "train.jsonl:1" in str(err.value)
+    assert CANARY not in str(err.value) and uploads == []
+
+
+def test_mode_outside_policy_is_refused(tiny_model_dir: Path, federation, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    init, blob, base_sha = federation
+    rows = [{"prompt": "p", "chosen": "c", "rejected": "r"}]
+    cfg = SiteConfig(**{**_kit(tmp_path, rows, 'allowed_modes = ["sft"]\n').__dict__, "base_model": tiny_model_dir})
+    monkeypatch.setattr(agent, "CoordinatorClient", _fake_client(_task(init, base_sha, blob, "orpo"), blob, []))
+    with pytest.raises(PolicyRefusal, match="rule 'allowed_modes'"):
+        agent.run_site(cfg, show_progress=False)
