@@ -28,7 +28,13 @@ def serve(config: Path = typer.Option(..., "--config", "-c", help="federation.to
     except ConfigError as e:
         console.print(f"[bold red]config error:[/] {e}")
         raise typer.Exit(2) from None
-    asyncio.run(serve_async(cfg))
+    from coordinator.server import CoordinatorFailed
+
+    try:
+        asyncio.run(serve_async(cfg))
+    except CoordinatorFailed as e:
+        console.print(f"[bold red]coordinator stopped:[/] {e}")
+        raise typer.Exit(1) from None
 
 
 @app.command("dev-pki")

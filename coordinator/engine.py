@@ -103,6 +103,9 @@ class RoundEngine:
         self._lock = asyncio.Lock()
         self._projected: dict[tuple[int, int], bytes] = {}
         self.finished = asyncio.Event()
+        self.failed = asyncio.Event()
+        self.fatal: BaseException | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
         self.strategy = build_strategy(config.strategy, config.strategy_params)
         # HetLoRA / FlexLoRA: each site trains at the rank it declared at Join; others train the federation's rank.
         self.project_to_site = SITE_RANK_RULES.get(self.strategy.name)
@@ -166,6 +169,23 @@ class RoundEngine:
                     break
                 self._notify()
         self._notify()
+
+    def _advance_in_background(self) -> None:
+        """Run :meth:`_advance` as a task that is kept referenced and whose failure is never silent."""
+        task = asyncio.get_running_loop().create_task(self._advance())
+        self._tasks.add(task)
+        task.add_done_callback(self._advance_done)
+
+    def _advance_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled() or task.exception() is None:
+            return
+        # A failed aggregation/evaluation/publication would otherwise leave every site long-polling forever. Stop
+        # loudly instead: the store is consistent, so a restarted coordinator resumes from the same point.
+        self.fatal = task.exception()
+        log.error("[RoundEngine] round engine failed; stopping the coordinator (a restart resumes from the store)",
+                  exc_info=self.fatal)
+        self.failed.set()
 
     def _notify(self) -> None:
         self._changed.set()
@@ -350,7 +370,7 @@ class RoundEngine:
         if up.offset < up.env.payload_size:
             return UploadResult(False, up.offset, update_id)
         self._accept(peer, up)
-        asyncio.get_running_loop().create_task(self._advance())
+        self._advance_in_background()
         return UploadResult(True, up.offset, update_id)
 
     def _accept(self, peer: PeerIdentity, up: _Upload) -> UpdateRow:

@@ -27,6 +27,10 @@ MAX_MESSAGE = 8 << 20
 DRAIN_TIMEOUT_S = 120.0
 
 
+class CoordinatorFailed(RuntimeError):
+    """The round engine hit an error it cannot recover from by itself (details in the log)."""
+
+
 class InboundRecorder(grpc.aio.ServerInterceptor):
     """Appends the raw bytes of every inbound request message to a file (length-prefixed).
 
@@ -105,10 +109,19 @@ async def serve(cfg: FederationConfig, stop: asyncio.Event | None = None) -> Non
         await asyncio.sleep(0.5)  # let the last responses go out
         stop.set()
 
-    watcher = asyncio.create_task(until_drained()) if cfg.exit_when_done else None
+    async def until_failed() -> None:
+        await engine.failed.wait()
+        stop.set()
+
+    watchers = [asyncio.create_task(until_failed())]
+    if cfg.exit_when_done:
+        watchers.append(asyncio.create_task(until_drained()))
     await stop.wait()
-    if watcher:
-        watcher.cancel()
+    for w in watchers:
+        w.cancel()
     await server.stop(grace=2)
     store.close()
     log.info("[Coordinator] federation=%s stopped", cfg.federation_id)
+    if engine.fatal is not None:
+        raise CoordinatorFailed(f"the round engine failed: {engine.fatal!r}; the state in {cfg.state_dir} is "
+                                "consistent and a restart resumes from it") from engine.fatal

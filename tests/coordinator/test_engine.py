@@ -299,3 +299,22 @@ def test_rank_mismatch_refused_without_mixed_rank_strategy(tmp_path: Path) -> No
     eng = _engine(tmp_path)
     with pytest.raises(WrongRound, match="mixed ranks need hetlora"):
         eng.join(Site("low").peer, "t", 1)
+
+
+def test_a_failing_round_stops_loudly_instead_of_hanging(tmp_path: Path) -> None:
+    async def main() -> None:
+        eng = _engine(tmp_path, min_sites=1)
+        await eng.start()
+
+        def broken(round: int, ups: object) -> None:
+            raise RuntimeError("disk full")
+
+        eng._aggregate = broken  # type: ignore[method-assign]
+        a = Site("a")
+        s, p = a.update(1, _delta(1.0, 1.0))
+        assert (await eng.receive_upload(a.peer, _chunks(s, p))).accepted  # stored before the failure
+        await asyncio.wait_for(eng.failed.wait(), 5)
+        assert isinstance(eng.fatal, RuntimeError) and "disk full" in str(eng.fatal)
+        assert [u.site for u in eng.store.updates(1)] == ["a"]  # nothing lost: a restart aggregates it
+        assert eng.store.rounds()[0].state == "open"
+    asyncio.run(main())
