@@ -18,6 +18,7 @@ from protos.manifest import ManifestMismatch, verify_model_dir
 from site_agent.client import CoordinatorClient
 from site_agent.config import SiteConfig
 from site_agent.data import load_for_mode, load_jsonl, load_sft
+from site_agent.evaluation import is_mcq, mcq_accuracy
 from site_agent.policy import (
     AuditSink,
     LogAuditSink,
@@ -199,5 +200,9 @@ def _report_eval(client: CoordinatorClient, trainer, task: pb.Task, state: dict[
     if not heldout_rows:
         return
     loss, tokens = trainer.evaluate(task.adapter_spec, state, heldout_rows)
-    client.report_metrics(task.round, "eval_global", {"loss": loss, "tokens": float(tokens)}, len(heldout_rows))
-    log.info("[Site.Eval] round=%d heldout_loss=%.4f", task.round, loss)
+    metrics = {"loss": loss, "tokens": float(tokens)}
+    if is_mcq(heldout_rows):  # evaluate() left the global adapter loaded; only the fraction correct leaves
+        metrics["accuracy"] = mcq_accuracy(trainer.model, trainer.tokenizer, heldout_rows)
+    client.report_metrics(task.round, "eval_global", metrics, len(heldout_rows))
+    log.info("[Site.Eval] round=%d heldout_loss=%.4f accuracy=%s", task.round, loss,
+             f"{metrics['accuracy']:.4f}" if "accuracy" in metrics else "n/a")

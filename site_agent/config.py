@@ -32,7 +32,8 @@ class SiteData:
     Attributes:
         train: Training jsonl: chat ``messages``, ShareGPT or alpaca for sft/qlora; ``prompt``/``chosen``/
             ``rejected`` pairs for dpo/orpo/simpo; ``prompt``/``completion``/``label`` rows for kto.
-        heldout: Held-out chat/ShareGPT/alpaca jsonl scored against each global adapter (only the metric leaves).
+        heldout: Held-out chat/ShareGPT/alpaca jsonl scored against each global adapter (only the metrics leave):
+            loss, plus accuracy when every row is multiple-choice (see :mod:`site_agent.evaluation`).
     """
 
     train: Path

@@ -141,7 +141,7 @@ class PreferenceSiteTrainer(SftSiteTrainer):
         self.last_log_history: list[dict[str, float]] = []
         try:
             start = time.perf_counter()
-            out = trainer.train(resume_from_checkpoint=self._resume_point(trainer.args.output_dir))
+            out = trainer.train(resume_from_checkpoint=self._resume_point(trainer.args.output_dir, task.round))
             train_loss = float(out.training_loss)
             train_time = time.perf_counter() - start
             self.last_log_history = [dict(h) for h in trainer.state.log_history]

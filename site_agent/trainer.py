@@ -173,7 +173,8 @@ class SftSiteTrainer:
     def adapter_state(self) -> dict[str, torch.Tensor]:
         from peft import get_peft_model_state_dict
 
-        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.model).items()}
+        # On CPU so the delta is computed and encoded where the global state lives, whatever device trained.
+        return {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(self.model).items()}
 
     def train_round(self, task: pb.Task, global_state: dict[str, torch.Tensor],
                     progress: Callable[[int, int, float | None], None] | None = None) -> RoundResult:
@@ -190,8 +191,8 @@ class SftSiteTrainer:
             gradient_accumulation_steps=max(1, t.gradient_accumulation_steps), learning_rate=t.learning_rate,
             weight_decay=t.weight_decay, warmup_steps=t.warmup_ratio, lr_scheduler_type=_scheduler(t),
             max_length=t.max_length, seed=t.seed + task.round, data_seed=t.seed + task.round,
-            assistant_only_loss=True, use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
-            report_to=[], logging_steps=max(1, t.max_steps // 4), disable_tqdm=True,
+            assistant_only_loss=True, use_cpu=not torch.cuda.is_available(), bf16=False, fp16=False,
+            gradient_checkpointing=False, report_to=[], logging_steps=max(1, t.max_steps // 4), disable_tqdm=True,
             **checkpoint_args(self.work_dir, task, self.checkpoint_steps), deepspeed=self.deepspeed,
             dataloader_num_workers=0, remove_unused_columns=True)
         trainer = proximal_trainer_cls("sft")(
@@ -208,7 +209,7 @@ class SftSiteTrainer:
         if self._dataset is None:
             self._dataset = trainer.train_dataset
         start = time.perf_counter()
-        out = trainer.train(resume_from_checkpoint=self._resume_point(args.output_dir))
+        out = trainer.train(resume_from_checkpoint=self._resume_point(args.output_dir, task.round))
         train_loss = float(out.training_loss)
         train_time = time.perf_counter() - start
         self.last_engine = type(trainer.model_wrapped).__name__  # "DeepSpeedEngine" when DeepSpeed trained the round
@@ -228,15 +229,19 @@ class SftSiteTrainer:
         return RoundResult(delta, examples, train_loss, train_time, tokens,
                            time.perf_counter() - round_start)
 
-    def _resume_point(self, output_dir: str) -> str | None:
-        """The last step checkpoint of this exact round and task, if a killed run left one."""
-        from transformers.trainer_utils import get_last_checkpoint
+    def _resume_point(self, output_dir: str, round: int) -> str | None:
+        """The last complete step checkpoint of this exact round and task, if a killed run left one.
 
-        last = get_last_checkpoint(output_dir) if self.checkpoint_steps and Path(output_dir).is_dir() else None
-        self.resumed_from_step = int(last.rsplit("-", 1)[1]) if last else 0
-        if last:
-            log.info("[Site.Train] resuming the round from step %d", self.resumed_from_step)
-        return last
+        The trainer writes ``trainer_state.json`` last, so a checkpoint without it was cut off mid-save by the kill
+        and is skipped (the previous one is only rotated away after the next one is complete).
+        """
+        done = sorted(((int(p.name.rsplit("-", 1)[1]), p) for p in Path(output_dir).glob("checkpoint-*")
+                       if p.name.rsplit("-", 1)[1].isdigit() and (p / "trainer_state.json").is_file()),
+                      key=lambda x: x[0]) if self.checkpoint_steps else []
+        self.resumed_from_step, last = done[-1] if done else (0, None)
+        if last is not None:
+            log.info("[Site.train] round=%d resuming from step %d", round, self.resumed_from_step)
+        return str(last) if last is not None else None
 
     @torch.no_grad()
     def evaluate(self, spec: pb.AdapterSpec, state: dict[str, torch.Tensor], rows: list[dict[str, Any]],
@@ -264,8 +269,9 @@ class SftSiteTrainer:
                 ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids_list])
                 attn = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids_list])
                 labels = torch.tensor([x + [-100] * (width - len(x)) for x in labels_list])
-                logits = self.model(input_ids=ids, attention_mask=attn).logits[:, :-1]
-                target = labels[:, 1:]
+                device = self.model.get_input_embeddings().weight.device
+                logits = self.model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits[:, :-1]
+                target = labels[:, 1:].to(device)
                 loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
                                                          target.reshape(-1), ignore_index=-100, reduction="sum")
                 total += float(loss)
@@ -332,7 +338,7 @@ def _scheduler(t: pb.TrainingConfig) -> str:
 
 
 def load_base(base_model: Path, quantize: bool = False) -> Any:
-    """Load the base model in float32, or in 4-bit nf4 with double quantization and float32 compute (QLoRA).
+    """Load the base model in float32, or in 4-bit nf4 with double quantization (QLoRA; bf16 compute on CUDA).
 
     Raises:
         ImportError: ``quantize`` without bitsandbytes installed (the ``site`` extra).
@@ -348,9 +354,11 @@ def load_base(base_model: Path, quantize: bool = False) -> Any:
                           "'fedbridge[site]')") from e
     from transformers import BitsAndBytesConfig
 
-    # fp32 compute: bf16 is about 13x slower on CPUs without bf16 instructions (FIELD-NOTES).
+    # bf16 compute on CUDA (QLoRA paper); fp32 on CPU, where bf16 is about 13x slower without bf16 instructions
+    # (FIELD-NOTES). The LoRA weights, and so the delta, stay float32 either way (keep_adapter_dtype).
+    compute = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.uint8)
+                               bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=torch.uint8)
     device_map = "auto" if torch.cuda.is_available() else "cpu"
     return AutoModelForCausalLM.from_pretrained(base_model, quantization_config=quant, device_map=device_map,
                                                 dtype=torch.float32)
@@ -397,7 +405,7 @@ def proximal_trainer_cls(mode: str) -> Any:
             if self.proximal_mu <= 0:
                 return out
             params = dict(model.named_parameters())
-            prox = sum(((params[n] - ref) ** 2).sum() for n, ref in self.proximal_ref.items())
+            prox = sum(((params[n] - ref.to(params[n].device)) ** 2).sum() for n, ref in self.proximal_ref.items())
             if return_outputs:
                 return out[0] + 0.5 * self.proximal_mu * prox, out[1]
             return out + 0.5 * self.proximal_mu * prox
