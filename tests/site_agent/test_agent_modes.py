@@ -122,3 +122,53 @@ def test_mode_outside_policy_is_refused(tiny_model_dir: Path, federation, tmp_pa
     monkeypatch.setattr(agent, "CoordinatorClient", _fake_client(_task(init, base_sha, blob, "orpo"), blob, []))
     with pytest.raises(PolicyRefusal, match="rule 'allowed_modes'"):
         agent.run_site(cfg, show_progress=False)
+
+
+def _recording_client(task: pb.Task, global_bytes: bytes, sent: list[bytes]):  # type: ignore[no-untyped-def]
+    """A fake coordinator client that keeps every byte the agent hands it to send."""
+    base = _fake_client(task, global_bytes, [])
+
+    class Client(base):  # type: ignore[misc, valid-type]
+        def join(self, agent_version: str, lora_rank: int = 0) -> pb.JoinResponse:
+            sent.append(pb.JoinRequest(agent_version=agent_version, lora_rank=lora_rank).SerializeToString())
+            return super().join(agent_version, lora_rank)
+
+        def upload(self, signed: pb.SignedEnvelope, env: pb.UpdateEnvelope, payload: bytes) -> None:
+            sent.extend([signed.SerializeToString(), payload])
+
+        def report_metrics(self, round: int, phase: str, metrics: dict[str, float], num_examples: int) -> None:
+            sent.append(pb.ReportMetricsRequest(round=round, phase=phase, metrics=metrics,
+                                                num_examples=num_examples).SerializeToString())
+
+    return Client
+
+
+def _rows_for(mode: str, marker: str) -> list[dict]:
+    if mode in ("sft", "qlora"):
+        return [{"messages": [{"role": "user", "content": f"{marker} what is {i} plus three?"},
+                              {"role": "assistant", "content": f"{i + 3} {marker}"}]} for i in range(8)]
+    if mode == "kto":
+        return [{"prompt": f"{marker} {i} plus three?", "completion": f"{i + 3} {marker}", "label": bool(i % 2)}
+                for i in range(8)]
+    return [{"prompt": f"{marker} {i} plus three?", "chosen": f"{i + 3} {marker}", "rejected": f"{i} {marker}"}
+            for i in range(8)]
+
+
+@pytest.mark.parametrize("mode", ["sft", "qlora", "dpo", "kto", "orpo", "simpo"])
+def test_canary_holds_in_every_mode(tiny_model_dir: Path, federation, tmp_path: Path, mode: str,  # type: ignore[no-untyped-def]
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever the mode, nothing the agent sends carries a byte of a training sample."""
+    init, blob, base_sha = federation
+    marker = f"CANARY-{mode}-5e1f0c"
+    cfg = _kit(tmp_path, _rows_for(mode, marker), policy=f'allowed_modes = ["{mode}"]\nmax_steps = 2\n')
+    cfg = SiteConfig(**{**cfg.__dict__, "base_model": tiny_model_dir})
+    task = _task(init, base_sha, blob, mode)
+    if mode in ("sft", "qlora"):
+        task.training.beta = 0.0
+    sent: list[bytes] = []
+    monkeypatch.setattr(agent, "CoordinatorClient", _recording_client(task, blob, sent))
+    assert agent.run_site(cfg, show_progress=False) == 1
+    assert any(len(b) > 1000 for b in sent)  # the delta itself was handed over
+    blob_sent = b"".join(sent)
+    for form in (marker.encode(), marker.encode("utf-16-le"), marker[:12].encode()):
+        assert form not in blob_sent
