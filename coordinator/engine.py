@@ -13,7 +13,7 @@ import contextlib
 import logging
 import math
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -422,19 +422,18 @@ class RoundEngine:
     def _aggregate(self, round: int, ups: list[UpdateRow]) -> None:
         global_state = codec.decode_state(self.adapter_bytes(round))
 
-        def load() -> Iterator[ClientUpdate]:  # one update in memory at a time for streaming rules
-            for u in ups:
-                yield ClientUpdate(u.site, codec.decode_state(u.path.read_bytes()), u.num_examples,
-                                   {"lora_rank": self.site_rank(u.site)})
-
-        result = self.strategy.aggregate(global_state, load(), self._server_state(round - 1))
+        # The aggregation-error meter below needs every site's factors, so the round's updates are read and decoded
+        # once and shared with the rule (which then folds the in-memory list key by key).
+        updates = [ClientUpdate(u.site, codec.decode_state(u.path.read_bytes()), u.num_examples,
+                                {"lora_rank": self.site_rank(u.site)}) for u in ups]
+        result = self.strategy.aggregate(global_state, updates, self._server_state(round - 1))
         payload = codec.encode_state(result.state)
         self._carry_residual(round, result.base_residual)
         self.store.put_adapter(round + 1, payload)
         if result.server_state is not None:
             self.store.put_server_state(round, result.server_state.rule, result.server_state.to_flat())
         # The aggregation-error meter compares what is published with the exact mean of the sites' B·A products.
-        errors = aggregation_error_from_updates(global_state, list(load()), result.state, result.base_residual)
+        errors = aggregation_error_from_updates(global_state, updates, result.state, result.base_residual)
         finite = [e for e in errors.values() if e == e]
         info: dict[str, Any] = {
             "strategy": self.strategy.name, "strategy_params": dict(self.cfg.strategy_params),
