@@ -17,9 +17,11 @@ import grpc
 from coordinator.adapter import init_adapter
 from coordinator.config import FederationConfig
 from coordinator.engine import RoundEngine
+from coordinator.secagg_servicer import SecAggServicer
 from coordinator.servicer import FederationServicer
 from coordinator.store import Store, write_durable
 from protos.fedbridge.v1 import federation_service_pb2_grpc as pb_grpc
+from protos.fedbridge.v1 import secagg_service_pb2_grpc as secagg_grpc
 from protos.manifest import Manifest
 
 log = logging.getLogger(__name__)
@@ -88,6 +90,7 @@ async def serve(cfg: FederationConfig, stop: asyncio.Event | None = None) -> Non
     server = grpc.aio.server(interceptors=interceptors, options=[
         ("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)])
     pb_grpc.add_FederationServiceServicer_to_server(FederationServicer(engine), server)
+    secagg_grpc.add_SecAggServiceServicer_to_server(SecAggServicer(engine), server)
     port = server.add_secure_port(cfg.listen, server_credentials(cfg))
     await server.start()
     await engine.start()

@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from protos import codec
 from protos.fedbridge.v1 import federation_service_pb2 as pb
 from protos.manifest import ManifestMismatch, verify_model_dir
+from site_agent import secagg
 from site_agent.client import CoordinatorClient
 from site_agent.config import SiteConfig
 from site_agent.data import load_for_mode, load_jsonl, load_sft
@@ -125,6 +126,7 @@ def run_site(cfg: SiteConfig, show_progress: bool = True, audit: AuditSink | Non
         # 2. Join: the coordinator reads our identity from the certificate.
         joined = client.join(AGENT_VERSION, cfg.lora_rank)
         log.info("[Site.Join] site=%s federation=%s", joined.site, joined.federation_id)
+        secure = secagg.fetch_settings(client.channel).enabled  # then only masked updates leave (site_agent/secagg.py)
         last_round = 0
         while True:
             # 3. Long-poll for a task.
@@ -175,10 +177,20 @@ def run_site(cfg: SiteConfig, show_progress: bool = True, audit: AuditSink | Non
             except PolicyRefusal as e:
                 audit.record("upload_refused", {"site": cfg.name, "round": task.round, "rule": e.rule})
                 raise
-            env = codec.make_envelope(federation_id=task.federation_id, round=task.round, site=cfg.name,
-                                      base_model_sha256=task.base_model_sha256, payload=payload,
-                                      adapter_spec_sha256=task.adapter_spec.sha256, num_examples=result.num_examples)
-            client.upload(codec.sign_envelope(env, signing_key), env, payload)
+            if secure:
+                sent = secagg.secure_upload(client, task, cfg.name, signing_key, Path(cfg.tls.ca).read_bytes(),
+                                            result.delta, result.num_examples)
+                if sent is None:  # late for the roster or dropped: nothing about this update left the site
+                    audit.record("secagg_excluded", {"site": cfg.name, "round": task.round})
+                    last_round = task.round
+                    continue
+                env, payload = sent
+            else:
+                env = codec.make_envelope(federation_id=task.federation_id, round=task.round, site=cfg.name,
+                                          base_model_sha256=task.base_model_sha256, payload=payload,
+                                          adapter_spec_sha256=task.adapter_spec.sha256,
+                                          num_examples=result.num_examples)
+                client.upload(codec.sign_envelope(env, signing_key), env, payload)
             log.info("[Site.UploadUpdate] round=%d site=%s bytes=%d accepted", task.round, cfg.name, len(payload))
             audit.record("update_uploaded", {"site": cfg.name, "round": task.round, "bytes": len(payload),
                                              "payload_sha256": env.payload_sha256})
