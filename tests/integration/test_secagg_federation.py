@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,14 +19,14 @@ from coordinator.server import read_recording
 from coordinator.store import Store
 from deploy import localfed
 from protos import codec
-from protos.tomlconfig import dumps
+from protos.tomlconfig import dumps, load_toml
 
 SECAGG = {"enabled": True, "threshold": 2, "stage_timeout_s": 120.0}
 
 
 def _enable_secagg(fed: localfed.LocalFederation, **over: object) -> None:
     """Add the [secure_aggregation] table (and overrides) to the prepared federation.toml."""
-    cfg = tomllib.loads(fed.federation_toml.read_text())
+    cfg = load_toml(fed.federation_toml)
     cfg["secure_aggregation"] = dict(SECAGG)
     cfg.update(over)
     fed.federation_toml.write_text(dumps(cfg))
