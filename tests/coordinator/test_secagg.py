@@ -54,10 +54,10 @@ class SimSite:
         self.proto = SiteSecAgg(FED, 1, name, self.key, ca.cert_pem)
 
 
-def _engine(state_dir: Path, **secagg: object) -> RoundEngine:
+def _engine(state_dir: Path, strategy: str = "fedavg", **secagg: object) -> RoundEngine:
     cfg = FederationConfig(federation_id=FED, base_model=state_dir / "base", state_dir=state_dir,
                            registry_dir=state_dir / "reg", tls=TlsSpec(Path("c"), Path("c"), Path("k")), rounds=2,
-                           min_sites=3, secure_aggregation=SecureAggregationSpec(enabled=True, **secagg))  # type: ignore[arg-type]
+                           min_sites=3, strategy=strategy, secure_aggregation=SecureAggregationSpec(enabled=True, **secagg))  # type: ignore[arg-type]
     return RoundEngine(cfg, Store(cfg.state_dir), BASE_SHA, _init())
 
 
@@ -202,6 +202,39 @@ def _assert_no_individual_update(state_dir: Path, sites: list[SimSite], step: fl
                 elif name in s.delta:  # no stored adapter is this delta, or the global moved by it alone
                     for ref in (s.delta[name], _init().state[name] + s.delta[name]):
                         assert not torch.allclose(t, ref, atol=max(10 * step, 1e-3))
+
+
+def test_ffa_lora_under_secure_aggregation_keeps_a_and_averages_b(tmp_path: Path) -> None:
+    # Prepare: FFA-LoRA sites train B only, so their A deltas are exactly zero
+    ca = CertificateAuthority.create()
+    sites = [SimSite(ca, f"site-{c}", n, i) for i, (c, n) in enumerate(zip("abc", (5, 10, 25), strict=True))]
+    for s in sites:
+        s.delta = {k: (torch.zeros_like(v) if "lora_A" in k else v) for k, v in s.delta.items()}
+
+    async def main() -> None:
+        eng = _engine(tmp_path / "state", strategy="ffa_lora", threshold=2, **COARSE)
+        await eng.start()
+        await _run_to_masked(eng, sites, sites)
+        await asyncio.sleep(0.2)
+        await _reveal(eng, sites)
+        for _ in range(600):
+            if eng.store.rounds()[0].state == "closed":
+                break
+            await asyncio.sleep(0.05)
+        _stop(eng)
+
+    # Execute
+    asyncio.run(main())
+    # Assert: A is bit-for-bit the global A (a zero sum stays exactly zero), B is the weighted mean within the bound
+    got = codec.decode_state(Store(tmp_path / "state").adapter_path(2).read_bytes())
+    want = build_strategy("ffa_lora").aggregate(_init().state, [ClientUpdate(s.name, s.delta, s.n) for s in sites]).state
+    bound = 3 * (COARSE["clip_range"] / 2 ** (COARSE["bits"] - 1)) / 2 / 40
+    for k in want:
+        if "lora_A" in k:
+            assert torch.equal(got[k], _init().state[k])
+        else:
+            assert float((got[k].double() - want[k].double()).abs().max()) <= bound + 1e-6
+            assert float(want[k].abs().max()) > 100 * bound
 
 
 def test_sites_refuse_an_unmask_request_that_asks_for_both_secrets(tmp_path: Path) -> None:
