@@ -126,7 +126,6 @@ def run_site(cfg: SiteConfig, show_progress: bool = True, audit: AuditSink | Non
         # 2. Join: the coordinator reads our identity from the certificate.
         joined = client.join(AGENT_VERSION, cfg.lora_rank)
         log.info("[Site.Join] site=%s federation=%s", joined.site, joined.federation_id)
-        secure = secagg.fetch_settings(client.channel).enabled  # then only masked updates leave (site_agent/secagg.py)
         last_round = 0
         while True:
             # 3. Long-poll for a task.
@@ -177,7 +176,7 @@ def run_site(cfg: SiteConfig, show_progress: bool = True, audit: AuditSink | Non
             except PolicyRefusal as e:
                 audit.record("upload_refused", {"site": cfg.name, "round": task.round, "rule": e.rule})
                 raise
-            if secure:
+            if secagg.fetch_settings(client).enabled:  # only the masked update leaves (site_agent/secagg.py)
                 sent = secagg.secure_upload(client, task, cfg.name, signing_key, Path(cfg.tls.ca).read_bytes(),
                                             result.delta, result.num_examples)
                 if sent is None:  # late for the roster or dropped: nothing about this update left the site

@@ -181,10 +181,18 @@ def spec_tensors_of(spec: pb.AdapterSpec) -> list[tuple[str, tuple[int, ...]]]:
     return [(t.name, tuple(t.shape)) for t in sorted(spec.tensors, key=lambda t: t.name)]
 
 
-def fetch_settings(channel: grpc.Channel) -> spb.GetSettingsResponse:
-    """Ask the coordinator whether it aggregates securely (a coordinator without SecAggService: no)."""
+def fetch_settings(client) -> spb.GetSettingsResponse:  # type: ignore[no-untyped-def]
+    """Ask the coordinator whether it aggregates securely (a coordinator without SecAggService: no).
+
+    ``client`` is the agent's :class:`site_agent.client.CoordinatorClient`; a client without a gRPC channel (an
+    in-process test double of the plain protocol) means no.
+    """
+    channel = getattr(client, "channel", None)
+    if channel is None:
+        return spb.GetSettingsResponse(enabled=False)
     try:
-        return spb_grpc.SecAggServiceStub(channel).GetSettings(spb.GetSettingsRequest(), timeout=30)
+        return client._retry("GetSettings", lambda: spb_grpc.SecAggServiceStub(channel).GetSettings(
+            spb.GetSettingsRequest(), timeout=30))
     except grpc.RpcError as e:
         if e.code() == grpc.StatusCode.UNIMPLEMENTED:  # type: ignore[attr-defined]
             return spb.GetSettingsResponse(enabled=False)
