@@ -255,6 +255,8 @@ class RoundEngine:
             return TaskOffer("wait")
         if any(u.site == site for u in self.store.updates(cur.round)):
             return TaskOffer("wait")
+        if self.secagg is not None and self.secagg.roster_closed(cur.round):  # too late to join this round's SecAgg
+            return TaskOffer("wait")
         return TaskOffer("train", cur.round, *self._adapter_meta(site, cur.round), *self._residual_meta(cur.round))
 
     async def fetch_task(self, peer: PeerIdentity, wait_s: float) -> TaskOffer:

@@ -183,6 +183,11 @@ class SecAggCoordinator:
         st = self.store.secagg_round(round)
         return st if st is not None else self._current(round)
 
+    def roster_closed(self, round: int) -> bool:
+        """The roster of ``round`` is fixed: a site that has not joined the protocol yet waits for the next round."""
+        st = self.store.secagg_round(round)
+        return st is not None and st["stage"] != "advertise"
+
     def ready(self, round: int) -> bool:
         st = self.store.secagg_round(round)
         return st is not None and st["stage"] == "done"
@@ -217,7 +222,10 @@ class SecAggCoordinator:
             raise InvalidUpdate(f"SecAgg keys are for {k.federation_id!r}/round {k.round}/{k.site!r}, expected "
                                 f"{self.federation_id!r}/round {round}/{peer.name!r}")
         if peer.name in self._present(round, "advertise", st):
-            return  # a retried call
+            if any(site == peer.name and k == keys for site, _, k, _ in self.store.secagg_keys(round)):
+                return  # a retried call
+            raise WrongRound(f"site {peer.name!r} already advertised other keys for round {round} (a restarted site "
+                             "is a dropout of the round it left)")
         self._require(st, "advertise", round)
         self.store.secagg_put_keys(round, peer.name, cert_pem, keys, signature)
         log.info("[SecAggService.AdvertiseKeys] round=%d site=%s", round, peer.name)

@@ -218,6 +218,19 @@ def secure_upload(client, task: pb.Task, site: str, signing_key: Ed25519PrivateK
     Returns the uploaded envelope and payload, or None when the coordinator left this site out of the round
     (late to the roster, or dropped): then nothing about the update left the site.
     """
+    try:
+        return _run_stages(client, task, site, signing_key, ca_pem, delta, num_examples)
+    except grpc.RpcError as e:
+        if e.code() != grpc.StatusCode.FAILED_PRECONDITION:  # type: ignore[attr-defined]
+            raise
+        # The round moved on without this site (roster closed, stage over, round closed): it is out of this round.
+        log.warning("[Site.SecAgg] round=%d site=%s left out of the round: %s", task.round, site,
+                    e.details())  # type: ignore[attr-defined]
+        return None
+
+
+def _run_stages(client, task: pb.Task, site: str, signing_key: Ed25519PrivateKey, ca_pem: bytes,  # type: ignore[no-untyped-def]
+                delta: Mapping[str, torch.Tensor], num_examples: int) -> tuple[pb.UpdateEnvelope, bytes] | None:
     stub = spb_grpc.SecAggServiceStub(client.channel)
     r, fed = task.round, task.federation_id
     me = SiteSecAgg(fed, r, site, signing_key, ca_pem)
@@ -239,19 +252,18 @@ def secure_upload(client, task: pb.Task, site: str, signing_key: Ed25519PrivateK
     # The weight travels masked inside the payload, so the envelope states 1 example (it must be > 0).
     env = codec.make_envelope(federation_id=fed, round=r, site=site, base_model_sha256=task.base_model_sha256,
                               payload=payload, adapter_spec_sha256=task.adapter_spec.sha256, num_examples=1)
-    try:
-        client.upload(codec.sign_envelope(env, signing_key), env, payload)
+    client.upload(codec.sign_envelope(env, signing_key), env, payload)
+    try:  # the masked input is in; a missed unmasking stage only means the others unmask without this site
+        req = _poll("unmask request", lambda: client._retry("GetUnmaskRequest", lambda: stub.GetUnmaskRequest(
+            spb.GetUnmaskRequestRequest(round=r, wait_ms=POLL_MS), timeout=POLL_MS / 1000 + 30)))
+        if req is not None:
+            reveals = me.reveal(list(req.survivors), list(req.dropped))  # type: ignore[attr-defined]
+            client._retry("UnmaskShares", lambda: stub.UnmaskShares(
+                spb.UnmaskSharesRequest(round=r, shares=reveals), timeout=30))
     except grpc.RpcError as e:
         if e.code() != grpc.StatusCode.FAILED_PRECONDITION:  # type: ignore[attr-defined]
             raise
-        log.warning("[Site.SecAgg] round=%d site=%s masked input refused (%s): dropped from the round", r, site,
+        log.warning("[Site.SecAgg] round=%d site=%s unmasking went on without this site: %s", r, site,
                     e.details())  # type: ignore[attr-defined]
-        return None
-    req = _poll("unmask request", lambda: client._retry("GetUnmaskRequest", lambda: stub.GetUnmaskRequest(
-        spb.GetUnmaskRequestRequest(round=r, wait_ms=POLL_MS), timeout=POLL_MS / 1000 + 30)))
-    if req is not None:
-        reveals = me.reveal(list(req.survivors), list(req.dropped))  # type: ignore[attr-defined]
-        client._retry("UnmaskShares", lambda: stub.UnmaskShares(
-            spb.UnmaskSharesRequest(round=r, shares=reveals), timeout=30))
     log.info("[Site.SecAgg] round=%d site=%s masked input sent and unmasking shares revealed", r, site)
     return env, payload

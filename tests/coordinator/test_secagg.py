@@ -282,6 +282,46 @@ def test_too_many_dropouts_leave_the_round_open(tmp_path: Path) -> None:
     asyncio.run(main())
 
 
+def test_a_late_or_restarted_site_is_left_out_of_the_round(tmp_path: Path) -> None:
+    # Prepare: 4 sites joined; 3 advertise and the roster closes at the deadline without site-d
+    ca = CertificateAuthority.create()
+    sites = [SimSite(ca, f"site-{c}", 10, i) for i, c in enumerate("abcd")]
+    now = [0.0]
+
+    async def main() -> None:
+        eng = _engine(tmp_path / "state", threshold=2, stage_timeout_s=5)
+        sec = eng.secagg
+        assert sec is not None
+        sec.clock = lambda: now[0]
+        await eng.start()
+        for s in sites:
+            eng.join(s.peer, "test", 0)
+        for s in sites[:3]:
+            signed = s.proto.advertise()
+            sec.advertise(s.peer, s.cert_pem, 1, signed.keys, signed.signature)
+        assert (await eng.fetch_task(sites[3].peer, 0)).status == "train"  # the roster is still open
+        now[0] += 6
+        sec.tick(1)
+        # Execute / Assert: site-d is told to wait and its keys are refused; site-a restarted with new keys too
+        assert sec.roster(sites[0].peer, 1)[0] == "ready" and sec.roster(sites[3].peer, 1)[0] == "excluded"
+        assert (await eng.fetch_task(sites[3].peer, 0)).status == "wait"
+        late = sites[3].proto.advertise()
+        with pytest.raises(WrongRound, match="stage 'share'"):
+            sec.advertise(sites[3].peer, sites[3].cert_pem, 1, late.keys, late.signature)
+        again = SiteSecAgg(FED, 1, "site-a", sites[0].key, ca.cert_pem).advertise()
+        with pytest.raises(WrongRound, match="already advertised other keys"):
+            sec.advertise(sites[0].peer, sites[0].cert_pem, 1, again.keys, again.signature)
+        same = sites[0].proto.advertise()  # a retried call with the same keys is fine
+        sec.advertise(sites[0].peer, sites[0].cert_pem, 1, same.keys, same.signature)
+        # keys signed by another site's key are refused
+        forged = SiteSecAgg(FED, 1, "site-d", sites[1].key, ca.cert_pem).advertise()
+        with pytest.raises(InvalidUpdate, match="signature"):
+            sec.advertise(sites[3].peer, sites[3].cert_pem, 1, forged.keys, forged.signature)
+        _stop(eng)
+
+    asyncio.run(main())
+
+
 def test_roster_refuses_a_substituted_key(tmp_path: Path) -> None:
     # Prepare: the coordinator swaps site-b's signed keys for keys it made itself
     ca = CertificateAuthority.create()
