@@ -77,7 +77,8 @@ def test_dp_pipeline_is_clip_then_noise() -> None:
     # Assert: exactly clip(delta) + noise from the same seed (noise added after the clip, not scaled by it)
     assert [f.name for f in filters] == ["clip", "gaussian_noise"]
     clipped = ClipFilter(1.0).apply(delta)
-    noise = GaussianNoiseFilter(2.0, 1.0, torch.Generator().manual_seed(7)).apply({k: torch.zeros_like(v) for k, v in delta.items()})
+    zeros = {k: torch.zeros_like(v) for k, v in delta.items()}
+    noise = GaussianNoiseFilter(2.0, 1.0, torch.Generator().manual_seed(7)).apply(zeros)
     for k in delta:
         assert torch.allclose(out[k], clipped[k] + noise[k], atol=1e-5)
     # The noise dominates: its norm is about sigma * C * sqrt(d), far above the bound C = 1.
