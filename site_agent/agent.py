@@ -194,7 +194,8 @@ def run_site(cfg: SiteConfig, show_progress: bool = True, audit: AuditSink | Non
                                       epsilon_spent=epsilon)
             env.dp_delta = policy.dp_delta if dp.noised else 0.0
             client.upload(codec.sign_envelope(env, signing_key), env, payload)
-            log.info("[Site.UploadUpdate] round=%d site=%s bytes=%d accepted", task.round, cfg.name, len(payload))
+            log.info("[Site.UploadUpdate] round=%d site=%s bytes=%d epsilon=%.4g accepted", task.round, cfg.name,
+                     len(payload), epsilon)
             audit.record("update_uploaded", {"site": cfg.name, "round": task.round, "bytes": len(payload),
                                              "payload_sha256": env.payload_sha256, "epsilon": epsilon,
                                              "dp_noise_multiplier": dp.noise_multiplier})

@@ -31,7 +31,8 @@ Delta = dict[str, torch.Tensor]
 class EgressFilter(Protocol):
     """One privacy step at site egress: a pure map from delta to delta (inputs are not modified)."""
 
-    name: str
+    @property
+    def name(self) -> str: ...
 
     def apply(self, delta: Mapping[str, torch.Tensor]) -> Delta: ...
 
