@@ -212,14 +212,15 @@ def _poll(what: str, call: Callable[[], object]) -> object:
 
 
 def secure_upload(client, task: pb.Task, site: str, signing_key: Ed25519PrivateKey, ca_pem: bytes,  # type: ignore[no-untyped-def]
-                  delta: Mapping[str, torch.Tensor], num_examples: int) -> tuple[pb.UpdateEnvelope, bytes] | None:
+                  delta: Mapping[str, torch.Tensor], num_examples: int, epsilon: float = 0.0,
+                  dp_delta: float = 0.0) -> tuple[pb.UpdateEnvelope, bytes] | None:
     """Run the SecAgg stages for ``task.round`` and upload the masked input with ``client``.
 
     Returns the uploaded envelope and payload, or None when the coordinator left this site out of the round
     (late to the roster, or dropped): then nothing about the update left the site.
     """
     try:
-        return _run_stages(client, task, site, signing_key, ca_pem, delta, num_examples)
+        return _run_stages(client, task, site, signing_key, ca_pem, delta, num_examples, epsilon, dp_delta)
     except grpc.RpcError as e:
         if e.code() != grpc.StatusCode.FAILED_PRECONDITION:  # type: ignore[attr-defined]
             raise
@@ -230,7 +231,8 @@ def secure_upload(client, task: pb.Task, site: str, signing_key: Ed25519PrivateK
 
 
 def _run_stages(client, task: pb.Task, site: str, signing_key: Ed25519PrivateKey, ca_pem: bytes,  # type: ignore[no-untyped-def]
-                delta: Mapping[str, torch.Tensor], num_examples: int) -> tuple[pb.UpdateEnvelope, bytes] | None:
+                delta: Mapping[str, torch.Tensor], num_examples: int, epsilon: float,
+                dp_delta: float) -> tuple[pb.UpdateEnvelope, bytes] | None:
     stub = spb_grpc.SecAggServiceStub(client.channel)
     r, fed = task.round, task.federation_id
     me = SiteSecAgg(fed, r, site, signing_key, ca_pem)
@@ -251,7 +253,9 @@ def _run_stages(client, task: pb.Task, site: str, signing_key: Ed25519PrivateKey
     payload = codec.encode_state({MASKED_KEY: torch.from_numpy(masked)})
     # The weight travels masked inside the payload, so the envelope states 1 example (it must be > 0).
     env = codec.make_envelope(federation_id=fed, round=r, site=site, base_model_sha256=task.base_model_sha256,
-                              payload=payload, adapter_spec_sha256=task.adapter_spec.sha256, num_examples=1)
+                              payload=payload, adapter_spec_sha256=task.adapter_spec.sha256, num_examples=1,
+                              epsilon_spent=epsilon)
+    env.dp_delta = dp_delta  # the site's DP accounting travels signed, as without secure aggregation
     client.upload(codec.sign_envelope(env, signing_key), env, payload)
     try:  # the masked input is in; a missed unmasking stage only means the others unmask without this site
         req = _poll("unmask request", lambda: client._retry("GetUnmaskRequest", lambda: stub.GetUnmaskRequest(

@@ -32,5 +32,11 @@ def test_coordinator_side_clipping_and_a_small_quorum_are_refused(tmp_path: Path
         config(tmp_path, tmp_path, min_sites=2, secure_aggregation={"enabled": True, "threshold": 3})
     with pytest.raises((ConfigError, ValueError), match="secure_aggregation.bits"):
         config(tmp_path, tmp_path, min_sites=3, secure_aggregation={"enabled": True, "bits": 60})
+    with pytest.raises((ConfigError, ValueError), match="central DP clips each update"):
+        config(tmp_path, tmp_path, min_sites=3, secure_aggregation=SECAGG,
+               privacy={"mode": "central", "noise_multiplier": 1.0, "clip_norm": 1.0})
+    # local DP composes (sites clip and noise before masking)
+    assert config(tmp_path, tmp_path, min_sites=3, secure_aggregation=SECAGG,
+                  privacy={"mode": "local", "noise_multiplier": 1.0, "clip_norm": 1.0}).secure_aggregation.enabled
     # off by default, and then nothing is checked
     assert not config(tmp_path, tmp_path, strategy="median").secure_aggregation.enabled

@@ -1,7 +1,9 @@
-"""End to end with secure aggregation: a real coordinator and 3 real site processes on loopback with mutual TLS.
+"""End to end with secure aggregation and local DP on: a real coordinator and 3 real site processes on loopback
+with mutual TLS.
 
-The coordinator sees only masked inputs, unmasks their sum, and publishes; the canary planted in every site's
-training data never reaches it; an incompatible strategy is refused at start.
+Sites clip and noise their deltas (egress filters), then mask them; the coordinator sees only masked inputs,
+unmasks their sum, and publishes; each site's epsilon still travels in its signed envelope; the canary planted in
+every site's training data never reaches the coordinator; an incompatible strategy is refused at start.
 """
 
 from __future__ import annotations
@@ -35,11 +37,13 @@ def _enable_secagg(fed: localfed.LocalFederation, **over: object) -> None:
 @pytest.fixture(scope="module")
 def secagg_federation(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory,
                       canary: str) -> Iterator[localfed.LocalFederation]:
-    """Three real sites, two rounds under secure aggregation, every inbound byte recorded, a canary planted."""
+    """Three real sites, two rounds under secure aggregation and light local DP, every inbound byte recorded, a canary
+    planted (the noise is small so that learning stays visible through the unmasked mean)."""
     fed = localfed.prepare(tmp_path_factory.mktemp("secagg"), tiny_model_dir, n_sites=3, rounds=2,
                            training={"max_steps": 6, "batch_size": 4, "learning_rate": 3e-3},
                            lora={"rank": 8, "alpha": 16.0, "target_modules": ["all-linear"]},
-                           marker=canary, record_inbound=True, n_train=32, n_heldout=8)
+                           marker=canary, record_inbound=True, n_train=32, n_heldout=8,
+                           privacy={"mode": "local", "noise_multiplier": 0.01, "clip_norm": 1.0})
     _enable_secagg(fed)
     with fed:
         fed.start_coordinator()
@@ -67,6 +71,9 @@ def test_secure_rounds_unmask_the_sum_and_publish(secagg_federation: localfed.Lo
             stored = codec.decode_state(u.path.read_bytes())
             assert set(stored) == {"secagg.masked"} and stored["secagg.masked"].dtype == torch.int64
     assert store.secagg_shares(1) == [] and store.secagg_reveals(2) == []
+    # DP composes: each site's cumulative epsilon arrived in its signed (masked-payload) envelopes.
+    eps = store.site_epsilon()
+    assert set(eps) == {"site-a", "site-b", "site-c"} and all(e > 0 for e in eps.values())
     assert len(store.publications()) == 1 and Path(store.publications()[0]["path"]).is_dir()
     # The unmasked aggregate is a real mean of training updates: the union held-out loss fell.
     def union(r: int) -> float:
@@ -76,7 +83,7 @@ def test_secure_rounds_unmask_the_sum_and_publish(secagg_federation: localfed.Lo
     assert union(3) < union(1) - 0.5
 
 
-def test_canary_never_reaches_the_coordinator_with_secure_aggregation(secagg_federation: localfed.LocalFederation,
+def test_canary_never_reaches_the_coordinator_with_secure_aggregation_and_dp(secagg_federation: localfed.LocalFederation,
                                                                       canary: str) -> None:
     fed = secagg_federation
     for s in fed.sites:
