@@ -185,12 +185,18 @@ def run_site(cfg: SiteConfig, show_progress: bool = True, audit: AuditSink | Non
             except PolicyRefusal as e:
                 audit.record("upload_refused", {"site": cfg.name, "round": task.round, "rule": e.rule})
                 raise
+            secure = secagg.fetch_settings(client).enabled
+            if policy.require_secure_aggregation and not secure:
+                audit.record("upload_refused", {"site": cfg.name, "round": task.round,
+                                                "rule": "require_secure_aggregation"})
+                raise PolicyRefusal("require_secure_aggregation", "the coordinator does not run secure aggregation; "
+                                    "the update was not sent")
             epsilon = 0.0
             if dp.noised:  # the ledger is written before the upload, so a crash can only over-count
                 ledger.record(task.federation_id, task.round, dp, codec.sha256_hex(payload))
                 epsilon = ledger.epsilon(policy.dp_delta)
             dp_delta = policy.dp_delta if dp.noised else 0.0
-            if secagg.fetch_settings(client).enabled:  # only the masked update leaves (site_agent/secagg.py)
+            if secure:  # only the masked update leaves (site_agent/secagg.py)
                 sent = secagg.secure_upload(client, task, cfg.name, signing_key, Path(cfg.tls.ca).read_bytes(),
                                             delta, result.num_examples, epsilon=epsilon, dp_delta=dp_delta)
                 if sent is None:  # late for the roster or dropped: nothing about this update left the site
