@@ -23,11 +23,27 @@ import torch
 from coordinator import evaluation, gate
 from coordinator.adapter import AdapterInit
 from coordinator.config import FederationConfig
-from coordinator.errors import DuplicateUpdate, InvalidUpdate, NotFound, PermissionDenied, UpdateTooLarge, WrongRound
+from coordinator.enrolment import AccessList, EnrolmentError
+from coordinator.errors import (
+    BadSignature,
+    CoordinatorError,
+    DuplicateUpdate,
+    InvalidUpdate,
+    NormTooLarge,
+    NotFound,
+    PayloadMismatch,
+    PermissionDenied,
+    ReplayedNonce,
+    Revoked,
+    UpdateTooLarge,
+    WrongRound,
+)
 from coordinator.pki import PeerIdentity
 from coordinator.publish import build_provenance, publish
 from coordinator.store import Store, UpdateRow
 from protos import codec
+from protos.auditlog import AuditLog, Head
+from protos.auditlog import verify as verify_log
 from protos.fedbridge.v1 import federation_service_pb2 as pb
 from strategies import flexlora, hetlora
 from strategies.error_meter import aggregation_error_from_updates
@@ -41,6 +57,7 @@ PHASES = ("train", "eval_global")
 # Rules under which sites train at their own rank, and how the global adapter is projected to a site's rank.
 SITE_RANK_RULES = {"hetlora": hetlora.for_site, "flexlora": flexlora.for_site}
 _METRIC_NAME = re.compile(r"^[a-z][a-z0-9_.]{0,63}$")
+ACCESS_POLL_S = 0.5  # how often the registry / CRL files are checked for changes (open streams are cut then)
 
 
 @dataclass(frozen=True)
@@ -111,6 +128,23 @@ class RoundEngine:
         self.project_to_site = SITE_RANK_RULES.get(self.strategy.name)
         self._site_ranks: dict[str, int] = {}
         self._specs: dict[int, pb.AdapterSpec] = {self.spec.rank: self.spec}
+        # Security (issue #5): the hash-chained audit log (its head also kept in the store), revoked site names,
+        # and the enrolment registry + CRL when the federation uses them.
+        self.audit = AuditLog(self.store.dir / "audit.jsonl")
+        kept = self.store.get_meta("audit_head")
+        if kept is not None:  # refuse to extend a log whose tail was cut off (the .head file may be gone too)
+            report = verify_log(self.audit.path, expected_head=Head.parse(kept))
+            if not report.ok:
+                raise RuntimeError(f"{self.audit.path}: the audit log does not reach the head kept in the store: "
+                                   f"{report.problems[0]}")
+        self._revoked: dict[str, str] = {r["name"]: r["reason"] for r in store.revocations()}
+        self._revocation = asyncio.Event()
+        self._refusals_seen: set[tuple[str, str, str]] = set()
+        self.access: AccessList | None = None
+        if config.enrolment_registry is not None or config.crl is not None:
+            self.access = AccessList(config.tls.ca, config.enrolment_registry, config.crl)
+            self._sync_registry_revocations()
+        self._watch: asyncio.Task[None] | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -137,6 +171,8 @@ class RoundEngine:
         else:
             log.info("[RoundEngine.start] federation=%s resuming at round=%d state=%s", self.cfg.federation_id,
                      cur.round, cur.state)
+        if self.access is not None and self._watch is None:
+            self._watch = asyncio.get_running_loop().create_task(self._watch_access())
         if self.cfg.evaluation.enabled:  # refuse at start an evaluation that cannot run or would score silently
             evaluation.check_benchmarks(self.cfg.evaluation)
             asyncio.get_running_loop().run_in_executor(None, evaluation.warm_up)  # hide the import behind round 1
@@ -193,7 +229,12 @@ class RoundEngine:
 
     # -- tasks --------------------------------------------------------------------------------------------------
     def join(self, peer: PeerIdentity, agent_version: str, lora_rank: int) -> None:
-        self._require_site(peer)
+        try:
+            self._require_site(peer)
+        except CoordinatorError as e:
+            self._audit("join_refused", {"site": peer.name, "role": peer.role, "status": e.status,
+                                         "reason": str(e)[:500]})
+            raise
         rank = int(lora_rank) or self.spec.rank
         if self.project_to_site is None and rank != self.spec.rank:
             raise WrongRound(f"site {peer.name!r} declared LoRA rank {rank} but this federation trains rank "
@@ -202,6 +243,10 @@ class RoundEngine:
             raise WrongRound(f"site {peer.name!r} declared LoRA rank {rank}; this federation allows 1..{self.spec.rank}")
         self.store.upsert_site(peer.name, peer.fingerprint, agent_version[:64], rank)
         self._site_ranks[peer.name] = rank
+        region = peer.region or (self.access.region(peer.name) if self.access else "")
+        self.store.set_site_region(peer.name, region)
+        self._audit("site_joined", {"site": peer.name, "region": region, "cert_sha256": peer.fingerprint,
+                                    "serial": str(peer.serial), "agent_version": agent_version[:64], "lora_rank": rank})
         log.info("[FederationService.Join] site=%s agent=%s", peer.name, agent_version[:64])
 
     def site_rank(self, site: str) -> int:
@@ -248,6 +293,7 @@ class RoundEngine:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(0.0, min(wait_s, self.cfg.long_poll_ms / 1000))
         while True:
+            self._require_site(peer)  # a revocation wakes this loop and ends the long-poll
             offer = self._offer(peer.name)
             remaining = deadline - loop.time()
             if offer.status != "wait" or remaining <= 0:
@@ -283,8 +329,104 @@ class RoundEngine:
 
     # -- uploads ------------------------------------------------------------------------------------------------
     def _require_site(self, peer: PeerIdentity) -> None:
-        if peer.role != "site":
-            raise PermissionDenied(f"certificate of {peer.name!r} has role {peer.role!r}, not 'site'")
+        """Refuse (PERMISSION_DENIED) a non-site, revoked or unenrolled certificate; identity is the certificate's."""
+        try:
+            if peer.role != "site":
+                raise PermissionDenied(f"certificate of {peer.name!r} has role {peer.role!r}, not 'site'")
+            if peer.name in self._revoked:
+                raise Revoked(f"site {peer.name!r} was revoked: {self._revoked[peer.name] or 'no reason given'}")
+            if self.access is not None:
+                self._refresh_access()
+                self.access.check(peer)
+        except PermissionDenied as e:
+            key = (peer.name, peer.fingerprint, type(e).__name__)
+            if key not in self._refusals_seen:  # once per certificate and cause: a polling loop cannot flood the log
+                self._refusals_seen.add(key)
+                self._audit("access_refused", {"site": peer.name, "role": peer.role, "cert_sha256": peer.fingerprint,
+                                               "reason": str(e)[:500]})
+            raise
+
+    # -- revocation ---------------------------------------------------------------------------------------------
+    def revoke_site(self, name: str, reason: str, actor: str) -> None:
+        """Revoke ``name`` durably and at once: its next call is refused, and its open calls are cut off.
+
+        Args:
+            name: The site's certificate name.
+            reason: Why (recorded in the store and the audit log).
+            actor: Who revoked it (the admin certificate's name, or ``crl``).
+        """
+        if not name or len(name) > 64:
+            raise InvalidUpdate(f"invalid site name {name!r}")
+        self.store.add_revocation(name, reason[:500], actor[:128])
+        self._revoked.setdefault(name, reason[:500])
+        self._audit("site_revoked", {"site": name, "reason": reason[:500], "actor": actor[:128]})
+        log.warning("[RoundEngine.revoke_site] site=%s revoked by %s", name, actor[:128])
+        self._wake_for_revocation()
+
+    def _wake_for_revocation(self) -> None:
+        self._revocation.set()
+        self._revocation = asyncio.Event()
+        self._notify()
+
+    def _sync_registry_revocations(self) -> None:
+        """Store (and audit) the registry's revocations that this coordinator has not recorded yet."""
+        assert self.access is not None
+        for e in self.access.sites.values():
+            if e.revoked_ms and e.name not in self._revoked:
+                self.store.add_revocation(e.name, e.revoke_reason, e.revoked_by or "registry")
+                self._revoked[e.name] = e.revoke_reason
+                self._audit("site_revoked", {"site": e.name, "reason": e.revoke_reason,
+                                             "actor": e.revoked_by or "registry", "source": "registry/crl"})
+
+    def _refresh_access(self) -> None:
+        assert self.access is not None
+        try:
+            changed = self.access.refresh()
+        except EnrolmentError as e:
+            raise PermissionDenied(f"the coordinator cannot read its access list: {e}") from None
+        if changed:
+            self._audit("access_list_reloaded", {"enrolled": len(self.access.sites),
+                                                 "revoked_serials": len(self.access.revoked_serials)})
+            self._sync_registry_revocations()
+            self._wake_for_revocation()
+
+    async def _watch_access(self) -> None:
+        """Notice registry / CRL changes even while no call arrives, so open streams and long-polls are cut off."""
+        while True:
+            await asyncio.sleep(ACCESS_POLL_S)
+            with contextlib.suppress(PermissionDenied):
+                self._refresh_access()
+
+    async def _while_allowed(self, peer: PeerIdentity, chunks: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
+        """Pass ``chunks`` through while ``peer`` may act; a revocation ends the stream even while it stalls."""
+        it = chunks.__aiter__()
+        while True:
+            self._require_site(peer)
+            nxt: asyncio.Future[Chunk] = asyncio.ensure_future(it.__anext__())
+            try:
+                while True:
+                    gone = asyncio.ensure_future(self._revocation.wait())
+                    try:
+                        done, _ = await asyncio.wait({nxt, gone}, return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        gone.cancel()
+                    if nxt in done:
+                        break
+                    self._require_site(peer)
+            except BaseException:
+                nxt.cancel()
+                raise
+            try:
+                chunk = nxt.result()
+            except StopAsyncIteration:
+                return
+            yield chunk
+
+    # -- audit --------------------------------------------------------------------------------------------------
+    def _audit(self, event: str, fields: dict[str, Any]) -> None:
+        rec = self.audit.append(event, fields)
+        # The head also goes to the store, so `audit verify` detects a cut-off tail even without the .head file.
+        self.store.set_meta("audit_head", Head(rec["seq"], rec["hash"]).to_json())
 
     def _check_envelope(self, peer: PeerIdentity, signed: pb.SignedEnvelope) -> pb.UpdateEnvelope:
         self._require_site(peer)
@@ -293,7 +435,7 @@ class RoundEngine:
         try:
             env = codec.verify_envelope(signed, peer.signing_key)
         except codec.SignatureError as e:
-            raise InvalidUpdate(str(e)) from None
+            raise BadSignature(str(e)) from None
         if env.site != peer.name:
             raise PermissionDenied(f"envelope names site {env.site!r} but the certificate is {peer.name!r}")
         if env.federation_id != self.cfg.federation_id:
@@ -326,7 +468,7 @@ class RoundEngine:
                 return _Upload(env, signed, path, env.payload_size, already_accepted=True)
             raise DuplicateUpdate(f"site {peer.name!r} already has an accepted update for round {env.round}")
         if self.store.nonce_seen(env.nonce):
-            raise InvalidUpdate("envelope nonce was already used (replay)")
+            raise ReplayedNonce("envelope nonce was already used (replay)")
         path.parent.mkdir(parents=True, exist_ok=True)
         have = path.stat().st_size if path.exists() else 0
         if offset > have:
@@ -336,7 +478,21 @@ class RoundEngine:
         return _Upload(env, signed, path, offset)
 
     async def receive_upload(self, peer: PeerIdentity, chunks: AsyncIterator[Chunk]) -> UploadResult:
-        """Consume one upload stream; store the update durably before returning ``accepted``."""
+        """Consume one upload stream; store the update durably before returning ``accepted``.
+
+        Every refusal is audited (``update_refused``: status, reason) before it is raised.
+        """
+        ctx: dict[str, Any] = {}
+        try:
+            return await self._receive_upload(peer, self._while_allowed(peer, chunks), ctx)
+        except CoordinatorError as e:
+            self._audit("update_refused", {"site": peer.name, "round": ctx.get("round"), "status": e.status,
+                                           "error": type(e).__name__, "reason": str(e)[:500],
+                                           "payload_sha256": ctx.get("payload_sha256")})
+            raise
+
+    async def _receive_upload(self, peer: PeerIdentity, chunks: AsyncIterator[Chunk], ctx: dict[str, Any]
+                              ) -> UploadResult:
         up: _Upload | None = None
         f = None
         try:
@@ -345,6 +501,7 @@ class RoundEngine:
                     if ch.signed is None:
                         raise InvalidUpdate("the first message of an upload stream must carry the signed envelope")
                     up = self._begin(peer, ch.signed, ch.offset)
+                    ctx.update(round=up.env.round, payload_sha256=up.env.payload_sha256)
                     if up.already_accepted:
                         continue
                     # Blocking appends on purpose: local, small, and ordered with the acceptance checks.
@@ -378,17 +535,28 @@ class RoundEngine:
         env = self._check_envelope(peer, up.signed)  # the round may have moved on while bytes streamed in
         payload = up.path.read_bytes()
         try:
-            codec.check_payload(env, payload)
+            try:
+                codec.check_payload(env, payload)
+            except codec.PayloadMismatchError as e:
+                raise PayloadMismatch(str(e)) from None
             state = codec.decode_state(payload)
             codec.check_against_spec(state, self.spec_for(peer.name))
-        except codec.CodecError as e:
+            norm = codec.l2_norm(state)
+            if self.cfg.max_update_norm and norm > self.cfg.max_update_norm:
+                raise NormTooLarge(f"update L2 norm {norm:.6g} is above the federation's bound "
+                                   f"max_update_norm={self.cfg.max_update_norm:g}")
+        except (codec.CodecError, InvalidUpdate) as e:
             up.path.unlink(missing_ok=True)
             log.warning("[FederationService.UploadUpdate] round=%d site=%s refused: %s", env.round, peer.name, e)
-            raise InvalidUpdate(str(e)) from None
+            raise (e if isinstance(e, InvalidUpdate) else InvalidUpdate(str(e))) from None
         row = self.store.accept_update(round=env.round, site=peer.name, payload=payload,
                                        payload_sha256=env.payload_sha256, num_examples=env.num_examples,
                                        nonce=env.nonce, envelope=up.signed.envelope, signature=up.signed.signature)
         up.path.unlink(missing_ok=True)
+        self._audit("update_accepted", {"site": peer.name, "round": env.round, "payload_sha256": env.payload_sha256,
+                                        "bytes": len(payload), "num_examples": env.num_examples,
+                                        "epsilon_spent": env.epsilon_spent, "nonce": env.nonce.hex(),
+                                        "l2_norm": round(norm, 6)})
         log.info("[FederationService.UploadUpdate] round=%d site=%s accepted bytes=%d", env.round, peer.name, len(payload))
         return row
 
@@ -513,6 +681,7 @@ class RoundEngine:
                                evaluation_error=run["error"] if run else "")
         if not decision.passed:
             self.store.add_blocked_publication(final, decision.reason, decision.to_dict())
+            self._audit("publication_blocked", {"round": final, "reason": decision.reason[:500]})
             log.warning("[RoundEngine.publish] round=%d blocked by the release gate: %s", final, decision.reason)
             return
         provenance = build_provenance(self.cfg, self.store, base_sha256=self.base_sha256, spec=self.spec,
@@ -525,6 +694,8 @@ class RoundEngine:
                                               max_shard_bytes=self.cfg.publish.max_shard_mb << 20,
                                               residual=codec.decode_state(residual) if residual else None)
         self.store.add_publication(version, final, path, manifest_sha)
+        self._audit("model_published", {"round": final, "version": version, "path": str(path),
+                                        "manifest_sha256": manifest_sha, "global_sha256": codec.sha256_hex(data)})
 
     def drained(self) -> bool:
         """Finished, and every joined site reported its evaluation of the final model."""

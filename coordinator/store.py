@@ -52,6 +52,14 @@ CREATE TABLE IF NOT EXISTS blocked_publications (
   decided_ms INTEGER NOT NULL);
 """
 
+# Security (issue #5): sites revoked by name (effective at once, kept across restarts) and each site's region as its
+# certificate / the enrolment registry states it.
+_SCHEMA += """
+CREATE TABLE IF NOT EXISTS revocations (
+  name TEXT PRIMARY KEY, reason TEXT NOT NULL, actor TEXT NOT NULL, revoked_ms INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS site_regions (name TEXT PRIMARY KEY, region TEXT NOT NULL);
+"""
+
 
 def now_ms() -> int:
     return int(time.time() * 1000)
@@ -332,3 +340,23 @@ class Store:
                        "r.output_sha256 FROM updates u JOIN rounds r ON r.round = u.round ORDER BY u.round, u.site")
         keys = ("round", "site", "payload_sha256", "num_examples", "bytes", "envelope", "input_sha256", "output_sha256")
         return [dict(zip(keys, (*r[:5], bytes(r[5]), *r[6:]), strict=True)) for r in rows]
+
+    # -- revocations and regions (issue #5) ---------------------------------------------------------------------
+    def add_revocation(self, name: str, reason: str, actor: str) -> bool:
+        """Record that ``name`` is revoked; returns False when it already was (the first record is kept)."""
+        with self.tx() as db:
+            cur = db.execute("INSERT OR IGNORE INTO revocations(name, reason, actor, revoked_ms) VALUES(?,?,?,?)",
+                             (name, reason, actor, now_ms()))
+            return cur.rowcount == 1
+
+    def revocations(self) -> list[dict[str, Any]]:
+        rows = self._q("SELECT name, reason, actor, revoked_ms FROM revocations ORDER BY revoked_ms, name")
+        return [dict(zip(("name", "reason", "actor", "revoked_ms"), r, strict=True)) for r in rows]
+
+    def set_site_region(self, name: str, region: str) -> None:
+        with self.tx() as db:
+            db.execute("INSERT INTO site_regions(name, region) VALUES(?, ?) ON CONFLICT(name) DO UPDATE SET "
+                       "region=excluded.region", (name, region))
+
+    def site_regions(self) -> dict[str, str]:
+        return {r[0]: r[1] for r in self._q("SELECT name, region FROM site_regions ORDER BY name")}
