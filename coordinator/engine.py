@@ -57,6 +57,7 @@ PHASES = ("train", "eval_global")
 # Rules under which sites train at their own rank, and how the global adapter is projected to a site's rank.
 SITE_RANK_RULES = {"hetlora": hetlora.for_site, "flexlora": flexlora.for_site}
 _METRIC_NAME = re.compile(r"^[a-z][a-z0-9_.]{0,63}$")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 ACCESS_POLL_S = 0.5  # how often the registry / CRL files are checked for changes (open streams are cut then)
 
 
@@ -436,6 +437,8 @@ class RoundEngine:
             env = codec.verify_envelope(signed, peer.signing_key)
         except codec.SignatureError as e:
             raise BadSignature(str(e)) from None
+        if not _HEX64.fullmatch(env.payload_sha256):  # it names a file under uploads/: never a path
+            raise InvalidUpdate("envelope payload_sha256 must be 64 lower-case hex characters")
         if env.site != peer.name:
             raise PermissionDenied(f"envelope names site {env.site!r} but the certificate is {peer.name!r}")
         if env.federation_id != self.cfg.federation_id:
@@ -450,11 +453,12 @@ class RoundEngine:
         if env.adapter_spec_sha256 != self.spec_for(peer.name).sha256:
             raise InvalidUpdate("update follows a different adapter spec than the round's")
         if env.payload_kind != pb.PAYLOAD_KIND_DIFF:
-            raise InvalidUpdate(f"payload kind must be DIFF, got {pb.PayloadKind.Name(env.payload_kind)}")
+            kind = pb.PayloadKind.Name(env.payload_kind) if env.payload_kind in pb.PayloadKind.values() else env.payload_kind
+            raise InvalidUpdate(f"payload kind must be DIFF, got {kind}")
         if env.payload_size > self.cfg.max_update_bytes:
             raise UpdateTooLarge(f"payload of {env.payload_size} bytes exceeds the limit of {self.cfg.max_update_bytes}")
-        if env.num_examples <= 0:
-            raise InvalidUpdate("envelope num_examples must be > 0")
+        if not 0 < env.num_examples <= 1 << 40:  # stored as an SQLite integer and used as a weight
+            raise InvalidUpdate("envelope num_examples must be in 1..2**40")
         if not math.isfinite(env.epsilon_spent) or env.epsilon_spent < 0:
             raise InvalidUpdate("envelope epsilon_spent must be a finite number >= 0")
         return env
@@ -562,6 +566,8 @@ class RoundEngine:
 
     def upload_status(self, peer: PeerIdentity, round: int, payload_sha256: str) -> tuple[int, bool]:
         self._require_site(peer)
+        if not _HEX64.fullmatch(payload_sha256):
+            raise InvalidUpdate("payload_sha256 must be 64 lower-case hex characters")
         for u in self.store.updates(round):
             if u.site == peer.name and u.payload_sha256 == payload_sha256:
                 return u.size, True

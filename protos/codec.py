@@ -121,7 +121,7 @@ def check_header(data: bytes) -> None:
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
             raise CodecError(f"payload header entry {name[:64]!r} must have exactly dtype, shape and data_offsets")
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if dtype not in _DTYPE_SIZE:
+        if not isinstance(dtype, str) or dtype not in _DTYPE_SIZE:
             raise CodecError(f"tensor {name[:64]!r} has dtype {str(dtype)[:16]!r}, which cannot travel on the wire")
         if (not isinstance(shape, list) or len(shape) > MAX_DIMS
                 or not all(type(d) is int and 0 <= d < 1 << 40 for d in shape)):
