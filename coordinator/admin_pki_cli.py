@@ -30,7 +30,8 @@ def init(fed_dir: Path = typer.Option(..., "--dir", help="new federation directo
          strategy: str = typer.Option("fedavg", "--strategy"),
          rounds: int = typer.Option(3, "--rounds"),
          min_sites: int = typer.Option(2, "--min-sites"),
-         max_update_norm: float = typer.Option(0.0, "--max-update-norm", help="refuse updates above this L2 norm")
+         max_update_norm: float = typer.Option(0.0, "--max-update-norm", help="refuse updates above this L2 norm"),
+         listen: str = typer.Option("", "--listen", help="host:port the coordinator binds (default 0.0.0.0:PORT)")
          ) -> None:
     """Create a federation: CA, coordinator and admin certificates, manifest, registry, CRL, federation.toml."""
     from coordinator.enrolment import EnrolmentError, InitOptions, init_federation
@@ -40,7 +41,7 @@ def init(fed_dir: Path = typer.Option(..., "--dir", help="new federation directo
         manifest = init_federation(fed_dir, InitOptions(
             federation_id=federation_id, base_model=base_model, hosts=tuple(host), port=port,
             base_model_ref=base_model_ref, strategy=strategy, rounds=rounds, min_sites=min_sites,
-            max_update_norm=max_update_norm))
+            max_update_norm=max_update_norm, listen=listen))
     except (EnrolmentError, ManifestMismatch) as e:
         raise _fail(str(e)) from None
     console.print(f"[bold green]federation {federation_id!r} created[/] in {fed_dir}")

@@ -118,6 +118,7 @@ class InitOptions:
     rounds: int = 3
     min_sites: int = 2
     max_update_norm: float = 0.0
+    listen: str = ""
 
 
 def init_federation(fed: Path, opt: InitOptions) -> dict[str, Any]:
@@ -160,7 +161,8 @@ def init_federation(fed: Path, opt: InitOptions) -> dict[str, Any]:
     toml = {
         "federation_id": opt.federation_id, "base_model": str(Path(opt.base_model).resolve()),
         "base_model_ref": opt.base_model_ref, "rounds": opt.rounds, "min_sites": opt.min_sites,
-        "strategy": opt.strategy, "listen": f"0.0.0.0:{opt.port}", "state_dir": "state", "registry_dir": "published",
+        "strategy": opt.strategy, "listen": opt.listen or f"0.0.0.0:{opt.port}", "state_dir": "state",
+        "registry_dir": "published",
         "enrolment_registry": REGISTRY, "crl": CRL, "max_update_norm": opt.max_update_norm,
         "tls": {"ca": "ca.pem", "cert": "coordinator/server.pem", "key": "coordinator/server.key"},
         "records": {"controller": "", "purposes": [], "data_categories": [], "recipients": [],

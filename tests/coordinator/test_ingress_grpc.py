@@ -74,6 +74,8 @@ def _last_refusal(live: LiveCoordinator) -> dict:
     ("other_sites_name", SC.PERMISSION_DENIED),
     ("wrong_base_model", SC.INVALID_ARGUMENT),
     ("garbage_payload", SC.INVALID_ARGUMENT),
+    ("path_as_payload_hash", SC.INVALID_ARGUMENT),
+    ("huge_num_examples", SC.INVALID_ARGUMENT),
 ])
 def test_hostile_update_is_refused_with_its_status_and_audited(live: LiveCoordinator, case: str,
                                                                status: grpc.StatusCode) -> None:
@@ -103,6 +105,10 @@ def test_hostile_update_is_refused_with_its_status_and_audited(live: LiveCoordin
         over["base_model_sha256"] = "cd" * 32
     elif case == "foreign_key":
         key = Ed25519PrivateKey.generate()
+    elif case == "path_as_payload_hash":  # the hash names the partial-upload file: it must never be a path
+        over["payload_sha256"] = "../../../../tmp/fedbridge-owned"
+    elif case == "huge_num_examples":
+        over["num_examples"] = 2**64 - 1
     signed, payload = live.update("site-a", state, key=key, **over)
     if case == "bad_signature":
         signed = pb.SignedEnvelope(envelope=signed.envelope, signature=bytes(64))
