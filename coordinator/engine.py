@@ -21,9 +21,9 @@ from typing import Any
 import torch
 
 from coordinator import evaluation, gate
+from coordinator.access import SiteGate
 from coordinator.adapter import AdapterInit
 from coordinator.config import FederationConfig
-from coordinator.enrolment import AccessList, EnrolmentError
 from coordinator.errors import (
     BadSignature,
     CoordinatorError,
@@ -34,7 +34,6 @@ from coordinator.errors import (
     PayloadMismatch,
     PermissionDenied,
     ReplayedNonce,
-    Revoked,
     UpdateTooLarge,
     WrongRound,
 )
@@ -58,7 +57,6 @@ PHASES = ("train", "eval_global")
 SITE_RANK_RULES = {"hetlora": hetlora.for_site, "flexlora": flexlora.for_site}
 _METRIC_NAME = re.compile(r"^[a-z][a-z0-9_.]{0,63}$")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-ACCESS_POLL_S = 0.5  # how often the registry / CRL files are checked for changes (open streams are cut then)
 
 
 @dataclass(frozen=True)
@@ -138,13 +136,7 @@ class RoundEngine:
             if not report.ok:
                 raise RuntimeError(f"{self.audit.path}: the audit log does not reach the head kept in the store: "
                                    f"{report.problems[0]}")
-        self._revoked: dict[str, str] = {r["name"]: r["reason"] for r in store.revocations()}
-        self._revocation = asyncio.Event()
-        self._refusals_seen: set[tuple[str, str, str]] = set()
-        self.access: AccessList | None = None
-        if config.enrolment_registry is not None or config.crl is not None:
-            self.access = AccessList(config.tls.ca, config.enrolment_registry, config.crl)
-            self._sync_registry_revocations()
+        self.gate = SiteGate(config, store, self._audit, self._notify)
         self._watch: asyncio.Task[None] | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
@@ -172,8 +164,8 @@ class RoundEngine:
         else:
             log.info("[RoundEngine.start] federation=%s resuming at round=%d state=%s", self.cfg.federation_id,
                      cur.round, cur.state)
-        if self.access is not None and self._watch is None:
-            self._watch = asyncio.get_running_loop().create_task(self._watch_access())
+        if self.gate.access is not None and self._watch is None:
+            self._watch = asyncio.get_running_loop().create_task(self.gate.watch())
         if self.cfg.evaluation.enabled:  # refuse at start an evaluation that cannot run or would score silently
             evaluation.check_benchmarks(self.cfg.evaluation)
             asyncio.get_running_loop().run_in_executor(None, evaluation.warm_up)  # hide the import behind round 1
@@ -244,7 +236,7 @@ class RoundEngine:
             raise WrongRound(f"site {peer.name!r} declared LoRA rank {rank}; this federation allows 1..{self.spec.rank}")
         self.store.upsert_site(peer.name, peer.fingerprint, agent_version[:64], rank)
         self._site_ranks[peer.name] = rank
-        region = peer.region or (self.access.region(peer.name) if self.access else "")
+        region = self.gate.region(peer)
         self.store.set_site_region(peer.name, region)
         self._audit("site_joined", {"site": peer.name, "region": region, "cert_sha256": peer.fingerprint,
                                     "serial": str(peer.serial), "agent_version": agent_version[:64], "lora_rank": rank})
@@ -331,97 +323,17 @@ class RoundEngine:
     # -- uploads ------------------------------------------------------------------------------------------------
     def _require_site(self, peer: PeerIdentity) -> None:
         """Refuse (PERMISSION_DENIED) a non-site, revoked or unenrolled certificate; identity is the certificate's."""
-        try:
-            if peer.role != "site":
-                raise PermissionDenied(f"certificate of {peer.name!r} has role {peer.role!r}, not 'site'")
-            if peer.name in self._revoked:
-                raise Revoked(f"site {peer.name!r} was revoked: {self._revoked[peer.name] or 'no reason given'}")
-            if self.access is not None:
-                self._refresh_access()
-                self.access.check(peer)
-        except PermissionDenied as e:
-            key = (peer.name, peer.fingerprint, type(e).__name__)
-            if key not in self._refusals_seen:  # once per certificate and cause: a polling loop cannot flood the log
-                self._refusals_seen.add(key)
-                self._audit("access_refused", {"site": peer.name, "role": peer.role, "cert_sha256": peer.fingerprint,
-                                               "reason": str(e)[:500]})
-            raise
+        self.gate.require_site(peer)
 
-    # -- revocation ---------------------------------------------------------------------------------------------
     def revoke_site(self, name: str, reason: str, actor: str) -> None:
         """Revoke ``name`` durably and at once: its next call is refused, and its open calls are cut off.
 
         Args:
             name: The site's certificate name.
             reason: Why (recorded in the store and the audit log).
-            actor: Who revoked it (the admin certificate's name, or ``crl``).
+            actor: Who revoked it (the admin certificate's name).
         """
-        if not name or len(name) > 64:
-            raise InvalidUpdate(f"invalid site name {name!r}")
-        self.store.add_revocation(name, reason[:500], actor[:128])
-        self._revoked.setdefault(name, reason[:500])
-        self._audit("site_revoked", {"site": name, "reason": reason[:500], "actor": actor[:128]})
-        log.warning("[RoundEngine.revoke_site] site=%s revoked by %s", name, actor[:128])
-        self._wake_for_revocation()
-
-    def _wake_for_revocation(self) -> None:
-        self._revocation.set()
-        self._revocation = asyncio.Event()
-        self._notify()
-
-    def _sync_registry_revocations(self) -> None:
-        """Store (and audit) the registry's revocations that this coordinator has not recorded yet."""
-        assert self.access is not None
-        for e in self.access.sites.values():
-            if e.revoked_ms and e.name not in self._revoked:
-                self.store.add_revocation(e.name, e.revoke_reason, e.revoked_by or "registry")
-                self._revoked[e.name] = e.revoke_reason
-                self._audit("site_revoked", {"site": e.name, "reason": e.revoke_reason,
-                                             "actor": e.revoked_by or "registry", "source": "registry/crl"})
-
-    def _refresh_access(self) -> None:
-        assert self.access is not None
-        try:
-            changed = self.access.refresh()
-        except EnrolmentError as e:
-            raise PermissionDenied(f"the coordinator cannot read its access list: {e}") from None
-        if changed:
-            self._audit("access_list_reloaded", {"enrolled": len(self.access.sites),
-                                                 "revoked_serials": len(self.access.revoked_serials)})
-            self._sync_registry_revocations()
-            self._wake_for_revocation()
-
-    async def _watch_access(self) -> None:
-        """Notice registry / CRL changes even while no call arrives, so open streams and long-polls are cut off."""
-        while True:
-            await asyncio.sleep(ACCESS_POLL_S)
-            with contextlib.suppress(PermissionDenied):
-                self._refresh_access()
-
-    async def _while_allowed(self, peer: PeerIdentity, chunks: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
-        """Pass ``chunks`` through while ``peer`` may act; a revocation ends the stream even while it stalls."""
-        it = chunks.__aiter__()
-        while True:
-            self._require_site(peer)
-            nxt: asyncio.Future[Chunk] = asyncio.ensure_future(it.__anext__())
-            try:
-                while True:
-                    gone = asyncio.ensure_future(self._revocation.wait())
-                    try:
-                        done, _ = await asyncio.wait({nxt, gone}, return_when=asyncio.FIRST_COMPLETED)
-                    finally:
-                        gone.cancel()
-                    if nxt in done:
-                        break
-                    self._require_site(peer)
-            except BaseException:
-                nxt.cancel()
-                raise
-            try:
-                chunk = nxt.result()
-            except StopAsyncIteration:
-                return
-            yield chunk
+        self.gate.revoke(name, reason, actor)
 
     # -- audit --------------------------------------------------------------------------------------------------
     def _audit(self, event: str, fields: dict[str, Any]) -> None:
@@ -488,7 +400,7 @@ class RoundEngine:
         """
         ctx: dict[str, Any] = {}
         try:
-            return await self._receive_upload(peer, self._while_allowed(peer, chunks), ctx)
+            return await self._receive_upload(peer, self.gate.while_allowed(peer, chunks), ctx)
         except CoordinatorError as e:
             self._audit("update_refused", {"site": peer.name, "round": ctx.get("round"), "status": e.status,
                                            "error": type(e).__name__, "reason": str(e)[:500],

@@ -290,7 +290,7 @@ def test_crl_written_by_revoke_site_cuts_off_an_open_stream(live: LiveCoordinato
 
     assert result.get("code") == SC.PERMISSION_DENIED, result
     assert result["t"] - revoked_at < 3.0  # the coordinator polls the files every 0.5 s
-    assert entry.serial in live.engine.access.revoked_serials  # type: ignore[union-attr]
+    assert entry.serial in live.engine.gate.access.revoked_serials  # type: ignore[union-attr]
     assert [r["name"] for r in live.engine.store.revocations()] == ["site-b"]
     with pytest.raises(grpc.RpcError) as e:
         live.site_stub("site-b").Join(pb.JoinRequest(), timeout=10)
