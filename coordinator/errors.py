@@ -1,4 +1,25 @@
-"""Domain errors of the coordinator. The servicer maps each to one gRPC status code."""
+"""Domain errors of the coordinator. The servicer maps each to one gRPC status code.
+
+How an update is refused (each refusal also gets an ``update_refused`` audit record, and never reaches the store):
+
+=============================================  ======================  ======================
+refusal                                        error                   gRPC status
+=============================================  ======================  ======================
+signature does not verify with the cert's key  BadSignature            UNAUTHENTICATED
+nonce already used by an accepted update       ReplayedNonce           ALREADY_EXISTS
+second, different update for the same round    DuplicateUpdate         ALREADY_EXISTS
+old / future / closing round                   WrongRound              FAILED_PRECONDITION
+payload size or SHA-256 differs from envelope  PayloadMismatch         DATA_LOSS
+unknown / missing keys, shapes, dtypes, NaN,   InvalidUpdate           INVALID_ARGUMENT
+Inf, malformed safetensors or envelope fields
+L2 norm above ``max_update_norm``              NormTooLarge            OUT_OF_RANGE
+payload above ``max_update_bytes`` (declared   UpdateTooLarge          RESOURCE_EXHAUSTED
+or streamed past the declared size)
+not a site cert, unenrolled, revoked           PermissionDenied        PERMISSION_DENIED
+                                               NotEnrolled / Revoked
+envelope names another site than the cert      PermissionDenied        PERMISSION_DENIED
+=============================================  ======================  ======================
+"""
 
 from __future__ import annotations
 
