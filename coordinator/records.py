@@ -91,6 +91,9 @@ def build_record(cfg: FederationConfig) -> dict[str, Any]:
                                   + (f", L2 norm <= {cfg.max_update_norm:g}" if cfg.max_update_norm else ""),
             "differential_privacy": ({n: e for n, e in eps_by_site.items()} if any(eps_by_site.values())
                                      else "not applied (every site reports epsilon 0)"),
+            "dp_mode": (f"{cfg.privacy.mode}: clip {cfg.privacy.clip_norm:g}, noise multiplier "
+                        f"{cfg.privacy.noise_multiplier:g}, delta {cfg.privacy.delta:g}"
+                        if cfg.privacy.mode != "none" else "none"),
             "secure_aggregation": "on" if sa_on else "off",
             "audit": "hash-chained audit logs at the coordinator and at every site",
             "aggregation_strategy": cfg.strategy,
