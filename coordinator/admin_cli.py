@@ -110,6 +110,11 @@ def releases(state_dir: Path = typer.Option(..., "--state-dir", help="the coordi
     out.print(rel)
 
 
+from coordinator.admin_pki_cli import register as register_pki_commands  # noqa: E402 - after this module's own commands
+
+register_pki_commands(app)
+
+
 def main() -> None:
     app()
 

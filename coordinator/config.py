@@ -418,6 +418,34 @@ def check_privacy(strategy: str, params: dict[str, Any], privacy: PrivacySpec) -
 
 
 @dataclass(frozen=True)
+class RecordsSpec:
+    """GDPR Art. 30 record of processing (``fedbridge-admin export-records``). Unset values are reported as unset,
+    never filled with invented text.
+
+    Attributes:
+        controller: Who operates the coordinator (name and contact) and answers for the federation's processing.
+        purposes: Purposes of the processing (e.g. "fine-tune a triage assistant").
+        data_categories: Categories of personal data in the sites' private training data.
+        data_subjects: Categories of data subjects (e.g. "patients", "customers").
+        recipients: Who receives the published model.
+        coordinator_region: Region of the coordinator's host (e.g. EU-DE): the destination of every transfer.
+        retention_days: How long the coordinator keeps received updates and audit logs (0: unset).
+    """
+
+    controller: str = ""
+    purposes: tuple[str, ...] = ()
+    data_categories: tuple[str, ...] = ()
+    data_subjects: tuple[str, ...] = ()
+    recipients: tuple[str, ...] = ()
+    coordinator_region: str = ""
+    retention_days: int = 0
+
+    def __post_init__(self) -> None:
+        if self.retention_days < 0:
+            raise ValueError(f"field 'records.retention_days': must be >= 0, got {self.retention_days}")
+
+
+@dataclass(frozen=True)
 class FederationConfig:
     """Everything the coordinator needs to run a federation.
 
@@ -443,6 +471,11 @@ class FederationConfig:
         gate: Release gate on the evaluation's scores.
         publish: Model-card licence fields, site regions, shard size.
         secure_aggregation: Secure aggregation of each round's updates (off by default).
+        enrolment_registry: ``enrolment.json`` of the federation directory: only the site certificates it lists
+            (and has not revoked) may act as sites. Unset: any CA-signed site certificate.
+        crl: CRL file signed by the federation CA (``fedbridge-admin revoke-site``); reloaded when it changes.
+        max_update_norm: Refuse updates whose L2 norm over all tensors is above this (0: no bound).
+        records: GDPR Art. 30 record-of-processing fields.
         privacy: Differential privacy: none, local (sites noise) or central (the coordinator noises the aggregate).
     """
 
@@ -467,9 +500,16 @@ class FederationConfig:
     gate: GateSpec = field(default_factory=GateSpec)
     publish: PublishSpec = field(default_factory=PublishSpec)
     secure_aggregation: SecureAggregationSpec = field(default_factory=SecureAggregationSpec)
+    # Security (issue #5): enrolment, revocation, ingress bound, record of processing.
+    enrolment_registry: Path | None = None
+    crl: Path | None = None
+    max_update_norm: float = 0.0
+    records: RecordsSpec = field(default_factory=RecordsSpec)
     privacy: PrivacySpec = field(default_factory=PrivacySpec)
 
     def __post_init__(self) -> None:
+        if not (self.max_update_norm >= 0 and self.max_update_norm != float("inf")):
+            raise ValueError(f"field 'max_update_norm': must be a finite number >= 0, got {self.max_update_norm}")
         if not self.federation_id or len(self.federation_id) > 128:
             raise ValueError("field 'federation_id': must be 1-128 characters")
         if self.rounds <= 0:

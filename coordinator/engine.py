@@ -21,15 +21,30 @@ from typing import Any
 import torch
 
 from coordinator import evaluation, gate
+from coordinator.access import SiteGate
 from coordinator.adapter import AdapterInit
 from coordinator.config import FederationConfig
 from coordinator.dp import CentralDp
-from coordinator.errors import DuplicateUpdate, InvalidUpdate, NotFound, PermissionDenied, UpdateTooLarge, WrongRound
+from coordinator.errors import (
+    BadSignature,
+    CoordinatorError,
+    DuplicateUpdate,
+    InvalidUpdate,
+    NormTooLarge,
+    NotFound,
+    PayloadMismatch,
+    PermissionDenied,
+    ReplayedNonce,
+    UpdateTooLarge,
+    WrongRound,
+)
 from coordinator.pki import PeerIdentity
 from coordinator.publish import build_provenance, publish
 from coordinator.secagg import SecAggCoordinator
 from coordinator.store import Store, UpdateRow
 from protos import codec
+from protos.auditlog import AuditLog, Head
+from protos.auditlog import verify as verify_log
 from protos.fedbridge.v1 import federation_service_pb2 as pb
 from strategies import flexlora, hetlora
 from strategies.error_meter import aggregation_error_from_updates
@@ -43,6 +58,7 @@ PHASES = ("train", "eval_global")
 # Rules under which sites train at their own rank, and how the global adapter is projected to a site's rank.
 SITE_RANK_RULES = {"hetlora": hetlora.for_site, "flexlora": flexlora.for_site}
 _METRIC_NAME = re.compile(r"^[a-z][a-z0-9_.]{0,63}$")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -119,6 +135,17 @@ class RoundEngine:
             self.secagg = SecAggCoordinator(config.secure_aggregation, store, config.federation_id,
                                             [(t.name, tuple(t.shape)) for t in self.spec.tensors], config.min_sites,
                                             on_ready=self._advance_in_background)
+        # Security (issue #5): the hash-chained audit log (its head also kept in the store), revoked site names,
+        # and the enrolment registry + CRL when the federation uses them.
+        self.audit = AuditLog(self.store.dir / "audit.jsonl")
+        kept = self.store.get_meta("audit_head")
+        if kept is not None:  # refuse to extend a log whose tail was cut off (the .head file may be gone too)
+            report = verify_log(self.audit.path, expected_head=Head.parse(kept))
+            if not report.ok:
+                raise RuntimeError(f"{self.audit.path}: the audit log does not reach the head kept in the store: "
+                                   f"{report.problems[0]}")
+        self.gate = SiteGate(config, store, self._audit, self._notify)
+        self._watch: asyncio.Task[None] | None = None
         p = config.privacy  # central DP: clip each update and noise the aggregate (coordinator/dp.py)
         self.central_dp = CentralDp(p.noise_multiplier, p.clip_norm, p.delta) if p.mode == "central" else None
 
@@ -147,6 +174,8 @@ class RoundEngine:
         else:
             log.info("[RoundEngine.start] federation=%s resuming at round=%d state=%s", self.cfg.federation_id,
                      cur.round, cur.state)
+        if self.gate.access is not None and self._watch is None:
+            self._watch = asyncio.get_running_loop().create_task(self.gate.watch())
         if self.cfg.evaluation.enabled:  # refuse at start an evaluation that cannot run or would score silently
             evaluation.check_benchmarks(self.cfg.evaluation)
             asyncio.get_running_loop().run_in_executor(None, evaluation.warm_up)  # hide the import behind round 1
@@ -211,7 +240,12 @@ class RoundEngine:
 
     # -- tasks --------------------------------------------------------------------------------------------------
     def join(self, peer: PeerIdentity, agent_version: str, lora_rank: int) -> None:
-        self._require_site(peer)
+        try:
+            self._require_site(peer)
+        except CoordinatorError as e:
+            self._audit("join_refused", {"site": peer.name, "role": peer.role, "status": e.status,
+                                         "reason": str(e)[:500]})
+            raise
         rank = int(lora_rank) or self.spec.rank
         if self.project_to_site is None and rank != self.spec.rank:
             raise WrongRound(f"site {peer.name!r} declared LoRA rank {rank} but this federation trains rank "
@@ -220,6 +254,10 @@ class RoundEngine:
             raise WrongRound(f"site {peer.name!r} declared LoRA rank {rank}; this federation allows 1..{self.spec.rank}")
         self.store.upsert_site(peer.name, peer.fingerprint, agent_version[:64], rank)
         self._site_ranks[peer.name] = rank
+        region = self.gate.region(peer)
+        self.store.set_site_region(peer.name, region)
+        self._audit("site_joined", {"site": peer.name, "region": region, "cert_sha256": peer.fingerprint,
+                                    "serial": str(peer.serial), "agent_version": agent_version[:64], "lora_rank": rank})
         log.info("[FederationService.Join] site=%s agent=%s", peer.name, agent_version[:64])
 
     def site_rank(self, site: str) -> int:
@@ -268,6 +306,7 @@ class RoundEngine:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(0.0, min(wait_s, self.cfg.long_poll_ms / 1000))
         while True:
+            self._require_site(peer)  # a revocation wakes this loop and ends the long-poll
             offer = self._offer(peer.name)
             remaining = deadline - loop.time()
             if offer.status != "wait" or remaining <= 0:
@@ -303,8 +342,24 @@ class RoundEngine:
 
     # -- uploads ------------------------------------------------------------------------------------------------
     def _require_site(self, peer: PeerIdentity) -> None:
-        if peer.role != "site":
-            raise PermissionDenied(f"certificate of {peer.name!r} has role {peer.role!r}, not 'site'")
+        """Refuse (PERMISSION_DENIED) a non-site, revoked or unenrolled certificate; identity is the certificate's."""
+        self.gate.require_site(peer)
+
+    def revoke_site(self, name: str, reason: str, actor: str) -> None:
+        """Revoke ``name`` durably and at once: its next call is refused, and its open calls are cut off.
+
+        Args:
+            name: The site's certificate name.
+            reason: Why (recorded in the store and the audit log).
+            actor: Who revoked it (the admin certificate's name).
+        """
+        self.gate.revoke(name, reason, actor)
+
+    # -- audit --------------------------------------------------------------------------------------------------
+    def _audit(self, event: str, fields: dict[str, Any]) -> None:
+        rec = self.audit.append(event, fields)
+        # The head also goes to the store, so `audit verify` detects a cut-off tail even without the .head file.
+        self.store.set_meta("audit_head", Head(rec["seq"], rec["hash"]).to_json())
 
     def _check_envelope(self, peer: PeerIdentity, signed: pb.SignedEnvelope) -> pb.UpdateEnvelope:
         self._require_site(peer)
@@ -313,7 +368,9 @@ class RoundEngine:
         try:
             env = codec.verify_envelope(signed, peer.signing_key)
         except codec.SignatureError as e:
-            raise InvalidUpdate(str(e)) from None
+            raise BadSignature(str(e)) from None
+        if not _HEX64.fullmatch(env.payload_sha256):  # it names a file under uploads/: never a path
+            raise InvalidUpdate("envelope payload_sha256 must be 64 lower-case hex characters")
         if env.site != peer.name:
             raise PermissionDenied(f"envelope names site {env.site!r} but the certificate is {peer.name!r}")
         if env.federation_id != self.cfg.federation_id:
@@ -328,13 +385,14 @@ class RoundEngine:
         if env.adapter_spec_sha256 != self.spec_for(peer.name).sha256:
             raise InvalidUpdate("update follows a different adapter spec than the round's")
         if env.payload_kind != pb.PAYLOAD_KIND_DIFF:
-            raise InvalidUpdate(f"payload kind must be DIFF, got {pb.PayloadKind.Name(env.payload_kind)}")
+            kind = pb.PayloadKind.Name(env.payload_kind) if env.payload_kind in pb.PayloadKind.values() else env.payload_kind
+            raise InvalidUpdate(f"payload kind must be DIFF, got {kind}")
         if self.secagg is not None:
             self.secagg.check_upload(peer.name, env.round)
         if env.payload_size > self.cfg.max_update_bytes:
             raise UpdateTooLarge(f"payload of {env.payload_size} bytes exceeds the limit of {self.cfg.max_update_bytes}")
-        if env.num_examples <= 0:
-            raise InvalidUpdate("envelope num_examples must be > 0")
+        if not 0 < env.num_examples <= 1 << 40:  # stored as an SQLite integer and used as a weight
+            raise InvalidUpdate("envelope num_examples must be in 1..2**40")
         if not math.isfinite(env.epsilon_spent) or env.epsilon_spent < 0:
             raise InvalidUpdate("envelope epsilon_spent must be a finite number >= 0")
         return env
@@ -348,7 +406,7 @@ class RoundEngine:
                 return _Upload(env, signed, path, env.payload_size, already_accepted=True)
             raise DuplicateUpdate(f"site {peer.name!r} already has an accepted update for round {env.round}")
         if self.store.nonce_seen(env.nonce):
-            raise InvalidUpdate("envelope nonce was already used (replay)")
+            raise ReplayedNonce("envelope nonce was already used (replay)")
         path.parent.mkdir(parents=True, exist_ok=True)
         have = path.stat().st_size if path.exists() else 0
         if offset > have:
@@ -358,7 +416,21 @@ class RoundEngine:
         return _Upload(env, signed, path, offset)
 
     async def receive_upload(self, peer: PeerIdentity, chunks: AsyncIterator[Chunk]) -> UploadResult:
-        """Consume one upload stream; store the update durably before returning ``accepted``."""
+        """Consume one upload stream; store the update durably before returning ``accepted``.
+
+        Every refusal is audited (``update_refused``: status, reason) before it is raised.
+        """
+        ctx: dict[str, Any] = {}
+        try:
+            return await self._receive_upload(peer, self.gate.while_allowed(peer, chunks), ctx)
+        except CoordinatorError as e:
+            self._audit("update_refused", {"site": peer.name, "round": ctx.get("round"), "status": e.status,
+                                           "error": type(e).__name__, "reason": str(e)[:500],
+                                           "payload_sha256": ctx.get("payload_sha256")})
+            raise
+
+    async def _receive_upload(self, peer: PeerIdentity, chunks: AsyncIterator[Chunk], ctx: dict[str, Any]
+                              ) -> UploadResult:
         up: _Upload | None = None
         f = None
         try:
@@ -367,6 +439,7 @@ class RoundEngine:
                     if ch.signed is None:
                         raise InvalidUpdate("the first message of an upload stream must carry the signed envelope")
                     up = self._begin(peer, ch.signed, ch.offset)
+                    ctx.update(round=up.env.round, payload_sha256=up.env.payload_sha256)
                     if up.already_accepted:
                         continue
                     # Blocking appends on purpose: local, small, and ordered with the acceptance checks.
@@ -400,25 +473,39 @@ class RoundEngine:
         env = self._check_envelope(peer, up.signed)  # the round may have moved on while bytes streamed in
         payload = up.path.read_bytes()
         try:
-            codec.check_payload(env, payload)
+            try:
+                codec.check_payload(env, payload)
+            except codec.PayloadMismatchError as e:
+                raise PayloadMismatch(str(e)) from None
             state = codec.decode_state(payload)
+            norm: float | None = None  # a masked update's norm says nothing: not recorded
             if self.secagg is not None:
                 self.secagg.check_masked(state)
             else:
                 codec.check_against_spec(state, self.spec_for(peer.name))
-        except codec.CodecError as e:
+                norm = codec.l2_norm(state)
+                if self.cfg.max_update_norm and norm > self.cfg.max_update_norm:
+                    raise NormTooLarge(f"update L2 norm {norm:.6g} is above the federation's bound "
+                                       f"max_update_norm={self.cfg.max_update_norm:g}")
+        except (codec.CodecError, InvalidUpdate) as e:
             up.path.unlink(missing_ok=True)
             log.warning("[FederationService.UploadUpdate] round=%d site=%s refused: %s", env.round, peer.name, e)
-            raise InvalidUpdate(str(e)) from None
+            raise (e if isinstance(e, InvalidUpdate) else InvalidUpdate(str(e))) from None
         row = self.store.accept_update(round=env.round, site=peer.name, payload=payload,
                                        payload_sha256=env.payload_sha256, num_examples=env.num_examples,
                                        nonce=env.nonce, envelope=up.signed.envelope, signature=up.signed.signature)
         up.path.unlink(missing_ok=True)
+        self._audit("update_accepted", {"site": peer.name, "round": env.round, "payload_sha256": env.payload_sha256,
+                                        "bytes": len(payload), "num_examples": env.num_examples,
+                                        "epsilon_spent": env.epsilon_spent, "nonce": env.nonce.hex(),
+                                        "l2_norm": None if norm is None else round(norm, 6)})
         log.info("[FederationService.UploadUpdate] round=%d site=%s accepted bytes=%d", env.round, peer.name, len(payload))
         return row
 
     def upload_status(self, peer: PeerIdentity, round: int, payload_sha256: str) -> tuple[int, bool]:
         self._require_site(peer)
+        if not _HEX64.fullmatch(payload_sha256):
+            raise InvalidUpdate("payload_sha256 must be 64 lower-case hex characters")
         for u in self.store.updates(round):
             if u.site == peer.name and u.payload_sha256 == payload_sha256:
                 return u.size, True
@@ -571,6 +658,7 @@ class RoundEngine:
                                evaluation_error=run["error"] if run else "")
         if not decision.passed:
             self.store.add_blocked_publication(final, decision.reason, decision.to_dict())
+            self._audit("publication_blocked", {"round": final, "reason": decision.reason[:500]})
             log.warning("[RoundEngine.publish] round=%d blocked by the release gate: %s", final, decision.reason)
             return
         provenance = build_provenance(self.cfg, self.store, base_sha256=self.base_sha256, spec=self.spec,
@@ -583,6 +671,8 @@ class RoundEngine:
                                               max_shard_bytes=self.cfg.publish.max_shard_mb << 20,
                                               residual=codec.decode_state(residual) if residual else None)
         self.store.add_publication(version, final, path, manifest_sha)
+        self._audit("model_published", {"round": final, "version": version, "path": str(path),
+                                        "manifest_sha256": manifest_sha, "global_sha256": codec.sha256_hex(data)})
 
     def drained(self) -> bool:
         """Finished, and every joined site reported its evaluation of the final model."""

@@ -1,4 +1,25 @@
-"""Domain errors of the coordinator. The servicer maps each to one gRPC status code."""
+"""Domain errors of the coordinator. The servicer maps each to one gRPC status code.
+
+How an update is refused (each refusal also gets an ``update_refused`` audit record, and never reaches the store):
+
+=============================================  ======================  ======================
+refusal                                        error                   gRPC status
+=============================================  ======================  ======================
+signature does not verify with the cert's key  BadSignature            UNAUTHENTICATED
+nonce already used by an accepted update       ReplayedNonce           ALREADY_EXISTS
+second, different update for the same round    DuplicateUpdate         ALREADY_EXISTS
+old / future / closing round                   WrongRound              FAILED_PRECONDITION
+payload size or SHA-256 differs from envelope  PayloadMismatch         DATA_LOSS
+unknown / missing keys, shapes, dtypes, NaN,   InvalidUpdate           INVALID_ARGUMENT
+Inf, malformed safetensors or envelope fields
+L2 norm above ``max_update_norm``              NormTooLarge            OUT_OF_RANGE
+payload above ``max_update_bytes`` (declared   UpdateTooLarge          RESOURCE_EXHAUSTED
+or streamed past the declared size)
+not a site cert, unenrolled, revoked           PermissionDenied        PERMISSION_DENIED
+                                               NotEnrolled / Revoked
+envelope names another site than the cert      PermissionDenied        PERMISSION_DENIED
+=============================================  ======================  ======================
+"""
 
 from __future__ import annotations
 
@@ -35,3 +56,37 @@ class UpdateTooLarge(CoordinatorError):
 
 class NotFound(CoordinatorError):
     status = "NOT_FOUND"
+
+
+# Precise refusals of an update (issue #5). Each subclasses the broader error it refines, so callers that catch the
+# broad class still do; the servicer reports the precise status.
+class BadSignature(InvalidUpdate):
+    """The envelope's Ed25519 signature does not verify with the key the site's certificate binds."""
+
+    status = "UNAUTHENTICATED"
+
+
+class ReplayedNonce(InvalidUpdate):
+    """The envelope's nonce was already used by an accepted update."""
+
+    status = "ALREADY_EXISTS"
+
+
+class PayloadMismatch(InvalidUpdate):
+    """The bytes received do not match the size or SHA-256 the signed envelope declares."""
+
+    status = "DATA_LOSS"
+
+
+class NormTooLarge(InvalidUpdate):
+    """The update's L2 norm is above the federation's ``max_update_norm``."""
+
+    status = "OUT_OF_RANGE"
+
+
+class NotEnrolled(PermissionDenied):
+    """A CA-signed site certificate that the federation's enrolment registry does not list."""
+
+
+class Revoked(PermissionDenied):
+    """The site or its certificate was revoked."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 # Private arc for fedbridge extensions (Ed25519 raw public key used to sign update envelopes).
 SIGNING_KEY_OID = x509.ObjectIdentifier("1.3.6.1.4.1.59862.1.1")
+# The site's data region (e.g. ``EU-DE``), UTF-8: the coordinator learns a site's region from its certificate only.
+REGION_OID = x509.ObjectIdentifier("1.3.6.1.4.1.59862.1.2")
+REGION_PATTERN = re.compile(r"^[A-Z]{2,8}(-[A-Z0-9]{2,8}){0,2}$")
 ROLES = ("site", "admin", "coordinator")
 
 
@@ -36,6 +40,7 @@ class PeerIdentity:
     signing_key: Ed25519PublicKey | None
     serial: int
     fingerprint: str
+    region: str = ""
 
 
 def _now() -> dt.datetime:
@@ -93,7 +98,7 @@ class CertificateAuthority:
         return self.cert.public_bytes(serialization.Encoding.PEM)
 
     def issue(self, name: str, role: str, *, hosts: tuple[str, ...] = (), signing_key: Ed25519PublicKey | None = None,
-              days: int = 825) -> tuple[bytes, bytes]:
+              days: int = 825, region: str = "") -> tuple[bytes, bytes]:
         """Issue a leaf certificate; returns ``(cert_pem, key_pem)``.
 
         Args:
@@ -102,11 +107,14 @@ class CertificateAuthority:
             hosts: DNS names / IP addresses for a server certificate's subjectAltName.
             signing_key: For a site, its Ed25519 envelope-signing public key (embedded in an extension).
             days: Validity.
+            region: For a site, its data region (``EU-DE``), embedded in an extension.
         """
         if role not in ROLES:
             raise PKIError(f"unknown certificate role {role!r}; expected one of {ROLES}")
         if not name or any(c in name for c in "/\\\n\r\t,=+<>#;\"") or len(name) > 64:
             raise PKIError(f"invalid certificate name {name!r}: use 1-64 letters, digits, '-', '_' or '.'")
+        if region and not REGION_PATTERN.match(region):
+            raise PKIError(f"invalid region {region!r}: use upper-case codes like EU-DE or US-CA")
         key = ec.generate_private_key(ec.SECP256R1())
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name),
                              x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role)])
@@ -129,6 +137,8 @@ class CertificateAuthority:
         if signing_key is not None:
             raw = signing_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
             b = b.add_extension(x509.UnrecognizedExtension(SIGNING_KEY_OID, raw), critical=False)
+        if region:
+            b = b.add_extension(x509.UnrecognizedExtension(REGION_OID, region.encode()), critical=False)
         cert = b.sign(self.key, hashes.SHA256())
         return cert.public_bytes(serialization.Encoding.PEM), _pem_key(key)
 
@@ -149,8 +159,52 @@ def peer_identity(cert_pem: bytes) -> PeerIdentity:
         signing_key = Ed25519PublicKey.from_public_bytes(ext.value.value)  # type: ignore[attr-defined]
     except x509.ExtensionNotFound:
         pass
+    except ValueError as e:
+        raise PKIError(f"peer certificate's signing-key extension is malformed: {e}") from None
+    region = ""
+    try:
+        region = cert.extensions.get_extension_for_oid(REGION_OID).value.value.decode()  # type: ignore[attr-defined]
+    except x509.ExtensionNotFound:
+        pass
+    except UnicodeDecodeError:
+        raise PKIError("peer certificate's region extension is not UTF-8") from None
     return PeerIdentity(name=str(cns[0].value), role=str(ous[0].value), signing_key=signing_key,
-                        serial=cert.serial_number, fingerprint=cert.fingerprint(hashes.SHA256()).hex())
+                        serial=cert.serial_number, fingerprint=cert.fingerprint(hashes.SHA256()).hex(), region=region)
+
+
+def cert_identity(path: Path) -> PeerIdentity:
+    """:func:`peer_identity` of a certificate file."""
+    return peer_identity(Path(path).read_bytes())
+
+
+# -- revocation: an X.509 CRL signed by the federation CA ------------------------------------------------------------
+def write_crl(ca: CertificateAuthority, revoked: dict[int, dt.datetime], path: Path, days: int = 3650) -> None:
+    """Sign a CRL listing ``revoked`` (serial -> revocation time) and write it atomically (PEM)."""
+    b = (x509.CertificateRevocationListBuilder().issuer_name(ca.cert.subject).last_update(_now())
+         .next_update(_now() + dt.timedelta(days=days)))
+    for serial, when in sorted(revoked.items()):
+        b = b.add_revoked_certificate(x509.RevokedCertificateBuilder().serial_number(serial)
+                                      .revocation_date(when).build())
+    crl = b.sign(ca.key, hashes.SHA256())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+    tmp.replace(path)
+
+
+def load_crl(path: Path, ca_cert: x509.Certificate) -> set[int]:
+    """Serials a CRL file revokes, after checking the federation CA signed it.
+
+    Raises:
+        PKIError: The file is not a CRL, or not signed by ``ca_cert``.
+    """
+    try:
+        crl = x509.load_pem_x509_crl(Path(path).read_bytes())
+    except ValueError as e:
+        raise PKIError(f"{path}: not a PEM CRL ({e})") from None
+    if crl.issuer != ca_cert.subject or not crl.is_signature_valid(ca_cert.public_key()):  # type: ignore[arg-type]
+        raise PKIError(f"{path}: the CRL is not signed by the federation CA")
+    return {r.serial_number for r in crl}
 
 
 @dataclass(frozen=True)

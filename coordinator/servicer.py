@@ -7,9 +7,10 @@ import logging
 from collections.abc import AsyncIterator
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from coordinator.engine import Chunk, RoundEngine
-from coordinator.errors import CoordinatorError, NotFound, Unauthenticated
+from coordinator.errors import CoordinatorError, InvalidUpdate, NotFound, Unauthenticated
 from coordinator.pki import PeerIdentity, PKIError, peer_identity
 from protos import codec
 from protos.fedbridge.v1 import federation_service_pb2 as pb
@@ -108,8 +109,11 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
     async def UploadUpdate(self, request_iterator: AsyncIterator[pb.UploadUpdateRequest],
                            context: grpc.aio.ServicerContext) -> pb.UploadUpdateResponse:
         async def chunks() -> AsyncIterator[Chunk]:
-            async for req in request_iterator:
-                yield Chunk(req.envelope if req.HasField("envelope") else None, req.offset, req.data)
+            try:
+                async for req in request_iterator:  # messages are parsed here, inside the handler
+                    yield Chunk(req.envelope if req.HasField("envelope") else None, req.offset, req.data)
+            except DecodeError:
+                raise InvalidUpdate("a message of the upload stream is not an UploadUpdateRequest") from None
 
         try:
             result = await self.engine.receive_upload(peer_of(context), chunks())

@@ -70,6 +70,14 @@ CREATE TABLE IF NOT EXISTS secagg_reveals (
   PRIMARY KEY (round, from_site, about_site));
 """
 
+# Security (issue #5): sites revoked by name (effective at once, kept across restarts) and each site's region as its
+# certificate / the enrolment registry states it.
+_SCHEMA += """
+CREATE TABLE IF NOT EXISTS revocations (
+  name TEXT PRIMARY KEY, reason TEXT NOT NULL, actor TEXT NOT NULL, revoked_ms INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS site_regions (name TEXT PRIMARY KEY, region TEXT NOT NULL);
+"""
+
 
 def now_ms() -> int:
     return int(time.time() * 1000)
@@ -407,6 +415,27 @@ class Store:
         with self.tx() as db:
             for table in ("secagg_shares", "secagg_reveals"):
                 db.execute(f"DELETE FROM {table} WHERE round IN (SELECT round FROM rounds WHERE state='closed')")
+
+    # -- revocations and regions (issue #5) ---------------------------------------------------------------------
+    def add_revocation(self, name: str, reason: str, actor: str) -> bool:
+        """Record that ``name`` is revoked; returns False when it already was (the first record is kept)."""
+        with self.tx() as db:
+            cur = db.execute("INSERT OR IGNORE INTO revocations(name, reason, actor, revoked_ms) VALUES(?,?,?,?)",
+                             (name, reason, actor, now_ms()))
+            return cur.rowcount == 1
+
+    def revocations(self) -> list[dict[str, Any]]:
+        rows = self._q("SELECT name, reason, actor, revoked_ms FROM revocations ORDER BY revoked_ms, name")
+        return [dict(zip(("name", "reason", "actor", "revoked_ms"), r, strict=True)) for r in rows]
+
+    def set_site_region(self, name: str, region: str) -> None:
+        with self.tx() as db:
+            db.execute("INSERT INTO site_regions(name, region) VALUES(?, ?) ON CONFLICT(name) DO UPDATE SET "
+                       "region=excluded.region", (name, region))
+
+    def site_regions(self) -> dict[str, str]:
+        return {r[0]: r[1] for r in self._q("SELECT name, region FROM site_regions ORDER BY name")}
+
     # -- differential privacy: each site's epsilon -------------------------------------------------------------
     def site_dp(self) -> dict[str, dict[str, float]]:
         """Per site, from its latest accepted signed envelope: cumulative ``epsilon``, its ``delta`` and ``round``.

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
 from cryptography.exceptions import InvalidSignature
@@ -25,6 +27,7 @@ from protos.fedbridge.v1 import federation_service_pb2 as pb
 
 DEFAULT_CHUNK_SIZE = 1 << 20  # 1 MiB: well below gRPC's 4 MiB default message limit.
 NONCE_BYTES = 16
+MAX_ENVELOPE_BYTES = 4096  # an UpdateEnvelope holds ids and hashes only
 
 _ST_DTYPES = {
     torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
@@ -38,6 +41,21 @@ class CodecError(ValueError):
 
 class SignatureError(CodecError):
     """An envelope's signature does not verify against the site's key."""
+
+
+class PayloadMismatchError(CodecError):
+    """The payload's size or SHA-256 differs from what its signed envelope declares."""
+
+
+class NonFiniteError(CodecError):
+    """A tensor holds NaN or Inf values."""
+
+
+# Limits of what :func:`decode_state` parses at all (checked on the raw header before safetensors sees the bytes).
+MAX_HEADER_BYTES = 8 << 20
+MAX_TENSORS = 100_000
+MAX_DIMS = 8
+_DTYPE_SIZE = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I8": 1, "U8": 1, "I16": 2, "I32": 4, "I64": 8, "BOOL": 1}
 
 
 def sha256_hex(data: bytes) -> str:
@@ -65,12 +83,64 @@ def encode_state(state: Mapping[str, torch.Tensor]) -> bytes:
     return st_save(tensors)
 
 
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise CodecError(f"payload header names tensor {k[:64]!r} twice")
+        out[k] = v
+    return out
+
+
+def check_header(data: bytes) -> None:
+    """Validate a safetensors header before parsing: sane length, known dtypes, shapes that match in-range offsets.
+
+    The safetensors library checks much of this too; doing it first bounds what hostile bytes can make it allocate
+    or parse, and turns every malformation into a :class:`CodecError`.
+    """
+    if len(data) < 8:
+        raise CodecError(f"payload of {len(data)} bytes is shorter than a safetensors header length")
+    n = int.from_bytes(data[:8], "little")
+    if n > MAX_HEADER_BYTES or n > len(data) - 8:
+        raise CodecError(f"payload header length {n} exceeds the payload or the {MAX_HEADER_BYTES}-byte limit")
+    try:
+        header = json.loads(bytes(data[8:8 + n]).decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise CodecError(f"payload header is not JSON: {str(e)[:200]}") from None
+    if not isinstance(header, dict):
+        raise CodecError("payload header is not a JSON object")
+    body = len(data) - 8 - n
+    tensors = [k for k in header if k != "__metadata__"]
+    if len(tensors) > MAX_TENSORS:
+        raise CodecError(f"payload names {len(tensors)} tensors, more than {MAX_TENSORS}")
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CodecError("payload __metadata__ must map strings to strings")
+    for name in tensors:
+        info = header[name]
+        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+            raise CodecError(f"payload header entry {name[:64]!r} must have exactly dtype, shape and data_offsets")
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in _DTYPE_SIZE:
+            raise CodecError(f"tensor {name[:64]!r} has dtype {str(dtype)[:16]!r}, which cannot travel on the wire")
+        if (not isinstance(shape, list) or len(shape) > MAX_DIMS
+                or not all(type(d) is int and 0 <= d < 1 << 40 for d in shape)):
+            raise CodecError(f"tensor {name[:64]!r} has a malformed shape")
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1] <= body):
+            raise CodecError(f"tensor {name[:64]!r} has data offsets outside the payload's {body} data bytes")
+        if math.prod(shape) * _DTYPE_SIZE[dtype] != offsets[1] - offsets[0]:
+            raise CodecError(f"tensor {name[:64]!r}: shape {shape} and dtype {dtype} do not match its byte range")
+
+
 def decode_state(data: bytes) -> dict[str, torch.Tensor]:
     """Parse safetensors bytes into a state dict; raises :class:`CodecError` on anything malformed."""
+    data = bytes(data)
+    check_header(data)
     try:
-        state = st_load(bytes(data))
-    except (SafetensorError, ValueError, RuntimeError, OSError) as e:
-        raise CodecError(f"payload is not valid safetensors: {e}") from e
+        state = st_load(data)
+    except (SafetensorError, ValueError, RuntimeError, OSError, OverflowError, TypeError) as e:
+        raise CodecError(f"payload is not valid safetensors: {str(e)[:200]}") from e
     if not state:
         raise CodecError("payload holds no tensors")
     return state
@@ -127,7 +197,16 @@ def check_against_spec(state: Mapping[str, torch.Tensor], spec: pb.AdapterSpec) 
         if dtype_name(t.dtype) != dtype:
             raise CodecError(f"tensor {name!r} has dtype {dtype_name(t.dtype)}, the spec says {dtype}")
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise CodecError(f"tensor {name!r} holds NaN or Inf values")
+            raise NonFiniteError(f"tensor {name!r} holds NaN or Inf values")
+
+
+def l2_norm(state: Mapping[str, torch.Tensor]) -> float:
+    """L2 norm of all floating-point tensors of ``state`` taken together (computed in float64)."""
+    total = 0.0
+    for t in state.values():
+        if t.is_floating_point():
+            total += float(torch.sum(t.to(torch.float64) ** 2))
+    return math.sqrt(total)
 
 
 def new_nonce() -> bytes:
@@ -157,6 +236,8 @@ def verify_envelope(signed: pb.SignedEnvelope, key: Ed25519PublicKey) -> pb.Upda
     Raises:
         SignatureError: The signature does not verify, or the signed bytes are not an envelope.
     """
+    if len(signed.signature) != 64 or len(signed.envelope) > MAX_ENVELOPE_BYTES:
+        raise SignatureError("update envelope signature or envelope has an invalid length")
     try:
         key.verify(bytes(signed.signature), bytes(signed.envelope))
     except InvalidSignature:
@@ -164,7 +245,7 @@ def verify_envelope(signed: pb.SignedEnvelope, key: Ed25519PublicKey) -> pb.Upda
     env = pb.UpdateEnvelope()
     try:
         env.ParseFromString(bytes(signed.envelope))
-    except DecodeError as e:
+    except (DecodeError, ValueError, RuntimeError) as e:
         raise SignatureError(f"signed bytes are not an UpdateEnvelope: {e}") from e
     if len(env.nonce) != NONCE_BYTES:
         raise SignatureError(f"envelope nonce must be {NONCE_BYTES} bytes, got {len(env.nonce)}")
@@ -174,7 +255,7 @@ def verify_envelope(signed: pb.SignedEnvelope, key: Ed25519PublicKey) -> pb.Upda
 def check_payload(envelope: pb.UpdateEnvelope, payload: bytes) -> None:
     """Raise :class:`CodecError` unless ``payload`` matches the envelope's size and SHA-256."""
     if len(payload) != envelope.payload_size:
-        raise CodecError(f"payload is {len(payload)} bytes, the envelope says {envelope.payload_size}")
+        raise PayloadMismatchError(f"payload is {len(payload)} bytes, the envelope says {envelope.payload_size}")
     got = sha256_hex(payload)
     if got != envelope.payload_sha256:
-        raise CodecError(f"payload SHA-256 {got[:16]}… does not match the envelope's {envelope.payload_sha256[:16]}…")
+        raise PayloadMismatchError(f"payload SHA-256 {got[:16]}… does not match the envelope's {envelope.payload_sha256[:16]}…")

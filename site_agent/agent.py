@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from protos import codec
+from protos.auditlog import AuditLog
 from protos.fedbridge.v1 import federation_service_pb2 as pb
 from protos.manifest import ManifestMismatch, verify_model_dir
 from site_agent import secagg
@@ -20,6 +21,7 @@ from site_agent.client import CoordinatorClient
 from site_agent.config import SiteConfig
 from site_agent.data import load_for_mode, load_jsonl, load_sft
 from site_agent.dp import LEDGER_NAME, PrivacyLedger, check_budget, resolve
+from site_agent.egress import EgressGuard, EgressRefusal
 from site_agent.evaluation import is_mcq, mcq_accuracy
 from site_agent.filters import apply_filters
 from site_agent.policy import (
@@ -104,7 +106,9 @@ def run_site(cfg: SiteConfig, show_progress: bool = True, audit: AuditSink | Non
     """
     from site_agent.progress import RoundProgress
 
-    audit = audit or LogAuditSink()
+    # Everything that leaves the site, and every policy decision, goes to the site's own hash-chained audit log.
+    audit = audit or AuditLog(Path(cfg.work_dir) / "audit.jsonl")
+    guard = EgressGuard()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     # 1. Validate all private data and the site's policy before anything else: no training starts on a partly bad
@@ -152,6 +156,9 @@ def run_site(cfg: SiteConfig, show_progress: bool = True, audit: AuditSink | Non
                     audit.record("task_refused", {"site": cfg.name, "round": task.round, "rule": e.rule,
                                                   "mode": task.training.mode})
                     raise
+                audit.record("task_accepted", {"site": cfg.name, "round": task.round, "mode": task.training.mode,
+                                               "max_steps": task.training.max_steps,
+                                               "base_model_sha256": task.base_model_sha256})
             base_check.verify(task.base_model_sha256)
             mode = task.training.mode or "sft"
             if trainer is None:
@@ -167,7 +174,7 @@ def run_site(cfg: SiteConfig, show_progress: bool = True, audit: AuditSink | Non
                     task.round, task.base_residual_sha256, task.base_residual_size, pb.ARTIFACT_KIND_BASE_RESIDUAL))
             trainer.set_base_residual(residual)
             if resp.status == pb.TASK_STATUS_DONE:
-                _report_eval(client, trainer, task, global_state, heldout_rows)
+                _report_eval(client, trainer, task, global_state, heldout_rows, guard, audit, cfg.name)
                 log.info("[Site] federation=%s done after %d rounds", task.federation_id, task.total_rounds)
                 return trained
             if mode != trainer_mode:
@@ -196,6 +203,17 @@ def run_site(cfg: SiteConfig, show_progress: bool = True, audit: AuditSink | Non
                 ledger.record(task.federation_id, task.round, dp, codec.sha256_hex(payload))
                 epsilon = ledger.epsilon(policy.dp_delta)
             dp_delta = policy.dp_delta if dp.noised else 0.0
+            env = codec.make_envelope(federation_id=task.federation_id, round=task.round, site=cfg.name,
+                                      base_model_sha256=task.base_model_sha256, payload=payload,
+                                      adapter_spec_sha256=task.adapter_spec.sha256, num_examples=result.num_examples,
+                                      epsilon_spent=epsilon)
+            env.dp_delta = dp_delta
+            try:  # the egress guard sees the exact update bytes (under secure aggregation: before masking)
+                guard.check_update(payload, env, task.adapter_spec)
+            except EgressRefusal as e:
+                audit.record("egress_refused", {"site": cfg.name, "round": task.round, "rule": e.rule,
+                                                "reason": str(e)[:500]})
+                raise SiteRefusal(str(e)) from None
             if secure:  # only the masked update leaves (site_agent/secagg.py)
                 sent = secagg.secure_upload(client, task, cfg.name, signing_key, Path(cfg.tls.ca).read_bytes(),
                                             delta, result.num_examples, epsilon=epsilon, dp_delta=dp_delta)
@@ -204,19 +222,21 @@ def run_site(cfg: SiteConfig, show_progress: bool = True, audit: AuditSink | Non
                     last_round = task.round
                     continue
                 env, payload = sent
+                audit.record("update_sent", {"site": cfg.name, "round": task.round, "bytes": len(payload),
+                                             "payload_sha256": env.payload_sha256, "nonce": env.nonce.hex(),
+                                             "epsilon_spent": env.epsilon_spent, "num_examples": env.num_examples,
+                                             "secure_aggregation": True})
             else:
-                env = codec.make_envelope(federation_id=task.federation_id, round=task.round, site=cfg.name,
-                                          base_model_sha256=task.base_model_sha256, payload=payload,
-                                          adapter_spec_sha256=task.adapter_spec.sha256,
-                                          num_examples=result.num_examples, epsilon_spent=epsilon)
-                env.dp_delta = dp_delta
+                audit.record("update_sent", {"site": cfg.name, "round": task.round, "bytes": len(payload),
+                                             "payload_sha256": env.payload_sha256, "nonce": env.nonce.hex(),
+                                             "epsilon_spent": env.epsilon_spent, "num_examples": env.num_examples})
                 client.upload(codec.sign_envelope(env, signing_key), env, payload)
             log.info("[Site.UploadUpdate] round=%d site=%s bytes=%d epsilon=%.4g accepted", task.round, cfg.name,
                      len(payload), epsilon)
             audit.record("update_uploaded", {"site": cfg.name, "round": task.round, "bytes": len(payload),
                                              "payload_sha256": env.payload_sha256, "epsilon": epsilon,
                                              "dp_noise_multiplier": dp.noise_multiplier})
-            client.report_metrics(task.round, "train", {
+            _send_metrics(client, guard, audit, cfg.name, task.round, "train", {
                 "loss": result.train_loss, "train_time_s": result.train_time_s, "round_time_s": result.round_time_s,
                 "tokens": float(result.tokens),
                 "tokens_per_s": result.tokens / max(result.train_time_s, 1e-9), "upload_bytes": float(len(payload)),
@@ -224,19 +244,34 @@ def run_site(cfg: SiteConfig, show_progress: bool = True, audit: AuditSink | Non
             trained += 1
             last_round = task.round
             # 7. Off the critical path: score the round's incoming global adapter on our held-out split.
-            _report_eval(client, trainer, task, global_state, heldout_rows)
+            _report_eval(client, trainer, task, global_state, heldout_rows, guard, audit, cfg.name)
     finally:
         client.close()
 
 
+def _send_metrics(client: CoordinatorClient, guard: EgressGuard, audit: AuditSink, site: str, round: int, phase: str,
+                  metrics: dict[str, float], num_examples: int) -> None:
+    """Egress-guard, audit, then send a metrics report."""
+    try:
+        guard.check_metrics(metrics)
+    except EgressRefusal as e:
+        audit.record("egress_refused", {"site": site, "round": round, "rule": e.rule, "reason": str(e)[:500]})
+        raise SiteRefusal(str(e)) from None
+    audit.record("metrics_sent", {"site": site, "round": round, "phase": phase, "num_examples": num_examples,
+                                  "metrics": {k: float(v) for k, v in sorted(metrics.items())}})  # type: ignore[dict-item]
+    client.report_metrics(round, phase, metrics, num_examples)
+
+
 def _report_eval(client: CoordinatorClient, trainer, task: pb.Task, state: dict[str, torch.Tensor],  # type: ignore[no-untyped-def]
-                 heldout_rows: list[dict]) -> None:
+                 heldout_rows: list[dict], guard: EgressGuard | None = None, audit: AuditSink | None = None,
+                 site: str = "") -> None:
     if not heldout_rows:
         return
     loss, tokens = trainer.evaluate(task.adapter_spec, state, heldout_rows)
     metrics = {"loss": loss, "tokens": float(tokens)}
     if is_mcq(heldout_rows):  # evaluate() left the global adapter loaded; only the fraction correct leaves
         metrics["accuracy"] = mcq_accuracy(trainer.model, trainer.tokenizer, heldout_rows)
-    client.report_metrics(task.round, "eval_global", metrics, len(heldout_rows))
+    _send_metrics(client, guard or EgressGuard(), audit or LogAuditSink(), site, task.round, "eval_global", metrics,
+                  len(heldout_rows))
     log.info("[Site.Eval] round=%d heldout_loss=%.4f accuracy=%s", task.round, loss,
              f"{metrics['accuracy']:.4f}" if "accuracy" in metrics else "n/a")

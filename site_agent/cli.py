@@ -29,6 +29,7 @@ def setup_logging(verbose: bool) -> None:
 def run(config: Path = typer.Option(..., "--config", "-c", help="site.toml"),
         verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
     """Join the federation and train every round until it is done."""
+    from protos.auditlog import AuditError
     from protos.tomlconfig import ConfigError
     from site_agent.agent import SiteRefusal, run_site
     from site_agent.config import load_site_config
@@ -38,7 +39,7 @@ def run(config: Path = typer.Option(..., "--config", "-c", help="site.toml"),
     try:
         cfg = load_site_config(config)
         rounds = run_site(cfg)
-    except (ConfigError, DataError, SiteRefusal) as e:
+    except (ConfigError, DataError, SiteRefusal, AuditError) as e:
         console.print(f"[bold red]refused:[/] {e}")
         raise typer.Exit(2) from None
     console.print(f"[green]done[/]: trained {rounds} round(s)")
@@ -70,6 +71,42 @@ def preflight(config: Path = typer.Option(..., "--config", "-c", help="site.toml
     Console().print(table)
     if not all(r.ok for r in rows):
         raise typer.Exit(1)
+
+
+audit_app = typer.Typer(help="The site's hash-chained audit log of everything that left it.", no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
+
+
+@audit_app.command("verify")
+def audit_verify(log_path: Path | None = typer.Option(None, "--log", help="audit log file"),
+                 config: Path | None = typer.Option(None, "--config", "-c",
+                                                    help="site.toml (the log is work_dir/audit.jsonl)")) -> None:
+    """Check every line of the site's audit log (edited, removed, reordered or cut-off lines); exit 1 if tampered."""
+    from protos.auditlog import verify
+    from protos.tomlconfig import ConfigError
+    from site_agent.config import load_site_config
+
+    if log_path is None:
+        if config is None:
+            console.print("[bold red]error:[/] give --log PATH or --config site.toml")
+            raise typer.Exit(2)
+        try:
+            log_path = Path(load_site_config(config).work_dir) / "audit.jsonl"
+        except ConfigError as e:
+            console.print(f"[bold red]config error:[/] {e}")
+            raise typer.Exit(2) from None
+    if not log_path.exists():
+        console.print(f"[bold red]error:[/] {log_path}: no audit log here")
+        raise typer.Exit(2)
+    report = verify(log_path)
+    out = Console(width=200)
+    if report.ok:
+        out.print(f"OK {log_path}: {report.records} records, head {report.head[:16]}…")
+        return
+    out.print(f"[bold red]TAMPERED[/] {log_path}:")
+    for p in report.problems:
+        out.print(f"  {p}")
+    raise typer.Exit(1)
 
 
 def main() -> None:

@@ -90,3 +90,28 @@ def test_only_adapter_tensors_of_the_spec_were_uploaded(finished_federation: loc
             store._q("SELECT envelope FROM updates WHERE round=? AND site=?", (u.round, u.site))[0][0])
         assert env.payload_kind == pb.PAYLOAD_KIND_DIFF
         assert set(codec.decode_state(u.path.read_bytes())) == spec_keys
+
+
+def test_every_upload_is_in_the_sites_and_the_coordinators_audit_logs(finished_federation: localfed.LocalFederation,
+                                                                      canary: str) -> None:
+    """Each site's hash-chained log records each update that left it (hash, bytes, epsilon), and it matches what
+    the coordinator accepted and audited; no log holds a training byte."""
+    from protos.auditlog import read_records, verify
+
+    fed = finished_federation
+    store = Store(fed.state_dir)
+    coord = verify(fed.state_dir / "audit.jsonl")
+    assert coord.ok, coord.problems
+    accepted = {(r["fields"]["round"], r["fields"]["site"], r["fields"]["payload_sha256"])
+                for r in read_records(fed.state_dir / "audit.jsonl") if r["event"] == "update_accepted"}
+    assert accepted == {(u.round, u.site, u.payload_sha256) for u in store.updates()}
+    assert "model_published" in {r["event"] for r in read_records(fed.state_dir / "audit.jsonl")}
+    for site in fed.sites:
+        log = fed.root / "sites" / site.name / "work" / "audit.jsonl"
+        report = verify(log)
+        assert report.ok, report.problems
+        sent = [r["fields"] for r in read_records(log) if r["event"] == "update_sent"]
+        assert [(f["round"], f["payload_sha256"], f["bytes"]) for f in sent] == [
+            (u.round, u.payload_sha256, u.size) for u in store.updates() if u.site == site.name]
+        assert all(f["epsilon_spent"] == 0.0 for f in sent)
+        assert canary not in log.read_text()
