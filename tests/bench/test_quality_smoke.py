@@ -1,6 +1,6 @@
 """bench/quality.py in a drastically reduced configuration: the output schema, finite numbers, exact rules exact.
 
-The real bench (3 sites, 4 rounds x 30 steps) runs with ``python -m bench.quality``; here 2 sites train 2 rounds of
+The real bench (3 sites, 12 rounds x 10 steps, two seeds) runs with ``python -m bench.quality``; here 2 sites train 2 rounds of
 2 steps in this process, which is enough to exercise every method, the FedEx-LoRA fold and the error meter.
 """
 
@@ -36,7 +36,7 @@ def test_writes_the_bench_schema_with_finite_numbers(reduced, tmp_path: Path,  #
     data = json.loads(path.read_text())
     # Assert
     assert path == tmp_path / "quality.json" and data["bench"] == "quality"
-    assert len(data["rows"]) == 11  # 3 vs centralized, 2 vs naive, 2 x 3 error-meter rows
+    assert len(data["rows"]) == 13  # 3 vs centralized, 2 vs centralized_seq, 2 vs naive, 2 x 3 error-meter rows
     for row in data["rows"]:
         assert set(row) == set(ROW_TYPES)
         for key, kind in ROW_TYPES.items():
@@ -47,11 +47,13 @@ def test_writes_the_bench_schema_with_finite_numbers(reduced, tmp_path: Path,  #
 
 def test_every_method_learns_and_the_exact_rules_are_exact(reduced) -> None:  # type: ignore[no-untyped-def]
     cfg, results = reduced
-    assert set(results) == {"centralized", "fedavg", "ffa_lora", "fedex_lora"}
+    assert set(results) == {"centralized", "centralized_seq", "fedavg", "ffa_lora", "fedex_lora"}
     for m, r in results.items():
         assert all(math.isfinite(x) for x in r.curve) and r.final < r.curve[0], (m, r.curve)
         assert set(r.per_site) == {"site-a", "site-b"}
         assert r.examples == cfg.rounds * cfg.sites * cfg.steps * cfg.batch_size  # same examples for everyone
+    # ... and the goal's reference takes each site's number of steps, with the sites' batches pooled into one.
+    assert results["centralized"].examples == results["centralized_seq"].examples
     for m in quality.FEDERATED:
         assert len(results[m].errors) == cfg.rounds and results[m].modules > 0
     assert max(results["ffa_lora"].errors) <= quality.EXACT_GOAL
