@@ -11,8 +11,8 @@ def test_generated_code_matches_protos(tmp_path: Path) -> None:
     # Prepare / Execute
     fresh = generate(tmp_path)
     # Assert
-    assert {p.name for p in fresh} >= {"federation_service_pb2.py", "federation_service_pb2_grpc.py",
-                                       "federation_service_pb2.pyi"}
+    assert {p.name for p in fresh} >= {f"{svc}_service_pb2{ext}" for svc in ("federation", "admin")
+                                       for ext in (".py", "_grpc.py", ".pyi")}
     for path in fresh:
         committed = ROOT / PROTO_DIR / path.name
         assert committed.exists(), f"{committed} is not committed; run python -m protos.generate"
