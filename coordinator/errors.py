@@ -35,3 +35,9 @@ class UpdateTooLarge(CoordinatorError):
 
 class NotFound(CoordinatorError):
     status = "NOT_FOUND"
+
+
+class InvalidState(CoordinatorError):
+    """The federation is not in a state that allows the request (e.g. resume while not paused)."""
+
+    status = "FAILED_PRECONDITION"

@@ -1,0 +1,144 @@
+"""Withdrawing a site: rebuild the global model without its updates, from the per-round ledger.
+
+A site (or a court, or its data-protection officer) may ask that its contributions leave the published model.
+:func:`rebuild_without` takes the global adapter that was the input of the first round the site contributed to (a
+model the site had no part in), then re-runs the aggregation of every closed round from there with the same
+strategy on the updates the coordinator stored for that round, leaving out the site's. Stateful rules (server
+optimizers) restart from the state stored before that first round, and FedEx-LoRA residuals are re-accumulated the
+same way. A round in which only the withdrawn site contributed leaves the global unchanged.
+
+What this does NOT remove, stated plainly (the model card repeats it): the other sites' updates of the later
+rounds were *trained* starting from global models that the withdrawn site's earlier updates had influenced. The
+rebuild reuses those updates as they were sent, so an indirect influence of the withdrawn site remains. Removing it
+would need the remaining sites to retrain those rounds from the rebuilt globals, which the coordinator cannot do on
+its own (it never holds their data).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from coordinator.errors import InvalidState, NotFound
+from coordinator.store import Store
+from protos import codec
+from strategies.types import ClientUpdate, ServerState
+
+Progress = Callable[[int, int], None]
+
+LIMITS_NOTE = ("The other sites' updates of later rounds were trained from global models that the withdrawn site's "
+               "earlier updates had influenced; they are reused as sent, so that indirect influence remains. "
+               "Removing it would need the remaining sites to retrain those rounds from the rebuilt globals, which "
+               "the coordinator cannot do without them.")
+
+
+@dataclass(frozen=True)
+class Rebuild:
+    """The result of re-running rounds ``from_round..to_round`` without ``site``.
+
+    Attributes:
+        site: The withdrawn site.
+        from_round: First round the site contributed to (the rebuild starts from that round's input global).
+        to_round: Last closed round (the rebuilt global is the output of this round).
+        state: The rebuilt global adapter.
+        residual: The rebuilt cumulative base residual (FedEx-LoRA), or None.
+        rounds: Per recomputed round: ``round``, ``sites`` aggregated, ``output_sha256`` of the rebuild and
+            ``original_output_sha256`` of the stored round.
+    """
+
+    site: str
+    from_round: int
+    to_round: int
+    state: dict[str, torch.Tensor]
+    residual: dict[str, torch.Tensor] | None
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+
+
+def rebuild_without(store: Store, strategy: Any, site: str, *, site_rank: Callable[[str], int], lora_scale: float,
+                    progress: Progress | None = None) -> Rebuild:
+    """Re-aggregate every closed round from the first one ``site`` joined, without ``site``'s updates.
+
+    Args:
+        store: The coordinator's store (read only).
+        strategy: The federation's strategy (``strategies.registry.build_strategy``).
+        site: The site to withdraw.
+        site_rank: The LoRA rank a site trains (passed to the rule as update metadata, as the engine does).
+        lora_scale: alpha / r of the federation's adapter (FedEx-LoRA residuals are scaled by it).
+        progress: Called with ``(rounds_done, rounds_total)`` after each recomputed round.
+
+    Returns:
+        The rebuilt global and the per-round record.
+
+    Raises:
+        NotFound: The site has no accepted update.
+        InvalidState: The site contributed only to a round that has not closed yet.
+    """
+    mine = sorted({e["round"] for e in store.ledger() if e["site"] == site})
+    if not mine:
+        raise NotFound(f"site {site!r} has no accepted update in this federation; there is nothing to withdraw")
+    first = mine[0]
+    closed = [r for r in store.rounds() if r.state == "closed" and r.round >= first]
+    if not closed:
+        raise InvalidState(f"site {site!r} contributed only to round {first}, which has not closed; nothing "
+                           "published contains it yet")
+    state = codec.decode_state(store.adapter_path(first).read_bytes())
+    res_path = store.residual_path(first)
+    residual = codec.decode_state(res_path.read_bytes()) if res_path.exists() else None
+    server: ServerState | None = None
+    if strategy.stateful and first > 1:
+        flat = store.get_server_state(first - 1)
+        server = None if flat is None else ServerState.from_flat(flat[0], flat[1])
+    record: list[dict[str, Any]] = []
+    for i, row in enumerate(closed):
+        ups = [u for u in store.updates(row.round) if u.site != site]
+        if ups:
+            updates = [ClientUpdate(u.site, codec.decode_state(u.path.read_bytes()), u.num_examples,
+                                    {"lora_rank": site_rank(u.site)}) for u in ups]
+            result = strategy.aggregate(state, updates, server)
+            state, server = result.state, result.server_state
+            if result.base_residual:
+                residual = _add_residual(residual, result.base_residual, lora_scale)
+        record.append({"round": row.round, "sites": [u.site for u in ups],
+                       "output_sha256": codec.sha256_hex(codec.encode_state(state)),
+                       "original_output_sha256": row.output_sha256})
+        if progress is not None:
+            progress(i + 1, len(closed))
+    return Rebuild(site, first, closed[-1].round, state, residual, record)
+
+
+def _add_residual(total: dict[str, torch.Tensor] | None, residual: dict[str, torch.Tensor],
+                  scale: float) -> dict[str, torch.Tensor]:
+    """As the engine's ``_carry_residual``: add ``scale * residual`` in float64, store float32."""
+    out = dict(total or {})
+    for name, r in residual.items():
+        add = (scale * r.to(torch.float64)).to(torch.float32)
+        out[name] = out[name] + add if name in out else add.contiguous()
+    return out
+
+
+def redact_provenance(prov: dict[str, Any], rb: Rebuild, *, reason: str, actor: str) -> dict[str, Any]:
+    """The provenance of the rebuilt version: the withdrawn site's updates, ε and contributor entry removed, the
+    recomputed rounds' output hashes replaced, and a ``withdrawal`` record that says what was and was not removed."""
+    out = copy.deepcopy(prov)
+    recomputed = {r["round"]: r for r in rb.rounds}
+    for entry in out.get("ledger", []):
+        entry["updates"] = [u for u in entry["updates"] if u["site"] != rb.site]
+        if entry["round"] in recomputed:
+            entry["output_sha256"] = recomputed[entry["round"]]["output_sha256"]
+    out["ledger"] = [e for e in out.get("ledger", []) if e["round"] <= rb.to_round]
+    for r in out.get("rounds", []):
+        if r["round"] in recomputed:
+            r["output_sha256"] = recomputed[r["round"]]["output_sha256"]
+            r.pop("updates", None)
+    out["rounds"] = [r for r in out.get("rounds", []) if r["round"] <= rb.to_round]
+    out["sites"] = [s for s in out.get("sites", []) if s != rb.site]
+    out["contributors"] = [c for c in out.get("contributors", []) if c["name"] != rb.site]
+    privacy = out.get("privacy", {})
+    privacy["epsilon"] = {s: e for s, e in privacy.get("epsilon", {}).items() if s != rb.site}
+    out["withdrawal"] = {"site": rb.site, "from_round": rb.from_round, "to_round": rb.to_round, "reason": reason,
+                         "actor": actor, "rounds": rb.rounds, "limits": LIMITS_NOTE}
+    return out
