@@ -564,6 +564,11 @@ class RoundEngine:
             return joined.get(site, 0) / 1000
         return self._seen[site]
 
+    async def changed(self, timeout: float) -> None:
+        """Return when the federation's state changes (update, metrics, round, control), or after ``timeout`` s."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), timeout)
+
     def _held(self) -> bool:
         """Rounds must not advance now (not started, paused or stopped). A stopped federation is finished."""
         if self._control == "stopped":

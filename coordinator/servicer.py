@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from coordinator import metrics
 from coordinator.engine import Chunk, RoundEngine
 from coordinator.errors import CoordinatorError, NotFound, Unauthenticated
 from coordinator.pki import PeerIdentity, PKIError, peer_identity
@@ -38,6 +39,7 @@ def peer_of(context: grpc.aio.ServicerContext) -> PeerIdentity:
 
 async def _abort(context: grpc.aio.ServicerContext, method: str, err: CoordinatorError) -> None:
     log.warning("[FederationService.%s] refused %s: %s", method, err.status, err)
+    metrics.refused(method, err.status)
     await context.abort(getattr(grpc.StatusCode, err.status), str(err))
 
 
@@ -107,6 +109,7 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
                            context: grpc.aio.ServicerContext) -> pb.UploadUpdateResponse:
         async def chunks() -> AsyncIterator[Chunk]:
             async for req in request_iterator:
+                metrics.BYTES_RECEIVED.inc(len(req.data))
                 yield Chunk(req.envelope if req.HasField("envelope") else None, req.offset, req.data)
 
         try:

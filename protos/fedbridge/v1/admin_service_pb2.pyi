@@ -218,7 +218,7 @@ class WithdrawSiteRequest(_message.Message):
     def __init__(self, site: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class WithdrawSiteResponse(_message.Message):
-    __slots__ = ("rounds_done", "rounds_total", "done", "from_round", "version", "path", "global_sha256")
+    __slots__ = ("rounds_done", "rounds_total", "done", "from_round", "version", "path", "global_sha256", "to_round", "published", "blocked_reason")
     ROUNDS_DONE_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
@@ -226,6 +226,9 @@ class WithdrawSiteResponse(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     GLOBAL_SHA256_FIELD_NUMBER: _ClassVar[int]
+    TO_ROUND_FIELD_NUMBER: _ClassVar[int]
+    PUBLISHED_FIELD_NUMBER: _ClassVar[int]
+    BLOCKED_REASON_FIELD_NUMBER: _ClassVar[int]
     rounds_done: int
     rounds_total: int
     done: bool
@@ -233,4 +236,7 @@ class WithdrawSiteResponse(_message.Message):
     version: int
     path: str
     global_sha256: str
-    def __init__(self, rounds_done: _Optional[int] = ..., rounds_total: _Optional[int] = ..., done: _Optional[bool] = ..., from_round: _Optional[int] = ..., version: _Optional[int] = ..., path: _Optional[str] = ..., global_sha256: _Optional[str] = ...) -> None: ...
+    to_round: int
+    published: bool
+    blocked_reason: str
+    def __init__(self, rounds_done: _Optional[int] = ..., rounds_total: _Optional[int] = ..., done: _Optional[bool] = ..., from_round: _Optional[int] = ..., version: _Optional[int] = ..., path: _Optional[str] = ..., global_sha256: _Optional[str] = ..., to_round: _Optional[int] = ..., published: _Optional[bool] = ..., blocked_reason: _Optional[str] = ...) -> None: ...
