@@ -81,9 +81,10 @@ def to_dict(msg: Message) -> dict[str, Any]:
 
 
 def _states(obj: Any) -> Any:
-    if isinstance(obj, dict):
+    if isinstance(obj, dict):  # proto3 JSON writes int64 as strings: the *_ms timestamps go back to int
         return {k: (v.removeprefix("FEDERATION_STATE_").lower() if k == "state" and isinstance(v, str)
-                    and v.startswith("FEDERATION_STATE_") else _states(v)) for k, v in obj.items()}
+                    and v.startswith("FEDERATION_STATE_") else int(v) if k.endswith("_ms") and isinstance(v, str)
+                    else _states(v)) for k, v in obj.items()}
     if isinstance(obj, list):
         return [_states(v) for v in obj]
     return obj
