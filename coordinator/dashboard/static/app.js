@@ -50,7 +50,7 @@ function lineChart(svg, series, opts) {
   }
   el("line", { x1: L, x2: L, y1: T, y2: H - B, class: "axis" }, svg);
   el("line", { x1: L, x2: W - R, y1: H - B, y2: H - B, class: "axis" }, svg);
-  el("text", { x: W - R, y: H - 10, "text-anchor": "start" }, svg).textContent = " round";
+  el("text", { x: W - R + 12, y: H - B + 4, "text-anchor": "start" }, svg).textContent = "round";
   series.forEach((s, i) => {
     const color = COLORS[i % COLORS.length];
     const pts = [...s.points].sort((a, b) => a[0] - b[0]);
