@@ -114,7 +114,8 @@ class RoundEngine:
         self._specs: dict[int, pb.AdapterSpec] = {self.spec.rank: self.spec}
         self._control = "running"  # administrator's control state, durable in store meta "control" (see start())
         self._seen: dict[str, float] = {}  # site -> time.time() of its last call (in memory; the store keeps joins)
-        self._told_done: set[str] = set()
+        self._told_done: set[str] = set()  # sites told "done" by a stopped federation, and those that then reported
+        self._final_reports: set[str] = set()
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -429,6 +430,8 @@ class RoundEngine:
             if not math.isfinite(v):
                 raise InvalidUpdate(f"metric {k!r} is not finite")
         self.store.put_metrics(round, peer.name, phase, metrics, num_examples)
+        if phase == "eval_global" and peer.name in self._told_done:  # its last report before exiting (stopped)
+            self._final_reports.add(peer.name)
         self._notify()
 
     # -- aggregation and publishing (run in a worker thread) ----------------------------------------------------
@@ -544,8 +547,8 @@ class RoundEngine:
         """Finished, and every joined site reported its evaluation of the final model."""
         if not self.finished.is_set():
             return False
-        if self._control == "stopped":  # every joined site was told the federation is done
-            return {s["name"] for s in self.store.sites()} <= self._told_done
+        if self._control == "stopped":  # every joined site was told it is done and reported its final evaluation
+            return {s["name"] for s in self.store.sites()} <= self._final_reports
         final = self.cfg.rounds + 1
         reported = {m[1] for m in self.store.metrics(final) if m[2] == "eval_global"}
         return all(s["name"] in reported for s in self.store.sites())
