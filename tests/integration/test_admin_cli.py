@@ -197,3 +197,27 @@ def test_stopped_state_survives_a_restart(fed: localfed.LocalFederation) -> None
     # Assert
     st = status(fed)
     assert (st["state"], st["current_round"], st["latest_version"]) == ("stopped", STOPPED_AT["round"], 2)
+
+
+def test_stop_before_start_ends_the_federation_and_the_coordinator_exits(tiny_model_dir: Path,
+                                                                       tmp_path: Path) -> None:
+    # Prepare: autostart = false and the default exit_when_done = true; the sites join and wait.
+    fed = localfed.prepare(tmp_path, tiny_model_dir, n_sites=2, rounds=2, training={"max_steps": 2, "batch_size": 4},
+                           lora={"rank": 4, "alpha": 8.0}, n_train=8, n_heldout=4)
+    cfg = load_toml(fed.federation_toml)
+    cfg["autostart"] = False
+    fed.federation_toml.write_text(dumps(cfg))
+    with fed:
+        fed.start_coordinator()
+        for s in fed.sites:
+            fed.start_site(s)
+        wait_for("both sites joined", lambda: len(admin(fed, "sites")[1]) == 2, 120, fed)
+        # Execute
+        rc, data = admin(fed, "stop")
+        # Assert: sites are told done, score the initial global, report, and exit; then the coordinator exits 0.
+        assert rc == 0 and data == {"state": "stopped"}
+        codes = fed.wait([s.name for s in fed.sites] + ["coordinator"], timeout=300)
+    assert codes == {"site-a": 0, "site-b": 0, "coordinator": 0}, localfed._tail(fed.log_path("coordinator"))
+    store = Store(fed.state_dir)
+    assert store.updates() == [] and [(r.round, r.state) for r in store.rounds()] == [(1, "open")]
+    assert {m[1] for m in store.metrics(1) if m[2] == "eval_global"} == {"site-a", "site-b"}
