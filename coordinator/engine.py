@@ -672,40 +672,7 @@ class RoundEngine:
                                          progress=progress)
             log.info("[AdminService.WithdrawSite] site=%s rounds=%d..%d rebuilt actor=%s", site, rb.from_round,
                      rb.to_round, actor)
-            out = await asyncio.to_thread(self._publish_withdrawal, rb, reason, actor)
+            out = await asyncio.to_thread(withdraw.publish_rebuild, self.cfg, self.store, rb, base_sha256=self.base_sha256,
+                                          spec=self.spec, strategy=self.strategy.name, reason=reason, actor=actor)
             self._notify()
         return out
-
-    def _publish_withdrawal(self, rb: withdraw.Rebuild, reason: str, actor: str) -> dict[str, Any]:
-        data = codec.encode_state(rb.state)
-        ev: dict[str, Any] = {"enabled": self.cfg.evaluation.enabled}
-        scores = None
-        if self.cfg.evaluation.enabled:
-            work = self.store.dir / "eval" / f"withdraw-{rb.site}-{int(time.time())}"
-            report = evaluation.evaluate_adapter(base_model=self.cfg.base_model, spec=self.spec, state=rb.state,
-                                                 eval_spec=self.cfg.evaluation, work_dir=work, residual=rb.residual)
-            scores = report.scores()
-            ev.update({"framework": "EvalScope", "round": rb.to_round, "status": "ok", "error": "",
-                       "scores": dict(sorted(scores.items())),
-                       "primary_metrics": {b: r.primary_metric for b, r in report.results.items()},
-                       "benchmarks": {b: {k: v for k, (v, _n) in kv.items()} for b, kv in report.store_rows().items()}})
-        decision = gate.decide(scores, self.cfg.gate.thresholds, self.cfg.gate.max_regression,
-                               gate.last_published(self.cfg.registry_dir / self.cfg.federation_id),
-                               evaluation_error="" if scores is not None else "shared evaluation is not configured")
-        result = {"site": rb.site, "from_round": rb.from_round, "to_round": rb.to_round, "published": decision.passed,
-                  "version": 0, "path": "", "global_sha256": codec.sha256_hex(data), "blocked_reason": decision.reason}
-        if not decision.passed:
-            self.store.add_blocked_publication(rb.to_round, f"withdrawal of {rb.site}: {decision.reason}",
-                                               decision.to_dict())
-            return result
-        prov = build_provenance(self.cfg, self.store, base_sha256=self.base_sha256, spec=self.spec,
-                                strategy=self.strategy.name, global_sha256=result["global_sha256"], gate=decision)
-        prov = withdraw.redact_provenance(prov, rb, reason=reason, actor=actor)
-        prov["evaluation"] = ev
-        version, path, manifest_sha = publish(base_model=self.cfg.base_model, spec=self.spec, state=rb.state,
-                                              registry_dir=self.cfg.registry_dir, federation_id=self.cfg.federation_id,
-                                              provenance=prov, base_model_ref=self.cfg.base_model_ref,
-                                              max_shard_bytes=self.cfg.publish.max_shard_mb << 20, residual=rb.residual)
-        self.store.add_publication(version, rb.to_round, path, manifest_sha)
-        result.update(version=version, path=str(path))
-        return result

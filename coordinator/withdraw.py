@@ -23,9 +23,13 @@ from typing import Any
 
 import torch
 
+from coordinator import evaluation, gate
+from coordinator.config import FederationConfig
 from coordinator.errors import InvalidState, NotFound
-from coordinator.store import Store
+from coordinator.publish import build_provenance, publish
+from coordinator.store import Store, now_ms
 from protos import codec
+from protos.fedbridge.v1 import federation_service_pb2 as pb
 from strategies.types import ClientUpdate, ServerState
 
 Progress = Callable[[int, int], None]
@@ -142,3 +146,47 @@ def redact_provenance(prov: dict[str, Any], rb: Rebuild, *, reason: str, actor: 
     out["withdrawal"] = {"site": rb.site, "from_round": rb.from_round, "to_round": rb.to_round, "reason": reason,
                          "actor": actor, "rounds": rb.rounds, "limits": LIMITS_NOTE}
     return out
+
+
+def publish_rebuild(cfg: FederationConfig, store: Store, rb: Rebuild, *, base_sha256: str, spec: pb.AdapterSpec,
+                    strategy: str, reason: str, actor: str) -> dict[str, Any]:
+    """Gate and publish the rebuilt model as a new version (or record the blocked publication).
+
+    When shared evaluation is configured the rebuilt model is evaluated first and the release gate judges those
+    scores; otherwise it is published unevaluated (and a gate with thresholds blocks it, saying why).
+
+    Returns:
+        ``{"site", "from_round", "to_round", "published", "version", "path", "global_sha256", "blocked_reason"}``.
+    """
+    ev: dict[str, Any] = {"enabled": cfg.evaluation.enabled}
+    scores = None
+    if cfg.evaluation.enabled:
+        report = evaluation.evaluate_adapter(base_model=cfg.base_model, spec=spec, state=rb.state,
+                                             eval_spec=cfg.evaluation, residual=rb.residual,
+                                             work_dir=store.dir / "eval" / f"withdraw-{rb.site}-{now_ms()}")
+        scores = report.scores()
+        ev.update({"framework": "EvalScope", "round": rb.to_round, "status": "ok", "error": "",
+                   "scores": dict(sorted(scores.items())),
+                   "primary_metrics": {b: r.primary_metric for b, r in report.results.items()},
+                   "benchmarks": {b: {k: v for k, (v, _n) in kv.items()} for b, kv in report.store_rows().items()}})
+    decision = gate.decide(scores, cfg.gate.thresholds, cfg.gate.max_regression,
+                           gate.last_published(cfg.registry_dir / cfg.federation_id),
+                           evaluation_error="" if scores is not None else "shared evaluation is not configured")
+    result: dict[str, Any] = {"site": rb.site, "from_round": rb.from_round, "to_round": rb.to_round,
+                              "published": decision.passed, "version": 0, "path": "",
+                              "global_sha256": codec.sha256_hex(codec.encode_state(rb.state)),
+                              "blocked_reason": decision.reason}
+    if not decision.passed:
+        store.add_blocked_publication(rb.to_round, f"withdrawal of {rb.site}: {decision.reason}", decision.to_dict())
+        return result
+    prov = build_provenance(cfg, store, base_sha256=base_sha256, spec=spec, strategy=strategy,
+                            global_sha256=result["global_sha256"], gate=decision)
+    prov = redact_provenance(prov, rb, reason=reason, actor=actor)
+    prov["evaluation"] = ev
+    version, path, manifest_sha = publish(base_model=cfg.base_model, spec=spec, state=rb.state,
+                                          registry_dir=cfg.registry_dir, federation_id=cfg.federation_id,
+                                          provenance=prov, base_model_ref=cfg.base_model_ref,
+                                          max_shard_bytes=cfg.publish.max_shard_mb << 20, residual=rb.residual)
+    store.add_publication(version, rb.to_round, path, manifest_sha)
+    result.update(version=version, path=str(path))
+    return result

@@ -184,8 +184,11 @@ def test_publish_then_withdraw_site(fed: localfed.LocalFederation) -> None:
         assert torch.allclose(got[k].double(), v.double() + sum(d[k].double() for d in a), atol=1e-6), k
     prov = json.loads((Path(wd["path"]) / "provenance.json").read_text())
     assert prov["withdrawal"]["site"] == "site-b" and prov["sites"] == ["site-a"]
+    # Execute / Assert: the human form (rich progress on stderr, a sentence on stdout) withdraws site-a too.
+    rc, text = admin(fed, "withdraw-site", "site-a", as_json=False)
+    assert rc == 0 and "withdrew site-a" in text and "v3" in text, text
     rc, st = admin(fed, "status")
-    assert st["latest_version"] == 2
+    assert st["latest_version"] == 3
 
 
 def test_stopped_state_survives_a_restart(fed: localfed.LocalFederation) -> None:
@@ -196,7 +199,7 @@ def test_stopped_state_survives_a_restart(fed: localfed.LocalFederation) -> None
     fed.start_coordinator()
     # Assert
     st = status(fed)
-    assert (st["state"], st["current_round"], st["latest_version"]) == ("stopped", STOPPED_AT["round"], 2)
+    assert (st["state"], st["current_round"], st["latest_version"]) == ("stopped", STOPPED_AT["round"], 3)
 
 
 def test_stop_before_start_ends_the_federation_and_the_coordinator_exits(tiny_model_dir: Path,
