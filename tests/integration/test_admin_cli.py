@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -26,6 +27,8 @@ from safetensors.torch import load_file
 from coordinator.store import Store
 from deploy import localfed
 from protos import codec
+from protos.fedbridge.v1 import admin_service_pb2 as apb
+from protos.fedbridge.v1 import admin_service_pb2_grpc as apb_grpc
 from protos.tomlconfig import dumps, load_toml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -81,6 +84,20 @@ def test_a_site_certificate_is_refused(fed: localfed.LocalFederation) -> None:
     # Assert
     assert rc == 1 and data["code"] == "PERMISSION_DENIED", data
     assert "admin" in data["error"]
+    # Every AdminService RPC refuses the site certificate (and nothing changes: the federation is still not started).
+    kit = fed.site_kits["site-a"]
+    creds = grpc.ssl_channel_credentials((kit / "ca.pem").read_bytes(), (kit / "client.key").read_bytes(),
+                                         (kit / "client.pem").read_bytes())
+    methods = [m.name for m in apb.DESCRIPTOR.services_by_name["AdminService"].methods]
+    assert len(methods) == 10
+    with grpc.secure_channel(f"127.0.0.1:{fed.port}", creds) as ch:
+        stub = apb_grpc.AdminServiceStub(ch)
+        for m in methods:
+            with pytest.raises(grpc.RpcError) as e:
+                out = getattr(stub, m)(getattr(apb, f"{m}Request")(), timeout=30)
+                list(out) if m == "WithdrawSite" else out
+            assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED, m
+    assert admin(fed, "status")[1]["state"] == "not_started"
 
 
 def test_not_started_offers_no_task_until_start(fed: localfed.LocalFederation) -> None:
