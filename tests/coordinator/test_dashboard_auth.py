@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import ssl
 from pathlib import Path
 
@@ -98,3 +99,38 @@ def test_admin_cert_mode_serves_admins_only(engine: RoundEngine, tmp_path: Path)
     assert ok == 200
     assert len(refused) == 2, refused
     assert (tmp_path / "dashboard.port").exists()
+
+
+def test_events_stream_a_snapshot_and_stop_with_a_client_connected(engine: RoundEngine, tmp_path: Path) -> None:
+    # Prepare
+    spec = DashboardSpec(listen="127.0.0.1:0")
+    tls = TlsSpec(tmp_path / "ca", tmp_path / "c", tmp_path / "k")
+
+    def first_event(port: int) -> str:
+        with httpx.Client(timeout=10) as c, c.stream("GET", f"http://127.0.0.1:{port}/api/events") as r:
+            lines = []
+            for line in r.iter_lines():
+                lines.append(line)
+                if line.startswith("data: "):
+                    return "\n".join(lines)
+        return ""
+
+    async def main() -> tuple[str, float]:
+        dash = await start_dashboard(spec, engine, tls, tmp_path)
+        event = await asyncio.to_thread(first_event, dash.port)
+        # A second client stays connected while the dashboard stops.
+        reader = asyncio.create_task(asyncio.to_thread(first_event, dash.port))
+        await asyncio.sleep(0.5)
+        t0 = asyncio.get_running_loop().time()
+        await dash.stop()
+        stopped_in = asyncio.get_running_loop().time() - t0
+        await asyncio.wait_for(reader, 10)
+        return event, stopped_in
+
+    # Execute
+    event, stopped_in = asyncio.run(main())
+    # Assert
+    assert event.startswith("event: snapshot\ndata: ")
+    doc = json.loads(event.split("data: ", 1)[1])
+    assert doc["status"]["federation_id"] == "fed" and set(doc) >= {"sites", "rounds", "train_loss", "releases"}
+    assert stopped_in < 5
