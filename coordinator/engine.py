@@ -24,6 +24,7 @@ import torch
 from coordinator import errors, evaluation, gate, metrics, withdraw
 from coordinator.adapter import AdapterInit
 from coordinator.config import FederationConfig
+from coordinator.dp import CentralDp
 from coordinator.errors import DuplicateUpdate, InvalidUpdate, NotFound, PermissionDenied, UpdateTooLarge, WrongRound
 from coordinator.pki import PeerIdentity
 from coordinator.publish import build_provenance, publish
@@ -116,6 +117,8 @@ class RoundEngine:
         self._seen: dict[str, float] = {}  # site -> time.time() of its last call (in memory; the store keeps joins)
         self._told_done: set[str] = set()  # sites told "done" by a stopped federation, and those that then reported
         self._final_reports: set[str] = set()
+        p = config.privacy  # central DP: clip each update and noise the aggregate (coordinator/dp.py)
+        self.central_dp = CentralDp(p.noise_multiplier, p.clip_norm, p.delta) if p.mode == "central" else None
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -442,6 +445,9 @@ class RoundEngine:
         # once and shared with the rule (which then folds the in-memory list key by key).
         updates = [ClientUpdate(u.site, codec.decode_state(u.path.read_bytes()), u.num_examples,
                                 {"lora_rank": self.site_rank(u.site)}) for u in ups]
+        dp_info: dict[str, Any] = {}
+        if self.central_dp is not None:
+            updates, dp_info = self.central_dp.privatize(updates, [r.info for r in self.store.rounds() if r.round < round])
         result = self.strategy.aggregate(global_state, updates, self._server_state(round - 1))
         payload = codec.encode_state(result.state)
         self._carry_residual(round, result.base_residual)
@@ -458,6 +464,7 @@ class RoundEngine:
             "strategy_info": dict(result.info),
             "aggregation_error": {"mean": sum(finite) / len(finite) if finite else 0.0,
                                   "max": max(finite, default=0.0), "per_module": errors},
+            **({"dp": dp_info} if dp_info else {}),
         }
         self.store.close_round(round, codec.sha256_hex(payload), info)
         log.info("[RoundEngine.aggregate] round=%d sites=%d strategy=%s error_mean=%.4g closed", round, len(ups),

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,protos/fedbridge/v1/federation_service.proto\x12\x0c\x66\x65\x64\x62ridge.v1\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\"\x8e\x01\n\x0b\x41\x64\x61pterSpec\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\r\n\x05\x61lpha\x18\x02 \x01(\x01\x12\x0f\n\x07\x64ropout\x18\x03 \x01(\x01\x12\x16\n\x0etarget_modules\x18\x04 \x03(\t\x12)\n\x07tensors\x18\x05 \x03(\x0b\x32\x18.fedbridge.v1.TensorSpec\x12\x0e\n\x06sha256\x18\x06 \x01(\t\"\xa0\x03\n\x0eTrainingConfig\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\x11\n\tmax_steps\x18\x02 \x01(\r\x12\x15\n\rlearning_rate\x18\x03 \x01(\x01\x12\x1d\n\x15per_device_batch_size\x18\x04 \x01(\r\x12#\n\x1bgradient_accumulation_steps\x18\x05 \x01(\r\x12\x12\n\nmax_length\x18\x06 \x01(\r\x12\x0c\n\x04seed\x18\x07 \x01(\r\x12\x14\n\x0cweight_decay\x18\x08 \x01(\x01\x12\x14\n\x0cwarmup_ratio\x18\t \x01(\x01\x12\x19\n\x11lr_scheduler_type\x18\n \x01(\t\x12\x0c\n\x04\x62\x65ta\x18\x0b \x01(\x01\x12\x11\n\tloss_type\x18\x0c \x01(\t\x12\x11\n\trpo_alpha\x18\r \x01(\x01\x12\x13\n\x0bsimpo_gamma\x18\x0e \x01(\x01\x12\x11\n\tcpo_alpha\x18\x0f \x01(\x01\x12\x18\n\x10\x64\x65sirable_weight\x18\x10 \x01(\x01\x12\x1a\n\x12undesirable_weight\x18\x11 \x01(\x01\x12\x17\n\x0flabel_smoothing\x18\x12 \x01(\x01\"\x8e\x03\n\x04Task\x12\x15\n\rfederation_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x14\n\x0ctotal_rounds\x18\x03 \x01(\x04\x12\x19\n\x11\x62\x61se_model_sha256\x18\x04 \x01(\t\x12\x16\n\x0e\x62\x61se_model_ref\x18\x05 \x01(\t\x12.\n\x08training\x18\x06 \x01(\x0b\x32\x1c.fedbridge.v1.TrainingConfig\x12/\n\x0c\x61\x64\x61pter_spec\x18\x07 \x01(\x0b\x32\x19.fedbridge.v1.AdapterSpec\x12\x1d\n\x15global_adapter_sha256\x18\x08 \x01(\t\x12\x1b\n\x13global_adapter_size\x18\t \x01(\x04\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\n \x01(\x03\x12&\n\x05hints\x18\x0b \x01(\x0b\x32\x17.fedbridge.v1.SiteHints\x12\x1c\n\x14\x62\x61se_residual_sha256\x18\x0c \x01(\t\x12\x1a\n\x12\x62\x61se_residual_size\x18\r \x01(\x04\"7\n\tSiteHints\x12\x13\n\x0bproximal_mu\x18\x01 \x01(\x01\x12\x15\n\rfreeze_lora_a\x18\x02 \x01(\x08\"\xb0\x02\n\x0eUpdateEnvelope\x12\x15\n\rfederation_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x0c\n\x04site\x18\x03 \x01(\t\x12\x19\n\x11\x62\x61se_model_sha256\x18\x04 \x01(\t\x12\x16\n\x0epayload_sha256\x18\x05 \x01(\t\x12\x14\n\x0cpayload_size\x18\x06 \x01(\x04\x12\r\n\x05nonce\x18\x07 \x01(\x0c\x12/\n\x0cpayload_kind\x18\x08 \x01(\x0e\x32\x19.fedbridge.v1.PayloadKind\x12\x1b\n\x13\x61\x64\x61pter_spec_sha256\x18\t \x01(\t\x12\x14\n\x0cnum_examples\x18\n \x01(\x04\x12\x15\n\repsilon_spent\x18\x0b \x01(\x01\x12\x17\n\x0f\x63reated_unix_ms\x18\x0c \x01(\x03\"5\n\x0eSignedEnvelope\x12\x10\n\x08\x65nvelope\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"F\n\x0bJoinRequest\x12\x15\n\ragent_version\x18\x01 \x01(\t\x12\x11\n\tlora_rank\x18\x02 \x01(\r\x12\r\n\x05modes\x18\x03 \x03(\t\"M\n\x0cJoinResponse\x12\x15\n\rfederation_id\x18\x01 \x01(\t\x12\x0c\n\x04site\x18\x02 \x01(\t\x12\x18\n\x10poll_interval_ms\x18\x03 \x01(\r\"#\n\x10\x46\x65tchTaskRequest\x12\x0f\n\x07wait_ms\x18\x01 \x01(\r\"_\n\x11\x46\x65tchTaskResponse\x12(\n\x06status\x18\x01 \x01(\x0e\x32\x18.fedbridge.v1.TaskStatus\x12 \n\x04task\x18\x02 \x01(\x0b\x32\x12.fedbridge.v1.Task\"e\n\x16\x44ownloadAdapterRequest\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12,\n\x08\x61rtifact\x18\x03 \x01(\x0e\x32\x1a.fedbridge.v1.ArtifactKind\"7\n\x17\x44ownloadAdapterResponse\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"c\n\x13UploadUpdateRequest\x12.\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x1c.fedbridge.v1.SignedEnvelope\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"U\n\x14UploadUpdateResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x18\n\x10\x63ommitted_offset\x18\x02 \x01(\x04\x12\x11\n\tupdate_id\x18\x03 \x01(\t\"?\n\x16GetUploadStatusRequest\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x16\n\x0epayload_sha256\x18\x02 \x01(\t\"E\n\x17GetUploadStatusResponse\x12\x18\n\x10\x63ommitted_offset\x18\x01 \x01(\x04\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x08\"\xbc\x01\n\x14ReportMetricsRequest\x12\r\n\x05round\x18\x01 \x01(\x04\x12\r\n\x05phase\x18\x02 \x01(\t\x12@\n\x07metrics\x18\x03 \x03(\x0b\x32/.fedbridge.v1.ReportMetricsRequest.MetricsEntry\x12\x14\n\x0cnum_examples\x18\x04 \x01(\x04\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x17\n\x15ReportMetricsResponse*Y\n\x0bPayloadKind\x12\x1c\n\x18PAYLOAD_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11PAYLOAD_KIND_DIFF\x10\x01\x12\x15\n\x11PAYLOAD_KIND_FULL\x10\x02*l\n\nTaskStatus\x12\x1b\n\x17TASK_STATUS_UNSPECIFIED\x10\x00\x12\x14\n\x10TASK_STATUS_WAIT\x10\x01\x12\x15\n\x11TASK_STATUS_TRAIN\x10\x02\x12\x14\n\x10TASK_STATUS_DONE\x10\x03*p\n\x0c\x41rtifactKind\x12\x1d\n\x19\x41RTIFACT_KIND_UNSPECIFIED\x10\x00\x12 \n\x1c\x41RTIFACT_KIND_GLOBAL_ADAPTER\x10\x01\x12\x1f\n\x1b\x41RTIFACT_KIND_BASE_RESIDUAL\x10\x02\x32\x95\x04\n\x11\x46\x65\x64\x65rationService\x12=\n\x04Join\x12\x19.fedbridge.v1.JoinRequest\x1a\x1a.fedbridge.v1.JoinResponse\x12L\n\tFetchTask\x12\x1e.fedbridge.v1.FetchTaskRequest\x1a\x1f.fedbridge.v1.FetchTaskResponse\x12`\n\x0f\x44ownloadAdapter\x12$.fedbridge.v1.DownloadAdapterRequest\x1a%.fedbridge.v1.DownloadAdapterResponse0\x01\x12W\n\x0cUploadUpdate\x12!.fedbridge.v1.UploadUpdateRequest\x1a\".fedbridge.v1.UploadUpdateResponse(\x01\x12^\n\x0fGetUploadStatus\x12$.fedbridge.v1.GetUploadStatusRequest\x1a%.fedbridge.v1.GetUploadStatusResponse\x12X\n\rReportMetrics\x12\".fedbridge.v1.ReportMetricsRequest\x1a#.fedbridge.v1.ReportMetricsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,protos/fedbridge/v1/federation_service.proto\x12\x0c\x66\x65\x64\x62ridge.v1\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\"\x8e\x01\n\x0b\x41\x64\x61pterSpec\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\r\n\x05\x61lpha\x18\x02 \x01(\x01\x12\x0f\n\x07\x64ropout\x18\x03 \x01(\x01\x12\x16\n\x0etarget_modules\x18\x04 \x03(\t\x12)\n\x07tensors\x18\x05 \x03(\x0b\x32\x18.fedbridge.v1.TensorSpec\x12\x0e\n\x06sha256\x18\x06 \x01(\t\"\xa0\x03\n\x0eTrainingConfig\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\x11\n\tmax_steps\x18\x02 \x01(\r\x12\x15\n\rlearning_rate\x18\x03 \x01(\x01\x12\x1d\n\x15per_device_batch_size\x18\x04 \x01(\r\x12#\n\x1bgradient_accumulation_steps\x18\x05 \x01(\r\x12\x12\n\nmax_length\x18\x06 \x01(\r\x12\x0c\n\x04seed\x18\x07 \x01(\r\x12\x14\n\x0cweight_decay\x18\x08 \x01(\x01\x12\x14\n\x0cwarmup_ratio\x18\t \x01(\x01\x12\x19\n\x11lr_scheduler_type\x18\n \x01(\t\x12\x0c\n\x04\x62\x65ta\x18\x0b \x01(\x01\x12\x11\n\tloss_type\x18\x0c \x01(\t\x12\x11\n\trpo_alpha\x18\r \x01(\x01\x12\x13\n\x0bsimpo_gamma\x18\x0e \x01(\x01\x12\x11\n\tcpo_alpha\x18\x0f \x01(\x01\x12\x18\n\x10\x64\x65sirable_weight\x18\x10 \x01(\x01\x12\x1a\n\x12undesirable_weight\x18\x11 \x01(\x01\x12\x17\n\x0flabel_smoothing\x18\x12 \x01(\x01\"\xb3\x03\n\x04Task\x12\x15\n\rfederation_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x14\n\x0ctotal_rounds\x18\x03 \x01(\x04\x12\x19\n\x11\x62\x61se_model_sha256\x18\x04 \x01(\t\x12\x16\n\x0e\x62\x61se_model_ref\x18\x05 \x01(\t\x12.\n\x08training\x18\x06 \x01(\x0b\x32\x1c.fedbridge.v1.TrainingConfig\x12/\n\x0c\x61\x64\x61pter_spec\x18\x07 \x01(\x0b\x32\x19.fedbridge.v1.AdapterSpec\x12\x1d\n\x15global_adapter_sha256\x18\x08 \x01(\t\x12\x1b\n\x13global_adapter_size\x18\t \x01(\x04\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\n \x01(\x03\x12&\n\x05hints\x18\x0b \x01(\x0b\x32\x17.fedbridge.v1.SiteHints\x12\x1c\n\x14\x62\x61se_residual_sha256\x18\x0c \x01(\t\x12\x1a\n\x12\x62\x61se_residual_size\x18\r \x01(\x04\x12#\n\x02\x64p\x18\x0e \x01(\x0b\x32\x17.fedbridge.v1.DpRequest\"8\n\tDpRequest\x12\x18\n\x10noise_multiplier\x18\x01 \x01(\x01\x12\x11\n\tclip_norm\x18\x02 \x01(\x01\"7\n\tSiteHints\x12\x13\n\x0bproximal_mu\x18\x01 \x01(\x01\x12\x15\n\rfreeze_lora_a\x18\x02 \x01(\x08\"\xc2\x02\n\x0eUpdateEnvelope\x12\x15\n\rfederation_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x0c\n\x04site\x18\x03 \x01(\t\x12\x19\n\x11\x62\x61se_model_sha256\x18\x04 \x01(\t\x12\x16\n\x0epayload_sha256\x18\x05 \x01(\t\x12\x14\n\x0cpayload_size\x18\x06 \x01(\x04\x12\r\n\x05nonce\x18\x07 \x01(\x0c\x12/\n\x0cpayload_kind\x18\x08 \x01(\x0e\x32\x19.fedbridge.v1.PayloadKind\x12\x1b\n\x13\x61\x64\x61pter_spec_sha256\x18\t \x01(\t\x12\x14\n\x0cnum_examples\x18\n \x01(\x04\x12\x15\n\repsilon_spent\x18\x0b \x01(\x01\x12\x17\n\x0f\x63reated_unix_ms\x18\x0c \x01(\x03\x12\x10\n\x08\x64p_delta\x18\r \x01(\x01\"5\n\x0eSignedEnvelope\x12\x10\n\x08\x65nvelope\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"F\n\x0bJoinRequest\x12\x15\n\ragent_version\x18\x01 \x01(\t\x12\x11\n\tlora_rank\x18\x02 \x01(\r\x12\r\n\x05modes\x18\x03 \x03(\t\"M\n\x0cJoinResponse\x12\x15\n\rfederation_id\x18\x01 \x01(\t\x12\x0c\n\x04site\x18\x02 \x01(\t\x12\x18\n\x10poll_interval_ms\x18\x03 \x01(\r\"#\n\x10\x46\x65tchTaskRequest\x12\x0f\n\x07wait_ms\x18\x01 \x01(\r\"_\n\x11\x46\x65tchTaskResponse\x12(\n\x06status\x18\x01 \x01(\x0e\x32\x18.fedbridge.v1.TaskStatus\x12 \n\x04task\x18\x02 \x01(\x0b\x32\x12.fedbridge.v1.Task\"e\n\x16\x44ownloadAdapterRequest\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12,\n\x08\x61rtifact\x18\x03 \x01(\x0e\x32\x1a.fedbridge.v1.ArtifactKind\"7\n\x17\x44ownloadAdapterResponse\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"c\n\x13UploadUpdateRequest\x12.\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x1c.fedbridge.v1.SignedEnvelope\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"U\n\x14UploadUpdateResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x18\n\x10\x63ommitted_offset\x18\x02 \x01(\x04\x12\x11\n\tupdate_id\x18\x03 \x01(\t\"?\n\x16GetUploadStatusRequest\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x16\n\x0epayload_sha256\x18\x02 \x01(\t\"E\n\x17GetUploadStatusResponse\x12\x18\n\x10\x63ommitted_offset\x18\x01 \x01(\x04\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x08\"\xbc\x01\n\x14ReportMetricsRequest\x12\r\n\x05round\x18\x01 \x01(\x04\x12\r\n\x05phase\x18\x02 \x01(\t\x12@\n\x07metrics\x18\x03 \x03(\x0b\x32/.fedbridge.v1.ReportMetricsRequest.MetricsEntry\x12\x14\n\x0cnum_examples\x18\x04 \x01(\x04\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x17\n\x15ReportMetricsResponse*Y\n\x0bPayloadKind\x12\x1c\n\x18PAYLOAD_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11PAYLOAD_KIND_DIFF\x10\x01\x12\x15\n\x11PAYLOAD_KIND_FULL\x10\x02*l\n\nTaskStatus\x12\x1b\n\x17TASK_STATUS_UNSPECIFIED\x10\x00\x12\x14\n\x10TASK_STATUS_WAIT\x10\x01\x12\x15\n\x11TASK_STATUS_TRAIN\x10\x02\x12\x14\n\x10TASK_STATUS_DONE\x10\x03*p\n\x0c\x41rtifactKind\x12\x1d\n\x19\x41RTIFACT_KIND_UNSPECIFIED\x10\x00\x12 \n\x1c\x41RTIFACT_KIND_GLOBAL_ADAPTER\x10\x01\x12\x1f\n\x1b\x41RTIFACT_KIND_BASE_RESIDUAL\x10\x02\x32\x95\x04\n\x11\x46\x65\x64\x65rationService\x12=\n\x04Join\x12\x19.fedbridge.v1.JoinRequest\x1a\x1a.fedbridge.v1.JoinResponse\x12L\n\tFetchTask\x12\x1e.fedbridge.v1.FetchTaskRequest\x1a\x1f.fedbridge.v1.FetchTaskResponse\x12`\n\x0f\x44ownloadAdapter\x12$.fedbridge.v1.DownloadAdapterRequest\x1a%.fedbridge.v1.DownloadAdapterResponse0\x01\x12W\n\x0cUploadUpdate\x12!.fedbridge.v1.UploadUpdateRequest\x1a\".fedbridge.v1.UploadUpdateResponse(\x01\x12^\n\x0fGetUploadStatus\x12$.fedbridge.v1.GetUploadStatusRequest\x1a%.fedbridge.v1.GetUploadStatusResponse\x12X\n\rReportMetrics\x12\".fedbridge.v1.ReportMetricsRequest\x1a#.fedbridge.v1.ReportMetricsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,12 +33,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_REPORTMETRICSREQUEST_METRICSENTRY']._loaded_options = None
   _globals['_REPORTMETRICSREQUEST_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_PAYLOADKIND']._serialized_start=2489
-  _globals['_PAYLOADKIND']._serialized_end=2578
-  _globals['_TASKSTATUS']._serialized_start=2580
-  _globals['_TASKSTATUS']._serialized_end=2688
-  _globals['_ARTIFACTKIND']._serialized_start=2690
-  _globals['_ARTIFACTKIND']._serialized_end=2802
+  _globals['_PAYLOADKIND']._serialized_start=2602
+  _globals['_PAYLOADKIND']._serialized_end=2691
+  _globals['_TASKSTATUS']._serialized_start=2693
+  _globals['_TASKSTATUS']._serialized_end=2801
+  _globals['_ARTIFACTKIND']._serialized_start=2803
+  _globals['_ARTIFACTKIND']._serialized_end=2915
   _globals['_TENSORSPEC']._serialized_start=62
   _globals['_TENSORSPEC']._serialized_end=118
   _globals['_ADAPTERSPEC']._serialized_start=121
@@ -46,39 +46,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TRAININGCONFIG']._serialized_start=266
   _globals['_TRAININGCONFIG']._serialized_end=682
   _globals['_TASK']._serialized_start=685
-  _globals['_TASK']._serialized_end=1083
-  _globals['_SITEHINTS']._serialized_start=1085
-  _globals['_SITEHINTS']._serialized_end=1140
-  _globals['_UPDATEENVELOPE']._serialized_start=1143
-  _globals['_UPDATEENVELOPE']._serialized_end=1447
-  _globals['_SIGNEDENVELOPE']._serialized_start=1449
-  _globals['_SIGNEDENVELOPE']._serialized_end=1502
-  _globals['_JOINREQUEST']._serialized_start=1504
-  _globals['_JOINREQUEST']._serialized_end=1574
-  _globals['_JOINRESPONSE']._serialized_start=1576
-  _globals['_JOINRESPONSE']._serialized_end=1653
-  _globals['_FETCHTASKREQUEST']._serialized_start=1655
-  _globals['_FETCHTASKREQUEST']._serialized_end=1690
-  _globals['_FETCHTASKRESPONSE']._serialized_start=1692
-  _globals['_FETCHTASKRESPONSE']._serialized_end=1787
-  _globals['_DOWNLOADADAPTERREQUEST']._serialized_start=1789
-  _globals['_DOWNLOADADAPTERREQUEST']._serialized_end=1890
-  _globals['_DOWNLOADADAPTERRESPONSE']._serialized_start=1892
-  _globals['_DOWNLOADADAPTERRESPONSE']._serialized_end=1947
-  _globals['_UPLOADUPDATEREQUEST']._serialized_start=1949
-  _globals['_UPLOADUPDATEREQUEST']._serialized_end=2048
-  _globals['_UPLOADUPDATERESPONSE']._serialized_start=2050
-  _globals['_UPLOADUPDATERESPONSE']._serialized_end=2135
-  _globals['_GETUPLOADSTATUSREQUEST']._serialized_start=2137
-  _globals['_GETUPLOADSTATUSREQUEST']._serialized_end=2200
-  _globals['_GETUPLOADSTATUSRESPONSE']._serialized_start=2202
-  _globals['_GETUPLOADSTATUSRESPONSE']._serialized_end=2271
-  _globals['_REPORTMETRICSREQUEST']._serialized_start=2274
-  _globals['_REPORTMETRICSREQUEST']._serialized_end=2462
-  _globals['_REPORTMETRICSREQUEST_METRICSENTRY']._serialized_start=2416
-  _globals['_REPORTMETRICSREQUEST_METRICSENTRY']._serialized_end=2462
-  _globals['_REPORTMETRICSRESPONSE']._serialized_start=2464
-  _globals['_REPORTMETRICSRESPONSE']._serialized_end=2487
-  _globals['_FEDERATIONSERVICE']._serialized_start=2805
-  _globals['_FEDERATIONSERVICE']._serialized_end=3338
+  _globals['_TASK']._serialized_end=1120
+  _globals['_DPREQUEST']._serialized_start=1122
+  _globals['_DPREQUEST']._serialized_end=1178
+  _globals['_SITEHINTS']._serialized_start=1180
+  _globals['_SITEHINTS']._serialized_end=1235
+  _globals['_UPDATEENVELOPE']._serialized_start=1238
+  _globals['_UPDATEENVELOPE']._serialized_end=1560
+  _globals['_SIGNEDENVELOPE']._serialized_start=1562
+  _globals['_SIGNEDENVELOPE']._serialized_end=1615
+  _globals['_JOINREQUEST']._serialized_start=1617
+  _globals['_JOINREQUEST']._serialized_end=1687
+  _globals['_JOINRESPONSE']._serialized_start=1689
+  _globals['_JOINRESPONSE']._serialized_end=1766
+  _globals['_FETCHTASKREQUEST']._serialized_start=1768
+  _globals['_FETCHTASKREQUEST']._serialized_end=1803
+  _globals['_FETCHTASKRESPONSE']._serialized_start=1805
+  _globals['_FETCHTASKRESPONSE']._serialized_end=1900
+  _globals['_DOWNLOADADAPTERREQUEST']._serialized_start=1902
+  _globals['_DOWNLOADADAPTERREQUEST']._serialized_end=2003
+  _globals['_DOWNLOADADAPTERRESPONSE']._serialized_start=2005
+  _globals['_DOWNLOADADAPTERRESPONSE']._serialized_end=2060
+  _globals['_UPLOADUPDATEREQUEST']._serialized_start=2062
+  _globals['_UPLOADUPDATEREQUEST']._serialized_end=2161
+  _globals['_UPLOADUPDATERESPONSE']._serialized_start=2163
+  _globals['_UPLOADUPDATERESPONSE']._serialized_end=2248
+  _globals['_GETUPLOADSTATUSREQUEST']._serialized_start=2250
+  _globals['_GETUPLOADSTATUSREQUEST']._serialized_end=2313
+  _globals['_GETUPLOADSTATUSRESPONSE']._serialized_start=2315
+  _globals['_GETUPLOADSTATUSRESPONSE']._serialized_end=2384
+  _globals['_REPORTMETRICSREQUEST']._serialized_start=2387
+  _globals['_REPORTMETRICSREQUEST']._serialized_end=2575
+  _globals['_REPORTMETRICSREQUEST_METRICSENTRY']._serialized_start=2529
+  _globals['_REPORTMETRICSREQUEST_METRICSENTRY']._serialized_end=2575
+  _globals['_REPORTMETRICSRESPONSE']._serialized_start=2577
+  _globals['_REPORTMETRICSRESPONSE']._serialized_end=2600
+  _globals['_FEDERATIONSERVICE']._serialized_start=2918
+  _globals['_FEDERATIONSERVICE']._serialized_end=3451
 # @@protoc_insertion_point(module_scope)
