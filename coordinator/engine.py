@@ -676,7 +676,8 @@ class RoundEngine:
         async with self._lock:
             rb = await asyncio.to_thread(withdraw.rebuild_without, self.store, self.strategy, site,
                                          site_rank=self.site_rank, lora_scale=self.spec.alpha / self.spec.rank,
-                                         progress=progress)
+                                         progress=progress,
+                                         privatize=self.central_dp.privatize if self.central_dp is not None else None)
             log.info("[AdminService.WithdrawSite] site=%s rounds=%d..%d rebuilt actor=%s", site, rb.from_round,
                      rb.to_round, actor)
             out = await asyncio.to_thread(withdraw.publish_rebuild, self.cfg, self.store, rb, base_sha256=self.base_sha256,

@@ -5,7 +5,10 @@ A site (or a court, or its data-protection officer) may ask that its contributio
 model the site had no part in), then re-runs the aggregation of every closed round from there with the same
 strategy on the updates the coordinator stored for that round, leaving out the site's. Stateful rules (server
 optimizers) restart from the state stored before that first round, and FedEx-LoRA residuals are re-accumulated the
-same way. A round in which only the withdrawn site contributed leaves the global unchanged.
+same way. A round in which only the withdrawn site contributed leaves the global unchanged. Under central DP every
+recomputed round is clipped and noised again with fresh noise (the original draw is not stored), and its ε is
+composed with every earlier release: re-publishing from the same updates spends the remaining sites' privacy again,
+and the rebuilt rounds' ``dp`` records say how much.
 
 What this does NOT remove, stated plainly (the model card repeats it): the other sites' updates of the later
 rounds were *trained* starting from global models that the withdrawn site's earlier updates had influenced. The
@@ -33,6 +36,8 @@ from protos.fedbridge.v1 import federation_service_pb2 as pb
 from strategies.types import ClientUpdate, ServerState
 
 Progress = Callable[[int, int], None]
+# Central DP's step (coordinator.dp.CentralDp.privatize): (updates, earlier rounds' info) -> (noised updates, dp info).
+Privatize = Callable[[list[ClientUpdate], list[dict[str, Any]]], tuple[list[ClientUpdate], dict[str, Any]]]
 
 LIMITS_NOTE = ("The other sites' updates of later rounds were trained from global models that the withdrawn site's "
                "earlier updates had influenced; they are reused as sent, so that indirect influence remains. "
@@ -63,7 +68,7 @@ class Rebuild:
 
 
 def rebuild_without(store: Store, strategy: Any, site: str, *, site_rank: Callable[[str], int], lora_scale: float,
-                    progress: Progress | None = None) -> Rebuild:
+                    progress: Progress | None = None, privatize: Privatize | None = None) -> Rebuild:
     """Re-aggregate every closed round from the first one ``site`` joined, without ``site``'s updates.
 
     Args:
@@ -73,6 +78,7 @@ def rebuild_without(store: Store, strategy: Any, site: str, *, site_rank: Callab
         site_rank: The LoRA rank a site trains (passed to the rule as update metadata, as the engine does).
         lora_scale: alpha / r of the federation's adapter (FedEx-LoRA residuals are scaled by it).
         progress: Called with ``(rounds_done, rounds_total)`` after each recomputed round.
+        privatize: Central DP's clip-and-noise step, when the federation runs central DP.
 
     Returns:
         The rebuilt global and the per-round record.
@@ -97,18 +103,23 @@ def rebuild_without(store: Store, strategy: Any, site: str, *, site_rank: Callab
         flat = store.get_server_state(first - 1)
         server = None if flat is None else ServerState.from_flat(flat[0], flat[1])
     record: list[dict[str, Any]] = []
+    released = [r.info for r in store.rounds() if r.state == "closed"]  # every release so far, for DP composition
     for i, row in enumerate(closed):
         ups = [u for u in store.updates(row.round) if u.site != site]
+        dp: dict[str, Any] = {}
         if ups:
             updates = [ClientUpdate(u.site, codec.decode_state(u.path.read_bytes()), u.num_examples,
                                     {"lora_rank": site_rank(u.site)}) for u in ups]
+            if privatize is not None:
+                updates, dp = privatize(updates, released)
+                released.append({"dp": dp})
             result = strategy.aggregate(state, updates, server)
             state, server = result.state, result.server_state
             if result.base_residual:
                 residual = _add_residual(residual, result.base_residual, lora_scale)
         record.append({"round": row.round, "sites": [u.site for u in ups],
                        "output_sha256": codec.sha256_hex(codec.encode_state(state)),
-                       "original_output_sha256": row.output_sha256})
+                       "original_output_sha256": row.output_sha256, **({"dp": dp} if dp else {})})
         if progress is not None:
             progress(i + 1, len(closed))
     return Rebuild(site, first, closed[-1].round, state, residual, record)
@@ -138,11 +149,20 @@ def redact_provenance(prov: dict[str, Any], rb: Rebuild, *, reason: str, actor: 
         if r["round"] in recomputed:
             r["output_sha256"] = recomputed[r["round"]]["output_sha256"]
             r.pop("updates", None)
+            if "dp" in recomputed[r["round"]]:
+                r["dp"] = recomputed[r["round"]]["dp"]
     out["rounds"] = [r for r in out.get("rounds", []) if r["round"] <= rb.to_round]
     out["sites"] = [s for s in out.get("sites", []) if s != rb.site]
     out["contributors"] = [c for c in out.get("contributors", []) if c["name"] != rb.site]
     privacy = out.get("privacy", {})
-    privacy["epsilon"] = {s: e for s, e in privacy.get("epsilon", {}).items() if s != rb.site}
+    for key in ("epsilon", "delta"):
+        if isinstance(privacy.get(key), dict):
+            privacy[key] = {s: e for s, e in privacy[key].items() if s != rb.site}
+    redone = [r["dp"] for r in rb.rounds if r.get("dp")]
+    if redone and "central" in privacy:  # the re-noised rounds are further releases of the same updates
+        central = privacy["central"]
+        central.update(epsilon=redone[-1]["epsilon"], rounds=central["rounds"] + len(redone),
+                       note="composed over the federation's rounds and the withdrawal's re-noised rounds")
     out["withdrawal"] = {"site": rb.site, "from_round": rb.from_round, "to_round": rb.to_round, "reason": reason,
                          "actor": actor, "rounds": rb.rounds, "limits": LIMITS_NOTE}
     return out

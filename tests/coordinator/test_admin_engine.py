@@ -148,3 +148,34 @@ def test_control_gates_tasks_and_rounds_and_survives_restart(tiny_model_dir: Pat
     asyncio.run(first_run())
     asyncio.run(second_run())
     asyncio.run(third_run())
+
+
+def test_withdraw_under_central_dp_renoises_and_composes_epsilon(tiny_model_dir: Path, tmp_path: Path) -> None:
+    # Prepare: central DP (sigma 1.5, C 0.1), three sites, two rounds.
+    from coordinator.dp import rdp_epsilon
+
+    init = init_adapter(tiny_model_dir, LORA)
+    cfg = config(tmp_path, tiny_model_dir, rounds=2, min_sites=3,
+                 lora={"rank": 16, "alpha": 32.0, "target_modules": ["all-linear"]},
+                 privacy={"mode": "central", "noise_multiplier": 1.5, "clip_norm": 0.1, "delta": 1e-6})
+    store = run_federation(cfg, init, _deltas(init, {r: ["site-a", "site-b", "site-c"] for r in (1, 2)}))
+
+    async def main() -> dict:
+        eng = RoundEngine(cfg, store, Manifest.of_dir(tiny_model_dir).sha256, init)
+        await eng.start()
+        return await eng.withdraw_site("site-c")
+
+    # Execute
+    out = asyncio.run(main())
+
+    # Assert: both rounds were clipped and noised again (std sigma*C/2 over the 2 remaining sites), and the
+    # published epsilon composes the 2 original releases with the 2 new ones.
+    prov = json.loads((Path(out["path"]) / "provenance.json").read_text())
+    redone = [r["dp"] for r in prov["withdrawal"]["rounds"]]
+    assert [d["num_updates"] for d in redone] == [2, 2]
+    assert all(d["noise_std"] == pytest.approx(1.5 * 0.1 / 2) for d in redone)
+    central = prov["privacy"]["central"]
+    assert central["rounds"] == 4
+    assert central["epsilon"] == pytest.approx(rdp_epsilon([(1.5, 1.0, 4)], 1e-6))
+    assert central["epsilon"] > store.rounds()[-1].info["dp"]["epsilon"]
+    assert set(prov["privacy"]["epsilon"]) == {"site-a", "site-b"}
