@@ -74,8 +74,8 @@ def rounds(engine: RoundEngine) -> list[dict[str, Any]]:
         by_round.setdefault(u.round, []).append(u.site)
     loss: dict[int, list[float]] = {}
     for site_losses in train_losses(engine).values():
-        for r, v in site_losses:
-            loss.setdefault(r, []).append(v)
+        for rnd, v in site_losses:
+            loss.setdefault(rnd, []).append(v)
     out = []
     for r in store.rounds():
         err = r.info.get("aggregation_error", {})
