@@ -40,7 +40,8 @@ def create_app(engine: RoundEngine, token: str = "") -> FastAPI:
     if token:
         @app.middleware("http")
         async def require_token(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-            if not _token_ok(request, token):
+            # The shipped page code (static/) is public; the page passes its ?token= on to every API call.
+            if not request.url.path.startswith("/static/") and not _token_ok(request, token):
                 return JSONResponse({"error": "missing or wrong dashboard token"}, status_code=401,
                                     headers={"WWW-Authenticate": "Bearer"})
             return await call_next(request)

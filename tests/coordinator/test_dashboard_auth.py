@@ -52,6 +52,7 @@ def test_token_is_required_on_every_route(engine: RoundEngine) -> None:
         assert client.get(path, headers={"Authorization": "Bearer wrong"}).status_code == 401, path
         assert client.get(path, headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200, path
     assert client.get(f"/api/status?token={TOKEN}").json()["federation_id"] == "fed"
+    assert client.get("/static/app.js").status_code == 200  # the page's own code loads without the token
     assert TOKEN not in client.get(f"/api/snapshot?token={TOKEN}").text
 
 
