@@ -344,6 +344,66 @@ def check_gate(evaluation: EvalSpec, gate: GateSpec) -> None:
         raise ValueError(f"field 'gate.thresholds': {unknown[0]!r} is not one of evaluation.benchmarks")
 
 
+# -- secure aggregation (issue #5 item 4) ------------------------------------------------------------------------------
+# Rules that need individual updates (robust rules, FedEx-LoRA's residual, FLoRA's stacking, mixed-rank rules) or that
+# clip each update at the coordinator cannot run on a sum. Mixed ranks give sites vectors of different lengths.
+SECAGG_REFUSED = {"hetlora": "sites train different ranks, so their masked vectors cannot be summed"}
+
+
+@dataclass(frozen=True)
+class SecureAggregationSpec:
+    """Secure aggregation (SecAgg/SecAgg+): the coordinator learns only the sum of a round's updates.
+
+    Attributes:
+        enabled: Run every round under secure aggregation.
+        threshold: Shares needed to reconstruct a site's secret, and the fewest sites a round may finish with. The
+            coordinator raises it to more than half of the round's roster, so it can never collect both secrets
+            of one site from disjoint halves.
+        clip_range: Largest |value| of a weighted update element (num_examples x delta, and num_examples itself);
+            a site refuses to send a larger one rather than clip it.
+        bits: Fixed-point bits: step = clip_range / 2^(bits-1); the mean is exact to num_sites * step / 2 / weight.
+        stage_timeout_s: How long a stage waits for missing sites once it has enough to go on (they are dropped).
+    """
+
+    enabled: bool = False
+    threshold: int = 2
+    clip_range: float = 65536.0
+    bits: int = 48
+    stage_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.threshold < 2:
+            raise ValueError(f"field 'secure_aggregation.threshold': must be >= 2, got {self.threshold}")
+        if not 0 < self.clip_range < 2**40:
+            raise ValueError(f"field 'secure_aggregation.clip_range': must be in (0, 2^40), got {self.clip_range}")
+        if not 8 <= self.bits <= 48:
+            raise ValueError(f"field 'secure_aggregation.bits': must be in 8..48 (sums wrap at 2^64), got {self.bits}")
+        if self.stage_timeout_s <= 0:
+            raise ValueError(f"field 'secure_aggregation.stage_timeout_s': must be > 0, got {self.stage_timeout_s}")
+
+
+def check_secure_aggregation(spec: SecureAggregationSpec, strategy: str, params: dict[str, Any],
+                             min_sites: int, privacy_mode: str = "none") -> None:
+    """Refuse, at start, secure aggregation with a rule that needs each site's update on its own."""
+    if not spec.enabled:
+        return
+    from strategies.registry import CLIP_PARAM, build_strategy
+
+    rule = build_strategy(strategy, params)
+    if not rule.linear or rule.name in SECAGG_REFUSED:
+        why = SECAGG_REFUSED.get(rule.name, "it needs each site's update on its own, and secure aggregation "
+                                 "reveals only their sum")
+        raise ValueError(f"field 'strategy': {rule.name!r} cannot run with secure_aggregation.enabled: {why}. "
+                         "Use a linear rule (fedavg, fedprox, fedavgm, fedadam, fedyogi, fedadagrad, ffa_lora)")
+    if CLIP_PARAM in params:
+        raise ValueError(f"field 'strategy_params.{CLIP_PARAM}': coordinator-side clipping needs each update; with "
+                         "secure_aggregation.enabled clip at the sites (their egress filters) instead")
+    if privacy_mode == "central":
+        raise ValueError("field 'privacy.mode': central DP clips each update at the coordinator, which secure "
+                         "aggregation never sees; with secure_aggregation.enabled use privacy.mode = 'local' (sites "
+                         "clip and noise before masking)")
+    if min_sites < spec.threshold:
+        raise ValueError(f"field 'min_sites': {min_sites} is below secure_aggregation.threshold {spec.threshold}")
 PRIVACY_MODES = ("none", "local", "central")
 # Central DP adds one noise draw to the uniform mean of the clipped updates, so the rule's output must be a function
 # of that mean (then the noise is calibrated to the mean's sensitivity C/n and the rule is post-processing).
@@ -424,6 +484,7 @@ class FederationConfig:
         publish: Model-card licence fields, site regions, shard size.
         autostart: Start running rounds as soon as the coordinator starts; false waits for ``fedbridge-admin start``.
         dashboard: The web dashboard and ``/metrics``.
+        secure_aggregation: Secure aggregation of each round's updates (off by default).
         privacy: Differential privacy: none, local (sites noise) or central (the coordinator noises the aggregate).
     """
 
@@ -449,6 +510,7 @@ class FederationConfig:
     publish: PublishSpec = field(default_factory=PublishSpec)
     autostart: bool = True
     dashboard: DashboardSpec = field(default_factory=DashboardSpec)
+    secure_aggregation: SecureAggregationSpec = field(default_factory=SecureAggregationSpec)
     privacy: PrivacySpec = field(default_factory=PrivacySpec)
 
     def __post_init__(self) -> None:
@@ -460,6 +522,8 @@ class FederationConfig:
             raise ValueError(f"field 'min_sites': must be > 0, got {self.min_sites}")
         check_strategy(self.strategy, self.strategy_params)
         check_gate(self.evaluation, self.gate)
+        check_secure_aggregation(self.secure_aggregation, self.strategy, self.strategy_params, self.min_sites,
+                                 self.privacy.mode)
         check_privacy(self.strategy, self.strategy_params, self.privacy)
         if ":" not in self.listen:
             raise ValueError(f"field 'listen': must be host:port, got {self.listen!r}")

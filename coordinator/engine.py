@@ -28,6 +28,7 @@ from coordinator.dp import CentralDp
 from coordinator.errors import DuplicateUpdate, InvalidUpdate, NotFound, PermissionDenied, UpdateTooLarge, WrongRound
 from coordinator.pki import PeerIdentity
 from coordinator.publish import build_provenance, publish
+from coordinator.secagg import SecAggCoordinator
 from coordinator.store import Store, UpdateRow
 from protos import codec
 from protos.fedbridge.v1 import federation_service_pb2 as pb
@@ -117,6 +118,12 @@ class RoundEngine:
         self._seen: dict[str, float] = {}  # site -> time.time() of its last call (in memory; the store keeps joins)
         self._told_done: set[str] = set()  # sites told "done" by a stopped federation, and those that then reported
         self._final_reports: set[str] = set()
+        # Secure aggregation: the round's updates arrive masked and only their sum is ever unmasked.
+        self.secagg: SecAggCoordinator | None = None
+        if config.secure_aggregation.enabled:
+            self.secagg = SecAggCoordinator(config.secure_aggregation, store, config.federation_id,
+                                            [(t.name, tuple(t.shape)) for t in self.spec.tensors], config.min_sites,
+                                            on_ready=self._advance_in_background)
         p = config.privacy  # central DP: clip each update and noise the aggregate (coordinator/dp.py)
         self.central_dp = CentralDp(p.noise_multiplier, p.clip_norm, p.delta) if p.mode == "central" else None
 
@@ -151,6 +158,10 @@ class RoundEngine:
         if self.cfg.evaluation.enabled:  # refuse at start an evaluation that cannot run or would score silently
             evaluation.check_benchmarks(self.cfg.evaluation)
             asyncio.get_running_loop().run_in_executor(None, evaluation.warm_up)  # hide the import behind round 1
+        if self.secagg is not None:  # closes SecAgg stages at their deadlines even when no site calls
+            ticker = asyncio.get_running_loop().create_task(self.secagg.run_ticker())
+            self._tasks.add(ticker)
+            ticker.add_done_callback(self._advance_done)
         await self._advance()
 
     async def _advance(self) -> None:
@@ -163,7 +174,11 @@ class RoundEngine:
                 assert cur is not None
                 if cur.state == "open":
                     ups = self.store.updates(cur.round)
-                    if len(ups) < self.cfg.min_sites:
+                    if self.secagg is not None:  # the round closes once its masks can be removed
+                        self.secagg.tick(cur.round)
+                        if not self.secagg.ready(cur.round):
+                            break
+                    elif len(ups) < self.cfg.min_sites:
                         break
                     self._closing.add(cur.round)
                     try:
@@ -255,6 +270,8 @@ class RoundEngine:
             return TaskOffer("wait")
         if any(u.site == site for u in self.store.updates(cur.round)):
             return TaskOffer("wait")
+        if self.secagg is not None and self.secagg.roster_closed(cur.round):  # too late to join this round's SecAgg
+            return TaskOffer("wait")
         return TaskOffer("train", cur.round, *self._adapter_meta(site, cur.round), *self._residual_meta(cur.round))
 
     async def fetch_task(self, peer: PeerIdentity, wait_s: float) -> TaskOffer:
@@ -325,6 +342,8 @@ class RoundEngine:
             raise InvalidUpdate("update follows a different adapter spec than the round's")
         if env.payload_kind != pb.PAYLOAD_KIND_DIFF:
             raise InvalidUpdate(f"payload kind must be DIFF, got {pb.PayloadKind.Name(env.payload_kind)}")
+        if self.secagg is not None:
+            self.secagg.check_upload(peer.name, env.round)
         if env.payload_size > self.cfg.max_update_bytes:
             raise UpdateTooLarge(f"payload of {env.payload_size} bytes exceeds the limit of {self.cfg.max_update_bytes}")
         if env.num_examples <= 0:
@@ -396,7 +415,10 @@ class RoundEngine:
         try:
             codec.check_payload(env, payload)
             state = codec.decode_state(payload)
-            codec.check_against_spec(state, self.spec_for(peer.name))
+            if self.secagg is not None:
+                self.secagg.check_masked(state)
+            else:
+                codec.check_against_spec(state, self.spec_for(peer.name))
         except codec.CodecError as e:
             up.path.unlink(missing_ok=True)
             log.warning("[FederationService.UploadUpdate] round=%d site=%s refused: %s", env.round, peer.name, e)
@@ -440,6 +462,9 @@ class RoundEngine:
     # -- aggregation and publishing (run in a worker thread) ----------------------------------------------------
     def _aggregate(self, round: int, ups: list[UpdateRow]) -> None:
         global_state = codec.decode_state(self.adapter_bytes(round))
+        if self.secagg is not None:
+            self._aggregate_secure(round, ups, global_state)
+            return
 
         # The aggregation-error meter below needs every site's factors, so the round's updates are read and decoded
         # once and shared with the rule (which then folds the in-memory list key by key).
@@ -469,6 +494,32 @@ class RoundEngine:
         self.store.close_round(round, codec.sha256_hex(payload), info)
         log.info("[RoundEngine.aggregate] round=%d sites=%d strategy=%s error_mean=%.4g closed", round, len(ups),
                  self.strategy.name, info["aggregation_error"]["mean"])
+
+    def _aggregate_secure(self, round: int, ups: list[UpdateRow], global_state: dict[str, torch.Tensor]) -> None:
+        """Secure aggregation: unmask only the weighted mean and hand it to the rule as one aggregate update.
+
+        The rules allowed here (``linear``) need only the mean; the aggregation-error meter needs each site's
+        factors, which no one sees, so it is not measured. Masked inputs stay in the store; shares are deleted.
+        """
+        agg = self.secagg.unmask(round, ups)  # type: ignore[union-attr]
+        update = ClientUpdate("secure-aggregate", agg.mean_delta, agg.total_weight, {"lora_rank": self.spec.rank})
+        result = self.strategy.aggregate(global_state, [update], self._server_state(round - 1))
+        payload = codec.encode_state(result.state)
+        self.store.put_adapter(round + 1, payload)
+        if result.server_state is not None:
+            self.store.put_server_state(round, result.server_state.rule, result.server_state.to_flat())
+        info: dict[str, Any] = {
+            "strategy": self.strategy.name, "strategy_params": dict(self.cfg.strategy_params),
+            "updates": {u.site: {"payload_sha256": u.payload_sha256, "num_examples": u.num_examples, "bytes": u.size,
+                                 "masked": True} for u in ups if u.site in agg.info["sites"]},
+            "strategy_info": dict(result.info), "secure_aggregation": agg.info,
+            "aggregation_error": {"mean": None, "max": None, "per_module": {},
+                                  "note": "not measurable under secure aggregation (no individual update is seen)"},
+        }
+        self.store.close_round(round, codec.sha256_hex(payload), info)
+        self.store.secagg_forget()
+        log.info("[RoundEngine.aggregate] round=%d sites=%d dropped=%d strategy=%s secure_aggregation closed", round,
+                 len(agg.info["sites"]), len(agg.info["dropped"]), self.strategy.name)
 
     def _carry_residual(self, round: int, residual: dict[str, Any]) -> None:
         """FedEx-LoRA: add this round's residual, scaled by alpha/r, to the cumulative one sites fold into the base.
@@ -673,6 +724,11 @@ class RoundEngine:
         Returns:
             ``{"site", "from_round", "to_round", "published", "version", "path", "global_sha256", "blocked_reason"}``.
         """
+        if self.secagg is not None:
+            raise errors.InvalidState(
+                "this federation runs secure aggregation: the coordinator holds only masked updates, whose masks cancel "
+                "only over a round's whole set of sites, so no round can be re-aggregated without one site; removing "
+                "its contribution would need the remaining sites to retrain")
         async with self._lock:
             rb = await asyncio.to_thread(withdraw.rebuild_without, self.store, self.strategy, site,
                                          site_rank=self.site_rank, lora_scale=self.spec.alpha / self.spec.rank,

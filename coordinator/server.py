@@ -18,10 +18,12 @@ from coordinator.adapter import init_adapter
 from coordinator.admin_servicer import AdminServicer
 from coordinator.config import FederationConfig
 from coordinator.engine import RoundEngine
+from coordinator.secagg_servicer import SecAggServicer
 from coordinator.servicer import FederationServicer
 from coordinator.store import Store, write_durable
 from protos.fedbridge.v1 import admin_service_pb2_grpc as apb_grpc
 from protos.fedbridge.v1 import federation_service_pb2_grpc as pb_grpc
+from protos.fedbridge.v1 import secagg_service_pb2_grpc as secagg_grpc
 from protos.manifest import Manifest
 
 log = logging.getLogger(__name__)
@@ -91,6 +93,7 @@ async def serve(cfg: FederationConfig, stop: asyncio.Event | None = None) -> Non
         ("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)])
     pb_grpc.add_FederationServiceServicer_to_server(FederationServicer(engine), server)
     apb_grpc.add_AdminServiceServicer_to_server(AdminServicer(engine), server)
+    secagg_grpc.add_SecAggServiceServicer_to_server(SecAggServicer(engine), server)
     dashboard = None
     if cfg.dashboard.enabled:  # first, so a dashboard that cannot start stops the coordinator before it serves
         from coordinator.dashboard import start_dashboard

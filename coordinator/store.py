@@ -52,6 +52,24 @@ CREATE TABLE IF NOT EXISTS blocked_publications (
   decided_ms INTEGER NOT NULL);
 """
 
+# Secure aggregation (coordinator/secagg.py): per round its stage and member sets, the sites' signed public keys,
+# the encrypted shares it routes (opaque to the coordinator), and the shares revealed for unmasking. The masked
+# inputs themselves are ordinary rows of `updates`. Shares are deleted once the round closed (see secagg_forget).
+_SCHEMA += """
+CREATE TABLE IF NOT EXISTS secagg_rounds (
+  round INTEGER PRIMARY KEY, stage TEXT NOT NULL, deadline_ms INTEGER NOT NULL, threshold INTEGER NOT NULL,
+  members TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS secagg_keys (
+  round INTEGER NOT NULL, site TEXT NOT NULL, cert_pem BLOB NOT NULL, keys BLOB NOT NULL, signature BLOB NOT NULL,
+  PRIMARY KEY (round, site));
+CREATE TABLE IF NOT EXISTS secagg_shares (
+  round INTEGER NOT NULL, from_site TEXT NOT NULL, to_site TEXT NOT NULL, ciphertext BLOB NOT NULL,
+  PRIMARY KEY (round, from_site, to_site));
+CREATE TABLE IF NOT EXISTS secagg_reveals (
+  round INTEGER NOT NULL, from_site TEXT NOT NULL, about_site TEXT NOT NULL, kind TEXT NOT NULL, share BLOB NOT NULL,
+  PRIMARY KEY (round, from_site, about_site));
+"""
+
 
 def now_ms() -> int:
     return int(time.time() * 1000)
@@ -333,6 +351,62 @@ class Store:
         keys = ("round", "site", "payload_sha256", "num_examples", "bytes", "envelope", "input_sha256", "output_sha256")
         return [dict(zip(keys, (*r[:5], bytes(r[5]), *r[6:]), strict=True)) for r in rows]
 
+    # -- secure aggregation -------------------------------------------------------------------------------------
+    def secagg_round(self, round: int) -> dict[str, Any] | None:
+        """``{"stage", "deadline_ms", "threshold", "members": {stage: [sites]}}`` of ``round``, or None."""
+        rows = self._q("SELECT stage, deadline_ms, threshold, members FROM secagg_rounds WHERE round=?", (round,))
+        if not rows:
+            return None
+        stage, deadline, threshold, members = rows[0]
+        return {"stage": stage, "deadline_ms": deadline, "threshold": threshold, "members": json.loads(members)}
+
+    def secagg_set_round(self, round: int, stage: str, deadline_ms: int, threshold: int,
+                         members: dict[str, list[str]]) -> None:
+        with self.tx() as db:
+            db.execute("INSERT INTO secagg_rounds(round, stage, deadline_ms, threshold, members) VALUES(?,?,?,?,?) "
+                       "ON CONFLICT(round) DO UPDATE SET stage=excluded.stage, deadline_ms=excluded.deadline_ms, "
+                       "threshold=excluded.threshold, members=excluded.members",
+                       (round, stage, deadline_ms, threshold, json.dumps(members, sort_keys=True)))
+
+    def secagg_put_keys(self, round: int, site: str, cert_pem: bytes, keys: bytes, signature: bytes) -> None:
+        with self.tx() as db:
+            db.execute("INSERT OR REPLACE INTO secagg_keys(round, site, cert_pem, keys, signature) VALUES(?,?,?,?,?)",
+                       (round, site, cert_pem, keys, signature))
+
+    def secagg_keys(self, round: int) -> list[tuple[str, bytes, bytes, bytes]]:
+        """``(site, cert_pem, keys, signature)`` per site that advertised keys for ``round``, by site name."""
+        rows = self._q("SELECT site, cert_pem, keys, signature FROM secagg_keys WHERE round=? ORDER BY site", (round,))
+        return [(r[0], bytes(r[1]), bytes(r[2]), bytes(r[3])) for r in rows]
+
+    def secagg_put_shares(self, round: int, from_site: str, shares: list[tuple[str, bytes]]) -> None:
+        with self.tx() as db:
+            db.execute("DELETE FROM secagg_shares WHERE round=? AND from_site=?", (round, from_site))
+            db.executemany("INSERT INTO secagg_shares(round, from_site, to_site, ciphertext) VALUES(?,?,?,?)",
+                           [(round, from_site, to, ct) for to, ct in shares])
+
+    def secagg_shares(self, round: int) -> list[tuple[str, str, bytes]]:
+        """``(from_site, to_site, ciphertext)`` of ``round``."""
+        rows = self._q("SELECT from_site, to_site, ciphertext FROM secagg_shares WHERE round=? ORDER BY from_site, "
+                       "to_site", (round,))
+        return [(r[0], r[1], bytes(r[2])) for r in rows]
+
+    def secagg_put_reveals(self, round: int, from_site: str, reveals: list[tuple[str, str, bytes]]) -> None:
+        with self.tx() as db:
+            db.execute("DELETE FROM secagg_reveals WHERE round=? AND from_site=?", (round, from_site))
+            db.executemany("INSERT INTO secagg_reveals(round, from_site, about_site, kind, share) VALUES(?,?,?,?,?)",
+                           [(round, from_site, about, kind, share) for about, kind, share in reveals])
+
+    def secagg_reveals(self, round: int) -> list[tuple[str, str, str, bytes]]:
+        """``(from_site, about_site, kind, share)`` revealed for unmasking ``round``."""
+        rows = self._q("SELECT from_site, about_site, kind, share FROM secagg_reveals WHERE round=? ORDER BY "
+                       "from_site, about_site", (round,))
+        return [(r[0], r[1], r[2], bytes(r[3])) for r in rows]
+
+    def secagg_forget(self) -> None:
+        """Delete routed and revealed shares of every closed round (the masked inputs stay, still masked)."""
+        with self.tx() as db:
+            for table in ("secagg_shares", "secagg_reveals"):
+                db.execute(f"DELETE FROM {table} WHERE round IN (SELECT round FROM rounds WHERE state='closed')")
     # -- differential privacy: each site's epsilon -------------------------------------------------------------
     def site_dp(self) -> dict[str, dict[str, float]]:
         """Per site, from its latest accepted signed envelope: cumulative ``epsilon``, its ``delta`` and ``round``.

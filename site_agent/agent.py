@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from protos import codec
 from protos.fedbridge.v1 import federation_service_pb2 as pb
 from protos.manifest import ManifestMismatch, verify_model_dir
+from site_agent import secagg
 from site_agent.client import CoordinatorClient
 from site_agent.config import SiteConfig
 from site_agent.data import load_for_mode, load_jsonl, load_sft
@@ -184,16 +185,32 @@ def run_site(cfg: SiteConfig, show_progress: bool = True, audit: AuditSink | Non
             except PolicyRefusal as e:
                 audit.record("upload_refused", {"site": cfg.name, "round": task.round, "rule": e.rule})
                 raise
+            secure = secagg.fetch_settings(client).enabled
+            if policy.require_secure_aggregation and not secure:
+                audit.record("upload_refused", {"site": cfg.name, "round": task.round,
+                                                "rule": "require_secure_aggregation"})
+                raise PolicyRefusal("require_secure_aggregation", "the coordinator does not run secure aggregation; "
+                                    "the update was not sent")
             epsilon = 0.0
             if dp.noised:  # the ledger is written before the upload, so a crash can only over-count
                 ledger.record(task.federation_id, task.round, dp, codec.sha256_hex(payload))
                 epsilon = ledger.epsilon(policy.dp_delta)
-            env = codec.make_envelope(federation_id=task.federation_id, round=task.round, site=cfg.name,
-                                      base_model_sha256=task.base_model_sha256, payload=payload,
-                                      adapter_spec_sha256=task.adapter_spec.sha256, num_examples=result.num_examples,
-                                      epsilon_spent=epsilon)
-            env.dp_delta = policy.dp_delta if dp.noised else 0.0
-            client.upload(codec.sign_envelope(env, signing_key), env, payload)
+            dp_delta = policy.dp_delta if dp.noised else 0.0
+            if secure:  # only the masked update leaves (site_agent/secagg.py)
+                sent = secagg.secure_upload(client, task, cfg.name, signing_key, Path(cfg.tls.ca).read_bytes(),
+                                            delta, result.num_examples, epsilon=epsilon, dp_delta=dp_delta)
+                if sent is None:  # late for the roster or dropped: nothing about this update left the site
+                    audit.record("secagg_excluded", {"site": cfg.name, "round": task.round})
+                    last_round = task.round
+                    continue
+                env, payload = sent
+            else:
+                env = codec.make_envelope(federation_id=task.federation_id, round=task.round, site=cfg.name,
+                                          base_model_sha256=task.base_model_sha256, payload=payload,
+                                          adapter_spec_sha256=task.adapter_spec.sha256,
+                                          num_examples=result.num_examples, epsilon_spent=epsilon)
+                env.dp_delta = dp_delta
+                client.upload(codec.sign_envelope(env, signing_key), env, payload)
             log.info("[Site.UploadUpdate] round=%d site=%s bytes=%d epsilon=%.4g accepted", task.round, cfg.name,
                      len(payload), epsilon)
             audit.record("update_uploaded", {"site": cfg.name, "round": task.round, "bytes": len(payload),

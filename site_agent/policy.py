@@ -16,6 +16,7 @@ Example ``policy.toml``::
     max_upload_bytes = 10_000_000
     trusted_coordinator_hosts = ["fl.example.org"]
     trusted_ca_sha256 = ["<sha256 of the federation CA certificate, DER>"]
+    require_secure_aggregation = false
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ class SitePolicy:
         trusted_coordinator_hosts: Coordinator hosts the site may dial; empty: the one in ``site.toml``.
         trusted_ca_sha256: SHA-256 fingerprints (DER, hex) of federation CA certificates the site trusts; empty:
             the one in the kit.
+        require_secure_aggregation: Send an update only under secure aggregation (the coordinator sees only the
+            sum); against a coordinator that does not run it the agent refuses to upload.
     """
 
     allowed_base_models: tuple[str, ...] = ()
@@ -72,6 +75,7 @@ class SitePolicy:
     max_upload_bytes: int = 0
     trusted_coordinator_hosts: tuple[str, ...] = ()
     trusted_ca_sha256: tuple[str, ...] = ()
+    require_secure_aggregation: bool = False
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.allowed_modes if m not in KNOWN_MODES]

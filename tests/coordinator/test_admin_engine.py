@@ -179,3 +179,17 @@ def test_withdraw_under_central_dp_renoises_and_composes_epsilon(tiny_model_dir:
     assert central["epsilon"] == pytest.approx(rdp_epsilon([(1.5, 1.0, 4)], 1e-6))
     assert central["epsilon"] > store.rounds()[-1].info["dp"]["epsilon"]
     assert set(prov["privacy"]["epsilon"]) == {"site-a", "site-b"}
+
+
+def test_withdraw_is_refused_under_secure_aggregation(tiny_model_dir: Path, tmp_path: Path) -> None:
+    # Prepare: a federation configured for secure aggregation (the store would hold masked updates only).
+    init = init_adapter(tiny_model_dir, LORA)
+    cfg = config(tmp_path, tiny_model_dir, rounds=1, min_sites=3, secure_aggregation={"enabled": True})
+
+    async def main() -> None:
+        eng = RoundEngine(cfg, Store(cfg.state_dir), Manifest.of_dir(tiny_model_dir).sha256, init)
+        await eng.withdraw_site("site-a")
+
+    # Execute / Assert
+    with pytest.raises(InvalidState, match="secure aggregation: the coordinator holds only masked updates"):
+        asyncio.run(main())
