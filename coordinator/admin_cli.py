@@ -9,6 +9,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from coordinator import admin_commands
+
 app = typer.Typer(help="fedbridge coordinator administration.", no_args_is_help=True)
 console = Console(stderr=True)
 
@@ -28,6 +30,7 @@ def serve(config: Path = typer.Option(..., "--config", "-c", help="federation.to
     except ConfigError as e:
         console.print(f"[bold red]config error:[/] {e}")
         raise typer.Exit(2) from None
+    from coordinator.dashboard import DashboardError
     from coordinator.server import CoordinatorFailed
 
     try:
@@ -35,6 +38,9 @@ def serve(config: Path = typer.Option(..., "--config", "-c", help="federation.to
     except CoordinatorFailed as e:
         console.print(f"[bold red]coordinator stopped:[/] {e}")
         raise typer.Exit(1) from None
+    except DashboardError as e:
+        console.print(f"[bold red]dashboard error:[/] {e}")
+        raise typer.Exit(2) from None
 
 
 @app.command("dev-pki")
@@ -51,19 +57,33 @@ def dev_pki(out: Path = typer.Option(..., "--out", help="folder to write the CA,
 
 
 @app.command("publish")
-def publish_cmd(registry: Path = typer.Option(..., "--registry", help="registry folder (federation.toml's registry_dir)"),
-                federation: str = typer.Option(..., "--federation", help="federation id"),
-                version: int = typer.Option(..., "--version", help="published version number N (folder v<N>)"),
-                to: str = typer.Option(..., "--to", help="hf://<org>/<name> or modelscope://<org>/<name>"),
+def publish_cmd(to: str = typer.Option("", "--to", help="push a published version to hf://<org>/<name> or "
+                                                      "modelscope://<org>/<name> (local; needs --registry, "
+                                                      "--federation, --version). Without --to: ask the running "
+                                                      "coordinator to gate and publish its latest global model."),
+                registry: Path | None = typer.Option(None, "--registry", help="registry folder (federation.toml's "
+                                                                              "registry_dir)"),
+                federation: str = typer.Option("", "--federation", help="federation id"),
+                version: int = typer.Option(0, "--version", help="published version number N (folder v<N>)"),
                 public: bool = typer.Option(False, "--public", help="create the hub repository public (default private)"),
                 token_env: str = typer.Option("", "--token-env",
                                               help="environment variable holding the hub token (default: the hub "
-                                                   "library's own login)")) -> None:
-    """Push a published version (verified against its SHA256SUMS) to the Hugging Face Hub or ModelScope."""
+                                                   "library's own login)"),
+                coordinator: str = admin_commands.CoordOpt, kit: Path | None = admin_commands.KitOpt,
+                cert: Path | None = admin_commands.CertOpt, key: Path | None = admin_commands.KeyOpt,
+                ca: Path | None = admin_commands.CaOpt, server_name: str = admin_commands.NameOpt,
+                as_json: bool = admin_commands.JsonOpt) -> None:
+    """Publish the coordinator's latest global model (admin API), or push a published version to a hub (--to)."""
     import os
 
     from coordinator.publish import PushError, push_version
 
+    if not to:
+        admin_commands.publish_via_api(as_json, coordinator, kit, cert, key, ca, server_name)
+        return
+    if registry is None or not federation or version < 1:
+        console.print("[bold red]error:[/] publish --to needs --registry, --federation and --version")
+        raise typer.Exit(2)
     path = registry / federation / f"v{version}"
     token = os.environ.get(token_env) if token_env else None
     with console.status(f"pushing {path} to {to}"):
@@ -113,6 +133,9 @@ def releases(state_dir: Path = typer.Option(..., "--state-dir", help="the coordi
 from coordinator.admin_pki_cli import register as register_pki_commands  # noqa: E402 - after this module's own commands
 
 register_pki_commands(app)
+
+# Commands that talk to a running coordinator (AdminService). Other command modules register the same way.
+admin_commands.register(app)
 
 
 def main() -> None:

@@ -295,6 +295,46 @@ class PublishSpec:
                 raise ValueError(f"field 'publish.site_regions.{k}': must be a string")
 
 
+@dataclass(frozen=True)
+class DashboardSpec:
+    """The coordinator's web dashboard and Prometheus ``/metrics`` (one HTTP server in the coordinator process).
+
+    Attributes:
+        enabled: Serve the dashboard at all.
+        listen: ``host:port`` (port 0 picks a free port, written to ``state_dir/dashboard.port``). Loopback by
+            default; any other address needs ``token_env`` or ``require_admin_cert``.
+        token_env: Name of the environment variable holding a bearer token the dashboard then requires
+            (``Authorization: Bearer <token>`` or ``?token=<token>``). The token itself never goes in a file.
+        require_admin_cert: Serve HTTPS with client certificates: only a certificate of the federation CA whose role
+            is ``admin`` gets a page (uses the coordinator's TLS key, certificate and CA).
+    """
+
+    enabled: bool = True
+    listen: str = "127.0.0.1:0"
+    token_env: str = ""
+    require_admin_cert: bool = False
+
+    def __post_init__(self) -> None:
+        host, sep, port = self.listen.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError(f"field 'dashboard.listen': must be host:port, got {self.listen!r}")
+        if self.enabled and not is_loopback(host) and not (self.token_env or self.require_admin_cert):
+            raise ValueError(f"field 'dashboard.listen': {host!r} is not a loopback address; set dashboard.token_env "
+                             "or dashboard.require_admin_cert so the dashboard is not open to the network")
+
+
+def is_loopback(host: str) -> bool:
+    """``localhost`` or a loopback IP address (``127.0.0.0/8``, ``::1``)."""
+    import ipaddress
+
+    if host.strip("[]") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def check_gate(evaluation: EvalSpec, gate: GateSpec) -> None:
     """Refuse a gate on benchmarks that are not evaluated."""
     if gate.thresholds and not evaluation.enabled:
@@ -470,6 +510,8 @@ class FederationConfig:
         evaluation: Shared EvalScope evaluation of the merged model (off by default).
         gate: Release gate on the evaluation's scores.
         publish: Model-card licence fields, site regions, shard size.
+        autostart: Start running rounds as soon as the coordinator starts; false waits for ``fedbridge-admin start``.
+        dashboard: The web dashboard and ``/metrics``.
         secure_aggregation: Secure aggregation of each round's updates (off by default).
         enrolment_registry: ``enrolment.json`` of the federation directory: only the site certificates it lists
             (and has not revoked) may act as sites. Unset: any CA-signed site certificate.
@@ -499,6 +541,8 @@ class FederationConfig:
     evaluation: EvalSpec = field(default_factory=EvalSpec)
     gate: GateSpec = field(default_factory=GateSpec)
     publish: PublishSpec = field(default_factory=PublishSpec)
+    autostart: bool = True
+    dashboard: DashboardSpec = field(default_factory=DashboardSpec)
     secure_aggregation: SecureAggregationSpec = field(default_factory=SecureAggregationSpec)
     # Security (issue #5): enrolment, revocation, ingress bound, record of processing.
     enrolment_registry: Path | None = None

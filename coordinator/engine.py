@@ -13,6 +13,7 @@ import contextlib
 import logging
 import math
 import re
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Any
 
 import torch
 
-from coordinator import evaluation, gate
+from coordinator import errors, evaluation, gate, metrics, withdraw
 from coordinator.access import SiteGate
 from coordinator.adapter import AdapterInit
 from coordinator.config import FederationConfig
@@ -129,6 +130,10 @@ class RoundEngine:
         self.project_to_site = SITE_RANK_RULES.get(self.strategy.name)
         self._site_ranks: dict[str, int] = {}
         self._specs: dict[int, pb.AdapterSpec] = {self.spec.rank: self.spec}
+        self._control = "running"  # administrator's control state, durable in store meta "control" (see start())
+        self._seen: dict[str, float] = {}  # site -> time.time() of its last call (in memory; the store keeps joins)
+        self._told_done: set[str] = set()  # sites told "done" by a stopped federation, and those that then reported
+        self._final_reports: set[str] = set()
         # Secure aggregation: the round's updates arrive masked and only their sum is ever unmasked.
         self.secagg: SecAggCoordinator | None = None
         if config.secure_aggregation.enabled:
@@ -165,6 +170,9 @@ class RoundEngine:
             self.store.set_meta("federation_id", self.cfg.federation_id)
             self.store.set_meta("base_model_sha256", self.base_sha256)
             self.store.set_meta("adapter_spec_sha256", self.spec.sha256)
+        if self.store.get_meta("control") is None:
+            self.store.set_meta("control", "running" if self.cfg.autostart else "not_started")
+        self._control = self.store.get_meta("control") or "running"
         cur = self.store.current_round()
         if cur is None:
             payload = codec.encode_state(self._init_state)
@@ -189,6 +197,8 @@ class RoundEngine:
         """Make progress from whatever state the store is in (used at start and after each accepted update)."""
         async with self._lock:
             while True:
+                if self._held():
+                    break
                 cur = self.store.current_round()
                 assert cur is not None
                 if cur.state == "open":
@@ -288,6 +298,8 @@ class RoundEngine:
         return self._projected[key]
 
     def _offer(self, site: str) -> TaskOffer:
+        if self._control != "running":
+            return self._held_offer(site)
         if self.finished.is_set():
             final = self.cfg.rounds + 1
             return TaskOffer("done", final, *self._adapter_meta(site, final), *self._residual_meta(final))
@@ -344,6 +356,7 @@ class RoundEngine:
     def _require_site(self, peer: PeerIdentity) -> None:
         """Refuse (PERMISSION_DENIED) a non-site, revoked or unenrolled certificate; identity is the certificate's."""
         self.gate.require_site(peer)
+        self._seen[peer.name] = time.time()
 
     def revoke_site(self, name: str, reason: str, actor: str) -> None:
         """Revoke ``name`` durably and at once: its next call is refused, and its open calls are cut off.
@@ -499,6 +512,7 @@ class RoundEngine:
                                         "bytes": len(payload), "num_examples": env.num_examples,
                                         "epsilon_spent": env.epsilon_spent, "nonce": env.nonce.hex(),
                                         "l2_norm": None if norm is None else round(norm, 6)})
+        metrics.UPDATES_ACCEPTED.inc()
         log.info("[FederationService.UploadUpdate] round=%d site=%s accepted bytes=%d", env.round, peer.name, len(payload))
         return row
 
@@ -528,6 +542,8 @@ class RoundEngine:
             if not math.isfinite(v):
                 raise InvalidUpdate(f"metric {k!r} is not finite")
         self.store.put_metrics(round, peer.name, phase, metrics, num_examples)
+        if phase == "eval_global" and peer.name in self._told_done:  # its last report before exiting (stopped)
+            self._final_reports.add(peer.name)
         self._notify()
 
     # -- aggregation and publishing (run in a worker thread) ----------------------------------------------------
@@ -646,9 +662,10 @@ class RoundEngine:
         log.info("[RoundEngine.evaluate] round=%d scores=%s seconds=%.1f", round,
                  {b: f"{v:.4f}" for b, v in report.scores().items()}, report.seconds)
 
-    def _publish(self) -> None:
-        """Publish the final global model if the release gate passes; else record the blocked publication."""
-        final = self.cfg.rounds
+    def _publish(self, final: int | None = None) -> None:
+        """Publish round ``final``'s output (default: the last round's) if the release gate passes; else record the
+        blocked publication."""
+        final = self.cfg.rounds if final is None else final
         data = self.adapter_bytes(final + 1)
         run = self.store.eval_run(final)
         scores = ({b: kv["score"] for b, kv in self.store.eval_scores(final).get(final, {}).items()}
@@ -678,6 +695,141 @@ class RoundEngine:
         """Finished, and every joined site reported its evaluation of the final model."""
         if not self.finished.is_set():
             return False
+        if self._control == "stopped":  # every joined site was told it is done and reported its final evaluation
+            return {s["name"] for s in self.store.sites()} <= self._final_reports
         final = self.cfg.rounds + 1
         reported = {m[1] for m in self.store.metrics(final) if m[2] == "eval_global"}
         return all(s["name"] in reported for s in self.store.sites())
+
+    # -- administration (AdminService) --------------------------------------------------------------------------
+    # The control state lives in store meta "control": not_started | running | paused | stopped. It survives a
+    # restart; "finished" is derived (every round ran and the release was decided).
+    def control_state(self) -> str:
+        """``not_started``, ``running``, ``paused``, ``stopped``, or ``finished``."""
+        return "finished" if self._control == "running" and self.finished.is_set() else self._control
+
+    def last_seen(self, site: str) -> float:
+        """``time.time()`` of the site's last call (its join time from the store before any call in this process)."""
+        if site not in self._seen:
+            joined = {s["name"]: s["last_seen_ms"] for s in self.store.sites()}
+            return joined.get(site, 0) / 1000
+        return self._seen[site]
+
+    async def changed(self, timeout: float) -> None:
+        """Return when the federation's state changes (update, metrics, round, control), or after ``timeout`` s."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), timeout)
+
+    def _held(self) -> bool:
+        """Rounds must not advance now (not started, paused or stopped). A stopped federation is finished."""
+        if self._control == "stopped":
+            self.finished.set()
+        return self._control != "running"
+
+    def _held_offer(self, site: str) -> TaskOffer:
+        """What a site gets while the administrator holds the federation: wait, or done with the latest global."""
+        if self._control != "stopped":
+            return TaskOffer("wait")
+        closed = [r.round for r in self.store.rounds() if r.state == "closed"]
+        latest = closed[-1] + 1 if closed else 1
+        self._told_done.add(site)
+        return TaskOffer("done", latest, *self._adapter_meta(site, latest), *self._residual_meta(latest))
+
+    def _set_control(self, state: str, actor: str) -> str:
+        self._audit("admin_action", {"action": state, "actor": actor})  # recorded before it takes effect
+        self.store.set_meta("control", state)
+        self._control = state
+        log.info("[AdminService] federation=%s control=%s actor=%s", self.cfg.federation_id, state, actor)
+        self._notify()
+        return self.control_state()
+
+    def begin(self, actor: str = "admin") -> str:
+        """Start a federation created with ``autostart = false`` (``start()`` is the process start-up)."""
+        if self._control in ("running", "paused"):
+            return self.control_state()
+        if self._control == "stopped":
+            raise errors.InvalidState("the federation was stopped; a stopped federation cannot start again")
+        state = self._set_control("running", actor)
+        self._advance_in_background()
+        return state
+
+    def pause(self, actor: str = "admin") -> str:
+        """Offer no new task and advance no round; an upload already in flight is still accepted and stored."""
+        if self._control == "paused":
+            return self.control_state()
+        if self._control != "running" or self.finished.is_set():
+            raise errors.InvalidState(f"only a running federation can be paused; it is {self.control_state()}")
+        return self._set_control("paused", actor)
+
+    def resume(self, actor: str = "admin") -> str:
+        """Undo :meth:`pause`: offer tasks again and make whatever progress the stored state allows."""
+        if self._control == "running":
+            return self.control_state()
+        if self._control != "paused":
+            raise errors.InvalidState(f"only a paused federation can be resumed; it is {self.control_state()}")
+        state = self._set_control("running", actor)
+        self._advance_in_background()
+        return state
+
+    def stop(self, actor: str = "admin") -> str:
+        """End the federation: no round opens or closes any more, and sites are told it is done (they evaluate the
+        latest global and exit). The open round, if any, stays open and unaggregated. Nothing is published: use
+        :meth:`publish_latest`."""
+        if self._control != "stopped":
+            self._set_control("stopped", actor)
+        self.finished.set()
+        self._notify()
+        return self.control_state()
+
+    async def publish_latest(self, actor: str = "admin") -> dict[str, Any]:
+        """Run the release gate on the latest closed round's output and publish it, or record why not.
+
+        Returns:
+            ``{"published": bool, "round", "version", "path", "blocked_reason"}``.
+        """
+        async with self._lock:
+            closed = [r.round for r in self.store.rounds() if r.state == "closed"]
+            if not closed:
+                raise errors.InvalidState("no round has closed yet; there is no aggregated global model to publish")
+            n_pub, n_blocked = len(self.store.publications()), len(self.store.blocked_publications())
+            log.info("[AdminService.Publish] round=%d actor=%s", closed[-1], actor)
+            self._audit("admin_action", {"action": "publish", "actor": actor, "round": closed[-1]})
+            await asyncio.to_thread(self._publish, closed[-1])
+            self._notify()
+        pubs, blocked = self.store.publications(), self.store.blocked_publications()
+        if len(pubs) > n_pub:
+            return {"published": True, "round": closed[-1], "version": pubs[-1]["version"], "path": pubs[-1]["path"],
+                    "blocked_reason": ""}
+        assert len(blocked) > n_blocked
+        return {"published": False, "round": closed[-1], "version": 0, "path": "", "blocked_reason": blocked[-1]["reason"]}
+
+    async def withdraw_site(self, site: str, reason: str = "", actor: str = "admin",
+                            progress: withdraw.Progress | None = None) -> dict[str, Any]:
+        """Rebuild the global model without ``site``'s updates and publish it as a new version.
+
+        Every closed round from the first one the site contributed to is re-aggregated with the same strategy from
+        the other sites' stored updates (:func:`coordinator.withdraw.rebuild_without`, whose docstring says what this
+        cannot remove: the other sites trained later rounds from globals the site had influenced). The new version's
+        provenance and model card name the withdrawn site and the first rebuilt round. The release gate applies; when
+        shared evaluation is configured the rebuilt model is evaluated first.
+
+        Returns:
+            ``{"site", "from_round", "to_round", "published", "version", "path", "global_sha256", "blocked_reason"}``.
+        """
+        if self.secagg is not None:
+            raise errors.InvalidState(
+                "this federation runs secure aggregation: the coordinator holds only masked updates, whose masks cancel "
+                "only over a round's whole set of sites, so no round can be re-aggregated without one site; removing "
+                "its contribution would need the remaining sites to retrain")
+        self._audit("admin_action", {"action": "withdraw_site", "actor": actor, "site": site, "reason": reason[:500]})
+        async with self._lock:
+            rb = await asyncio.to_thread(withdraw.rebuild_without, self.store, self.strategy, site,
+                                         site_rank=self.site_rank, lora_scale=self.spec.alpha / self.spec.rank,
+                                         progress=progress,
+                                         privatize=self.central_dp.privatize if self.central_dp is not None else None)
+            log.info("[AdminService.WithdrawSite] site=%s rounds=%d..%d rebuilt actor=%s", site, rb.from_round,
+                     rb.to_round, actor)
+            out = await asyncio.to_thread(withdraw.publish_rebuild, self.cfg, self.store, rb, base_sha256=self.base_sha256,
+                                          spec=self.spec, strategy=self.strategy.name, reason=reason, actor=actor)
+            self._notify()
+        return out

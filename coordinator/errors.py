@@ -90,3 +90,9 @@ class NotEnrolled(PermissionDenied):
 
 class Revoked(PermissionDenied):
     """The site or its certificate was revoked."""
+
+
+class InvalidState(CoordinatorError):
+    """The federation is not in a state that allows the request (e.g. resume while not paused)."""
+
+    status = "FAILED_PRECONDITION"

@@ -55,6 +55,9 @@ def card_metadata(prov: dict[str, Any]) -> dict[str, Any]:
                          "previous_version": prov["release_gate"]["previous_version"]},
         "license": {k: v for k, v in lic.items() if v and (k != "license_name" or meta["license"] == "other")},
     }
+    if prov.get("withdrawal"):
+        w = prov["withdrawal"]
+        meta["fedbridge"]["withdrawal"] = {"site": w["site"], "from_round": w["from_round"], "to_round": w["to_round"]}
     return meta
 
 
@@ -100,6 +103,12 @@ def render_model_card(prov: dict[str, Any]) -> str:
     lines += [f"| {e['round']} | `{e['input_sha256'][:12]}` | `{(e['output_sha256'] or '')[:12]}` | "
               + ", ".join(f"{u['site']} `{u['payload_sha256'][:12]}`" for u in e["updates"]) + " |"
               for e in prov["ledger"]]
+    if prov.get("withdrawal"):
+        w = prov["withdrawal"]
+        lines += ["", "## Withdrawn site", "",
+                  f"Site `{w['site']}` was withdrawn{': ' + w['reason'] if w.get('reason') else ''}. Its updates were "
+                  f"removed and rounds {w['from_round']}..{w['to_round']} were re-aggregated with the same strategy from "
+                  "the other sites' stored updates; the table above shows the rebuilt globals.", "", w["limits"]]
     lines += ["", "## Evaluation", ""]
     if not ev.get("enabled"):
         lines += ["No shared evaluation was configured for this federation."]

@@ -15,11 +15,13 @@ from typing import Any
 import grpc
 
 from coordinator.adapter import init_adapter
+from coordinator.admin_servicer import AdminServicer
 from coordinator.config import FederationConfig
 from coordinator.engine import RoundEngine
 from coordinator.secagg_servicer import SecAggServicer
 from coordinator.servicer import FederationServicer
 from coordinator.store import Store, write_durable
+from protos.fedbridge.v1 import admin_service_pb2_grpc as apb_grpc
 from protos.fedbridge.v1 import federation_service_pb2_grpc as pb_grpc
 from protos.fedbridge.v1 import secagg_service_pb2_grpc as secagg_grpc
 from protos.manifest import Manifest
@@ -90,7 +92,13 @@ async def serve(cfg: FederationConfig, stop: asyncio.Event | None = None) -> Non
     server = grpc.aio.server(interceptors=interceptors, options=[
         ("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)])
     pb_grpc.add_FederationServiceServicer_to_server(FederationServicer(engine), server)
+    apb_grpc.add_AdminServiceServicer_to_server(AdminServicer(engine), server)
     secagg_grpc.add_SecAggServiceServicer_to_server(SecAggServicer(engine), server)
+    dashboard = None
+    if cfg.dashboard.enabled:  # first, so a dashboard that cannot start stops the coordinator before it serves
+        from coordinator.dashboard import start_dashboard
+
+        dashboard = await start_dashboard(cfg.dashboard, engine, cfg.tls, cfg.state_dir)
     port = server.add_secure_port(cfg.listen, server_credentials(cfg))
     await server.start()
     await engine.start()
@@ -122,6 +130,8 @@ async def serve(cfg: FederationConfig, stop: asyncio.Event | None = None) -> Non
     await stop.wait()
     for w in watchers:
         w.cancel()
+    if dashboard is not None:
+        await dashboard.stop()
     await server.stop(grace=2)
     store.close()
     log.info("[Coordinator] federation=%s stopped", cfg.federation_id)

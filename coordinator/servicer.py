@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 import grpc
 from google.protobuf.message import DecodeError
 
+from coordinator import metrics
 from coordinator.engine import Chunk, RoundEngine
 from coordinator.errors import CoordinatorError, InvalidUpdate, NotFound, Unauthenticated
 from coordinator.pki import PeerIdentity, PKIError, peer_identity
@@ -39,6 +40,7 @@ def peer_of(context: grpc.aio.ServicerContext) -> PeerIdentity:
 
 async def _abort(context: grpc.aio.ServicerContext, method: str, err: CoordinatorError) -> None:
     log.warning("[FederationService.%s] refused %s: %s", method, err.status, err)
+    metrics.refused(method, err.status)
     await context.abort(getattr(grpc.StatusCode, err.status), str(err))
 
 
@@ -111,6 +113,7 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
         async def chunks() -> AsyncIterator[Chunk]:
             try:
                 async for req in request_iterator:  # messages are parsed here, inside the handler
+                    metrics.BYTES_RECEIVED.inc(len(req.data))
                     yield Chunk(req.envelope if req.HasField("envelope") else None, req.offset, req.data)
             except DecodeError:
                 raise InvalidUpdate("a message of the upload stream is not an UploadUpdateRequest") from None

@@ -12,6 +12,13 @@ if [ ! -x "$VENV/bin/python" ]; then
   echo "[setup] creating $VENV"
   "$PY" -m venv "$VENV"
 fi
+# The dashboard's real-browser test (dev extra) drives Debian's chromium through Playwright; Playwright's own browser
+# download cannot work offline, so the system package is used. Checked before the stamp: a fresh machine may reuse a venv.
+if [[ ",$EXTRAS," == *",dev,"* ]] && [ ! -x /usr/bin/chromium ]; then
+  echo "[setup] installing chromium (Debian package) for the dashboard browser test"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium
+fi
 stamp="$VENV/.fedbridge-setup"
 want=$(cat pyproject.toml deploy/setup.sh | sha256sum | cut -c1-32)-$EXTRAS
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then

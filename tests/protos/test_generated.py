@@ -11,7 +11,8 @@ def test_generated_code_matches_protos(tmp_path: Path) -> None:
     # Prepare / Execute
     fresh = generate(tmp_path)
     # Assert
-    assert {p.name for p in fresh} >= {f"{stem}_pb2{ext}" for stem in ("federation_service", "secagg_service")
+    assert {p.name for p in fresh} >= {f"{stem}_pb2{ext}" for stem in ("federation_service", "secagg_service",
+                                                                      "admin_service")
                                        for ext in (".py", "_grpc.py", ".pyi")}
     for path in fresh:
         committed = ROOT / PROTO_DIR / path.name
