@@ -12,7 +12,9 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 import re
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,11 +25,21 @@ import torch
 from coordinator import evaluation, gate
 from coordinator.adapter import AdapterInit
 from coordinator.config import FederationConfig
-from coordinator.errors import DuplicateUpdate, InvalidUpdate, NotFound, PermissionDenied, UpdateTooLarge, WrongRound
+from coordinator.errors import (
+    DuplicateUpdate,
+    InvalidUpdate,
+    LateUpdate,
+    NotFound,
+    PermissionDenied,
+    RoundBusy,
+    UpdateTooLarge,
+    WrongRound,
+)
 from coordinator.pki import PeerIdentity
-from coordinator.publish import build_provenance, publish
-from coordinator.store import Store, UpdateRow
+from coordinator.publish import build_provenance, find_published, publish
+from coordinator.store import RoundRow, Store, UpdateRow, write_durable
 from protos import codec
+from protos.auditlog import AuditLog
 from protos.fedbridge.v1 import federation_service_pb2 as pb
 from strategies import flexlora, hetlora
 from strategies.error_meter import aggregation_error_from_updates
@@ -41,6 +53,10 @@ PHASES = ("train", "eval_global")
 # Rules under which sites train at their own rank, and how the global adapter is projected to a site's rank.
 SITE_RANK_RULES = {"hetlora": hetlora.for_site, "flexlora": flexlora.for_site}
 _METRIC_NAME = re.compile(r"^[a-z][a-z0-9_.]{0,63}$")
+# Test-only hold point: ``<phase>:<round>`` makes the coordinator write ``state_dir/hold-<phase>-<round>`` and block
+# there (collecting, aggregating, evaluating, publishing), so a crash test can SIGKILL it in exactly that phase.
+HOLD_ENV = "FEDBRIDGE_TEST_HOLD"
+TICK_S = 0.25  # how often deadlines and heartbeat timeouts are checked while a round is open
 
 
 @dataclass(frozen=True)
@@ -53,6 +69,18 @@ class TaskOffer:
     global_size: int = 0
     residual_sha256: str = ""
     residual_size: int = 0
+    deadline_ms: int = 0  # Unix ms at which the round's current attempt closes without this site (0: none)
+
+
+@dataclass(frozen=True)
+class HeartbeatAck:
+    """What a Heartbeat answers: the round the coordinator is in, whether the site's round still takes its
+    update (else the late-update policy applies to it), the deadline, and when to beat next."""
+
+    current_round: int
+    round_open: bool
+    deadline_ms: int
+    interval_ms: int
 
 
 @dataclass(frozen=True)
@@ -111,6 +139,15 @@ class RoundEngine:
         self.project_to_site = SITE_RANK_RULES.get(self.strategy.name)
         self._site_ranks: dict[str, int] = {}
         self._specs: dict[int, pb.AdapterSpec] = {self.spec.rank: self.spec}
+        self.audit = AuditLog(self.store.dir / "audit.jsonl")
+        # Liveness for heartbeat timeouts: last call per site (wall seconds). Sites not heard from since this
+        # process started count from its start, so a restart never drops anyone at once.
+        self._started = time.time()
+        self._seen: dict[str, float] = {}
+        self._progress: dict[str, tuple[int, str, int, int]] = {}  # site -> (round, phase, step, total_steps)
+
+    def _audit(self, event: str, fields: dict[str, Any]) -> None:
+        self.audit.append(event, fields)
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -141,26 +178,48 @@ class RoundEngine:
             evaluation.check_benchmarks(self.cfg.evaluation)
             asyncio.get_running_loop().run_in_executor(None, evaluation.warm_up)  # hide the import behind round 1
         await self._advance()
+        q = self.cfg.quorum
+        if q.deadline_s or q.heartbeat_timeout_s:
+            self._keep(asyncio.get_running_loop().create_task(self._tick()))
 
     async def _advance(self) -> None:
-        """Make progress from whatever state the store is in (used at start and after each accepted update)."""
+        """Make progress from whatever state the store is in (at start, after each accepted update, on each tick).
+
+        A round goes open -> closing (the decision to close is committed with its reason; no update is taken after
+        it) -> closed (aggregated). Every step is in the store first, so a restart at any point continues it.
+        """
         async with self._lock:
             while True:
                 cur = self.store.current_round()
                 assert cur is not None
                 if cur.state == "open":
                     ups = self.store.updates(cur.round)
-                    if len(ups) < self.cfg.min_sites:
+                    decision = self._decide(cur, ups)
+                    if decision is None:
+                        if ups:
+                            self._hold("collecting", cur.round)
                         break
+                    event, detail = decision
+                    if event == "round_abandoned":
+                        self._abandon(cur, detail)
+                        self._notify()
+                        continue
+                    self.store.mark_closing(cur.round, cur.attempt, event, detail)
+                    self._audit(event, {"round": cur.round, "attempt": cur.attempt, **detail})
+                    log.info("[RoundEngine] round=%d attempt=%d closing: %s %s", cur.round, cur.attempt, event, detail)
+                elif cur.state == "closing":
+                    ups = self.store.updates(cur.round)
                     self._closing.add(cur.round)
                     try:
                         await asyncio.to_thread(self._aggregate, cur.round, ups)
                     finally:
                         self._closing.discard(cur.round)
+                    self._audit("round_closed", {"round": cur.round, "updates": len(ups)})
                 elif self._evaluation_due(cur.round):
                     await asyncio.to_thread(self._evaluate, cur.round)
                 elif cur.round < self.cfg.rounds:
                     self.store.open_round(cur.round + 1, cur.output_sha256 or "")
+                    self._audit("round_opened", {"round": cur.round + 1})
                     log.info("[RoundEngine] round=%d opened", cur.round + 1)
                 elif not self.store.release_decided(self.cfg.rounds):
                     await asyncio.to_thread(self._publish)
@@ -170,9 +229,103 @@ class RoundEngine:
                 self._notify()
         self._notify()
 
+    # -- quorum, deadline, heartbeats -----------------------------------------------------------------------------
+    def _decide(self, cur: RoundRow, ups: list[UpdateRow]) -> tuple[str, dict[str, Any]] | None:
+        """Whether the open round closes now, and why: ``quorum_reached``, ``deadline_passed``,
+        ``all_remaining_answered`` or ``round_abandoned`` (at the deadline with too few updates); None: keep waiting.
+
+        Only updates trained on this round count towards the quorum; late updates carried in ride along.
+        """
+        q, k = self.cfg.quorum, self.cfg.min_sites
+        answered = sorted({u.site for u in ups if u.trained_round == cur.round})
+        detail: dict[str, Any] = {"updates": len(answered), "k": k, "sites": answered}
+        if len(answered) >= k:
+            return "quorum_reached", detail
+        missing = sorted({s["name"] for s in self.store.sites()} - set(answered))
+        detail.update(missing=missing, min_to_close=self.cfg.min_to_close)
+        if q.deadline_s and time.time() * 1000 >= cur.attempt_opened_ms + q.deadline_s * 1000:
+            enough = len(answered) >= self.cfg.min_to_close
+            return ("deadline_passed" if enough else "round_abandoned"), {**detail, "deadline_s": q.deadline_s}
+        if q.heartbeat_timeout_s and missing:
+            dropped = self._dropped(cur, missing)
+            if len(dropped) == len(missing) and len(answered) >= self.cfg.min_to_close:
+                return "all_remaining_answered", {**detail, "dropped": dropped}
+        return None
+
+    def _dropped(self, cur: RoundRow, missing: list[str]) -> list[str]:
+        """Sites of ``missing`` silent for longer than the heartbeat timeout (each recorded once per round)."""
+        timeout, now = self.cfg.quorum.heartbeat_timeout_s, time.time()
+        known = {e["site"] for e in self.store.events(cur.round) if e["event"] == "site_dropped"}
+        out = []
+        for site in missing:
+            silent = now - max(self._seen.get(site, self._started), self._started)
+            if site in known:
+                out.append(site)
+            elif silent > timeout:
+                detail = {"silent_s": round(silent, 1), "heartbeat_timeout_s": timeout,
+                          "last_progress": list(self._progress.get(site, ()))}
+                self.store.add_event(cur.round, cur.attempt, "site_dropped", site, detail)
+                self._audit("site_dropped", {"round": cur.round, "site": site, **detail})
+                log.warning("[RoundEngine] round=%d site=%s dropped: silent for %.1fs", cur.round, site, silent)
+                out.append(site)
+        return out
+
+    def _abandon(self, cur: RoundRow, detail: dict[str, Any]) -> None:
+        """Too few updates at the deadline: record the abandoned attempt and start the next one (same round, same
+        input, accepted updates kept); past ``quorum.max_attempts`` stop loudly instead (the state is kept)."""
+        q = self.cfg.quorum
+        if q.max_attempts and cur.attempt >= q.max_attempts:
+            self.store.add_event(cur.round, cur.attempt, "round_given_up", "", detail)
+            self._audit("round_given_up", {"round": cur.round, "attempt": cur.attempt, **detail})
+            raise RuntimeError(f"round {cur.round}: {cur.attempt} attempt(s) ended with {detail['updates']} update(s), "
+                               f"fewer than {self.cfg.min_to_close}; giving up (quorum.max_attempts)")
+        attempt = self.store.retry_round(cur.round, cur.attempt, detail)
+        self._audit("round_abandoned", {"round": cur.round, "attempt": cur.attempt, **detail})
+        log.warning("[RoundEngine] round=%d attempt=%d abandoned with %d of %d update(s); retrying as attempt %d",
+                    cur.round, cur.attempt, detail["updates"], self.cfg.min_to_close, attempt)
+
+    async def _tick(self) -> None:
+        """Check deadlines and heartbeat timeouts while rounds are open."""
+        while not self.finished.is_set():
+            await asyncio.sleep(TICK_S)
+            cur = self.store.current_round()
+            if cur is not None and cur.state == "open":
+                await self._advance()
+
+    def _deadline_ms(self, cur: RoundRow) -> int:
+        q = self.cfg.quorum
+        return int(cur.attempt_opened_ms + q.deadline_s * 1000) if q.deadline_s else 0
+
+    def _touch(self, site: str) -> None:
+        self._seen[site] = time.time()
+
+    def heartbeat(self, peer: PeerIdentity, round: int, phase: str, step: int, total_steps: int) -> HeartbeatAck:
+        """A site says it is alive and where its training is; answers whether its round still takes its update."""
+        self._require_site(peer)
+        self._touch(peer.name)
+        self._progress[peer.name] = (int(round), phase[:32], int(step), int(total_steps))
+        q = self.cfg.quorum
+        interval = max(200, int(q.heartbeat_timeout_s * 1000 / 3)) if q.heartbeat_timeout_s else 5000
+        cur = self.store.current_round()
+        if cur is None:
+            return HeartbeatAck(0, False, 0, interval)
+        open_ = cur.state == "open" and cur.round == round and cur.round not in self._closing
+        return HeartbeatAck(cur.round, open_, self._deadline_ms(cur) if cur.state == "open" else 0, interval)
+
+    def _hold(self, phase: str, round: int) -> None:
+        """Test-only: block forever in ``phase`` of ``round`` when ``FEDBRIDGE_TEST_HOLD`` says so (see HOLD_ENV)."""
+        if os.environ.get(HOLD_ENV) != f"{phase}:{round}":
+            return
+        write_durable(self.store.dir / f"hold-{phase}-{round}", b"")
+        log.warning("[RoundEngine] round=%d holding in phase %s (%s); waiting to be killed", round, phase, HOLD_ENV)
+        while True:
+            time.sleep(3600)
+
     def _advance_in_background(self) -> None:
         """Run :meth:`_advance` as a task that is kept referenced and whose failure is never silent."""
-        task = asyncio.get_running_loop().create_task(self._advance())
+        self._keep(asyncio.get_running_loop().create_task(self._advance()))
+
+    def _keep(self, task: asyncio.Task[None]) -> None:
         self._tasks.add(task)
         task.add_done_callback(self._advance_done)
 
@@ -202,6 +355,7 @@ class RoundEngine:
             raise WrongRound(f"site {peer.name!r} declared LoRA rank {rank}; this federation allows 1..{self.spec.rank}")
         self.store.upsert_site(peer.name, peer.fingerprint, agent_version[:64], rank)
         self._site_ranks[peer.name] = rank
+        self._touch(peer.name)
         log.info("[FederationService.Join] site=%s agent=%s", peer.name, agent_version[:64])
 
     def site_rank(self, site: str) -> int:
@@ -238,9 +392,10 @@ class RoundEngine:
         cur = self.store.current_round()
         if cur is None or cur.state != "open" or cur.round in self._closing:
             return TaskOffer("wait")
-        if any(u.site == site for u in self.store.updates(cur.round)):
+        if self.store.update_trained_on(site, cur.round) is not None:
             return TaskOffer("wait")
-        return TaskOffer("train", cur.round, *self._adapter_meta(site, cur.round), *self._residual_meta(cur.round))
+        return TaskOffer("train", cur.round, *self._adapter_meta(site, cur.round), *self._residual_meta(cur.round),
+                         self._deadline_ms(cur))
 
     async def fetch_task(self, peer: PeerIdentity, wait_s: float) -> TaskOffer:
         """Long-poll: return a task as soon as one exists for this site, else ``wait`` after ``wait_s``."""
@@ -248,6 +403,7 @@ class RoundEngine:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(0.0, min(wait_s, self.cfg.long_poll_ms / 1000))
         while True:
+            self._touch(peer.name)  # a site held in a long poll is alive
             offer = self._offer(peer.name)
             remaining = deadline - loop.time()
             if offer.status != "wait" or remaining <= 0:
@@ -298,10 +454,7 @@ class RoundEngine:
             raise PermissionDenied(f"envelope names site {env.site!r} but the certificate is {peer.name!r}")
         if env.federation_id != self.cfg.federation_id:
             raise InvalidUpdate(f"envelope is for federation {env.federation_id!r}, this is {self.cfg.federation_id!r}")
-        cur = self.store.current_round()
-        if cur is None or cur.state != "open" or cur.round in self._closing or env.round != cur.round:
-            now = f"round {cur.round} is {cur.state}" if cur else "no round is open"
-            raise WrongRound(f"update is for round {env.round}; {now}")
+        self._round_for(env)
         if env.base_model_sha256 != self.base_sha256:
             raise InvalidUpdate(f"update was trained on base model {env.base_model_sha256[:16]}…, "
                                 f"the federation pins {self.base_sha256[:16]}…")
@@ -317,9 +470,55 @@ class RoundEngine:
             raise InvalidUpdate("envelope epsilon_spent must be a finite number >= 0")
         return env
 
+    def _round_for(self, env: pb.UpdateEnvelope) -> int:
+        """The round an update goes into: its own while that is open; under ``late_policy = "next_round"`` an
+        update for a closed round goes into the open one. Refusals of late updates are recorded.
+
+        Raises:
+            WrongRound: The update is for a round that is not open and not over (a future or unknown round).
+            LateUpdate: Its round closed and the policy drops it, or no later round is left to carry it.
+            RoundBusy: Its round closed and the next is not open yet; the site retries (ABORTED).
+        """
+        cur = self.store.current_round()
+        self._touch(env.site)
+        if cur is not None and cur.state == "open" and cur.round not in self._closing and env.round == cur.round:
+            return cur.round
+        if cur is None or not 1 <= env.round <= cur.round:
+            now = f"round {cur.round} is {cur.state}" if cur else "no round is open"
+            raise WrongRound(f"update is for round {env.round}; {now}")
+        closed = cur.round if env.round == cur.round else env.round
+        if self.cfg.quorum.late_policy == "next_round":
+            if cur.round > env.round and cur.state == "open" and cur.round not in self._closing:
+                return cur.round
+            if cur.round < self.cfg.rounds:
+                raise RoundBusy(f"update for round {env.round} is late; round {cur.round} is {cur.state}: retry "
+                                f"when round {cur.round + 1} opens, it will be carried into it")
+            reason = f"round {closed} closed and it was the last round; no later round to carry the update into"
+        else:
+            reason = f"round {closed} closed before the update arrived (late_policy = drop)"
+        detail = {"trained_round": env.round, "policy": self.cfg.quorum.late_policy, "reason": reason}
+        self.store.add_event(closed, 0, "late_update_dropped", env.site, detail)
+        self._audit("late_update_dropped", {"round": closed, "site": env.site, **detail})
+        log.warning("[FederationService.UploadUpdate] round=%d site=%s late update dropped: %s", env.round, env.site,
+                    reason)
+        raise LateUpdate(f"update for round {env.round} refused: {reason}")
+
+    def _carry(self, env: pb.UpdateEnvelope) -> tuple[int, float, tuple[str, dict[str, Any]] | None]:
+        """Where an accepted update goes: ``(round, staleness weight, event to record)`` (event None when fresh)."""
+        into = self._round_for(env)
+        if into == env.round:
+            return into, 1.0, None
+        staleness = into - int(env.round)
+        weight = self.cfg.quorum.staleness_weight(staleness)
+        detail = {"trained_round": int(env.round), "staleness": staleness, "weight": weight,
+                  "staleness_exponent": self.cfg.quorum.staleness_exponent}
+        log.info("[FederationService.UploadUpdate] round=%d site=%s late update carried into round %d weight=%.4f",
+                 env.round, env.site, into, weight)
+        return into, weight, ("late_update_carried", detail)
+
     def _begin(self, peer: PeerIdentity, signed: pb.SignedEnvelope, offset: int) -> _Upload:
         env = self._check_envelope(peer, signed)
-        mine = [u for u in self.store.updates(env.round) if u.site == peer.name]
+        mine = [u for u in [self.store.update_trained_on(peer.name, env.round)] if u is not None]
         path = self.store.partial_path(env.round, peer.name, env.payload_sha256)
         if mine:
             if mine[0].nonce == env.nonce and mine[0].payload_sha256 == env.payload_sha256:
@@ -385,18 +584,23 @@ class RoundEngine:
             up.path.unlink(missing_ok=True)
             log.warning("[FederationService.UploadUpdate] round=%d site=%s refused: %s", env.round, peer.name, e)
             raise InvalidUpdate(str(e)) from None
-        row = self.store.accept_update(round=env.round, site=peer.name, payload=payload,
+        into, weight, late = self._carry(env)
+        row = self.store.accept_update(round=into, site=peer.name, payload=payload,
                                        payload_sha256=env.payload_sha256, num_examples=env.num_examples,
-                                       nonce=env.nonce, envelope=up.signed.envelope, signature=up.signed.signature)
+                                       nonce=env.nonce, envelope=up.signed.envelope, signature=up.signed.signature,
+                                       trained_round=env.round, weight=weight, event=late)
+        if late is not None:
+            self._audit(late[0], {"round": into, "site": peer.name, **late[1]})
         up.path.unlink(missing_ok=True)
         log.info("[FederationService.UploadUpdate] round=%d site=%s accepted bytes=%d", env.round, peer.name, len(payload))
         return row
 
     def upload_status(self, peer: PeerIdentity, round: int, payload_sha256: str) -> tuple[int, bool]:
         self._require_site(peer)
-        for u in self.store.updates(round):
-            if u.site == peer.name and u.payload_sha256 == payload_sha256:
-                return u.size, True
+        self._touch(peer.name)
+        u = self.store.update_trained_on(peer.name, round)
+        if u is not None and u.payload_sha256 == payload_sha256:
+            return u.size, True
         path = self.store.partial_path(round, peer.name, payload_sha256)
         return (path.stat().st_size if path.exists() else 0), False
 
@@ -424,12 +628,18 @@ class RoundEngine:
 
         # The aggregation-error meter below needs every site's factors, so the round's updates are read and decoded
         # once and shared with the rule (which then folds the in-memory list key by key).
-        updates = [ClientUpdate(u.site, codec.decode_state(u.path.read_bytes()), u.num_examples,
+        # A late update carried in from an earlier round weighs num_examples * (1 + staleness)^-a (FedAsync); it
+        # gets its own name so a site's fresh and late updates are distinct contributions. Rules that ignore
+        # weights (median, trimmed mean, Krum) ignore the staleness factor too.
+        updates = [ClientUpdate(u.site if u.trained_round == round else f"{u.site}~r{u.trained_round}",
+                                codec.decode_state(u.path.read_bytes()),
+                                u.num_examples if u.weight == 1.0 else u.num_examples * u.weight,  # type: ignore[arg-type]
                                 {"lora_rank": self.site_rank(u.site)}) for u in ups]
         result = self.strategy.aggregate(global_state, updates, self._server_state(round - 1))
         payload = codec.encode_state(result.state)
         self._carry_residual(round, result.base_residual)
         self.store.put_adapter(round + 1, payload)
+        self._hold("aggregating", round)
         if result.server_state is not None:
             self.store.put_server_state(round, result.server_state.rule, result.server_state.to_flat())
         # The aggregation-error meter compares what is published with the exact mean of the sites' B·A products.
@@ -438,7 +648,12 @@ class RoundEngine:
         info: dict[str, Any] = {
             "strategy": self.strategy.name, "strategy_params": dict(self.cfg.strategy_params),
             "updates": {u.site: {"payload_sha256": u.payload_sha256, "num_examples": u.num_examples,
-                                 "bytes": u.size} for u in ups},
+                                 "bytes": u.size} for u in ups if u.trained_round == round},
+            "late_updates": [{"site": u.site, "trained_round": u.trained_round, "staleness": u.staleness,
+                              "weight": u.weight, "payload_sha256": u.payload_sha256, "num_examples": u.num_examples}
+                             for u in ups if u.trained_round != round],
+            "decisions": [{"event": e["event"], "attempt": e["attempt"], "site": e["site"], **e["detail"]}
+                          for e in self.store.events(round)],
             "strategy_info": dict(result.info),
             "aggregation_error": {"mean": sum(finite) / len(finite) if finite else 0.0,
                                   "max": max(finite, default=0.0), "per_module": errors},
@@ -489,6 +704,7 @@ class RoundEngine:
                                                  state=codec.decode_state(data), eval_spec=self.cfg.evaluation,
                                                  work_dir=work,
                                                  residual=codec.decode_state(residual) if residual else None)
+            self._hold("evaluating", round)
         except Exception as e:  # EvaluationError, and anything EvalScope raises: record it, keep the federation going
             log.exception("[RoundEngine.evaluate] round=%d failed", round)
             self.store.put_eval_run(round, status="failed", error=f"{type(e).__name__}: {e}"[:2000],
@@ -505,6 +721,17 @@ class RoundEngine:
         """Publish the final global model if the release gate passes; else record the blocked publication."""
         final = self.cfg.rounds
         data = self.adapter_bytes(final + 1)
+        # Idempotent: a crash after the registry write and before the store recorded it left the version there;
+        # adopt it (found by federation, round and global adapter hash) instead of publishing the same model again.
+        found = find_published(self.cfg.registry_dir / self.cfg.federation_id, self.cfg.federation_id, final,
+                               codec.sha256_hex(data))
+        if found is not None:
+            self.store.add_publication(*found)
+            self._audit("published", {"round": final, "version": found[0], "manifest_sha256": found[2],
+                                      "adopted": True})
+            log.warning("[RoundEngine.publish] round=%d already published as v%d before a restart; recorded it",
+                        final, found[0])
+            return
         run = self.store.eval_run(final)
         scores = ({b: kv["score"] for b, kv in self.store.eval_scores(final).get(final, {}).items()}
                   if run and run["status"] == "ok" else None)
@@ -513,6 +740,7 @@ class RoundEngine:
                                evaluation_error=run["error"] if run else "")
         if not decision.passed:
             self.store.add_blocked_publication(final, decision.reason, decision.to_dict())
+            self._audit("publication_blocked", {"round": final, "reason": decision.reason[:1000]})
             log.warning("[RoundEngine.publish] round=%d blocked by the release gate: %s", final, decision.reason)
             return
         provenance = build_provenance(self.cfg, self.store, base_sha256=self.base_sha256, spec=self.spec,
@@ -524,7 +752,9 @@ class RoundEngine:
                                               base_model_ref=self.cfg.base_model_ref,
                                               max_shard_bytes=self.cfg.publish.max_shard_mb << 20,
                                               residual=codec.decode_state(residual) if residual else None)
+        self._hold("publishing", final)
         self.store.add_publication(version, final, path, manifest_sha)
+        self._audit("published", {"round": final, "version": version, "manifest_sha256": manifest_sha})
 
     def drained(self) -> bool:
         """Finished, and every joined site reported its evaluation of the final model."""
