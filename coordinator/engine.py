@@ -501,7 +501,7 @@ class RoundEngine:
         self._audit("late_update_dropped", {"round": closed, "site": env.site, **detail})
         log.warning("[FederationService.UploadUpdate] round=%d site=%s late update dropped: %s", env.round, env.site,
                     reason)
-        raise LateUpdate(f"update for round {env.round} refused: {reason}")
+        raise LateUpdate(f"late update for round {env.round} refused: {reason}")
 
     def _carry(self, env: pb.UpdateEnvelope) -> tuple[int, float, tuple[str, dict[str, Any]] | None]:
         """Where an accepted update goes: ``(round, staleness weight, event to record)`` (event None when fresh)."""

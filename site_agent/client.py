@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
+from types import TracebackType
 from typing import TypeVar
 
 import grpc
@@ -19,6 +21,58 @@ T = TypeVar("T")
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
              grpc.StatusCode.ABORTED}
 MAX_MESSAGE = 8 << 20
+
+
+class LateUpdateRefused(RuntimeError):
+    """The coordinator refused an update because its round closed (FAILED_PRECONDITION under the drop policy)."""
+
+
+class Heartbeats:
+    """Sends Heartbeat calls from a background thread while a round trains (``with client.heartbeats(...)``).
+
+    The first goes out at once; the coordinator's answer sets the interval. Failures are logged and never stop
+    training: a coordinator that restarts simply sees the next beat. A coordinator without the RPC
+    (UNIMPLEMENTED) is not asked again.
+    """
+
+    def __init__(self, client: CoordinatorClient, round: int, total_steps: int, phase: str = "train") -> None:
+        self.client, self.round, self.total_steps, self.phase = client, round, total_steps, phase
+        self.step = 0
+        self.interval_s = 5.0
+        self.round_open = True
+        self.sent = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-r{round}", daemon=True)
+
+    def progress(self, step: int, total: int | None = None, loss: float | None = None) -> None:
+        """The trainer's per-step callback (same signature as the progress bar's ``update``)."""
+        self.step = int(step)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            req = pb.HeartbeatRequest(round=self.round, phase=self.phase, step=self.step, total_steps=self.total_steps)
+            try:
+                resp = self.client.stub.Heartbeat(req, timeout=10)
+                self.sent += 1
+                self.interval_s = max(0.2, resp.interval_ms / 1000) if resp.interval_ms else self.interval_s
+                if self.round_open and not resp.round_open:
+                    log.warning("[Site.Heartbeat] round=%d closed at the coordinator (now round %d); the update "
+                                "will meet the federation's late-update policy", self.round, resp.current_round)
+                self.round_open = resp.round_open
+            except grpc.RpcError as e:
+                if e.code() == grpc.StatusCode.UNIMPLEMENTED:  # type: ignore[attr-defined]
+                    log.info("[Site.Heartbeat] the coordinator takes no heartbeats; not sending more")
+                    return
+                log.info("[Site.Heartbeat] round=%d not delivered (%s)", self.round, e.code().name)  # type: ignore[attr-defined]
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> Heartbeats:
+        self._thread.start()
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self._stop.set()
+        self._thread.join(timeout=15)
 
 
 class CoordinatorClient:
@@ -38,6 +92,10 @@ class CoordinatorClient:
 
     def close(self) -> None:
         self.channel.close()
+
+    def heartbeats(self, round: int, total_steps: int) -> Heartbeats:
+        """A context manager that sends heartbeats for ``round`` while its block runs."""
+        return Heartbeats(self, round, total_steps)
 
     def _retry(self, what: str, fn: Callable[[], T]) -> T:
         deadline = time.monotonic() + self.cfg.retry_for_s
@@ -95,6 +153,8 @@ class CoordinatorClient:
                 offset = resp.committed_offset
                 continue
             except grpc.RpcError as e:
+                if e.code() == grpc.StatusCode.FAILED_PRECONDITION and "late" in (e.details() or ""):  # type: ignore[attr-defined]
+                    raise LateUpdateRefused(e.details()) from e  # type: ignore[attr-defined]
                 if e.code() not in RETRYABLE or time.monotonic() > deadline:  # type: ignore[attr-defined]
                     raise
                 log.info("[Site.UploadUpdate] round=%d stream broke (%s); resuming", env.round,
