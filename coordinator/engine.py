@@ -726,7 +726,7 @@ class RoundEngine:
         found = find_published(self.cfg.registry_dir / self.cfg.federation_id, self.cfg.federation_id, final,
                                codec.sha256_hex(data))
         if found is not None:
-            self.store.add_publication(*found)
+            self.store.add_publication(found[0], final, found[1], found[2])
             self._audit("published", {"round": final, "version": found[0], "manifest_sha256": found[2],
                                       "adopted": True})
             log.warning("[RoundEngine.publish] round=%d already published as v%d before a restart; recorded it",

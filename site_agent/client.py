@@ -84,7 +84,11 @@ class CoordinatorClient:
         creds = grpc.ssl_channel_credentials(root_certificates=cfg.tls.ca.read_bytes(),
                                              private_key=cfg.tls.key.read_bytes(),
                                              certificate_chain=cfg.tls.cert.read_bytes())
-        options = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)]
+        options = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE),
+                   # A restarted coordinator is found within ~2 s: gRPC's own reconnect back-off otherwise grows to
+                   # minutes while our retry loop keeps calling a channel that is not even trying to connect.
+                   ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
+                   ("grpc.max_reconnect_backoff_ms", 2000)]
         if cfg.server_name:
             options.append(("grpc.ssl_target_name_override", cfg.server_name))
         self.channel = grpc.secure_channel(cfg.coordinator, creds, options=options)
