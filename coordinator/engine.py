@@ -25,19 +25,11 @@ import torch
 from coordinator import evaluation, gate
 from coordinator.adapter import AdapterInit
 from coordinator.config import FederationConfig
-from coordinator.errors import (
-    DuplicateUpdate,
-    InvalidUpdate,
-    LateUpdate,
-    NotFound,
-    PermissionDenied,
-    RoundBusy,
-    UpdateTooLarge,
-    WrongRound,
-)
+from coordinator.errors import DuplicateUpdate, InvalidUpdate, NotFound, PermissionDenied, UpdateTooLarge, WrongRound
 from coordinator.pki import PeerIdentity
 from coordinator.publish import build_provenance, find_published, publish
-from coordinator.store import RoundRow, Store, UpdateRow, write_durable
+from coordinator.quorum import HeartbeatAck, RoundPolicy
+from coordinator.store import Store, UpdateRow, write_durable
 from protos import codec
 from protos.auditlog import AuditLog
 from protos.fedbridge.v1 import federation_service_pb2 as pb
@@ -70,17 +62,6 @@ class TaskOffer:
     residual_sha256: str = ""
     residual_size: int = 0
     deadline_ms: int = 0  # Unix ms at which the round's current attempt closes without this site (0: none)
-
-
-@dataclass(frozen=True)
-class HeartbeatAck:
-    """What a Heartbeat answers: the round the coordinator is in, whether the site's round still takes its
-    update (else the late-update policy applies to it), the deadline, and when to beat next."""
-
-    current_round: int
-    round_open: bool
-    deadline_ms: int
-    interval_ms: int
 
 
 @dataclass(frozen=True)
@@ -140,11 +121,7 @@ class RoundEngine:
         self._site_ranks: dict[str, int] = {}
         self._specs: dict[int, pb.AdapterSpec] = {self.spec.rank: self.spec}
         self.audit = AuditLog(self.store.dir / "audit.jsonl")
-        # Liveness for heartbeat timeouts: last call per site (wall seconds). Sites not heard from since this
-        # process started count from its start, so a restart never drops anyone at once.
-        self._started = time.time()
-        self._seen: dict[str, float] = {}
-        self._progress: dict[str, tuple[int, str, int, int]] = {}  # site -> (round, phase, step, total_steps)
+        self.quorum = RoundPolicy(config, store, self._audit, self._closing)  # quorum, deadline, heartbeats, late
 
     def _audit(self, event: str, fields: dict[str, Any]) -> None:
         self.audit.append(event, fields)
@@ -194,14 +171,14 @@ class RoundEngine:
                 assert cur is not None
                 if cur.state == "open":
                     ups = self.store.updates(cur.round)
-                    decision = self._decide(cur, ups)
+                    decision = self.quorum.decide(cur, ups)
                     if decision is None:
                         if ups:
                             self._hold("collecting", cur.round)
                         break
                     event, detail = decision
                     if event == "round_abandoned":
-                        self._abandon(cur, detail)
+                        self.quorum.abandon(cur, detail)
                         self._notify()
                         continue
                     self.store.mark_closing(cur.round, cur.attempt, event, detail)
@@ -230,60 +207,6 @@ class RoundEngine:
         self._notify()
 
     # -- quorum, deadline, heartbeats -----------------------------------------------------------------------------
-    def _decide(self, cur: RoundRow, ups: list[UpdateRow]) -> tuple[str, dict[str, Any]] | None:
-        """Whether the open round closes now, and why: ``quorum_reached``, ``deadline_passed``,
-        ``all_remaining_answered`` or ``round_abandoned`` (at the deadline with too few updates); None: keep waiting.
-
-        Only updates trained on this round count towards the quorum; late updates carried in ride along.
-        """
-        q, k = self.cfg.quorum, self.cfg.min_sites
-        answered = sorted({u.site for u in ups if u.trained_round == cur.round})
-        detail: dict[str, Any] = {"updates": len(answered), "k": k, "sites": answered}
-        if len(answered) >= k:
-            return "quorum_reached", detail
-        missing = sorted({s["name"] for s in self.store.sites()} - set(answered))
-        detail.update(missing=missing, min_to_close=self.cfg.min_to_close)
-        if q.deadline_s and time.time() * 1000 >= cur.attempt_opened_ms + q.deadline_s * 1000:
-            enough = len(answered) >= self.cfg.min_to_close
-            return ("deadline_passed" if enough else "round_abandoned"), {**detail, "deadline_s": q.deadline_s}
-        if q.heartbeat_timeout_s and missing:
-            dropped = self._dropped(cur, missing)
-            if len(dropped) == len(missing) and len(answered) >= self.cfg.min_to_close:
-                return "all_remaining_answered", {**detail, "dropped": dropped}
-        return None
-
-    def _dropped(self, cur: RoundRow, missing: list[str]) -> list[str]:
-        """Sites of ``missing`` silent for longer than the heartbeat timeout (each recorded once per round)."""
-        timeout, now = self.cfg.quorum.heartbeat_timeout_s, time.time()
-        known = {e["site"] for e in self.store.events(cur.round) if e["event"] == "site_dropped"}
-        out = []
-        for site in missing:
-            silent = now - max(self._seen.get(site, self._started), self._started)
-            if site in known:
-                out.append(site)
-            elif silent > timeout:
-                detail = {"silent_s": round(silent, 1), "heartbeat_timeout_s": timeout,
-                          "last_progress": list(self._progress.get(site, ()))}
-                self.store.add_event(cur.round, cur.attempt, "site_dropped", site, detail)
-                self._audit("site_dropped", {"round": cur.round, "site": site, **detail})
-                log.warning("[RoundEngine] round=%d site=%s dropped: silent for %.1fs", cur.round, site, silent)
-                out.append(site)
-        return out
-
-    def _abandon(self, cur: RoundRow, detail: dict[str, Any]) -> None:
-        """Too few updates at the deadline: record the abandoned attempt and start the next one (same round, same
-        input, accepted updates kept); past ``quorum.max_attempts`` stop loudly instead (the state is kept)."""
-        q = self.cfg.quorum
-        if q.max_attempts and cur.attempt >= q.max_attempts:
-            self.store.add_event(cur.round, cur.attempt, "round_given_up", "", detail)
-            self._audit("round_given_up", {"round": cur.round, "attempt": cur.attempt, **detail})
-            raise RuntimeError(f"round {cur.round}: {cur.attempt} attempt(s) ended with {detail['updates']} update(s), "
-                               f"fewer than {self.cfg.min_to_close}; giving up (quorum.max_attempts)")
-        attempt = self.store.retry_round(cur.round, cur.attempt, detail)
-        self._audit("round_abandoned", {"round": cur.round, "attempt": cur.attempt, **detail})
-        log.warning("[RoundEngine] round=%d attempt=%d abandoned with %d of %d update(s); retrying as attempt %d",
-                    cur.round, cur.attempt, detail["updates"], self.cfg.min_to_close, attempt)
-
     async def _tick(self) -> None:
         """Check deadlines and heartbeat timeouts while rounds are open."""
         while not self.finished.is_set():
@@ -292,25 +215,10 @@ class RoundEngine:
             if cur is not None and cur.state == "open":
                 await self._advance()
 
-    def _deadline_ms(self, cur: RoundRow) -> int:
-        q = self.cfg.quorum
-        return int(cur.attempt_opened_ms + q.deadline_s * 1000) if q.deadline_s else 0
-
-    def _touch(self, site: str) -> None:
-        self._seen[site] = time.time()
-
     def heartbeat(self, peer: PeerIdentity, round: int, phase: str, step: int, total_steps: int) -> HeartbeatAck:
-        """A site says it is alive and where its training is; answers whether its round still takes its update."""
+        """A site says it is alive and how far it trained; see :meth:`RoundPolicy.heartbeat`."""
         self._require_site(peer)
-        self._touch(peer.name)
-        self._progress[peer.name] = (int(round), phase[:32], int(step), int(total_steps))
-        q = self.cfg.quorum
-        interval = max(200, int(q.heartbeat_timeout_s * 1000 / 3)) if q.heartbeat_timeout_s else 5000
-        cur = self.store.current_round()
-        if cur is None:
-            return HeartbeatAck(0, False, 0, interval)
-        open_ = cur.state == "open" and cur.round == round and cur.round not in self._closing
-        return HeartbeatAck(cur.round, open_, self._deadline_ms(cur) if cur.state == "open" else 0, interval)
+        return self.quorum.heartbeat(peer.name, round, phase, step, total_steps)
 
     def _hold(self, phase: str, round: int) -> None:
         """Test-only: block forever in ``phase`` of ``round`` when ``FEDBRIDGE_TEST_HOLD`` says so (see HOLD_ENV)."""
@@ -355,7 +263,7 @@ class RoundEngine:
             raise WrongRound(f"site {peer.name!r} declared LoRA rank {rank}; this federation allows 1..{self.spec.rank}")
         self.store.upsert_site(peer.name, peer.fingerprint, agent_version[:64], rank)
         self._site_ranks[peer.name] = rank
-        self._touch(peer.name)
+        self.quorum.touch(peer.name)
         log.info("[FederationService.Join] site=%s agent=%s", peer.name, agent_version[:64])
 
     def site_rank(self, site: str) -> int:
@@ -395,7 +303,7 @@ class RoundEngine:
         if self.store.update_trained_on(site, cur.round) is not None:
             return TaskOffer("wait")
         return TaskOffer("train", cur.round, *self._adapter_meta(site, cur.round), *self._residual_meta(cur.round),
-                         self._deadline_ms(cur))
+                         self.quorum.deadline_ms(cur))
 
     async def fetch_task(self, peer: PeerIdentity, wait_s: float) -> TaskOffer:
         """Long-poll: return a task as soon as one exists for this site, else ``wait`` after ``wait_s``."""
@@ -403,7 +311,7 @@ class RoundEngine:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(0.0, min(wait_s, self.cfg.long_poll_ms / 1000))
         while True:
-            self._touch(peer.name)  # a site held in a long poll is alive
+            self.quorum.touch(peer.name)  # a site held in a long poll is alive
             offer = self._offer(peer.name)
             remaining = deadline - loop.time()
             if offer.status != "wait" or remaining <= 0:
@@ -454,7 +362,7 @@ class RoundEngine:
             raise PermissionDenied(f"envelope names site {env.site!r} but the certificate is {peer.name!r}")
         if env.federation_id != self.cfg.federation_id:
             raise InvalidUpdate(f"envelope is for federation {env.federation_id!r}, this is {self.cfg.federation_id!r}")
-        self._round_for(env)
+        self.quorum.check(env)
         if env.base_model_sha256 != self.base_sha256:
             raise InvalidUpdate(f"update was trained on base model {env.base_model_sha256[:16]}…, "
                                 f"the federation pins {self.base_sha256[:16]}…")
@@ -469,52 +377,6 @@ class RoundEngine:
         if not math.isfinite(env.epsilon_spent) or env.epsilon_spent < 0:
             raise InvalidUpdate("envelope epsilon_spent must be a finite number >= 0")
         return env
-
-    def _round_for(self, env: pb.UpdateEnvelope) -> int:
-        """The round an update goes into: its own while that is open; under ``late_policy = "next_round"`` an
-        update for a closed round goes into the open one. Refusals of late updates are recorded.
-
-        Raises:
-            WrongRound: The update is for a round that is not open and not over (a future or unknown round).
-            LateUpdate: Its round closed and the policy drops it, or no later round is left to carry it.
-            RoundBusy: Its round closed and the next is not open yet; the site retries (ABORTED).
-        """
-        cur = self.store.current_round()
-        self._touch(env.site)
-        if cur is not None and cur.state == "open" and cur.round not in self._closing and env.round == cur.round:
-            return cur.round
-        if cur is None or not 1 <= env.round <= cur.round:
-            now = f"round {cur.round} is {cur.state}" if cur else "no round is open"
-            raise WrongRound(f"update is for round {env.round}; {now}")
-        closed = cur.round if env.round == cur.round else env.round
-        if self.cfg.quorum.late_policy == "next_round":
-            if cur.round > env.round and cur.state == "open" and cur.round not in self._closing:
-                return cur.round
-            if cur.round < self.cfg.rounds:
-                raise RoundBusy(f"update for round {env.round} is late; round {cur.round} is {cur.state}: retry "
-                                f"when round {cur.round + 1} opens, it will be carried into it")
-            reason = f"round {closed} closed and it was the last round; no later round to carry the update into"
-        else:
-            reason = f"round {closed} closed before the update arrived (late_policy = drop)"
-        detail = {"trained_round": env.round, "policy": self.cfg.quorum.late_policy, "reason": reason}
-        self.store.add_event(closed, 0, "late_update_dropped", env.site, detail)
-        self._audit("late_update_dropped", {"round": closed, "site": env.site, **detail})
-        log.warning("[FederationService.UploadUpdate] round=%d site=%s late update dropped: %s", env.round, env.site,
-                    reason)
-        raise LateUpdate(f"late update for round {env.round} refused: {reason}")
-
-    def _carry(self, env: pb.UpdateEnvelope) -> tuple[int, float, tuple[str, dict[str, Any]] | None]:
-        """Where an accepted update goes: ``(round, staleness weight, event to record)`` (event None when fresh)."""
-        into = self._round_for(env)
-        if into == env.round:
-            return into, 1.0, None
-        staleness = into - int(env.round)
-        weight = self.cfg.quorum.staleness_weight(staleness)
-        detail = {"trained_round": int(env.round), "staleness": staleness, "weight": weight,
-                  "staleness_exponent": self.cfg.quorum.staleness_exponent}
-        log.info("[FederationService.UploadUpdate] round=%d site=%s late update carried into round %d weight=%.4f",
-                 env.round, env.site, into, weight)
-        return into, weight, ("late_update_carried", detail)
 
     def _begin(self, peer: PeerIdentity, signed: pb.SignedEnvelope, offset: int) -> _Upload:
         env = self._check_envelope(peer, signed)
@@ -584,7 +446,7 @@ class RoundEngine:
             up.path.unlink(missing_ok=True)
             log.warning("[FederationService.UploadUpdate] round=%d site=%s refused: %s", env.round, peer.name, e)
             raise InvalidUpdate(str(e)) from None
-        into, weight, late = self._carry(env)
+        into, weight, late = self.quorum.route(env)
         row = self.store.accept_update(round=into, site=peer.name, payload=payload,
                                        payload_sha256=env.payload_sha256, num_examples=env.num_examples,
                                        nonce=env.nonce, envelope=up.signed.envelope, signature=up.signed.signature,
@@ -597,7 +459,7 @@ class RoundEngine:
 
     def upload_status(self, peer: PeerIdentity, round: int, payload_sha256: str) -> tuple[int, bool]:
         self._require_site(peer)
-        self._touch(peer.name)
+        self.quorum.touch(peer.name)
         u = self.store.update_trained_on(peer.name, round)
         if u is not None and u.payload_sha256 == payload_sha256:
             return u.size, True
