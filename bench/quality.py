@@ -77,6 +77,12 @@ class QualityConfig:
     n_heldout: int = 32
     seed: int = 0
     workers: int = 2
+    method_lr: tuple[tuple[str, float], ...] = ()
+    methods: tuple[str, ...] = (*FEDERATED, CENTRALIZED)
+
+    def lr(self, method: str) -> float:
+        """The local learning rate of ``method`` (``method_lr`` overrides ``learning_rate``)."""
+        return dict(self.method_lr).get(method, self.learning_rate)
 
     def __post_init__(self) -> None:
         if not 1 <= self.sites <= 5:
@@ -86,6 +92,12 @@ class QualityConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not (0 < self.learning_rate < 1 and self.alpha > 0):
             raise ValueError("learning_rate must be in (0, 1) and alpha > 0")
+        for method, lr in self.method_lr:
+            if method not in (*FEDERATED, CENTRALIZED) or not 0 < lr < 1:
+                raise ValueError(f"method_lr: {method}={lr} (methods: {(*FEDERATED, CENTRALIZED)}, lr in (0, 1))")
+        unknown = set(self.methods) - {*FEDERATED, CENTRALIZED}
+        if unknown or not self.methods:
+            raise ValueError(f"methods: unknown {sorted(unknown)} (choose from {(*FEDERATED, CENTRALIZED)})")
 
 
 @dataclass(frozen=True)
@@ -128,11 +140,11 @@ def quiet() -> None:
     transformers.logging.disable_progress_bar()
 
 
-def _task(cfg: QualityConfig, spec: Any, round_: int, steps: int, hints: Any) -> Any:
+def _task(cfg: QualityConfig, spec: Any, round_: int, steps: int, hints: Any, lr: float) -> Any:
     from protos.fedbridge.v1 import federation_service_pb2 as pb
 
     return pb.Task(federation_id="bench-quality", round=round_, total_rounds=cfg.rounds,
-                   training=pb.TrainingConfig(mode="sft", max_steps=steps, learning_rate=cfg.learning_rate,
+                   training=pb.TrainingConfig(mode="sft", max_steps=steps, learning_rate=lr,
                                               per_device_batch_size=cfg.batch_size, max_length=cfg.max_length,
                                               seed=cfg.seed, lr_scheduler_type="constant"),
                    adapter_spec=spec, hints=hints)
@@ -210,7 +222,7 @@ def _run_method(method: str, cfg: QualityConfig, base_dir: Path, sites: list[Sit
         trainer = SftSiteTrainer(base_dir, pooled, work_dir / "central")
         before = _evaluate(trainer, spec, init.state, union, cfg.max_length)
         steps = cfg.rounds * cfg.sites * cfg.steps
-        res = trainer.train_round(_task(cfg, spec, 1, steps, pb.SiteHints()), init.state)
+        res = trainer.train_round(_task(cfg, spec, 1, steps, pb.SiteHints(), cfg.lr(method)), init.state)
         state = {k: init.state[k] + res.delta[k] for k in init.state}
         per_site = {n: _evaluate(trainer, spec, state, rows, cfg.max_length) for n, rows in heldout.items()}
         after = _evaluate(trainer, spec, state, union, cfg.max_length)
@@ -228,7 +240,7 @@ def _run_method(method: str, cfg: QualityConfig, base_dir: Path, sites: list[Sit
     errors: list[float] = []
     modules = examples = 0
     for round_ in range(1, cfg.rounds + 1):
-        task = _task(cfg, spec, round_, cfg.steps, hints)
+        task = _task(cfg, spec, round_, cfg.steps, hints, cfg.lr(method))
         updates = []
         for site, trainer in zip(sites, trainers, strict=True):
             res = trainer.train_round(task, state)
@@ -263,7 +275,7 @@ def measure(cfg: QualityConfig, work: Path, base_model: Path | None = None) -> d
     base = base_model or build_tiny_model()  # resolved once here, so workers never race to build it
     sites = make_site_datasets(work / "data", n_sites=cfg.sites, seed=cfg.seed, n_train=cfg.n_train,
                                n_heldout=cfg.n_heldout)
-    methods = (CENTRALIZED, *FEDERATED)
+    methods = [m for m in (CENTRALIZED, *FEDERATED) if m in cfg.methods]
     if cfg.workers == 1:
         return {m: run_method(m, cfg, base, sites, work / m) for m in methods}
     # spawn, not fork: forking a process whose torch/OpenMP pools are already started can hang.
@@ -332,13 +344,26 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=d.rounds, help="federated rounds")
     p.add_argument("--steps", type=int, default=d.steps, help="local steps per site and round")
     p.add_argument("--workers", type=int, default=min(d.workers, os.cpu_count() or 1), help="worker processes")
+    p.add_argument("--lr", action="append", default=[], metavar="METHOD=LR",
+                   help="a method's own learning rate (repeat), e.g. ffa_lora=0.01")
+    p.add_argument("--methods", default=",".join(d.methods), help="comma-separated subset of methods to run")
     a = p.parse_args(argv)
-    cfg = QualityConfig(sites=a.sites, rounds=a.rounds, steps=a.steps, workers=a.workers)
+    try:
+        method_lr = tuple((m, float(v)) for m, v in (x.split("=", 1) for x in a.lr))
+    except ValueError:
+        p.error("--lr takes METHOD=LR, e.g. ffa_lora=0.01")
+    cfg = QualityConfig(sites=a.sites, rounds=a.rounds, steps=a.steps, workers=a.workers,
+                        method_lr=method_lr or d.method_lr, methods=tuple(a.methods.split(",")))
     quiet()
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fedbridge-quality-") as tmp:
         results = measure(cfg, Path(tmp))
     wall = time.perf_counter() - start
+    if set(results) != {*FEDERATED, CENTRALIZED}:  # a subset (e.g. a learning-rate sweep): no comparison table
+        for m, r in results.items():
+            print(f"{m} lr={cfg.lr(m):g}: final union held-out loss {r.final:.4f} (curve "
+                  + " -> ".join(f"{x:.3f}" for x in r.curve) + f"); {r.seconds:.0f} s")
+        return
     write_results("quality", build_rows(results, cfg), build_notes(results, cfg, wall))
 
 

@@ -360,6 +360,59 @@ def check_gate(evaluation: EvalSpec, gate: GateSpec) -> None:
         raise ValueError(f"field 'gate.thresholds': {unknown[0]!r} is not one of evaluation.benchmarks")
 
 
+PRIVACY_MODES = ("none", "local", "central")
+# Central DP adds one noise draw to the uniform mean of the clipped updates, so the rule's output must be a function
+# of that mean (then the noise is calibrated to the mean's sensitivity C/n and the rule is post-processing).
+CENTRAL_DP_STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
+
+
+@dataclass(frozen=True)
+class PrivacySpec:
+    """Differential privacy of the federation (``[privacy]``): site-level DP of each site's whole update per round.
+
+    Attributes:
+        mode: ``none``; ``local``: every task asks sites to clip their update to ``clip_norm`` and add Gaussian noise
+            of std ``noise_multiplier × clip_norm`` (each site accounts its own ε and may add more); ``central``: the
+            coordinator clips each update to ``clip_norm``, averages them with uniform weights and adds noise of std
+            ``noise_multiplier × clip_norm / n`` to the mean (DP-FedAvg with fixed clipping), and accounts ε itself.
+        noise_multiplier: σ (> 0 unless mode is none).
+        clip_norm: L2 bound C on each site's whole update (> 0 unless mode is none).
+        delta: The δ at which the coordinator accounts and reports central ε.
+    """
+
+    mode: str = "none"
+    noise_multiplier: float = 0.0
+    clip_norm: float = 0.0
+    delta: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if self.mode not in PRIVACY_MODES:
+            raise ValueError(f"field 'privacy.mode': {self.mode!r} is not one of {PRIVACY_MODES}")
+        for name in ("noise_multiplier", "clip_norm"):
+            value = getattr(self, name)
+            if self.mode != "none" and not (0 < value < float("inf")):
+                raise ValueError(f"field 'privacy.{name}': mode {self.mode!r} needs a finite number > 0, got {value}")
+        if not 0 < self.delta < 1:
+            raise ValueError(f"field 'privacy.delta': must be in (0, 1), got {self.delta}")
+
+
+def check_privacy(strategy: str, params: dict[str, Any], privacy: PrivacySpec) -> None:
+    """Refuse central DP with a rule whose output is not a function of the mean of the updates."""
+    from strategies.registry import build_strategy
+
+    if privacy.mode != "central":
+        return
+    name = build_strategy(strategy, params).name
+    if privacy.mode == "central" and name not in CENTRAL_DP_STRATEGIES:
+        raise ValueError(
+            f"field 'privacy.mode': central DP is calibrated to the mean of the clipped updates (sensitivity "
+            f"clip_norm / n), but strategy {name!r} does not aggregate through that mean (robust rules select or "
+            f"rank individual updates, LoRA-structural and mixed-rank rules multiply or project them), so no epsilon "
+            f"could be stated. Use privacy.mode = 'local' (site-side noise holds under any rule), or "
+            f"strategy_params.clip_norm alone (bounds each site's influence, gives no DP), or one of "
+            f"{CENTRAL_DP_STRATEGIES}.")
+
+
 @dataclass(frozen=True)
 class FederationConfig:
     """Everything the coordinator needs to run a federation.
@@ -386,6 +439,7 @@ class FederationConfig:
         evaluation: Shared EvalScope evaluation of the merged model (off by default).
         gate: Release gate on the evaluation's scores.
         publish: Model-card licence fields, site regions, shard size.
+        privacy: Differential privacy: none, local (sites noise) or central (the coordinator noises the aggregate).
         quorum: Deadline, minimum at the deadline, heartbeats and the late-update policy of every round.
     """
 
@@ -409,6 +463,7 @@ class FederationConfig:
     evaluation: EvalSpec = field(default_factory=EvalSpec)
     gate: GateSpec = field(default_factory=GateSpec)
     publish: PublishSpec = field(default_factory=PublishSpec)
+    privacy: PrivacySpec = field(default_factory=PrivacySpec)
     quorum: QuorumSpec = field(default_factory=QuorumSpec)
 
     def __post_init__(self) -> None:
@@ -426,6 +481,7 @@ class FederationConfig:
                              "quorum.heartbeat_timeout_s set")
         check_strategy(self.strategy, self.strategy_params)
         check_gate(self.evaluation, self.gate)
+        check_privacy(self.strategy, self.strategy_params, self.privacy)
         if ":" not in self.listen:
             raise ValueError(f"field 'listen': must be host:port, got {self.listen!r}")
 

@@ -25,6 +25,7 @@ import torch
 from coordinator import evaluation, gate
 from coordinator.adapter import AdapterInit
 from coordinator.config import FederationConfig
+from coordinator.dp import CentralDp
 from coordinator.errors import DuplicateUpdate, InvalidUpdate, NotFound, PermissionDenied, UpdateTooLarge, WrongRound
 from coordinator.pki import PeerIdentity
 from coordinator.publish import build_provenance, find_published, publish
@@ -120,6 +121,8 @@ class RoundEngine:
         self.project_to_site = SITE_RANK_RULES.get(self.strategy.name)
         self._site_ranks: dict[str, int] = {}
         self._specs: dict[int, pb.AdapterSpec] = {self.spec.rank: self.spec}
+        p = config.privacy  # central DP: clip each update and noise the aggregate (coordinator/dp.py)
+        self.central_dp = CentralDp(p.noise_multiplier, p.clip_norm, p.delta) if p.mode == "central" else None
         self.audit = AuditLog(self.store.dir / "audit.jsonl")
         self.quorum = RoundPolicy(config, store, self._audit, self._closing)  # quorum, deadline, heartbeats, late
 
@@ -497,6 +500,9 @@ class RoundEngine:
                                 codec.decode_state(u.path.read_bytes()),
                                 u.num_examples if u.weight == 1.0 else u.num_examples * u.weight,  # type: ignore[arg-type]
                                 {"lora_rank": self.site_rank(u.site)}) for u in ups]
+        dp_info: dict[str, Any] = {}
+        if self.central_dp is not None:
+            updates, dp_info = self.central_dp.privatize(updates, [r.info for r in self.store.rounds() if r.round < round])
         result = self.strategy.aggregate(global_state, updates, self._server_state(round - 1))
         payload = codec.encode_state(result.state)
         self._carry_residual(round, result.base_residual)
@@ -519,6 +525,7 @@ class RoundEngine:
             "strategy_info": dict(result.info),
             "aggregation_error": {"mean": sum(finite) / len(finite) if finite else 0.0,
                                   "max": max(finite, default=0.0), "per_module": errors},
+            **({"dp": dp_info} if dp_info else {}),
         }
         self.store.close_round(round, codec.sha256_hex(payload), info)
         log.info("[RoundEngine.aggregate] round=%d sites=%d strategy=%s error_mean=%.4g closed", round, len(ups),

@@ -47,6 +47,7 @@ def card_metadata(prov: dict[str, Any]) -> dict[str, Any]:
                      "aggregation_error_max": prov["strategy"]["aggregation_error"]["final_round_max"]},
         "training_modes": prov["training"]["modes"],
         "dp_epsilon": {c["name"]: c["dp_epsilon"] for c in prov["contributors"]},
+        "dp": {k: v for k, v in prov["privacy"].items() if k in ("mode", "unit", "delta", "central")},
         "evaluation": {"round": ev.get("round"), "status": ev.get("status", "disabled"),
                        "scores": ev.get("scores", {})} if ev.get("enabled") else {"status": "disabled"},
         "release_gate": {"passed": prov["release_gate"]["passed"], "thresholds": prov["release_gate"]["thresholds"],
@@ -82,7 +83,14 @@ def render_model_card(prov: dict[str, Any]) -> str:
               "## Sites", "", "| site | region | rounds | DP ε |", "|---|---|---|---:|"]
     lines += [f"| {s['name']} | {s['region']} | {', '.join(map(str, s['rounds']))} | {fb['dp_epsilon'][s['name']]:g} |"
               for s in fb["sites"]]
-    lines += ["", f"ε: {prov['privacy']['epsilon_accounting']}; 0 means no differential privacy was applied.", "",
+    lines += ["", f"ε: {prov['privacy']['epsilon_accounting']}; 0 means no differential privacy was applied to that "
+              f"site's updates. Privacy unit: {prov['privacy'].get('unit', 'site-level')}."]
+    central = prov["privacy"].get("central")
+    if central:
+        lines += ["", f"Central DP: the coordinator clipped each update to L2 norm {central['clip_norm']:g} and added "
+                      f"Gaussian noise (multiplier {central['noise_multiplier']:g}) to the mean over {central['rounds']} "
+                      f"round(s): ε = {central['epsilon']:.4g} at δ = {central['delta']:g} for the published model."]
+    lines += ["",
               "## Training and aggregation", "",
               f"- training modes: {', '.join(fb['training_modes'])}",
               f"- strategy: `{fb['strategy']['name']}` {fb['strategy']['params'] or ''}".rstrip(),

@@ -82,17 +82,19 @@ def build_provenance(cfg: FederationConfig, store: Store, *, base_sha256: str, s
     rounds = [{"round": r.round, "input_sha256": r.input_sha256, "output_sha256": r.output_sha256, **r.info}
               for r in store.rounds()]
     ledger: dict[int, dict[str, Any]] = {}
-    epsilon: dict[str, float] = {}
     site_rounds: dict[str, list[int]] = {}
     for u in store.ledger():
-        eps = pb.UpdateEnvelope.FromString(u["envelope"]).epsilon_spent
+        env = pb.UpdateEnvelope.FromString(u["envelope"])
         entry = ledger.setdefault(u["round"], {"round": u["round"], "input_sha256": u["input_sha256"],
                                                "output_sha256": u["output_sha256"], "updates": []})
         entry["updates"].append({"site": u["site"], "payload_sha256": u["payload_sha256"],
-                                 "num_examples": u["num_examples"], "bytes": u["bytes"], "epsilon_spent": eps})
-        epsilon[u["site"]] = epsilon.get(u["site"], 0.0) + eps
+                                 "num_examples": u["num_examples"], "bytes": u["bytes"],
+                                 "epsilon_spent": env.epsilon_spent, "dp_delta": env.dp_delta})
         site_rounds.setdefault(u["site"], []).append(u["round"])
     sites = sorted(site_rounds)
+    # Each envelope carries the site's CUMULATIVE epsilon (its own ledger), so the latest one is the site's total.
+    site_dp = store.site_dp()
+    epsilon = {s: site_dp[s]["epsilon"] for s in sites}
     runs = {r["round"]: r for r in store.eval_runs()}
     scores = store.eval_scores()
     final_run = runs.get(final)
@@ -125,9 +127,9 @@ def build_provenance(cfg: FederationConfig, store: Store, *, base_sha256: str, s
                      "learning_rate": cfg.training.learning_rate, "batch_size": cfg.training.batch_size},
         "rounds": rounds, "ledger": [ledger[r] for r in sorted(ledger)], "sites": sites,
         "contributors": [{"name": s, "region": cfg.publish.site_regions.get(s, "unspecified"),
-                          "rounds": sorted(site_rounds[s]), "dp_epsilon": epsilon[s]} for s in sites],
-        "privacy": {"transfers": "adapter deltas only", "epsilon": {s: epsilon[s] for s in sites},
-                    "epsilon_accounting": "sum of the per-round epsilon each site reported in its signed envelopes"},
+                          "rounds": sorted(site_rounds[s]), "dp_epsilon": epsilon[s],
+                          "dp_delta": site_dp[s]["delta"]} for s in sites],
+        "privacy": _privacy(cfg, rounds, epsilon, {s: site_dp[s]["delta"] for s in sites}),
         "evaluation": evaluation,
         "release_gate": {"thresholds": dict(cfg.gate.thresholds), "max_regression": cfg.gate.max_regression,
                          **gate.to_dict()},
@@ -136,6 +138,27 @@ def build_provenance(cfg: FederationConfig, store: Store, *, base_sha256: str, s
         "global_adapter_sha256": global_sha256,
         "published_ms": now_ms(),
     }
+
+
+def _privacy(cfg: FederationConfig, rounds: list[dict[str, Any]], epsilon: dict[str, float],
+             delta: dict[str, float]) -> dict[str, Any]:
+    """The card's privacy facts: per-site (local) ε from the sites' signed envelopes, and the central ε if any."""
+    from coordinator.dp import ACCOUNTING
+
+    central = [r["dp"] for r in rounds if r.get("dp", {}).get("mode") == "central"]
+    out: dict[str, Any] = {
+        "transfers": "adapter deltas only", "mode": cfg.privacy.mode,
+        "unit": "site-level: each site's whole update per round (DP-FedAvg); no per-example guarantee is claimed",
+        "epsilon": epsilon, "delta": delta,
+        "epsilon_accounting": "each site's cumulative epsilon as reported in its latest signed envelope (its own "
+                              f"ledger); {ACCOUNTING}",
+    }
+    if central:
+        last = central[-1]
+        out["central"] = {"epsilon": last["epsilon"], "delta": last["delta"], "rounds": len(central),
+                          "noise_multiplier": last["noise_multiplier"], "clip_norm": last["clip_norm"],
+                          "accounting": last["accounting"]}
+    return out
 
 
 def _version(package: str) -> str:

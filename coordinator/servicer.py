@@ -82,7 +82,9 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
                 base_residual_sha256=offer.residual_sha256,
                 base_residual_size=offer.residual_size,
                 hints=pb.SiteHints(proximal_mu=float(hints.get("proximal_mu", 0.0)),
-                                   freeze_lora_a=bool(hints.get("freeze_lora_A", False)))))
+                                   freeze_lora_a=bool(hints.get("freeze_lora_A", False))),
+                dp=pb.DpRequest(noise_multiplier=cfg.privacy.noise_multiplier, clip_norm=cfg.privacy.clip_norm)
+                if cfg.privacy.mode == "local" else None))
         return resp
 
     async def DownloadAdapter(self, request: pb.DownloadAdapterRequest,

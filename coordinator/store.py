@@ -432,3 +432,21 @@ class Store:
         keys = ("round", "site", "payload_sha256", "num_examples", "bytes", "envelope", "input_sha256", "output_sha256",
                 "trained_round", "weight")
         return [dict(zip(keys, (*r[:5], bytes(r[5]), *r[6:]), strict=True)) for r in rows]
+
+    # -- differential privacy: each site's epsilon -------------------------------------------------------------
+    def site_dp(self) -> dict[str, dict[str, float]]:
+        """Per site, from its latest accepted signed envelope: cumulative ``epsilon``, its ``delta`` and ``round``.
+
+        ``epsilon`` and ``delta`` are 0 when that update carried no DP noise (see ``UpdateEnvelope.epsilon_spent``).
+        """
+        from protos.fedbridge.v1 import federation_service_pb2 as pb
+
+        out: dict[str, dict[str, float]] = {}
+        for rnd, site, raw in self._q("SELECT round, site, envelope FROM updates ORDER BY round, site"):
+            env = pb.UpdateEnvelope.FromString(bytes(raw))
+            out[site] = {"epsilon": env.epsilon_spent, "delta": env.dp_delta, "round": rnd}
+        return out
+
+    def site_epsilon(self) -> dict[str, float]:
+        """Each site's cumulative DP epsilon after its latest accepted update (0: no DP noise on it)."""
+        return {site: v["epsilon"] for site, v in self.site_dp().items()}

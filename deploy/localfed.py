@@ -144,13 +144,14 @@ def prepare(root: Path, base_model: Path, *, n_sites: int = 3, rounds: int = 3, 
             record_inbound: bool = False, n_train: int = 64, n_heldout: int = 16, seed: int = 0,
             federation_id: str = "demo", shared_eval: dict[str, Any] | None = None, gate: dict[str, Any] | None = None,
             publish: dict[str, Any] | None = None, strategy: str = "fedavg",
-            strategy_params: dict[str, Any] | None = None, quorum: dict[str, Any] | None = None) -> LocalFederation:
+            strategy_params: dict[str, Any] | None = None, privacy: dict[str, Any] | None = None,
+            quorum: dict[str, Any] | None = None) -> LocalFederation:
     """Lay out a federation under ``root``: PKI, data, and ``federation.toml``.
 
     ``shared_eval`` turns on the coordinator's EvalScope evaluation on a generated shared benchmark covering every
     site's fact family (:mod:`deploy.benchmarks`); its keys override ``[evaluation]`` settings. ``gate`` and
-    ``publish`` become the ``[gate]`` and ``[publish]`` tables, ``quorum`` the ``[quorum]`` table (deadline,
-    heartbeats, late-update policy).
+    ``publish`` become the ``[gate]`` and ``[publish]`` tables, ``privacy`` the ``[privacy]`` table, ``quorum`` the
+    ``[quorum]`` table (deadline, heartbeats, late-update policy).
     """
     root = Path(root)
     sites = make_site_datasets(root / "data", n_sites=n_sites, seed=seed, marker=marker, n_train=n_train,
@@ -171,7 +172,8 @@ def prepare(root: Path, base_model: Path, *, n_sites: int = 3, rounds: int = 3, 
     if shared_eval is not None:
         bench = make_shared_benchmark(root / "benchmark", n_sites=n_sites, seed=seed)
         cfg["evaluation"] = {"enabled": True, "benchmarks": bench.benchmark_tables(), **shared_eval}
-    cfg["gate"], cfg["publish"], cfg["quorum"] = gate or {}, publish or {}, quorum or {}
+    cfg["gate"], cfg["publish"], cfg["privacy"] = gate or {}, publish or {}, privacy or {}
+    cfg["quorum"] = quorum or {}
     fed_toml = root / "coordinator" / "federation.toml"
     fed_toml.parent.mkdir(parents=True, exist_ok=True)
     fed_toml.write_text(dumps({k: v for k, v in cfg.items() if v != {}}))

@@ -18,7 +18,9 @@ from protos.manifest import ManifestMismatch, verify_model_dir
 from site_agent.client import CoordinatorClient, LateUpdateRefused
 from site_agent.config import SiteConfig
 from site_agent.data import load_for_mode, load_jsonl, load_sft
+from site_agent.dp import LEDGER_NAME, PrivacyLedger, check_budget, resolve
 from site_agent.evaluation import is_mcq, mcq_accuracy
+from site_agent.filters import apply_filters
 from site_agent.policy import (
     AuditSink,
     LogAuditSink,
@@ -117,6 +119,7 @@ def run_site(cfg: SiteConfig, show_progress: bool = True, audit: AuditSink | Non
         audit.record("coordinator_refused", {"site": cfg.name, "rule": e.rule})
         raise
     signing_key = load_signing_key(cfg.tls.signing_key)
+    ledger = PrivacyLedger(cfg.dp.ledger or Path(cfg.work_dir) / LEDGER_NAME)  # spent ε survives restarts
     base_check = _BaseModelCheck(cfg.base_model)
     trainer, trainer_mode = None, ""
     client = CoordinatorClient(cfg)
@@ -138,7 +141,12 @@ def run_site(cfg: SiteConfig, show_progress: bool = True, audit: AuditSink | Non
             #    it must be exactly the one pinned by hash.
             if resp.status == pb.TASK_STATUS_TRAIN:
                 try:
-                    check_task(policy, task, len(train_rows))
+                    dp = resolve(cfg.dp, task.dp)
+                except ValueError as e:
+                    raise SiteRefusal(f"refusing task: {e}") from None
+                try:
+                    check_task(policy, task, len(train_rows), dp.noise_multiplier)
+                    check_budget(policy, ledger, dp)  # DP: refuse before training once the budget would be exceeded
                 except PolicyRefusal as e:
                     audit.record("task_refused", {"site": cfg.name, "round": task.round, "rule": e.rule,
                                                   "mode": task.training.mode})
@@ -168,17 +176,24 @@ def run_site(cfg: SiteConfig, show_progress: bool = True, audit: AuditSink | Non
                     RoundProgress(cfg.name, task.round, task.total_rounds, task.training.max_steps,
                                   enabled=show_progress) as bar:
                 result = trainer.train_round(task, global_state, lambda s, n, loss: (beats.progress(s), bar.update(s, n, loss)))
-            # 6. Only the adapter delta leaves: encode, sign, upload.
-            codec.check_against_spec(result.delta, task.adapter_spec)
-            payload = codec.encode_state(result.delta)
+            # 6. Only the adapter delta leaves: egress filters (clip -> DP noise), encode, sign, upload.
+            delta = apply_filters(result.delta, dp.filters())
+            codec.check_against_spec(delta, task.adapter_spec)
+            payload = codec.encode_state(delta)
             try:
                 check_upload_size(policy, len(payload))
             except PolicyRefusal as e:
                 audit.record("upload_refused", {"site": cfg.name, "round": task.round, "rule": e.rule})
                 raise
+            epsilon = 0.0
+            if dp.noised:  # the ledger is written before the upload, so a crash can only over-count
+                ledger.record(task.federation_id, task.round, dp, codec.sha256_hex(payload))
+                epsilon = ledger.epsilon(policy.dp_delta)
             env = codec.make_envelope(federation_id=task.federation_id, round=task.round, site=cfg.name,
                                       base_model_sha256=task.base_model_sha256, payload=payload,
-                                      adapter_spec_sha256=task.adapter_spec.sha256, num_examples=result.num_examples)
+                                      adapter_spec_sha256=task.adapter_spec.sha256, num_examples=result.num_examples,
+                                      epsilon_spent=epsilon)
+            env.dp_delta = policy.dp_delta if dp.noised else 0.0
             try:
                 client.upload(codec.sign_envelope(env, signing_key), env, payload)
             except LateUpdateRefused as e:  # the round closed without us (deadline); go on with the next one
@@ -187,9 +202,11 @@ def run_site(cfg: SiteConfig, show_progress: bool = True, audit: AuditSink | Non
                                                      "payload_sha256": env.payload_sha256})
                 last_round = task.round
                 continue
-            log.info("[Site.UploadUpdate] round=%d site=%s bytes=%d accepted", task.round, cfg.name, len(payload))
+            log.info("[Site.UploadUpdate] round=%d site=%s bytes=%d epsilon=%.4g accepted", task.round, cfg.name,
+                     len(payload), epsilon)
             audit.record("update_uploaded", {"site": cfg.name, "round": task.round, "bytes": len(payload),
-                                             "payload_sha256": env.payload_sha256})
+                                             "payload_sha256": env.payload_sha256, "epsilon": epsilon,
+                                             "dp_noise_multiplier": dp.noise_multiplier})
             client.report_metrics(task.round, "train", {
                 "loss": result.train_loss, "train_time_s": result.train_time_s, "round_time_s": result.round_time_s,
                 "tokens": float(result.tokens),

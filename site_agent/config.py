@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from protos.tomlconfig import load_config
+from site_agent.dp import SiteDpConfig
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,8 @@ class SiteConfig:
         deepspeed: A DeepSpeed JSON config (ZeRO stage 1 or 2; mode sft) for training through accelerate/DeepSpeed on a
             multi-GPU site (launch the agent under ``deepspeed``/``torchrun``); without a launcher it runs
             single-process. Unset: plain PyTorch.
+        dp: The site's own differential-privacy settings (noise multiplier, clip bound, ledger file); combined with
+            the task's request into the stronger one (see :mod:`site_agent.dp`).
     """
 
     name: str
@@ -80,6 +83,7 @@ class SiteConfig:
     policy: Path | None = None
     checkpoint_steps: int = 0
     deepspeed: Path | None = None
+    dp: SiteDpConfig = field(default_factory=SiteDpConfig)
 
     def __post_init__(self) -> None:
         if ":" not in self.coordinator:

@@ -11,6 +11,8 @@ Example ``policy.toml``::
     max_steps = 200
     max_epochs = 3.0
     min_dp_noise_multiplier = 0.0
+    dp_epsilon_budget = 8.0
+    dp_delta = 1e-5
     max_upload_bytes = 10_000_000
     trusted_coordinator_hosts = ["fl.example.org"]
     trusted_ca_sha256 = ["<sha256 of the federation CA certificate, DER>"]
@@ -47,8 +49,13 @@ class SitePolicy:
         max_steps: Most optimizer steps per round (0: no limit).
         max_epochs: Most passes over the site's training rows per round, ``steps × batch × accumulation / rows``
             (0: no limit).
-        min_dp_noise_multiplier: Least DP noise multiplier every upload must carry (0: DP not required). Until the
-            DP egress filter lands no upload carries noise, so a positive value refuses every task.
+        min_dp_noise_multiplier: Least DP noise multiplier every upload must carry (0: DP not required). The agent
+            applies the larger of its own ``[dp]`` setting and the task's request (:mod:`site_agent.dp`); a task
+            where that is below this floor is refused.
+        dp_epsilon_budget: The site's total ε budget (site-level DP, at ``dp_delta``) over every noised update its
+            privacy ledger records; the agent refuses to train a round that would exceed it, and any round without
+            DP noise (0: no budget).
+        dp_delta: The δ at which ε is accounted and reported (in (0, 1); keep it well below 1 / number of sites).
         max_upload_bytes: Largest update payload the site will send (0: no limit).
         trusted_coordinator_hosts: Coordinator hosts the site may dial; empty: the one in ``site.toml``.
         trusted_ca_sha256: SHA-256 fingerprints (DER, hex) of federation CA certificates the site trusts; empty:
@@ -60,6 +67,8 @@ class SitePolicy:
     max_steps: int = 0
     max_epochs: float = 0.0
     min_dp_noise_multiplier: float = 0.0
+    dp_epsilon_budget: float = 0.0
+    dp_delta: float = 1e-5
     max_upload_bytes: int = 0
     trusted_coordinator_hosts: tuple[str, ...] = ()
     trusted_ca_sha256: tuple[str, ...] = ()
@@ -68,10 +77,12 @@ class SitePolicy:
         unknown = [m for m in self.allowed_modes if m not in KNOWN_MODES]
         if unknown:
             raise ValueError(f"field 'allowed_modes': {unknown[0]!r} is not one of {KNOWN_MODES}")
-        for name in ("max_steps", "max_epochs", "min_dp_noise_multiplier", "max_upload_bytes"):
+        for name in ("max_steps", "max_epochs", "min_dp_noise_multiplier", "dp_epsilon_budget", "max_upload_bytes"):
             value = getattr(self, name)
             if value < 0 or not math.isfinite(value):
                 raise ValueError(f"field '{name}': must be a finite number >= 0, got {value}")
+        if not 0 < self.dp_delta < 1:
+            raise ValueError(f"field 'dp_delta': must be in (0, 1), got {self.dp_delta}")
         for name in ("allowed_base_models", "trusted_ca_sha256"):
             for i, digest in enumerate(getattr(self, name)):
                 if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest.lower()):

@@ -39,6 +39,7 @@ class Site:
         env = codec.make_envelope(federation_id=FED, round=round, site=self.peer.name, base_model_sha256=base_sha,
                                   payload=payload, adapter_spec_sha256=spec_sha, num_examples=n)
         env.epsilon_spent = epsilon
+        env.dp_delta = 1e-5 if epsilon else 0.0
         return codec.sign_envelope(env, self.key), payload
 
 
@@ -59,11 +60,12 @@ def config(tmp: Path, base: Path, **over: Any) -> FederationConfig:
 
 
 def run_federation(cfg: FederationConfig, init: AdapterInit, deltas: dict[int, dict[str, dict[str, torch.Tensor]]],
-                   *, epsilon: dict[str, float] | None = None, prepare: Callable[[Store], None] | None = None,
+                   *, epsilon: dict[str, float | dict[int, float]] | None = None, prepare: Callable[[Store], None] | None = None,
                    timeout: float = 300.0) -> Store:
     """Run every round in-process: each site of ``deltas[round]`` uploads its delta; wait until the engine finished.
 
     ``prepare`` sees the store before the engine starts (e.g. to record evaluation scores ahead of time).
+    ``epsilon`` is the cumulative ε a site reports in its envelopes: one value for every round, or one per round.
     """
     base_sha = Manifest.of_dir(cfg.base_model).sha256
     sites = {name: Site(name) for r in deltas.values() for name in r}
@@ -79,12 +81,16 @@ def run_federation(cfg: FederationConfig, init: AdapterInit, deltas: dict[int, d
                 await asyncio.sleep(0.05)  # polls the store, as a site's FetchTask would
             for name, delta in sorted(deltas[r].items()):
                 signed, payload = sites[name].update(r, delta, base_sha=base_sha, spec_sha=init.spec.sha256,
-                                                     epsilon=(epsilon or {}).get(name, 0.0))
+                                                     epsilon=_eps((epsilon or {}).get(name, 0.0), r))
                 assert (await eng.receive_upload(sites[name].peer, _chunks(signed, payload))).accepted
         await asyncio.wait_for(eng.finished.wait(), timeout)
         return store
 
     return asyncio.run(main())
+
+
+def _eps(value: float | dict[int, float], round: int) -> float:
+    return value.get(round, 0.0) if isinstance(value, dict) else value
 
 
 def train_on_qa(base: Path, init: AdapterInit, qa_dir: Path, steps: int = 40, lr: float = 3e-3) -> dict[str, torch.Tensor]:

@@ -43,7 +43,7 @@ def published(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
                                primary_metrics={"general_qa": "Rouge-L-R", "general_mcq": "acc"})
 
     deltas = {r: {"site-a": small_delta(init, 10 + r), "site-b": small_delta(init, 20 + r)} for r in (1, 2)}
-    store = run_federation(cfg, init, deltas, epsilon={"site-a": 0.5}, prepare=prepare)
+    store = run_federation(cfg, init, deltas, epsilon={"site-a": {1: 0.5, 2: 0.8}}, prepare=prepare)
     [pub] = store.publications()
     return Path(pub["path"]), store
 
@@ -115,7 +115,10 @@ def test_model_card_fields(published: tuple[Path, Store], tiny_model_dir: Path) 
     assert fb["strategy"]["aggregation_error"] == pytest.approx(rounds[-1].info["aggregation_error"]["mean"])
     assert fb["strategy"]["aggregation_error_max"] == pytest.approx(rounds[-1].info["aggregation_error"]["max"])
     assert fb["training_modes"] == ["sft"]
-    assert fb["dp_epsilon"] == {"site-a": 1.0, "site-b": 0.0}  # 0.5 reported in each of 2 signed envelopes
+    # Envelopes carry the site's cumulative epsilon: the card shows the latest (0.8 after round 2), not a sum.
+    assert fb["dp_epsilon"] == {"site-a": 0.8, "site-b": 0.0}
+    assert fb["dp"]["delta"] == {"site-a": 1e-5, "site-b": 0.0} and fb["dp"]["mode"] == "none"
+    assert store.site_epsilon() == {"site-a": 0.8, "site-b": 0.0}
     assert fb["evaluation"] == {"round": 2, "status": "ok", "scores": SCORES[2]}
     assert fb["release_gate"] == {"passed": True, "thresholds": {"general_qa": 0.5}, "max_regression": 0.05,
                                   "previous_version": None}
@@ -124,7 +127,7 @@ def test_model_card_fields(published: tuple[Path, Store], tiny_model_dir: Path) 
     assert {(r["dataset"]["name"], r["metrics"][0]["type"], r["metrics"][0]["value"]) for r in index["results"]} == {
         ("general_qa", "Rouge-L-R", 0.8125), ("general_mcq", "acc", 0.5)}
     # The prose says the same.
-    assert "| site-a | EU/DE | 1, 2 | 1 |" in body and "| site-b | unspecified | 1, 2 | 0 |" in body
+    assert "| site-a | EU/DE | 1, 2 | 0.8 |" in body and "| site-b | unspecified | 1, 2 | 0 |" in body
     assert "| general_qa | Rouge-L-R | 0.8125 | capitals 0.812 |" in body
     assert "| 1 | 0.2500 | 0.6250 |" in body and "| 2 | 0.5000 | 0.8125 |" in body  # history: mcq, qa per round
     assert "`apache-2.0`" in body

@@ -103,7 +103,7 @@ class TrainingConfig(_message.Message):
     def __init__(self, mode: _Optional[str] = ..., max_steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., per_device_batch_size: _Optional[int] = ..., gradient_accumulation_steps: _Optional[int] = ..., max_length: _Optional[int] = ..., seed: _Optional[int] = ..., weight_decay: _Optional[float] = ..., warmup_ratio: _Optional[float] = ..., lr_scheduler_type: _Optional[str] = ..., beta: _Optional[float] = ..., loss_type: _Optional[str] = ..., rpo_alpha: _Optional[float] = ..., simpo_gamma: _Optional[float] = ..., cpo_alpha: _Optional[float] = ..., desirable_weight: _Optional[float] = ..., undesirable_weight: _Optional[float] = ..., label_smoothing: _Optional[float] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("federation_id", "round", "total_rounds", "base_model_sha256", "base_model_ref", "training", "adapter_spec", "global_adapter_sha256", "global_adapter_size", "deadline_unix_ms", "hints", "base_residual_sha256", "base_residual_size")
+    __slots__ = ("federation_id", "round", "total_rounds", "base_model_sha256", "base_model_ref", "training", "adapter_spec", "global_adapter_sha256", "global_adapter_size", "deadline_unix_ms", "hints", "base_residual_sha256", "base_residual_size", "dp")
     FEDERATION_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
@@ -117,6 +117,7 @@ class Task(_message.Message):
     HINTS_FIELD_NUMBER: _ClassVar[int]
     BASE_RESIDUAL_SHA256_FIELD_NUMBER: _ClassVar[int]
     BASE_RESIDUAL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    DP_FIELD_NUMBER: _ClassVar[int]
     federation_id: str
     round: int
     total_rounds: int
@@ -130,7 +131,16 @@ class Task(_message.Message):
     hints: SiteHints
     base_residual_sha256: str
     base_residual_size: int
-    def __init__(self, federation_id: _Optional[str] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., base_model_sha256: _Optional[str] = ..., base_model_ref: _Optional[str] = ..., training: _Optional[_Union[TrainingConfig, _Mapping]] = ..., adapter_spec: _Optional[_Union[AdapterSpec, _Mapping]] = ..., global_adapter_sha256: _Optional[str] = ..., global_adapter_size: _Optional[int] = ..., deadline_unix_ms: _Optional[int] = ..., hints: _Optional[_Union[SiteHints, _Mapping]] = ..., base_residual_sha256: _Optional[str] = ..., base_residual_size: _Optional[int] = ...) -> None: ...
+    dp: DpRequest
+    def __init__(self, federation_id: _Optional[str] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., base_model_sha256: _Optional[str] = ..., base_model_ref: _Optional[str] = ..., training: _Optional[_Union[TrainingConfig, _Mapping]] = ..., adapter_spec: _Optional[_Union[AdapterSpec, _Mapping]] = ..., global_adapter_sha256: _Optional[str] = ..., global_adapter_size: _Optional[int] = ..., deadline_unix_ms: _Optional[int] = ..., hints: _Optional[_Union[SiteHints, _Mapping]] = ..., base_residual_sha256: _Optional[str] = ..., base_residual_size: _Optional[int] = ..., dp: _Optional[_Union[DpRequest, _Mapping]] = ...) -> None: ...
+
+class DpRequest(_message.Message):
+    __slots__ = ("noise_multiplier", "clip_norm")
+    NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
+    CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
+    noise_multiplier: float
+    clip_norm: float
+    def __init__(self, noise_multiplier: _Optional[float] = ..., clip_norm: _Optional[float] = ...) -> None: ...
 
 class SiteHints(_message.Message):
     __slots__ = ("proximal_mu", "freeze_lora_a")
@@ -141,7 +151,7 @@ class SiteHints(_message.Message):
     def __init__(self, proximal_mu: _Optional[float] = ..., freeze_lora_a: _Optional[bool] = ...) -> None: ...
 
 class UpdateEnvelope(_message.Message):
-    __slots__ = ("federation_id", "round", "site", "base_model_sha256", "payload_sha256", "payload_size", "nonce", "payload_kind", "adapter_spec_sha256", "num_examples", "epsilon_spent", "created_unix_ms")
+    __slots__ = ("federation_id", "round", "site", "base_model_sha256", "payload_sha256", "payload_size", "nonce", "payload_kind", "adapter_spec_sha256", "num_examples", "epsilon_spent", "created_unix_ms", "dp_delta")
     FEDERATION_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     SITE_FIELD_NUMBER: _ClassVar[int]
@@ -154,6 +164,7 @@ class UpdateEnvelope(_message.Message):
     NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     EPSILON_SPENT_FIELD_NUMBER: _ClassVar[int]
     CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    DP_DELTA_FIELD_NUMBER: _ClassVar[int]
     federation_id: str
     round: int
     site: str
@@ -166,7 +177,8 @@ class UpdateEnvelope(_message.Message):
     num_examples: int
     epsilon_spent: float
     created_unix_ms: int
-    def __init__(self, federation_id: _Optional[str] = ..., round: _Optional[int] = ..., site: _Optional[str] = ..., base_model_sha256: _Optional[str] = ..., payload_sha256: _Optional[str] = ..., payload_size: _Optional[int] = ..., nonce: _Optional[bytes] = ..., payload_kind: _Optional[_Union[PayloadKind, str]] = ..., adapter_spec_sha256: _Optional[str] = ..., num_examples: _Optional[int] = ..., epsilon_spent: _Optional[float] = ..., created_unix_ms: _Optional[int] = ...) -> None: ...
+    dp_delta: float
+    def __init__(self, federation_id: _Optional[str] = ..., round: _Optional[int] = ..., site: _Optional[str] = ..., base_model_sha256: _Optional[str] = ..., payload_sha256: _Optional[str] = ..., payload_size: _Optional[int] = ..., nonce: _Optional[bytes] = ..., payload_kind: _Optional[_Union[PayloadKind, str]] = ..., adapter_spec_sha256: _Optional[str] = ..., num_examples: _Optional[int] = ..., epsilon_spent: _Optional[float] = ..., created_unix_ms: _Optional[int] = ..., dp_delta: _Optional[float] = ...) -> None: ...
 
 class SignedEnvelope(_message.Message):
     __slots__ = ("envelope", "signature")
