@@ -229,3 +229,35 @@ def test_restart_in_closing_state_aggregates_exactly_the_decided_updates(tmp_pat
         out = codec.decode_state(again.adapter_bytes(2))
         assert torch.allclose(out["l.lora_B.weight"], torch.full((4, 2), 1.0))
     asyncio.run(main())
+
+
+def test_state_dir_from_before_quorum_is_migrated(tmp_path: Path) -> None:
+    import sqlite3
+
+    from coordinator.store import Store
+
+    # Prepare: the schema of rounds/updates as state dirs hold it from before (key (round, site), no attempts)
+    (tmp_path / "state").mkdir()
+    con = sqlite3.connect(tmp_path / "state" / "coordinator.db")
+    con.executescript("""
+    CREATE TABLE rounds (round INTEGER PRIMARY KEY, state TEXT NOT NULL, input_sha256 TEXT NOT NULL,
+      output_sha256 TEXT, opened_ms INTEGER NOT NULL, closed_ms INTEGER, info TEXT);
+    CREATE TABLE updates (round INTEGER NOT NULL, site TEXT NOT NULL, payload_sha256 TEXT NOT NULL,
+      size INTEGER NOT NULL, num_examples INTEGER NOT NULL, nonce BLOB NOT NULL UNIQUE, envelope BLOB NOT NULL,
+      signature BLOB NOT NULL, path TEXT NOT NULL, accepted_ms INTEGER NOT NULL, PRIMARY KEY (round, site));
+    INSERT INTO rounds VALUES (1, 'closed', 'in1', 'out1', 5, 6, '{}'), (2, 'open', 'out1', NULL, 7, NULL, NULL);
+    INSERT INTO updates VALUES (2, 'a', 'h', 1, 10, x'01', x'02', x'03', 'artifacts/u', 8);
+    """)
+    con.close()
+
+    # Execute
+    store = Store(tmp_path / "state")
+    late = store.accept_update(round=2, site="a", payload=b"p", payload_sha256="h2", num_examples=5, nonce=b"n2",
+                               envelope=b"e", signature=b"s", trained_round=1, weight=0.5)
+
+    # Assert: old rows read as fresh updates of their round; a late update of the same site fits beside them
+    r2 = store.rounds()[1]
+    assert (r2.attempt, r2.attempt_opened_ms) == (1, 7)
+    assert [(u.site, u.trained_round, u.weight) for u in store.updates(2)] == [("a", 2, 1.0), ("a", 1, 0.5)]
+    assert late.staleness == 1 and store.update_trained_on("a", 1) == late
+    assert [(e["trained_round"], e["input_sha256"]) for e in store.ledger()] == [(2, "out1"), (1, "in1")]
