@@ -261,3 +261,21 @@ def test_state_dir_from_before_quorum_is_migrated(tmp_path: Path) -> None:
     assert [(u.site, u.trained_round, u.weight) for u in store.updates(2)] == [("a", 2, 1.0), ("a", 1, 0.5)]
     assert late.staleness == 1 and store.update_trained_on("a", 1) == late
     assert [(e["trained_round"], e["input_sha256"]) for e in store.ledger()] == [(2, "out1"), (1, "in1")]
+
+
+@pytest.mark.parametrize(("quorum", "min_sites", "message"), [
+    ({"late_policy": "later"}, 2, r"quorum.late_policy.*'later' is not one of \('drop', 'next_round'\)"),
+    ({"deadline_s": 10, "min_at_deadline": 3}, 2, r"quorum.min_at_deadline.*3 is more than the quorum k \(min_sites = 2\)"),
+    ({"min_at_deadline": 1}, 2, r"quorum.min_at_deadline.*only with quorum.deadline_s or quorum.heartbeat_timeout_s"),
+    ({"deadline_s": -1}, 2, r"quorum.deadline_s.*finite number >= 0"),
+    ({"max_attempts": -2}, 2, r"quorum.max_attempts.*>= 0"),
+])
+def test_bad_quorum_config_names_the_field(tmp_path: Path, quorum: dict, min_sites: int, message: str) -> None:
+    from coord_helpers import config
+
+    from protos.tomlconfig import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        config(tmp_path, tmp_path, quorum=quorum, min_sites=min_sites)
+    assert config(tmp_path, tmp_path, min_sites=3, quorum={"deadline_s": 5, "min_at_deadline": 2}).min_to_close == 2
+    assert config(tmp_path, tmp_path, min_sites=3).min_to_close == 3  # no [quorum]: old configs keep working
