@@ -335,6 +335,62 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+LATE_POLICIES = ("drop", "next_round")
+
+
+@dataclass(frozen=True)
+class QuorumSpec:
+    """When a round closes without waiting for everyone (``[quorum]``); the quorum k itself is ``min_sites``.
+
+    A round closes as soon as ``min_sites`` (k) accepted updates are in. With a deadline it also closes
+    ``deadline_s`` after it (or its current attempt) opened if at least ``min_at_deadline`` updates are in; with
+    fewer, that attempt is **abandoned and the round retried**: the round keeps its number and its input global
+    adapter, every update already accepted for it stays counted (they were trained on that same input, so nothing
+    accepted is lost or counted twice), a new attempt with a fresh deadline starts, and sites that have not sent an
+    update yet are offered the round again. With heartbeats, a site silent for longer than ``heartbeat_timeout_s``
+    counts as dropped for the round, and the round closes early once every site still alive has answered (and at
+    least ``min_at_deadline`` updates are in).
+
+    Attributes:
+        deadline_s: Seconds after a round (attempt) opens at which it closes with what it has (0: no deadline; the
+            round waits for k updates).
+        min_at_deadline: Fewest accepted updates a round may close with at its deadline or by heartbeat drops;
+            below it the attempt is abandoned and retried (0: k, i.e. never close short).
+        max_attempts: Give up (stop the coordinator loudly, state kept) after this many abandoned attempts of one
+            round (0: retry forever).
+        heartbeat_timeout_s: A site whose last call (heartbeat, poll, upload) is older than this counts as dropped
+            for the open round (0: heartbeats are not used to drop sites).
+        late_policy: What happens to an update for a round that already closed: ``drop`` refuses it
+            (FAILED_PRECONDITION) and records the refusal; ``next_round`` accepts it into the open round's aggregate
+            with its FedAvg weight scaled by the staleness factor ``(1 + s) ** -staleness_exponent``, where ``s`` is
+            the number of rounds between the round it was trained on and the round it joins (FedAsync's polynomial
+            staleness function, Xie et al. 2019, arXiv:1903.03934).
+        staleness_exponent: The ``a`` of the staleness factor (``>= 0``; 0 weighs late updates like fresh ones).
+    """
+
+    deadline_s: float = 0.0
+    min_at_deadline: int = 0
+    max_attempts: int = 0
+    heartbeat_timeout_s: float = 0.0
+    late_policy: str = "drop"
+    staleness_exponent: float = 0.5
+
+    def __post_init__(self) -> None:
+        for name in ("deadline_s", "heartbeat_timeout_s", "staleness_exponent"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf"):
+                raise ValueError(f"field 'quorum.{name}': must be a finite number >= 0, got {v!r}")
+        for name in ("min_at_deadline", "max_attempts"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"field 'quorum.{name}': must be >= 0, got {getattr(self, name)}")
+        if self.late_policy not in LATE_POLICIES:
+            raise ValueError(f"field 'quorum.late_policy': {self.late_policy!r} is not one of {LATE_POLICIES}")
+
+    def staleness_weight(self, staleness: int) -> float:
+        """FedAsync's polynomial staleness factor ``(1 + s) ** -a`` for an update ``s`` rounds old."""
+        return float((1 + staleness) ** -self.staleness_exponent)
+
+
 def check_gate(evaluation: EvalSpec, gate: GateSpec) -> None:
     """Refuse a gate on benchmarks that are not evaluated."""
     if gate.thresholds and not evaluation.enabled:
@@ -383,7 +439,7 @@ class SecureAggregationSpec:
 
 
 def check_secure_aggregation(spec: SecureAggregationSpec, strategy: str, params: dict[str, Any],
-                             min_sites: int, privacy_mode: str = "none") -> None:
+                             min_sites: int, privacy_mode: str = "none", late_policy: str = "drop") -> None:
     """Refuse, at start, secure aggregation with a rule that needs each site's update on its own."""
     if not spec.enabled:
         return
@@ -398,6 +454,10 @@ def check_secure_aggregation(spec: SecureAggregationSpec, strategy: str, params:
     if CLIP_PARAM in params:
         raise ValueError(f"field 'strategy_params.{CLIP_PARAM}': coordinator-side clipping needs each update; with "
                          "secure_aggregation.enabled clip at the sites (their egress filters) instead")
+    if late_policy == "next_round":
+        raise ValueError("field 'quorum.late_policy': 'next_round' carries a late update into the next round, but a "
+                         "masked update only unmasks together with its own round's sites; use late_policy = 'drop' "
+                         "with secure_aggregation.enabled")
     if privacy_mode == "central":
         raise ValueError("field 'privacy.mode': central DP clips each update at the coordinator, which secure "
                          "aggregation never sees; with secure_aggregation.enabled use privacy.mode = 'local' (sites "
@@ -494,7 +554,8 @@ class FederationConfig:
         base_model: Local directory of the base model (HF format with a fedbridge manifest).
         base_model_ref: Where the base model comes from (hub id or a name), for provenance.
         rounds: Number of rounds.
-        min_sites: Quorum: accepted updates needed to close a round.
+        min_sites: Quorum k: a round closes as soon as this many accepted updates are in (see ``quorum`` for
+            deadlines, heartbeats, abandon/retry and late updates).
         strategy: Aggregation strategy name (``strategies.registry.list_strategies()``).
         strategy_params: Parameters of the strategy (plus ``clip_norm`` for norm-bound clipping before the rule).
         lora: The adapter sites train.
@@ -519,6 +580,7 @@ class FederationConfig:
         max_update_norm: Refuse updates whose L2 norm over all tensors is above this (0: no bound).
         records: GDPR Art. 30 record-of-processing fields.
         privacy: Differential privacy: none, local (sites noise) or central (the coordinator noises the aggregate).
+        quorum: Deadline, minimum at the deadline, heartbeats and the late-update policy of every round.
     """
 
     federation_id: str
@@ -550,6 +612,7 @@ class FederationConfig:
     max_update_norm: float = 0.0
     records: RecordsSpec = field(default_factory=RecordsSpec)
     privacy: PrivacySpec = field(default_factory=PrivacySpec)
+    quorum: QuorumSpec = field(default_factory=QuorumSpec)
 
     def __post_init__(self) -> None:
         if not (self.max_update_norm >= 0 and self.max_update_norm != float("inf")):
@@ -560,13 +623,24 @@ class FederationConfig:
             raise ValueError(f"field 'rounds': must be > 0, got {self.rounds}")
         if self.min_sites <= 0:
             raise ValueError(f"field 'min_sites': must be > 0, got {self.min_sites}")
+        if self.quorum.min_at_deadline > self.min_sites:
+            raise ValueError(f"field 'quorum.min_at_deadline': {self.quorum.min_at_deadline} is more than the quorum "
+                             f"k (min_sites = {self.min_sites}); a round closes at k anyway")
+        if self.quorum.min_at_deadline and not (self.quorum.deadline_s or self.quorum.heartbeat_timeout_s):
+            raise ValueError("field 'quorum.min_at_deadline': applies only with quorum.deadline_s or "
+                             "quorum.heartbeat_timeout_s set")
         check_strategy(self.strategy, self.strategy_params)
         check_gate(self.evaluation, self.gate)
         check_secure_aggregation(self.secure_aggregation, self.strategy, self.strategy_params, self.min_sites,
-                                 self.privacy.mode)
+                                 self.privacy.mode, self.quorum.late_policy)
         check_privacy(self.strategy, self.strategy_params, self.privacy)
         if ":" not in self.listen:
             raise ValueError(f"field 'listen': must be host:port, got {self.listen!r}")
+
+    @property
+    def min_to_close(self) -> int:
+        """Fewest updates a round may close with at its deadline or by heartbeat drops."""
+        return self.quorum.min_at_deadline or self.min_sites
 
 
 def load_federation_config(path: str | Path) -> FederationConfig:

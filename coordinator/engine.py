@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 import re
 import time
 from collections.abc import AsyncIterator
@@ -40,9 +41,10 @@ from coordinator.errors import (
     WrongRound,
 )
 from coordinator.pki import PeerIdentity
-from coordinator.publish import build_provenance, publish
+from coordinator.publish import build_provenance, find_published, publish
+from coordinator.quorum import HeartbeatAck, RoundPolicy
 from coordinator.secagg import SecAggCoordinator
-from coordinator.store import Store, UpdateRow
+from coordinator.store import Store, UpdateRow, write_durable
 from protos import codec
 from protos.auditlog import AuditLog, Head
 from protos.auditlog import verify as verify_log
@@ -60,6 +62,10 @@ PHASES = ("train", "eval_global")
 SITE_RANK_RULES = {"hetlora": hetlora.for_site, "flexlora": flexlora.for_site}
 _METRIC_NAME = re.compile(r"^[a-z][a-z0-9_.]{0,63}$")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+# Test-only hold point: ``<phase>:<round>`` makes the coordinator write ``state_dir/hold-<phase>-<round>`` and block
+# there (collecting, aggregating, evaluating, publishing), so a crash test can SIGKILL it in exactly that phase.
+HOLD_ENV = "FEDBRIDGE_TEST_HOLD"
+TICK_S = 0.25  # how often deadlines and heartbeat timeouts are checked while a round is open
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,7 @@ class TaskOffer:
     global_size: int = 0
     residual_sha256: str = ""
     residual_size: int = 0
+    deadline_ms: int = 0  # Unix ms at which the round's current attempt closes without this site (0: none)
 
 
 @dataclass(frozen=True)
@@ -153,6 +160,11 @@ class RoundEngine:
         self._watch: asyncio.Task[None] | None = None
         p = config.privacy  # central DP: clip each update and noise the aggregate (coordinator/dp.py)
         self.central_dp = CentralDp(p.noise_multiplier, p.clip_norm, p.delta) if p.mode == "central" else None
+        self.audit = AuditLog(self.store.dir / "audit.jsonl")
+        self.quorum = RoundPolicy(config, store, self._audit, self._closing)  # quorum, deadline, heartbeats, late
+
+    def _audit(self, event: str, fields: dict[str, Any]) -> None:
+        self.audit.append(event, fields)
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -192,9 +204,16 @@ class RoundEngine:
             self._tasks.add(ticker)
             ticker.add_done_callback(self._advance_done)
         await self._advance()
+        q = self.cfg.quorum
+        if q.deadline_s or q.heartbeat_timeout_s:
+            self._keep(asyncio.get_running_loop().create_task(self._tick()))
 
     async def _advance(self) -> None:
-        """Make progress from whatever state the store is in (used at start and after each accepted update)."""
+        """Make progress from whatever state the store is in (at start, after each accepted update, on each tick).
+
+        A round goes open -> closing (the decision to close is committed with its reason; no update is taken after
+        it) -> closed (aggregated). Every step is in the store first, so a restart at any point continues it.
+        """
         async with self._lock:
             while True:
                 if self._held():
@@ -205,19 +224,35 @@ class RoundEngine:
                     ups = self.store.updates(cur.round)
                     if self.secagg is not None:  # the round closes once its masks can be removed
                         self.secagg.tick(cur.round)
-                        if not self.secagg.ready(cur.round):
-                            break
-                    elif len(ups) < self.cfg.min_sites:
+                        decision = (("quorum_reached", {"updates": len(ups), "secure_aggregation": True})
+                                    if self.secagg.ready(cur.round) else None)
+                    else:
+                        decision = self.quorum.decide(cur, ups)
+                    if decision is None:
+                        if ups:
+                            self._hold("collecting", cur.round)
                         break
+                    event, detail = decision
+                    if event == "round_abandoned":
+                        self.quorum.abandon(cur, detail)
+                        self._notify()
+                        continue
+                    self.store.mark_closing(cur.round, cur.attempt, event, detail)
+                    self._audit(event, {"round": cur.round, "attempt": cur.attempt, **detail})
+                    log.info("[RoundEngine] round=%d attempt=%d closing: %s %s", cur.round, cur.attempt, event, detail)
+                elif cur.state == "closing":
+                    ups = self.store.updates(cur.round)
                     self._closing.add(cur.round)
                     try:
                         await asyncio.to_thread(self._aggregate, cur.round, ups)
                     finally:
                         self._closing.discard(cur.round)
+                    self._audit("round_closed", {"round": cur.round, "updates": len(ups)})
                 elif self._evaluation_due(cur.round):
                     await asyncio.to_thread(self._evaluate, cur.round)
                 elif cur.round < self.cfg.rounds:
                     self.store.open_round(cur.round + 1, cur.output_sha256 or "")
+                    self._audit("round_opened", {"round": cur.round + 1})
                     log.info("[RoundEngine] round=%d opened", cur.round + 1)
                 elif not self.store.release_decided(self.cfg.rounds):
                     await asyncio.to_thread(self._publish)
@@ -227,9 +262,34 @@ class RoundEngine:
                 self._notify()
         self._notify()
 
+    # -- quorum, deadline, heartbeats -----------------------------------------------------------------------------
+    async def _tick(self) -> None:
+        """Check deadlines and heartbeat timeouts while rounds are open."""
+        while not self.finished.is_set():
+            await asyncio.sleep(TICK_S)
+            cur = self.store.current_round()
+            if cur is not None and cur.state == "open":
+                await self._advance()
+
+    def heartbeat(self, peer: PeerIdentity, round: int, phase: str, step: int, total_steps: int) -> HeartbeatAck:
+        """A site says it is alive and how far it trained; see :meth:`RoundPolicy.heartbeat`."""
+        self._require_site(peer)
+        return self.quorum.heartbeat(peer.name, round, phase, step, total_steps)
+
+    def _hold(self, phase: str, round: int) -> None:
+        """Test-only: block forever in ``phase`` of ``round`` when ``FEDBRIDGE_TEST_HOLD`` says so (see HOLD_ENV)."""
+        if os.environ.get(HOLD_ENV) != f"{phase}:{round}":
+            return
+        write_durable(self.store.dir / f"hold-{phase}-{round}", b"")
+        log.warning("[RoundEngine] round=%d holding in phase %s (%s); waiting to be killed", round, phase, HOLD_ENV)
+        while True:
+            time.sleep(3600)
+
     def _advance_in_background(self) -> None:
         """Run :meth:`_advance` as a task that is kept referenced and whose failure is never silent."""
-        task = asyncio.get_running_loop().create_task(self._advance())
+        self._keep(asyncio.get_running_loop().create_task(self._advance()))
+
+    def _keep(self, task: asyncio.Task[None]) -> None:
         self._tasks.add(task)
         task.add_done_callback(self._advance_done)
 
@@ -268,6 +328,7 @@ class RoundEngine:
         self.store.set_site_region(peer.name, region)
         self._audit("site_joined", {"site": peer.name, "region": region, "cert_sha256": peer.fingerprint,
                                     "serial": str(peer.serial), "agent_version": agent_version[:64], "lora_rank": rank})
+        self.quorum.touch(peer.name)
         log.info("[FederationService.Join] site=%s agent=%s", peer.name, agent_version[:64])
 
     def site_rank(self, site: str) -> int:
@@ -306,11 +367,12 @@ class RoundEngine:
         cur = self.store.current_round()
         if cur is None or cur.state != "open" or cur.round in self._closing:
             return TaskOffer("wait")
-        if any(u.site == site for u in self.store.updates(cur.round)):
+        if self.store.update_trained_on(site, cur.round) is not None:
             return TaskOffer("wait")
         if self.secagg is not None and self.secagg.roster_closed(cur.round):  # too late to join this round's SecAgg
             return TaskOffer("wait")
-        return TaskOffer("train", cur.round, *self._adapter_meta(site, cur.round), *self._residual_meta(cur.round))
+        return TaskOffer("train", cur.round, *self._adapter_meta(site, cur.round), *self._residual_meta(cur.round),
+                         self.quorum.deadline_ms(cur))
 
     async def fetch_task(self, peer: PeerIdentity, wait_s: float) -> TaskOffer:
         """Long-poll: return a task as soon as one exists for this site, else ``wait`` after ``wait_s``."""
@@ -319,6 +381,7 @@ class RoundEngine:
         deadline = loop.time() + max(0.0, min(wait_s, self.cfg.long_poll_ms / 1000))
         while True:
             self._require_site(peer)  # a revocation wakes this loop and ends the long-poll
+            self.quorum.touch(peer.name)  # a site held in a long poll is alive
             offer = self._offer(peer.name)
             remaining = deadline - loop.time()
             if offer.status != "wait" or remaining <= 0:
@@ -388,10 +451,7 @@ class RoundEngine:
             raise PermissionDenied(f"envelope names site {env.site!r} but the certificate is {peer.name!r}")
         if env.federation_id != self.cfg.federation_id:
             raise InvalidUpdate(f"envelope is for federation {env.federation_id!r}, this is {self.cfg.federation_id!r}")
-        cur = self.store.current_round()
-        if cur is None or cur.state != "open" or cur.round in self._closing or env.round != cur.round:
-            now = f"round {cur.round} is {cur.state}" if cur else "no round is open"
-            raise WrongRound(f"update is for round {env.round}; {now}")
+        self.quorum.check(env)
         if env.base_model_sha256 != self.base_sha256:
             raise InvalidUpdate(f"update was trained on base model {env.base_model_sha256[:16]}…, "
                                 f"the federation pins {self.base_sha256[:16]}…")
@@ -412,7 +472,7 @@ class RoundEngine:
 
     def _begin(self, peer: PeerIdentity, signed: pb.SignedEnvelope, offset: int) -> _Upload:
         env = self._check_envelope(peer, signed)
-        mine = [u for u in self.store.updates(env.round) if u.site == peer.name]
+        mine = [u for u in [self.store.update_trained_on(peer.name, env.round)] if u is not None]
         path = self.store.partial_path(env.round, peer.name, env.payload_sha256)
         if mine:
             if mine[0].nonce == env.nonce and mine[0].payload_sha256 == env.payload_sha256:
@@ -504,9 +564,13 @@ class RoundEngine:
             up.path.unlink(missing_ok=True)
             log.warning("[FederationService.UploadUpdate] round=%d site=%s refused: %s", env.round, peer.name, e)
             raise (e if isinstance(e, InvalidUpdate) else InvalidUpdate(str(e))) from None
-        row = self.store.accept_update(round=env.round, site=peer.name, payload=payload,
+        into, weight, late = self.quorum.route(env)
+        row = self.store.accept_update(round=into, site=peer.name, payload=payload,
                                        payload_sha256=env.payload_sha256, num_examples=env.num_examples,
-                                       nonce=env.nonce, envelope=up.signed.envelope, signature=up.signed.signature)
+                                       nonce=env.nonce, envelope=up.signed.envelope, signature=up.signed.signature,
+                                       trained_round=env.round, weight=weight, event=late)
+        if late is not None:
+            self._audit(late[0], {"round": into, "site": peer.name, **late[1]})
         up.path.unlink(missing_ok=True)
         self._audit("update_accepted", {"site": peer.name, "round": env.round, "payload_sha256": env.payload_sha256,
                                         "bytes": len(payload), "num_examples": env.num_examples,
@@ -520,9 +584,10 @@ class RoundEngine:
         self._require_site(peer)
         if not _HEX64.fullmatch(payload_sha256):
             raise InvalidUpdate("payload_sha256 must be 64 lower-case hex characters")
-        for u in self.store.updates(round):
-            if u.site == peer.name and u.payload_sha256 == payload_sha256:
-                return u.size, True
+        self.quorum.touch(peer.name)
+        u = self.store.update_trained_on(peer.name, round)
+        if u is not None and u.payload_sha256 == payload_sha256:
+            return u.size, True
         path = self.store.partial_path(round, peer.name, payload_sha256)
         return (path.stat().st_size if path.exists() else 0), False
 
@@ -555,7 +620,12 @@ class RoundEngine:
 
         # The aggregation-error meter below needs every site's factors, so the round's updates are read and decoded
         # once and shared with the rule (which then folds the in-memory list key by key).
-        updates = [ClientUpdate(u.site, codec.decode_state(u.path.read_bytes()), u.num_examples,
+        # A late update carried in from an earlier round weighs num_examples * (1 + staleness)^-a (FedAsync); it
+        # gets its own name so a site's fresh and late updates are distinct contributions. Rules that ignore
+        # weights (median, trimmed mean, Krum) ignore the staleness factor too.
+        updates = [ClientUpdate(u.site if u.trained_round == round else f"{u.site}~r{u.trained_round}",
+                                codec.decode_state(u.path.read_bytes()),
+                                u.num_examples if u.weight == 1.0 else u.num_examples * u.weight,  # type: ignore[arg-type]
                                 {"lora_rank": self.site_rank(u.site)}) for u in ups]
         dp_info: dict[str, Any] = {}
         if self.central_dp is not None:
@@ -564,6 +634,7 @@ class RoundEngine:
         payload = codec.encode_state(result.state)
         self._carry_residual(round, result.base_residual)
         self.store.put_adapter(round + 1, payload)
+        self._hold("aggregating", round)
         if result.server_state is not None:
             self.store.put_server_state(round, result.server_state.rule, result.server_state.to_flat())
         # The aggregation-error meter compares what is published with the exact mean of the sites' B·A products.
@@ -572,7 +643,12 @@ class RoundEngine:
         info: dict[str, Any] = {
             "strategy": self.strategy.name, "strategy_params": dict(self.cfg.strategy_params),
             "updates": {u.site: {"payload_sha256": u.payload_sha256, "num_examples": u.num_examples,
-                                 "bytes": u.size} for u in ups},
+                                 "bytes": u.size} for u in ups if u.trained_round == round},
+            "late_updates": [{"site": u.site, "trained_round": u.trained_round, "staleness": u.staleness,
+                              "weight": u.weight, "payload_sha256": u.payload_sha256, "num_examples": u.num_examples}
+                             for u in ups if u.trained_round != round],
+            "decisions": [{"event": e["event"], "attempt": e["attempt"], "site": e["site"], **e["detail"]}
+                          for e in self.store.events(round)],
             "strategy_info": dict(result.info),
             "aggregation_error": {"mean": sum(finite) / len(finite) if finite else 0.0,
                                   "max": max(finite, default=0.0), "per_module": errors},
@@ -650,6 +726,7 @@ class RoundEngine:
                                                  state=codec.decode_state(data), eval_spec=self.cfg.evaluation,
                                                  work_dir=work,
                                                  residual=codec.decode_state(residual) if residual else None)
+            self._hold("evaluating", round)
         except Exception as e:  # EvaluationError, and anything EvalScope raises: record it, keep the federation going
             log.exception("[RoundEngine.evaluate] round=%d failed", round)
             self.store.put_eval_run(round, status="failed", error=f"{type(e).__name__}: {e}"[:2000],
@@ -667,6 +744,17 @@ class RoundEngine:
         blocked publication."""
         final = self.cfg.rounds if final is None else final
         data = self.adapter_bytes(final + 1)
+        # Idempotent: a crash after the registry write and before the store recorded it left the version there;
+        # adopt it (found by federation, round and global adapter hash) instead of publishing the same model again.
+        found = find_published(self.cfg.registry_dir / self.cfg.federation_id, self.cfg.federation_id, final,
+                               codec.sha256_hex(data))
+        if found is not None:
+            self.store.add_publication(found[0], final, found[1], found[2])
+            self._audit("published", {"round": final, "version": found[0], "manifest_sha256": found[2],
+                                      "adopted": True})
+            log.warning("[RoundEngine.publish] round=%d already published as v%d before a restart; recorded it",
+                        final, found[0])
+            return
         run = self.store.eval_run(final)
         scores = ({b: kv["score"] for b, kv in self.store.eval_scores(final).get(final, {}).items()}
                   if run and run["status"] == "ok" else None)
@@ -675,7 +763,7 @@ class RoundEngine:
                                evaluation_error=run["error"] if run else "")
         if not decision.passed:
             self.store.add_blocked_publication(final, decision.reason, decision.to_dict())
-            self._audit("publication_blocked", {"round": final, "reason": decision.reason[:500]})
+            self._audit("publication_blocked", {"round": final, "reason": decision.reason[:1000]})
             log.warning("[RoundEngine.publish] round=%d blocked by the release gate: %s", final, decision.reason)
             return
         provenance = build_provenance(self.cfg, self.store, base_sha256=self.base_sha256, spec=self.spec,
@@ -687,6 +775,7 @@ class RoundEngine:
                                               base_model_ref=self.cfg.base_model_ref,
                                               max_shard_bytes=self.cfg.publish.max_shard_mb << 20,
                                               residual=codec.decode_state(residual) if residual else None)
+        self._hold("publishing", final)
         self.store.add_publication(version, final, path, manifest_sha)
         self._audit("model_published", {"round": final, "version": version, "path": str(path),
                                         "manifest_sha256": manifest_sha, "global_sha256": codec.sha256_hex(data)})

@@ -96,3 +96,16 @@ class InvalidState(CoordinatorError):
     """The federation is not in a state that allows the request (e.g. resume while not paused)."""
 
     status = "FAILED_PRECONDITION"
+
+
+class LateUpdate(CoordinatorError):
+    """An update for a round that already closed, refused under ``quorum.late_policy = "drop"`` (or with no later
+    round to carry it into)."""
+
+    status = "FAILED_PRECONDITION"
+
+
+class RoundBusy(CoordinatorError):
+    """The round is closing; a late update to be carried into the next round is to be retried once it opens."""
+
+    status = "ABORTED"

@@ -33,9 +33,9 @@ from coordinator.config import FederationConfig
 from coordinator.gate import GateDecision
 from coordinator.merge import copy_side_files, merge_adapter
 from coordinator.modelcard import render_model_card
-from coordinator.store import Store, now_ms
+from coordinator.store import Store, fsync_dir, now_ms
 from protos.fedbridge.v1 import federation_service_pb2 as pb
-from protos.manifest import Manifest, sha256_file
+from protos.manifest import MANIFEST_NAME, Manifest, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,28 @@ class PushError(RuntimeError):
 def next_version(fed_dir: Path) -> int:
     versions = [int(p.name[1:]) for p in fed_dir.glob("v*") if p.name[1:].isdigit()]
     return max(versions, default=0) + 1
+
+
+def find_published(fed_dir: Path, federation_id: str, round: int, global_sha256: str) -> tuple[int, Path, str] | None:
+    """An intact version of ``fed_dir`` that publishes ``round``'s global adapter ``global_sha256``, as
+    ``(version, path, manifest_sha256)``; None if there is none.
+
+    Lets a coordinator restarted between writing a version and recording it in its store adopt that version
+    instead of publishing the same model twice. A version whose files do not match its ``SHA256SUMS`` is ignored.
+    """
+    fed_dir = Path(fed_dir)
+    for p in sorted(fed_dir.glob("v*"), key=lambda q: int(q.name[1:]) if q.name[1:].isdigit() else -1):
+        if not p.name[1:].isdigit() or not (p / "provenance.json").is_file():
+            continue
+        try:
+            prov = json.loads((p / "provenance.json").read_text())
+        except (OSError, ValueError):
+            continue
+        rounds = [r.get("round") for r in prov.get("rounds", [])]
+        if (prov.get("federation_id") == federation_id and prov.get("global_adapter_sha256") == global_sha256
+                and rounds and rounds[-1] == round and not verify_sha256sums(p)):
+            return int(p.name[1:]), p, Manifest.load(p / MANIFEST_NAME).sha256
+    return None
 
 
 # -- provenance ----------------------------------------------------------------------------------------------------
@@ -199,7 +221,8 @@ def publish(*, base_model: Path, spec: pb.AdapterSpec, state: dict[str, torch.Te
     version = next_version(fed_dir)
     final = fed_dir / f"v{version}"
     tmp = fed_dir / f".v{version}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in fed_dir.glob(".v*.tmp-*"):  # left by a publisher killed mid-write; never renamed, never complete
+        shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir()
     prov = {"version": version, **provenance}
     _write_adapter(tmp / "adapter", Path(base_model), spec, state, base_model_ref)
@@ -217,6 +240,7 @@ def publish(*, base_model: Path, spec: pb.AdapterSpec, state: dict[str, torch.Te
     manifest = Manifest.of_dir(tmp)
     manifest.save(tmp)
     os.replace(tmp, final)
+    fsync_dir(fed_dir)
     log.info("[Publish] federation=%s version=%d path=%s", federation_id, version, final)
     return version, final, manifest.sha256
 

@@ -81,7 +81,8 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
                                            undesirable_weight=t.undesirable_weight,
                                            label_smoothing=t.label_smoothing),
                 adapter_spec=self.engine.spec_for(peer.name), global_adapter_sha256=offer.global_sha256,
-                global_adapter_size=offer.global_size, base_residual_sha256=offer.residual_sha256,
+                global_adapter_size=offer.global_size, deadline_unix_ms=offer.deadline_ms,
+                base_residual_sha256=offer.residual_sha256,
                 base_residual_size=offer.residual_size,
                 hints=pb.SiteHints(proximal_mu=float(hints.get("proximal_mu", 0.0)),
                                    freeze_lora_a=bool(hints.get("freeze_lora_A", False))),
@@ -141,3 +142,12 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
         except CoordinatorError as e:
             await _abort(context, "ReportMetrics", e)
         return pb.ReportMetricsResponse()
+
+    async def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext) -> pb.HeartbeatResponse:
+        try:
+            ack = self.engine.heartbeat(peer_of(context), request.round, request.phase, request.step,
+                                        request.total_steps)
+        except CoordinatorError as e:
+            await _abort(context, "Heartbeat", e)
+        return pb.HeartbeatResponse(current_round=ack.current_round, round_open=ack.round_open,
+                                    deadline_unix_ms=ack.deadline_ms, interval_ms=ack.interval_ms)

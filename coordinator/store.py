@@ -19,6 +19,12 @@ from typing import Any
 
 import torch
 
+_UPDATES_SQL = """CREATE TABLE updates (
+  round INTEGER NOT NULL, site TEXT NOT NULL, payload_sha256 TEXT NOT NULL, size INTEGER NOT NULL,
+  num_examples INTEGER NOT NULL, nonce BLOB NOT NULL UNIQUE, envelope BLOB NOT NULL, signature BLOB NOT NULL,
+  path TEXT NOT NULL, accepted_ms INTEGER NOT NULL, trained_round INTEGER NOT NULL, weight REAL NOT NULL DEFAULT 1.0,
+  PRIMARY KEY (round, site, trained_round));"""
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS sites (
@@ -26,11 +32,9 @@ CREATE TABLE IF NOT EXISTS sites (
   joined_ms INTEGER NOT NULL, last_seen_ms INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS rounds (
   round INTEGER PRIMARY KEY, state TEXT NOT NULL, input_sha256 TEXT NOT NULL, output_sha256 TEXT,
-  opened_ms INTEGER NOT NULL, closed_ms INTEGER, info TEXT);
-CREATE TABLE IF NOT EXISTS updates (
-  round INTEGER NOT NULL, site TEXT NOT NULL, payload_sha256 TEXT NOT NULL, size INTEGER NOT NULL,
-  num_examples INTEGER NOT NULL, nonce BLOB NOT NULL UNIQUE, envelope BLOB NOT NULL, signature BLOB NOT NULL,
-  path TEXT NOT NULL, accepted_ms INTEGER NOT NULL, PRIMARY KEY (round, site));
+  opened_ms INTEGER NOT NULL, closed_ms INTEGER, info TEXT, attempt INTEGER NOT NULL DEFAULT 1,
+  attempt_opened_ms INTEGER);
+""" + _UPDATES_SQL.replace("CREATE TABLE", "CREATE TABLE IF NOT EXISTS") + """
 CREATE TABLE IF NOT EXISTS metrics (
   round INTEGER NOT NULL, site TEXT NOT NULL, phase TEXT NOT NULL, key TEXT NOT NULL, value REAL NOT NULL,
   num_examples INTEGER NOT NULL, reported_ms INTEGER NOT NULL, PRIMARY KEY (round, site, phase, key));
@@ -78,6 +82,26 @@ CREATE TABLE IF NOT EXISTS revocations (
 CREATE TABLE IF NOT EXISTS site_regions (name TEXT PRIMARY KEY, region TEXT NOT NULL);
 """
 
+# Round decisions (quorum reached, deadline passed, site dropped, attempt abandoned, late update dropped/carried).
+_SCHEMA += """
+CREATE TABLE IF NOT EXISTS round_events (
+  id INTEGER PRIMARY KEY AUTOINCREMENT, round INTEGER NOT NULL, attempt INTEGER NOT NULL, event TEXT NOT NULL,
+  site TEXT NOT NULL, detail TEXT NOT NULL, ms INTEGER NOT NULL);
+"""
+
+# State dirs made before rounds had attempts and updates had a trained round: add the columns; rebuild `updates`
+# so its key admits a late update carried into the round its site also trains.
+_MIGRATIONS = (
+    ("rounds", "attempt", "ALTER TABLE rounds ADD COLUMN attempt INTEGER NOT NULL DEFAULT 1"),
+    ("rounds", "attempt_opened_ms", "ALTER TABLE rounds ADD COLUMN attempt_opened_ms INTEGER"),
+    ("updates", "trained_round", """
+ALTER TABLE updates RENAME TO updates_v1;
+""" + _UPDATES_SQL + """
+INSERT INTO updates SELECT round, site, payload_sha256, size, num_examples, nonce, envelope, signature, path,
+  accepted_ms, round, 1.0 FROM updates_v1;
+DROP TABLE updates_v1;"""),
+)
+
 
 def now_ms() -> int:
     return int(time.time() * 1000)
@@ -112,6 +136,8 @@ class RoundRow:
     opened_ms: int
     closed_ms: int | None
     info: dict[str, Any]
+    attempt: int = 1
+    attempt_opened_ms: int = 0
 
 
 @dataclass(frozen=True)
@@ -124,6 +150,12 @@ class UpdateRow:
     nonce: bytes
     path: Path
     accepted_ms: int
+    trained_round: int = 0  # the round whose global adapter the site trained on (< round: a late update)
+    weight: float = 1.0  # staleness factor applied to num_examples in the aggregate (1.0 for a fresh update)
+
+    @property
+    def staleness(self) -> int:
+        return self.round - self.trained_round
 
 
 class Store:
@@ -140,6 +172,13 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        with self._lock:
+            for table, column, sql in _MIGRATIONS:
+                if column not in {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}:
+                    self._db.executescript(f"BEGIN IMMEDIATE; {sql}; COMMIT;")
 
     def close(self) -> None:
         with self._lock:
@@ -212,6 +251,9 @@ class Store:
     def update_path(self, round: int, site: str) -> Path:
         return self.artifacts / "updates" / f"round-{round:05d}" / f"{site}.safetensors"
 
+    def late_update_path(self, round: int, site: str, trained_round: int) -> Path:
+        return self.artifacts / "updates" / f"round-{round:05d}" / f"{site}-late-from-{trained_round:05d}.safetensors"
+
     def partial_path(self, round: int, site: str, payload_sha256: str) -> Path:
         return self.uploads / f"round-{round:05d}" / f"{site}-{payload_sha256}.part"
 
@@ -231,9 +273,25 @@ class Store:
 
     # -- rounds -------------------------------------------------------------------------------------------------
     def open_round(self, round: int, input_sha256: str) -> None:
+        t = now_ms()
         with self.tx() as db:
-            db.execute("INSERT INTO rounds(round, state, input_sha256, opened_ms) VALUES(?, 'open', ?, ?)",
-                       (round, input_sha256, now_ms()))
+            db.execute("INSERT INTO rounds(round, state, input_sha256, opened_ms, attempt, attempt_opened_ms) "
+                       "VALUES(?, 'open', ?, ?, 1, ?)", (round, input_sha256, t, t))
+
+    def mark_closing(self, round: int, attempt: int, event: str, detail: dict[str, Any]) -> None:
+        """Record the decision to close ``round`` and stop it taking updates, in one transaction: a restart
+        aggregates exactly the updates held now."""
+        with self.tx() as db:
+            db.execute("UPDATE rounds SET state='closing' WHERE round=? AND state='open'", (round,))
+            self._event(db, round, attempt, event, "", detail)
+
+    def retry_round(self, round: int, attempt: int, detail: dict[str, Any]) -> int:
+        """Abandon ``attempt`` of ``round`` (recorded) and open the next attempt with a fresh deadline."""
+        with self.tx() as db:
+            self._event(db, round, attempt, "round_abandoned", "", detail)
+            db.execute("UPDATE rounds SET attempt=?, attempt_opened_ms=? WHERE round=? AND attempt=?",
+                       (attempt + 1, now_ms(), round, attempt))
+        return attempt + 1
 
     def close_round(self, round: int, output_sha256: str, info: dict[str, Any]) -> None:
         with self.tx() as db:
@@ -241,32 +299,71 @@ class Store:
                        (output_sha256, now_ms(), json.dumps(info, sort_keys=True), round))
 
     def rounds(self) -> list[RoundRow]:
-        rows = self._q("SELECT round, state, input_sha256, output_sha256, opened_ms, closed_ms, info FROM rounds ORDER BY round")
-        return [RoundRow(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]) if r[6] else {}) for r in rows]
+        rows = self._q("SELECT round, state, input_sha256, output_sha256, opened_ms, closed_ms, info, attempt, "
+                       "COALESCE(attempt_opened_ms, opened_ms) FROM rounds ORDER BY round")
+        return [RoundRow(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]) if r[6] else {}, r[7], r[8])
+                for r in rows]
 
     def current_round(self) -> RoundRow | None:
         rs = self.rounds()
         return rs[-1] if rs else None
 
+    # -- round decisions ----------------------------------------------------------------------------------------
+    @staticmethod
+    def _event(db: sqlite3.Connection, round: int, attempt: int, event: str, site: str,
+               detail: dict[str, Any]) -> None:
+        db.execute("INSERT INTO round_events(round, attempt, event, site, detail, ms) VALUES(?,?,?,?,?,?)",
+                   (round, attempt, event, site, json.dumps(detail, sort_keys=True), now_ms()))
+
+    def add_event(self, round: int, attempt: int, event: str, site: str = "", detail: dict[str, Any] | None = None
+                  ) -> None:
+        """Record one round decision (quorum/deadline close, site dropped, late update dropped or carried...)."""
+        with self.tx() as db:
+            self._event(db, round, attempt, event, site, detail or {})
+
+    def events(self, round: int | None = None) -> list[dict[str, Any]]:
+        sql = "SELECT id, round, attempt, event, site, detail, ms FROM round_events"
+        rows = self._q(sql + " WHERE round=? ORDER BY id", (round,)) if round is not None else self._q(sql + " ORDER BY id")
+        keys = ("id", "round", "attempt", "event", "site", "detail", "ms")
+        return [{**dict(zip(keys, r, strict=True)), "detail": json.loads(r[5])} for r in rows]
+
     # -- updates ------------------------------------------------------------------------------------------------
     def accept_update(self, *, round: int, site: str, payload: bytes, payload_sha256: str, num_examples: int,
-                      nonce: bytes, envelope: bytes, signature: bytes) -> UpdateRow:
-        """Store the payload file durably, then the row, in that order: a row never points at a missing file."""
-        path = self.update_path(round, site)
+                      nonce: bytes, envelope: bytes, signature: bytes, trained_round: int | None = None,
+                      weight: float = 1.0, event: tuple[str, dict[str, Any]] | None = None) -> UpdateRow:
+        """Store the payload file durably, then the row, in that order: a row never points at a missing file.
+
+        ``trained_round`` (default ``round``) is the round the site trained on; a late update carried into a later
+        ``round`` has ``weight`` < 1 and is stored with ``event`` (recorded in the same transaction).
+        """
+        trained = round if trained_round is None else trained_round
+        path = self.update_path(round, site) if trained == round else self.late_update_path(round, site, trained)
         write_durable(path, payload)
         t = now_ms()
         with self.tx() as db:
             db.execute("INSERT INTO updates(round, site, payload_sha256, size, num_examples, nonce, envelope, signature,"
-                       " path, accepted_ms) VALUES(?,?,?,?,?,?,?,?,?,?)",
+                       " path, accepted_ms, trained_round, weight) VALUES(?,?,?,?,?,?,?,?,?,?,?,?)",
                        (round, site, payload_sha256, len(payload), num_examples, nonce, envelope, signature,
-                        str(path.relative_to(self.dir)), t))
-        return UpdateRow(round, site, payload_sha256, len(payload), num_examples, nonce, path, t)
+                        str(path.relative_to(self.dir)), t, trained, float(weight)))
+            if event is not None:
+                attempt = db.execute("SELECT attempt FROM rounds WHERE round=?", (round,)).fetchone()
+                self._event(db, round, attempt[0] if attempt else 1, event[0], site, event[1])
+        return UpdateRow(round, site, payload_sha256, len(payload), num_examples, nonce, path, t, trained, weight)
+
+    _UPDATE_COLS = "round, site, payload_sha256, size, num_examples, nonce, path, accepted_ms, trained_round, weight"
+
+    def _update_rows(self, where: str, args: tuple[Any, ...]) -> list[UpdateRow]:
+        rows = self._q(f"SELECT {self._UPDATE_COLS} FROM updates {where} ORDER BY round, trained_round DESC, site", args)
+        return [UpdateRow(r[0], r[1], r[2], r[3], r[4], bytes(r[5]), self.dir / r[6], r[7], r[8], r[9]) for r in rows]
 
     def updates(self, round: int | None = None) -> list[UpdateRow]:
-        sql = "SELECT round, site, payload_sha256, size, num_examples, nonce, path, accepted_ms FROM updates"
-        rows = self._q(sql + " WHERE round=? ORDER BY site" if round is not None else sql + " ORDER BY round, site",
-                       (round,) if round is not None else ())
-        return [UpdateRow(r[0], r[1], r[2], r[3], r[4], bytes(r[5]), self.dir / r[6], r[7]) for r in rows]
+        """Updates aggregated into ``round`` (fresh ones first, then late ones carried in), or all of them."""
+        return self._update_rows("WHERE round=?", (round,)) if round is not None else self._update_rows("", ())
+
+    def update_trained_on(self, site: str, trained_round: int) -> UpdateRow | None:
+        """The update ``site`` trained on round ``trained_round``'s input, wherever it was aggregated."""
+        rows = self._update_rows("WHERE site=? AND trained_round=?", (site, trained_round))
+        return rows[0] if rows else None
 
     def nonce_seen(self, nonce: bytes) -> bool:
         return bool(self._q("SELECT 1 FROM updates WHERE nonce=?", (nonce,)))
@@ -350,13 +447,16 @@ class Store:
     def ledger(self) -> list[dict[str, Any]]:
         """Per accepted update: which round, site, payload hash and examples went into which global adapter.
 
-        ``input_sha256`` is the global adapter the site trained from, ``output_sha256`` the global adapter the
-        round's aggregation produced from it (None while the round is open). ``envelope`` is the signed envelope's
-        bytes (it carries the site's reported epsilon).
+        ``input_sha256`` is the global adapter the site trained from (for a late update carried into a later round:
+        the input of ``trained_round``), ``output_sha256`` the global adapter the round's aggregation produced (None
+        while the round is open). ``envelope`` is the signed envelope's bytes (it carries the site's reported epsilon);
+        ``weight`` is the staleness factor of a late update (1.0 otherwise).
         """
-        rows = self._q("SELECT u.round, u.site, u.payload_sha256, u.num_examples, u.size, u.envelope, r.input_sha256, "
-                       "r.output_sha256 FROM updates u JOIN rounds r ON r.round = u.round ORDER BY u.round, u.site")
-        keys = ("round", "site", "payload_sha256", "num_examples", "bytes", "envelope", "input_sha256", "output_sha256")
+        rows = self._q("SELECT u.round, u.site, u.payload_sha256, u.num_examples, u.size, u.envelope, t.input_sha256, "
+                       "r.output_sha256, u.trained_round, u.weight FROM updates u JOIN rounds r ON r.round = u.round "
+                       "JOIN rounds t ON t.round = u.trained_round ORDER BY u.round, u.trained_round DESC, u.site")
+        keys = ("round", "site", "payload_sha256", "num_examples", "bytes", "envelope", "input_sha256", "output_sha256",
+                "trained_round", "weight")
         return [dict(zip(keys, (*r[:5], bytes(r[5]), *r[6:]), strict=True)) for r in rows]
 
     # -- secure aggregation -------------------------------------------------------------------------------------

@@ -70,6 +70,7 @@ class RoundView:
     aggregation_error: float  # mean over LoRA modules of ||mean(B_i A_i) - B A|| / ||mean(B_i A_i)|| (nan if open)
     shared: dict[str, float]  # benchmark -> primary score of this round's output (EvalScope); empty if not evaluated
     eval_status: str  # "ok", "failed: <why>", or "" while not (yet) evaluated
+    decisions: tuple[str, ...] = ()  # quorum/deadline/drop/abandon/late-update decisions, in words
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,7 @@ def read_store(db: Path, n_rounds: int) -> tuple[list[RoundView], dict[str, tupl
                                 "FROM eval_runs").fetchall())
         evals = con.execute("SELECT round, benchmark, value FROM eval_scores WHERE key = 'score'").fetchall()
         blocked = [r[0] for r in con.execute("SELECT reason FROM blocked_publications ORDER BY id")]
+        events = con.execute("SELECT round, attempt, event, site, detail FROM round_events ORDER BY id").fetchall()
     except sqlite3.OperationalError:  # schema not created yet
         return [], {}, Releases([], [])
     finally:
@@ -114,8 +116,26 @@ def read_store(db: Path, n_rounds: int) -> tuple[list[RoundView], dict[str, tupl
         uploaded = {s: m.get((r, s, "train"), {}).get("loss", float("nan")) for rr, s in ups if rr == r}
         error = json.loads(info).get("aggregation_error", {}).get("mean", float("nan")) if info else float("nan")
         views.append(RoundView(r, state, uploaded, heldout(r + 1), error,  # round r+1's input = round r's output
-                               shared.get(r, {}), runs.get(r, "")))
+                               shared.get(r, {}), runs.get(r, ""),
+                               tuple(decision_line(*e[1:4], json.loads(e[4])) for e in events if e[0] == r)))
     return views, heldout(1), Releases(pubs, blocked)
+
+
+def decision_line(attempt: int, event: str, site: str, detail: dict) -> str:
+    """One round decision in words, e.g. ``deadline passed (attempt 1): closed with site-a, site-b; missing site-c``."""
+    words = event.replace("_", " ") + (f" (attempt {attempt})" if attempt else "")
+    if event in ("quorum_reached", "deadline_passed", "all_remaining_answered", "round_abandoned"):
+        words += f": {detail.get('updates', 0)} of k={detail.get('k', '?')} update(s)"
+        if detail.get("missing"):
+            words += f"; missing {', '.join(detail['missing'])}"
+    elif event == "site_dropped":
+        words += f": {site} silent for {detail.get('silent_s', '?')}s"
+    elif event == "late_update_carried":
+        words += (f": {site}'s update from round {detail.get('trained_round')} (staleness {detail.get('staleness')}, "
+                  f"weight {detail.get('weight', 0):.3f})")
+    elif event == "late_update_dropped":
+        words += f": {site}'s update for round {detail.get('trained_round')}"
+    return words
 
 
 def union_loss(heldout: dict[str, tuple[float, float]]) -> float:
@@ -136,7 +156,7 @@ def shared_line(view: RoundView) -> str:
 def round_table(view: RoundView, before: dict[str, tuple[float, float]], sites: list[str]) -> Table:
     t = Table(title=f"round {view.round}", title_justify="left",
               caption=f"aggregation error of the published adapter vs mean(B_i A_i): {view.aggregation_error:.4f}"
-                      + shared_line(view),
+                      + shared_line(view) + "".join(f"\n{d}" for d in view.decisions),
               caption_justify="left")
     t.add_column("site")
     t.add_column("train loss", justify="right")

@@ -18,7 +18,7 @@ from typing import Any
 from coordinator.pki import create_dev_pki
 from deploy.benchmarks import make_shared_benchmark
 from deploy.synthetic import SiteData, make_site_datasets
-from protos.tomlconfig import dumps
+from protos.tomlconfig import dumps, load_toml
 
 PY = sys.executable
 
@@ -42,12 +42,12 @@ class LocalFederation:
         return self.root / "logs" / f"{name}.log"
 
     # -- processes ----------------------------------------------------------------------------------------------
-    def start_coordinator(self, timeout: float = 120.0) -> int:
-        """Start the coordinator process and wait until it listens; returns its port."""
+    def start_coordinator(self, timeout: float = 120.0, env: dict[str, str] | None = None) -> int:
+        """Start the coordinator process and wait until it listens; returns its port. ``env`` adds variables."""
         port_file = self.state_dir / "coordinator.port"
         port_file.unlink(missing_ok=True)
         self.procs["coordinator"] = _spawn([PY, "-m", "coordinator", "serve", "--config", str(self.federation_toml)],
-                                           self.log_path("coordinator"))
+                                           self.log_path("coordinator"), env)
         deadline = time.monotonic() + timeout
         while not port_file.exists():
             if self.procs["coordinator"].poll() is not None:
@@ -58,6 +58,13 @@ class LocalFederation:
             time.sleep(0.1)
         self.port = int(port_file.read_text())
         return self.port
+
+    def pin_port(self) -> None:
+        """Make the coordinator listen on the port it got at its first start, so a restart keeps the sites'
+        address (they reconnect by themselves)."""
+        cfg = load_toml(self.federation_toml)
+        cfg["listen"] = f"127.0.0.1:{self.port}"
+        self.federation_toml.write_text(dumps(cfg))
 
     def write_site_config(self, site: SiteData, threads: int = 1, extra: dict[str, Any] | None = None) -> Path:
         kit = self.site_kits[site.name]
@@ -115,10 +122,11 @@ class LocalFederation:
         self.stop_all()
 
 
-def _spawn(cmd: list[str], log: Path) -> subprocess.Popen:
+def _spawn(cmd: list[str], log: Path, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
     log.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+               TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+               **(extra_env or {}))
     with open(log, "ab") as f:
         return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True,
                                 cwd=Path(__file__).resolve().parent.parent)
@@ -136,12 +144,14 @@ def prepare(root: Path, base_model: Path, *, n_sites: int = 3, rounds: int = 3, 
             record_inbound: bool = False, n_train: int = 64, n_heldout: int = 16, seed: int = 0,
             federation_id: str = "demo", shared_eval: dict[str, Any] | None = None, gate: dict[str, Any] | None = None,
             publish: dict[str, Any] | None = None, strategy: str = "fedavg",
-            strategy_params: dict[str, Any] | None = None, privacy: dict[str, Any] | None = None) -> LocalFederation:
+            strategy_params: dict[str, Any] | None = None, privacy: dict[str, Any] | None = None,
+            quorum: dict[str, Any] | None = None) -> LocalFederation:
     """Lay out a federation under ``root``: PKI, data, and ``federation.toml``.
 
     ``shared_eval`` turns on the coordinator's EvalScope evaluation on a generated shared benchmark covering every
     site's fact family (:mod:`deploy.benchmarks`); its keys override ``[evaluation]`` settings. ``gate`` and
-    ``publish`` become the ``[gate]`` and ``[publish]`` tables, ``privacy`` the ``[privacy]`` table.
+    ``publish`` become the ``[gate]`` and ``[publish]`` tables, ``privacy`` the ``[privacy]`` table, ``quorum`` the
+    ``[quorum]`` table (deadline, heartbeats, late-update policy).
     """
     root = Path(root)
     sites = make_site_datasets(root / "data", n_sites=n_sites, seed=seed, marker=marker, n_train=n_train,
@@ -163,6 +173,7 @@ def prepare(root: Path, base_model: Path, *, n_sites: int = 3, rounds: int = 3, 
         bench = make_shared_benchmark(root / "benchmark", n_sites=n_sites, seed=seed)
         cfg["evaluation"] = {"enabled": True, "benchmarks": bench.benchmark_tables(), **shared_eval}
     cfg["gate"], cfg["publish"], cfg["privacy"] = gate or {}, publish or {}, privacy or {}
+    cfg["quorum"] = quorum or {}
     fed_toml = root / "coordinator" / "federation.toml"
     fed_toml.parent.mkdir(parents=True, exist_ok=True)
     fed_toml.write_text(dumps({k: v for k, v in cfg.items() if v != {}}))

@@ -17,7 +17,7 @@ from protos.auditlog import AuditLog
 from protos.fedbridge.v1 import federation_service_pb2 as pb
 from protos.manifest import ManifestMismatch, verify_model_dir
 from site_agent import secagg
-from site_agent.client import CoordinatorClient
+from site_agent.client import CoordinatorClient, LateUpdateRefused
 from site_agent.config import SiteConfig
 from site_agent.data import load_for_mode, load_jsonl, load_sft
 from site_agent.dp import LEDGER_NAME, PrivacyLedger, check_budget, resolve
@@ -180,9 +180,10 @@ def run_site(cfg: SiteConfig, show_progress: bool = True, audit: AuditSink | Non
             if mode != trainer_mode:
                 raise SiteRefusal("refusing task: the federation changed its training mode mid-run; restart the agent")
             # 5. Train locally.
-            with RoundProgress(cfg.name, task.round, task.total_rounds, task.training.max_steps,
-                               enabled=show_progress) as bar:
-                result = trainer.train_round(task, global_state, bar.update)
+            with client.heartbeats(task.round, task.training.max_steps) as beats, \
+                    RoundProgress(cfg.name, task.round, task.total_rounds, task.training.max_steps,
+                                  enabled=show_progress) as bar:
+                result = trainer.train_round(task, global_state, lambda s, n, loss: (beats.progress(s), bar.update(s, n, loss)))
             # 6. Only the adapter delta leaves: egress filters (clip -> DP noise), encode, sign, upload.
             delta = apply_filters(result.delta, dp.filters())
             codec.check_against_spec(delta, task.adapter_spec)
@@ -230,7 +231,14 @@ def run_site(cfg: SiteConfig, show_progress: bool = True, audit: AuditSink | Non
                 audit.record("update_sent", {"site": cfg.name, "round": task.round, "bytes": len(payload),
                                              "payload_sha256": env.payload_sha256, "nonce": env.nonce.hex(),
                                              "epsilon_spent": env.epsilon_spent, "num_examples": env.num_examples})
-                client.upload(codec.sign_envelope(env, signing_key), env, payload)
+                try:
+                    client.upload(codec.sign_envelope(env, signing_key), env, payload)
+                except LateUpdateRefused as e:  # the round closed without us (deadline); go on with the next one
+                    log.warning("[Site.UploadUpdate] round=%d site=%s refused as late: %s", task.round, cfg.name, e)
+                    audit.record("update_refused_late", {"site": cfg.name, "round": task.round,
+                                                         "payload_sha256": env.payload_sha256})
+                    last_round = task.round
+                    continue
             log.info("[Site.UploadUpdate] round=%d site=%s bytes=%d epsilon=%.4g accepted", task.round, cfg.name,
                      len(payload), epsilon)
             audit.record("update_uploaded", {"site": cfg.name, "round": task.round, "bytes": len(payload),

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
+from types import TracebackType
 from typing import TypeVar
 
 import grpc
@@ -21,6 +23,58 @@ RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grp
 MAX_MESSAGE = 8 << 20
 
 
+class LateUpdateRefused(RuntimeError):
+    """The coordinator refused an update because its round closed (FAILED_PRECONDITION under the drop policy)."""
+
+
+class Heartbeats:
+    """Sends Heartbeat calls from a background thread while a round trains (``with client.heartbeats(...)``).
+
+    The first goes out at once; the coordinator's answer sets the interval. Failures are logged and never stop
+    training: a coordinator that restarts simply sees the next beat. A coordinator without the RPC
+    (UNIMPLEMENTED) is not asked again.
+    """
+
+    def __init__(self, client: CoordinatorClient, round: int, total_steps: int, phase: str = "train") -> None:
+        self.client, self.round, self.total_steps, self.phase = client, round, total_steps, phase
+        self.step = 0
+        self.interval_s = 5.0
+        self.round_open = True
+        self.sent = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-r{round}", daemon=True)
+
+    def progress(self, step: int, total: int | None = None, loss: float | None = None) -> None:
+        """The trainer's per-step callback (same signature as the progress bar's ``update``)."""
+        self.step = int(step)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            req = pb.HeartbeatRequest(round=self.round, phase=self.phase, step=self.step, total_steps=self.total_steps)
+            try:
+                resp = self.client.stub.Heartbeat(req, timeout=10)
+                self.sent += 1
+                self.interval_s = max(0.2, resp.interval_ms / 1000) if resp.interval_ms else self.interval_s
+                if self.round_open and not resp.round_open:
+                    log.warning("[Site.Heartbeat] round=%d closed at the coordinator (now round %d); the update "
+                                "will meet the federation's late-update policy", self.round, resp.current_round)
+                self.round_open = resp.round_open
+            except grpc.RpcError as e:
+                if e.code() == grpc.StatusCode.UNIMPLEMENTED:  # type: ignore[attr-defined]
+                    log.info("[Site.Heartbeat] the coordinator takes no heartbeats; not sending more")
+                    return
+                log.info("[Site.Heartbeat] round=%d not delivered (%s)", self.round, e.code().name)  # type: ignore[attr-defined]
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> Heartbeats:
+        self._thread.start()
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self._stop.set()
+        self._thread.join(timeout=15)
+
+
 class CoordinatorClient:
     """Talks to one coordinator over a mutually authenticated TLS channel."""
 
@@ -30,7 +84,11 @@ class CoordinatorClient:
         creds = grpc.ssl_channel_credentials(root_certificates=cfg.tls.ca.read_bytes(),
                                              private_key=cfg.tls.key.read_bytes(),
                                              certificate_chain=cfg.tls.cert.read_bytes())
-        options = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)]
+        options = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE),
+                   # A restarted coordinator is found within ~2 s: gRPC's own reconnect back-off otherwise grows to
+                   # minutes while our retry loop keeps calling a channel that is not even trying to connect.
+                   ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
+                   ("grpc.max_reconnect_backoff_ms", 2000)]
         if cfg.server_name:
             options.append(("grpc.ssl_target_name_override", cfg.server_name))
         self.channel = grpc.secure_channel(cfg.coordinator, creds, options=options)
@@ -38,6 +96,10 @@ class CoordinatorClient:
 
     def close(self) -> None:
         self.channel.close()
+
+    def heartbeats(self, round: int, total_steps: int) -> Heartbeats:
+        """A context manager that sends heartbeats for ``round`` while its block runs."""
+        return Heartbeats(self, round, total_steps)
 
     def _retry(self, what: str, fn: Callable[[], T]) -> T:
         deadline = time.monotonic() + self.cfg.retry_for_s
@@ -95,6 +157,8 @@ class CoordinatorClient:
                 offset = resp.committed_offset
                 continue
             except grpc.RpcError as e:
+                if e.code() == grpc.StatusCode.FAILED_PRECONDITION and "late" in (e.details() or ""):  # type: ignore[attr-defined]
+                    raise LateUpdateRefused(e.details()) from e  # type: ignore[attr-defined]
                 if e.code() not in RETRYABLE or time.monotonic() > deadline:  # type: ignore[attr-defined]
                     raise
                 log.info("[Site.UploadUpdate] round=%d stream broke (%s); resuming", env.round,

@@ -316,5 +316,5 @@ def test_a_failing_round_stops_loudly_instead_of_hanging(tmp_path: Path) -> None
         await asyncio.wait_for(eng.failed.wait(), 5)
         assert isinstance(eng.fatal, RuntimeError) and "disk full" in str(eng.fatal)
         assert [u.site for u in eng.store.updates(1)] == ["a"]  # nothing lost: a restart aggregates it
-        assert eng.store.rounds()[0].state == "open"
+        assert eng.store.rounds()[0].state == "closing"  # decided (quorum) and durable, not yet aggregated
     asyncio.run(main())

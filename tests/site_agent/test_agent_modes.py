@@ -56,10 +56,26 @@ def _fake_client(task: pb.Task, global_bytes: bytes, uploads: list[bytes]):  # t
         def report_metrics(self, *a, **kw) -> None:  # type: ignore[no-untyped-def]
             pass
 
+        def heartbeats(self, round: int, total_steps: int):  # type: ignore[no-untyped-def]
+            return _NoHeartbeats()
+
         def close(self) -> None:
             pass
 
     return Client
+
+
+class _NoHeartbeats:
+    """The agent's heartbeat context without a coordinator to send to."""
+
+    def __enter__(self) -> _NoHeartbeats:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def progress(self, *a: object) -> None:
+        pass
 
 
 @pytest.fixture(scope="module")

@@ -298,3 +298,27 @@ class ReportMetricsRequest(_message.Message):
 class ReportMetricsResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("round", "phase", "step", "total_steps")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    phase: str
+    step: int
+    total_steps: int
+    def __init__(self, round: _Optional[int] = ..., phase: _Optional[str] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ...) -> None: ...
+
+class HeartbeatResponse(_message.Message):
+    __slots__ = ("current_round", "round_open", "deadline_unix_ms", "interval_ms")
+    CURRENT_ROUND_FIELD_NUMBER: _ClassVar[int]
+    ROUND_OPEN_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
+    current_round: int
+    round_open: bool
+    deadline_unix_ms: int
+    interval_ms: int
+    def __init__(self, current_round: _Optional[int] = ..., round_open: _Optional[bool] = ..., deadline_unix_ms: _Optional[int] = ..., interval_ms: _Optional[int] = ...) -> None: ...

@@ -64,6 +64,11 @@ class FederationServiceStub:
                 request_serializer=protos_dot_fedbridge_dot_v1_dot_federation__service__pb2.ReportMetricsRequest.SerializeToString,
                 response_deserializer=protos_dot_fedbridge_dot_v1_dot_federation__service__pb2.ReportMetricsResponse.FromString,
                 _registered_method=True)
+        self.Heartbeat = channel.unary_unary(
+                '/fedbridge.v1.FederationService/Heartbeat',
+                request_serializer=protos_dot_fedbridge_dot_v1_dot_federation__service__pb2.HeartbeatRequest.SerializeToString,
+                response_deserializer=protos_dot_fedbridge_dot_v1_dot_federation__service__pb2.HeartbeatResponse.FromString,
+                _registered_method=True)
 
 
 class FederationServiceServicer:
@@ -113,6 +118,14 @@ class FederationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Heartbeat(self, request, context):
+        """Sent while a site trains: it is alive, and how far it got. A site silent for longer than the federation's
+        heartbeat timeout counts as dropped for the round, so the round can close without waiting for it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FederationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -145,6 +158,11 @@ def add_FederationServiceServicer_to_server(servicer, server):
                     servicer.ReportMetrics,
                     request_deserializer=protos_dot_fedbridge_dot_v1_dot_federation__service__pb2.ReportMetricsRequest.FromString,
                     response_serializer=protos_dot_fedbridge_dot_v1_dot_federation__service__pb2.ReportMetricsResponse.SerializeToString,
+            ),
+            'Heartbeat': grpc.unary_unary_rpc_method_handler(
+                    servicer.Heartbeat,
+                    request_deserializer=protos_dot_fedbridge_dot_v1_dot_federation__service__pb2.HeartbeatRequest.FromString,
+                    response_serializer=protos_dot_fedbridge_dot_v1_dot_federation__service__pb2.HeartbeatResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -309,6 +327,33 @@ class FederationService:
             '/fedbridge.v1.FederationService/ReportMetrics',
             protos_dot_fedbridge_dot_v1_dot_federation__service__pb2.ReportMetricsRequest.SerializeToString,
             protos_dot_fedbridge_dot_v1_dot_federation__service__pb2.ReportMetricsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Heartbeat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedbridge.v1.FederationService/Heartbeat',
+            protos_dot_fedbridge_dot_v1_dot_federation__service__pb2.HeartbeatRequest.SerializeToString,
+            protos_dot_fedbridge_dot_v1_dot_federation__service__pb2.HeartbeatResponse.FromString,
             options,
             channel_credentials,
             insecure,
