@@ -67,15 +67,16 @@ class SiteGate:
         """The site's region: from its certificate, else from the enrolment registry."""
         return peer.region or (self.access.region(peer.name) if self.access else "")
 
-    def revoke(self, name: str, reason: str, actor: str) -> None:
-        """Revoke ``name`` durably; open calls of that site are cut off."""
+    def revoke(self, name: str, reason: str, actor: str) -> bool:
+        """Revoke ``name`` durably; open calls of that site are cut off. False when it already was revoked."""
         if not name or len(name) > 64:
             raise InvalidUpdate(f"invalid site name {name!r}")
-        self.store.add_revocation(name, reason[:500], actor[:128])
+        new = self.store.add_revocation(name, reason[:500], actor[:128])
         self.revoked.setdefault(name, reason[:500])
         self._audit("site_revoked", {"site": name, "reason": reason[:500], "actor": actor[:128]})
         log.warning("[RoundEngine.revoke_site] site=%s revoked by %s", name, actor[:128])
         self._changed()
+        return new
 
     def _changed(self) -> None:
         self._revocation.set()

@@ -11,6 +11,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from coordinator.admin_commands import CaOpt, CertOpt, CoordOpt, JsonOpt, KeyOpt, KitOpt, NameOpt
+
 console = Console(stderr=True)
 out = Console(width=200)
 
@@ -72,18 +74,46 @@ def enroll_site(name: str = typer.Argument(..., help="site name (its certificate
 
 
 def revoke_site(name: str = typer.Argument(..., help="site name"),
-                fed_dir: Path = typer.Option(..., "--fed-dir", help="federation directory"),
-                reason: str = typer.Option("revoked by the administrator", "--reason")) -> None:
-    """Revoke a site: mark it in the registry and re-sign the CRL (a running coordinator notices within a second)."""
+                fed_dir: Path | None = typer.Option(None, "--fed-dir", help="federation directory: re-sign its CRL "
+                                                    "and mark the site in its enrolment registry"),
+                reason: str = typer.Option("revoked by the administrator", "--reason"),
+                coordinator: str = CoordOpt, kit: Path | None = KitOpt, cert: Path | None = CertOpt,
+                key: Path | None = KeyOpt, ca: Path | None = CaOpt, server_name: str = NameOpt,
+                as_json: bool = JsonOpt) -> None:
+    """Revoke a site: in the federation directory (CRL + registry) and/or on the running coordinator (AdminService).
+
+    With ``--fed-dir`` the CA re-signs the CRL, which a coordinator reading that directory notices within a second.
+    With ``--coordinator`` (and the admin kit) the running coordinator revokes the site at once over the admin API,
+    cutting off its open calls, wherever the federation directory is. Give both to do both.
+    """
+    from coordinator.admin_client import AdminClient, AdminClientError, resolve
     from coordinator.enrolment import EnrolmentError
     from coordinator.enrolment import revoke_site as do_revoke
+    from protos.fedbridge.v1 import admin_service_pb2 as apb
 
-    try:
-        entry = do_revoke(fed_dir, name, reason)
-    except EnrolmentError as e:
-        raise _fail(str(e)) from None
-    console.print(f"[bold yellow]site {name!r} revoked[/] (certificate serial {entry.serial:x}); CRL: "
-                  f"{fed_dir / 'crl.pem'}")
+    if fed_dir is None and not coordinator:
+        raise _fail("give --fed-dir (CRL and registry) and/or --coordinator with the admin kit (running coordinator)")
+    result: dict[str, object] = {"site": name}
+    if fed_dir is not None:
+        try:
+            entry = do_revoke(fed_dir, name, reason)
+        except EnrolmentError as e:
+            raise _fail(str(e)) from None
+        result.update(crl=str(fed_dir / "crl.pem"), serial=f"{entry.serial:x}")
+        console.print(f"[bold yellow]site {name!r} revoked[/] in {fed_dir} (certificate serial {entry.serial:x}); CRL: "
+                      f"{fed_dir / 'crl.pem'}")
+    if coordinator:
+        try:
+            with AdminClient(resolve(coordinator, kit, cert, key, ca, server_name)) as client:
+                resp = client.call("RevokeSite", apb.RevokeSiteRequest(site=name, reason=reason))
+        except AdminClientError as e:
+            raise _fail(f"{e.code}: {e.message}", 1) from None
+        result["coordinator"] = coordinator
+        result["newly_revoked"] = bool(resp.get("newly_revoked", False))
+        console.print(f"[bold yellow]site {name!r} revoked[/] on the coordinator at {coordinator}"
+                      + ("" if result["newly_revoked"] else " (it already was)"))
+    if as_json:
+        print(json.dumps(result, sort_keys=True))
 
 
 def export_records(config: Path = typer.Option(..., "--config", "-c", help="federation.toml"),

@@ -95,6 +95,13 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
         out = await self._call("Publish", context, lambda p: self.engine.publish_latest(p.name))
         return apb.PublishResponse(**out)
 
+    async def RevokeSite(self, request: apb.RevokeSiteRequest,
+                         context: grpc.aio.ServicerContext) -> apb.RevokeSiteResponse:
+        new = await self._call("RevokeSite", context,
+                               lambda p: self.engine.revoke_site(request.site, request.reason or "revoked by the "
+                                                                 "administrator", p.name))
+        return apb.RevokeSiteResponse(site=request.site, newly_revoked=new)
+
     async def WithdrawSite(self, request: apb.WithdrawSiteRequest,
                            context: grpc.aio.ServicerContext) -> AsyncIterator[apb.WithdrawSiteResponse]:
         loop = asyncio.get_running_loop()

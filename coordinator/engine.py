@@ -421,15 +421,18 @@ class RoundEngine:
         self.gate.require_site(peer)
         self._seen[peer.name] = time.time()
 
-    def revoke_site(self, name: str, reason: str, actor: str) -> None:
+    def revoke_site(self, name: str, reason: str, actor: str) -> bool:
         """Revoke ``name`` durably and at once: its next call is refused, and its open calls are cut off.
 
         Args:
             name: The site's certificate name.
             reason: Why (recorded in the store and the audit log).
             actor: Who revoked it (the admin certificate's name).
+
+        Returns:
+            False when ``name`` was already revoked (the first record is kept).
         """
-        self.gate.revoke(name, reason, actor)
+        return self.gate.revoke(name, reason, actor)
 
     # -- audit --------------------------------------------------------------------------------------------------
     def _audit(self, event: str, fields: dict[str, Any]) -> None:

@@ -89,7 +89,7 @@ def test_a_site_certificate_is_refused(fed: localfed.LocalFederation) -> None:
     creds = grpc.ssl_channel_credentials((kit / "ca.pem").read_bytes(), (kit / "client.key").read_bytes(),
                                          (kit / "client.pem").read_bytes())
     methods = [m.name for m in apb.DESCRIPTOR.services_by_name["AdminService"].methods]
-    assert len(methods) == 10
+    assert len(methods) == 11
     with grpc.secure_channel(f"127.0.0.1:{fed.port}", creds) as ch:
         stub = apb_grpc.AdminServiceStub(ch)
         for m in methods:
@@ -206,6 +206,29 @@ def test_publish_then_withdraw_site(fed: localfed.LocalFederation) -> None:
     assert rc == 0 and "withdrew site-a" in text and "v3" in text, text
     rc, st = admin(fed, "status")
     assert st["latest_version"] == 3
+
+
+def test_revoke_site_over_the_admin_api_refuses_its_next_call(fed: localfed.LocalFederation) -> None:
+    from protos.fedbridge.v1 import federation_service_pb2 as pb
+    from protos.fedbridge.v1 import federation_service_pb2_grpc as pb_grpc
+
+    kit = fed.site_kits["site-b"]
+    creds = grpc.ssl_channel_credentials((kit / "ca.pem").read_bytes(), (kit / "client.key").read_bytes(),
+                                         (kit / "client.pem").read_bytes())
+    with grpc.secure_channel(f"127.0.0.1:{fed.port}", creds) as ch:
+        stub = pb_grpc.FederationServiceStub(ch)
+        stub.Join(pb.JoinRequest(agent_version="test"), timeout=30)  # Prepare: site-b's certificate is accepted
+        # Execute: revoke it through the running coordinator (no federation directory involved).
+        rc, out = admin(fed, "revoke-site", "site-b", "--reason", "key leaked")
+        # Assert: recorded, and the very next call on the same channel is refused.
+        assert rc == 0 and out == {"coordinator": f"127.0.0.1:{fed.port}", "newly_revoked": True, "site": "site-b"}
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Join(pb.JoinRequest(agent_version="test"), timeout=30)
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED and "revoked" in (e.value.details() or "")
+    assert admin(fed, "revoke-site", "site-b")[1]["newly_revoked"] is False  # idempotent, first record kept
+    assert admin(fed, "revoke-site", "site-b", kit=fed.site_kits["site-a"])[0] == 1  # a site cannot revoke
+    records = [json.loads(line) for line in (fed.state_dir / "audit.jsonl").read_text().splitlines()]
+    assert [r["fields"]["actor"] for r in records if r["event"] == "site_revoked"] == ["admin"]
 
 
 def test_stopped_state_survives_a_restart(fed: localfed.LocalFederation) -> None:

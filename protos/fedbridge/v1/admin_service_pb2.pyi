@@ -240,3 +240,19 @@ class WithdrawSiteResponse(_message.Message):
     published: bool
     blocked_reason: str
     def __init__(self, rounds_done: _Optional[int] = ..., rounds_total: _Optional[int] = ..., done: _Optional[bool] = ..., from_round: _Optional[int] = ..., version: _Optional[int] = ..., path: _Optional[str] = ..., global_sha256: _Optional[str] = ..., to_round: _Optional[int] = ..., published: _Optional[bool] = ..., blocked_reason: _Optional[str] = ...) -> None: ...
+
+class RevokeSiteRequest(_message.Message):
+    __slots__ = ("site", "reason")
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    site: str
+    reason: str
+    def __init__(self, site: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class RevokeSiteResponse(_message.Message):
+    __slots__ = ("site", "newly_revoked")
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    NEWLY_REVOKED_FIELD_NUMBER: _ClassVar[int]
+    site: str
+    newly_revoked: bool
+    def __init__(self, site: _Optional[str] = ..., newly_revoked: _Optional[bool] = ...) -> None: ...

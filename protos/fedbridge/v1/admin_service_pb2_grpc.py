@@ -84,6 +84,11 @@ class AdminServiceStub:
                 request_serializer=protos_dot_fedbridge_dot_v1_dot_admin__service__pb2.WithdrawSiteRequest.SerializeToString,
                 response_deserializer=protos_dot_fedbridge_dot_v1_dot_admin__service__pb2.WithdrawSiteResponse.FromString,
                 _registered_method=True)
+        self.RevokeSite = channel.unary_unary(
+                '/fedbridge.v1.AdminService/RevokeSite',
+                request_serializer=protos_dot_fedbridge_dot_v1_dot_admin__service__pb2.RevokeSiteRequest.SerializeToString,
+                response_deserializer=protos_dot_fedbridge_dot_v1_dot_admin__service__pb2.RevokeSiteResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -160,6 +165,13 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RevokeSite(self, request, context):
+        """Revoke a site at once: its next call is refused and its open calls are cut off (durable across restarts).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -212,6 +224,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.WithdrawSite,
                     request_deserializer=protos_dot_fedbridge_dot_v1_dot_admin__service__pb2.WithdrawSiteRequest.FromString,
                     response_serializer=protos_dot_fedbridge_dot_v1_dot_admin__service__pb2.WithdrawSiteResponse.SerializeToString,
+            ),
+            'RevokeSite': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeSite,
+                    request_deserializer=protos_dot_fedbridge_dot_v1_dot_admin__service__pb2.RevokeSiteRequest.FromString,
+                    response_serializer=protos_dot_fedbridge_dot_v1_dot_admin__service__pb2.RevokeSiteResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -484,6 +501,33 @@ class AdminService:
             '/fedbridge.v1.AdminService/WithdrawSite',
             protos_dot_fedbridge_dot_v1_dot_admin__service__pb2.WithdrawSiteRequest.SerializeToString,
             protos_dot_fedbridge_dot_v1_dot_admin__service__pb2.WithdrawSiteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeSite(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedbridge.v1.AdminService/RevokeSite',
+            protos_dot_fedbridge_dot_v1_dot_admin__service__pb2.RevokeSiteRequest.SerializeToString,
+            protos_dot_fedbridge_dot_v1_dot_admin__service__pb2.RevokeSiteResponse.FromString,
             options,
             channel_credentials,
             insecure,
