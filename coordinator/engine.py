@@ -49,6 +49,7 @@ from protos import codec
 from protos.auditlog import AuditLog, Head
 from protos.auditlog import verify as verify_log
 from protos.fedbridge.v1 import federation_service_pb2 as pb
+from protos.mapped import map_state
 from strategies import flexlora, hetlora
 from strategies.error_meter import aggregation_error_from_updates
 from strategies.lora import truncate_rank
@@ -621,13 +622,15 @@ class RoundEngine:
             self._aggregate_secure(round, ups, global_state)
             return
 
-        # The aggregation-error meter below needs every site's factors, so the round's updates are read and decoded
-        # once and shared with the rule (which then folds the in-memory list key by key).
+        # The aggregation-error meter below needs every site's factors, so the rule and the meter share one list of
+        # the round's stored updates, each memory-mapped (header re-validated, tensors zero-copy views of the page
+        # cache): the rule folds them block by block and the meter reads one module of every site at a time, so the
+        # heap holds the outputs, not N decoded copies.
         # A late update carried in from an earlier round weighs num_examples * (1 + staleness)^-a (FedAsync); it
         # gets its own name so a site's fresh and late updates are distinct contributions. Rules that ignore
         # weights (median, trimmed mean, Krum) ignore the staleness factor too.
         updates = [ClientUpdate(u.site if u.trained_round == round else f"{u.site}~r{u.trained_round}",
-                                codec.decode_state(u.path.read_bytes()),
+                                map_state(u.path),
                                 u.num_examples if u.weight == 1.0 else u.num_examples * u.weight,  # type: ignore[arg-type]
                                 {"lora_rank": self.site_rank(u.site)}) for u in ups]
         dp_info: dict[str, Any] = {}

@@ -192,6 +192,13 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> Path:
     with fed:
         port = fed.start_coordinator()
         console.print(f"coordinator on 127.0.0.1:{port} (mutual TLS, dev CA at {fed.root / 'pki' / 'ca.pem'})")
+        dash = fed.state_dir / "dashboard.port"
+        for _ in range(50):  # the dashboard comes up right after the gRPC port
+            if dash.exists():
+                console.print(f"dashboard: http://127.0.0.1:{int(dash.read_text())}/  (live rounds, loss curves, "
+                              "/metrics)")
+                break
+            time.sleep(0.1)
         for s in fed.sites:
             fed.start_site(s, threads=1)
         shown = 0
