@@ -10,9 +10,10 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from coordinator import metrics
-from coordinator.engine import Chunk, RoundEngine
+from coordinator.engine import RoundEngine
 from coordinator.errors import CoordinatorError, InvalidUpdate, NotFound, Unauthenticated
 from coordinator.pki import PeerIdentity, PKIError, peer_identity
+from coordinator.uploads import Chunk
 from protos import codec
 from protos.fedbridge.v1 import federation_service_pb2 as pb
 from protos.fedbridge.v1 import federation_service_pb2_grpc as pb_grpc

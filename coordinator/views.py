@@ -36,8 +36,11 @@ def status(engine: RoundEngine) -> dict[str, Any]:
 
 
 def sites(engine: RoundEngine) -> list[dict[str, Any]]:
-    """Joined sites: status, region (empty when the config names none), last seen, ε of the latest update."""
+    """Joined sites: status, region (from its certificate at Join, else the config's ``publish.site_regions``; empty
+    when neither names one), last seen, ε of the latest update. A revoked site's status is ``revoked``."""
     store, cfg = engine.store, engine.cfg
+    regions = {**cfg.publish.site_regions, **{k: v for k, v in store.site_regions().items() if v}}
+    revoked = {r["name"] for r in store.revocations()}
     cur = store.current_round()
     in_round = {u.site for u in store.updates(cur.round)} if cur and cur.state == "open" else set()
     latest_eps: dict[str, float] = {}
@@ -50,8 +53,9 @@ def sites(engine: RoundEngine) -> list[dict[str, Any]]:
     for s in store.sites():
         seen = engine.last_seen(s["name"])
         state = "uploaded" if s["name"] in in_round else ("active" if now - seen < SEEN_RECENTLY_S else "offline")
+        state = "revoked" if s["name"] in revoked else state
         out.append({"name": s["name"], "fingerprint": s["fingerprint"], "agent_version": s["agent_version"] or "",
-                    "lora_rank": int(s["lora_rank"] or 0), "region": cfg.publish.site_regions.get(s["name"], ""),
+                    "lora_rank": int(s["lora_rank"] or 0), "region": regions.get(s["name"], ""),
                     "joined_ms": int(s["joined_ms"]), "last_seen_ms": int(seen * 1000), "status": state,
                     "epsilon_spent": latest_eps.get(s["name"], 0.0), "updates": counts.get(s["name"], 0)})
     return out

@@ -14,9 +14,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from coordinator.adapter import AdapterInit, peft_model_with
 from coordinator.config import FederationConfig, LoraSpec
-from coordinator.engine import Chunk, RoundEngine
+from coordinator.engine import RoundEngine
 from coordinator.pki import PeerIdentity
 from coordinator.store import Store
+from coordinator.uploads import Chunk
 from protos import codec
 from protos.fedbridge.v1 import federation_service_pb2 as pb
 from protos.manifest import Manifest

@@ -12,10 +12,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from coordinator.adapter import AdapterInit
 from coordinator.config import FederationConfig, TlsSpec
-from coordinator.engine import Chunk, RoundEngine
+from coordinator.engine import RoundEngine
 from coordinator.errors import DuplicateUpdate, InvalidUpdate, PermissionDenied, UpdateTooLarge, WrongRound
 from coordinator.pki import PeerIdentity
 from coordinator.store import Store
+from coordinator.uploads import Chunk
 from protos import codec
 from protos.fedbridge.v1 import federation_service_pb2 as pb
 

@@ -31,10 +31,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from live_coordinator import LiveCoordinator, delta, small_init, upload_messages
 
 from coordinator.config import FederationConfig, TlsSpec
-from coordinator.engine import Chunk, RoundEngine
+from coordinator.engine import RoundEngine
 from coordinator.errors import CoordinatorError
 from coordinator.pki import PeerIdentity
 from coordinator.store import Store
+from coordinator.uploads import Chunk
 from protos import codec
 from protos.fedbridge.v1 import federation_service_pb2 as pb
 

@@ -15,11 +15,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from coordinator.adapter import AdapterInit
 from coordinator.config import FederationConfig, SecureAggregationSpec, TlsSpec
-from coordinator.engine import Chunk, RoundEngine
+from coordinator.engine import RoundEngine
 from coordinator.errors import InvalidUpdate, WrongRound
 from coordinator.pki import CertificateAuthority, peer_identity
 from coordinator.secagg import MASK_KEY, SEED
 from coordinator.store import Store
+from coordinator.uploads import Chunk
 from protos import codec
 from protos import secagg as sa
 from protos.fedbridge.v1 import secagg_service_pb2 as spb

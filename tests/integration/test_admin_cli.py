@@ -2,7 +2,7 @@
 
 The commands run as real CLI processes (``python -m coordinator <cmd> --json``) with the dev PKI's admin kit, against
 a coordinator started by ``deploy.localfed`` with ``autostart = false`` and two real site agents. The tests run in
-file order on one federation of 5 rounds: not started -> start -> pause (no round advances) -> resume -> pause and
+file order on one federation of ROUNDS rounds: not started -> start -> pause (no round advances) -> resume -> pause and
 stop in the middle of a round (sites told done) -> rounds/sites/evals -> publish -> withdraw-site -> restart (the
 stopped state survives).
 """
@@ -32,12 +32,13 @@ from protos.fedbridge.v1 import admin_service_pb2_grpc as apb_grpc
 from protos.tomlconfig import dumps, load_toml
 
 ROOT = Path(__file__).resolve().parents[2]
+ROUNDS = 10  # rounds take ~1-2 s: enough of them that the federation is still running when each test acts on it
 
 
 @pytest.fixture(scope="module")
 def fed(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[localfed.LocalFederation]:
-    fed = localfed.prepare(tmp_path_factory.mktemp("admin"), tiny_model_dir, n_sites=2, rounds=5,
-                           training={"max_steps": 4, "batch_size": 4, "learning_rate": 3e-3},
+    fed = localfed.prepare(tmp_path_factory.mktemp("admin"), tiny_model_dir, n_sites=2, rounds=ROUNDS,
+                           training={"max_steps": 8, "batch_size": 4, "learning_rate": 3e-3},
                            lora={"rank": 4, "alpha": 8.0}, n_train=16, n_heldout=4,
                            publish={"site_regions": {"site-a": "EU/DE"}})
     cfg = load_toml(fed.federation_toml)
@@ -109,7 +110,7 @@ def test_not_started_offers_no_task_until_start(fed: localfed.LocalFederation) -
     assert (st["state"], st["current_round"], st["round_state"], st["round_updates"]) == ("not_started", 1, "open", 0)
     rc, data = admin(fed, "start")
     assert rc == 0 and data == {"state": "running"}
-    wait_for("round 2 opened", lambda: status(fed)["current_round"] == 2, 300, fed)
+    wait_for("round 2 opened", lambda: status(fed)["current_round"] >= 2, 300, fed)
 
 
 def test_pause_holds_the_round_and_resume_continues(fed: localfed.LocalFederation) -> None:
@@ -117,7 +118,7 @@ def test_pause_holds_the_round_and_resume_continues(fed: localfed.LocalFederatio
     rc, data = admin(fed, "pause")
     assert rc == 0 and data == {"state": "paused"}
     held = status(fed)
-    assert held["state"] == "paused" and 2 <= held["current_round"] < 5, held
+    assert held["state"] == "paused" and 2 <= held["current_round"] < ROUNDS, held
     # Assert: uploads already under way may land and a round already closing finishes, but no round opens.
     deadline = time.monotonic() + 25
     while time.monotonic() < deadline and status(fed)["round_updates"] < 2 and status(fed)["round_state"] == "open":
@@ -142,7 +143,7 @@ def test_stop_tells_sites_they_are_done(fed: localfed.LocalFederation) -> None:
     # closed and the next one not opened, since a paused federation does not advance).
     assert admin(fed, "pause")[1] == {"state": "paused"}
     held = status(fed)
-    assert 3 <= held["current_round"] <= 5 and (held["round_state"], held["current_round"]) != ("closed", 5)
+    assert 3 <= held["current_round"] <= ROUNDS and (held["round_state"], held["current_round"]) != ("closed", ROUNDS)
     # Execute
     rc, data = admin(fed, "stop")
     # Assert: the site agents exit cleanly, the federation does not move on (an open round is never aggregated), and
