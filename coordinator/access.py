@@ -71,9 +71,12 @@ class SiteGate:
         """Revoke ``name`` durably; open calls of that site are cut off. False when it already was revoked."""
         if not name or len(name) > 64:
             raise InvalidUpdate(f"invalid site name {name!r}")
+        if name in self.revoked:  # the first revocation's record stands; nothing new to audit
+            log.info("[RoundEngine.revoke_site] site=%s already revoked (asked again by %s)", name, actor[:128])
+            return False
+        self._audit("site_revoked", {"site": name, "reason": reason[:500], "actor": actor[:128]})  # before it acts
         new = self.store.add_revocation(name, reason[:500], actor[:128])
         self.revoked.setdefault(name, reason[:500])
-        self._audit("site_revoked", {"site": name, "reason": reason[:500], "actor": actor[:128]})
         log.warning("[RoundEngine.revoke_site] site=%s revoked by %s", name, actor[:128])
         self._changed()
         return new

@@ -16,7 +16,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import os
 import re
 import tarfile
 import time
@@ -39,6 +38,7 @@ from coordinator.pki import (
     load_crl,
     write_crl,
 )
+from coordinator.store import write_durable
 from protos.manifest import Manifest
 from protos.tomlconfig import dumps
 
@@ -70,15 +70,6 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def load_registry(path: Path) -> dict[str, Enrolment]:
     """Read ``enrolment.json``; raises :class:`EnrolmentError` naming the file on anything malformed."""
     try:
@@ -92,7 +83,7 @@ def load_registry(path: Path) -> dict[str, Enrolment]:
 
 def save_registry(path: Path, sites: dict[str, Enrolment]) -> None:
     body = {"sites": {n: asdict(e) for n, e in sorted(sites.items())}}
-    _atomic_write(Path(path), (json.dumps(body, indent=2, sort_keys=True) + "\n").encode())
+    write_durable(Path(path), (json.dumps(body, indent=2, sort_keys=True) + "\n").encode())
 
 
 def _ca(fed: Path) -> CertificateAuthority:
@@ -157,7 +148,7 @@ def init_federation(fed: Path, opt: InitOptions) -> dict[str, Any]:
                     "payloads": "LoRA adapter deltas only (safetensors)"},
         "created_ms": _now_ms(),
     }
-    _atomic_write(fed / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+    write_durable(fed / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
     toml = {
         "federation_id": opt.federation_id, "base_model": str(Path(opt.base_model).resolve()),
         "base_model_ref": opt.base_model_ref, "rounds": opt.rounds, "min_sites": opt.min_sites,
@@ -211,7 +202,7 @@ def enroll_site(fed: Path, name: str, region: str, out: Path | None = None, arch
     _write(kit_dir / "signing.key", _pem_key(signing), private=True)
     ident = cert_identity(kit_dir / "client.pem")
     address = coordinator or manifest["coordinator"]
-    _atomic_write(kit_dir / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+    write_durable(kit_dir / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
     (kit_dir / "site.toml").write_text(
         "# fedbridge site config for this kit. Point base_model at your copy of the base model and data.train at\n"
         "# your private training file (it never leaves the site); see site_agent/config.py.\n" + dumps({
