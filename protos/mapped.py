@@ -22,9 +22,10 @@ import torch
 from protos.codec import CodecError
 
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+_DTYPES: dict[str, torch.dtype] = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool}
+_ITEMSIZE = {name: torch.empty((), dtype=dt).element_size() for name, dt in _DTYPES.items()}
 
 
 class MappedState(Mapping[str, torch.Tensor]):
@@ -51,12 +52,16 @@ class MappedState(Mapping[str, torch.Tensor]):
         if not isinstance(header, dict):
             raise CodecError(f"{self.path}: header is not a JSON object")
         self._entries = _check_header(self.path, header, base=8 + n, data_size=size - 8 - n)
+        self._views: dict[str, torch.Tensor] = {}
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        dtype, shape, offset, count = self._entries[key]
-        if count == 0:
-            return torch.empty(shape, dtype=dtype)
-        return torch.frombuffer(self._map, dtype=dtype, count=count, offset=offset).view(shape)
+        t = self._views.get(key)
+        if t is None:  # made once per key: a view costs no memory, and rules read each key more than once
+            dtype, shape, offset, count = self._entries[key]
+            t = (torch.empty(shape, dtype=dtype) if count == 0
+                 else torch.frombuffer(self._map, dtype=dtype, count=count, offset=offset).view(shape))
+            self._views[key] = t
+        return t
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)
@@ -89,8 +94,7 @@ def _check_header(path: Path, header: dict[str, object], base: int, data_size: i
                 and 0 <= offsets[0] <= offsets[1] <= data_size):
             raise CodecError(f"{where}: data_offsets {offsets!r} fall outside the {data_size} data bytes")
         count = math.prod(shape)
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        if offsets[1] - offsets[0] != count * itemsize:
+        if offsets[1] - offsets[0] != count * _ITEMSIZE[str(info["dtype"])]:
             raise CodecError(f"{where}: {offsets[1] - offsets[0]} bytes do not hold shape {shape} of {info['dtype']}")
         entries[key] = (dtype, tuple(shape), base + offsets[0], count)
         spans.append((offsets[0], offsets[1], key))
