@@ -345,7 +345,6 @@ class RoundEngine(UploadIngress, RoundSteps, AdminControl):
 
     async def fetch_task(self, peer: PeerIdentity, wait_s: float) -> TaskOffer:
         """Long-poll: return a task as soon as one exists for this site, else ``wait`` after ``wait_s``."""
-        self._require_site(peer)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(0.0, min(wait_s, self.cfg.long_poll_ms / 1000))
         while True:

@@ -14,7 +14,6 @@ from typing import Any
 
 from coordinator.config import FederationConfig
 from coordinator.enrolment import EnrolmentError, load_registry
-from protos.fedbridge.v1 import federation_service_pb2 as pb
 
 WHAT_LEAVES = ("LoRA adapter deltas only: safetensors tensors of the agreed adapter spec (exact keys, shapes, "
                "dtypes, finite), signed per update, plus allow-listed aggregate training metrics; never training "
@@ -36,6 +35,7 @@ def build_record(cfg: FederationConfig) -> dict[str, Any]:
             registry = {}
     joined_regions: dict[str, str] = {}
     ledger: list[dict[str, Any]] = []
+    epsilon: dict[str, float] = {}
     joined: set[str] = set()
     if (Path(cfg.state_dir) / "coordinator.db").exists():
         from coordinator.store import Store
@@ -45,6 +45,7 @@ def build_record(cfg: FederationConfig) -> dict[str, Any]:
             joined_regions = store.site_regions()
             joined = {s["name"] for s in store.sites()}
             ledger = store.ledger()
+            epsilon = store.site_epsilon()
         finally:
             store.close()
     names = sorted(set(registry) | joined | set(joined_regions) | set(cfg.publish.site_regions))
@@ -56,17 +57,12 @@ def build_record(cfg: FederationConfig) -> dict[str, Any]:
         status = ("revoked" if name in registry and registry[name].revoked_ms
                   else "enrolled" if name in registry else "joined" if name in joined else "listed")
         mine = [row for row in ledger if row["site"] == name]
-        eps = 0.0
-        if mine:
-            env = pb.UpdateEnvelope.FromString(mine[-1]["envelope"])
-            eps = float(env.epsilon_spent)
         sites.append({"name": name, "region": region, "status": status, "joined": name in joined,
-                      "updates_accepted": len(mine), "epsilon_reported": eps})
+                      "updates_accepted": len(mine), "epsilon_reported": epsilon.get(name, 0.0)})
         transfers.append({"from_site": name, "from_region": region, "to": "coordinator",
                           "to_region": coordinator_region, "data": WHAT_LEAVES, "updates": len(mine),
                           "bytes": sum(int(r["bytes"]) for r in mine)})
-    sa = getattr(cfg, "secure_aggregation", None)  # added by the secure-aggregation work; absent means off
-    sa_on = bool(getattr(sa, "enabled", sa)) if sa is not None else False
+    sa_on = cfg.secure_aggregation.enabled
     eps_by_site = {s["name"]: s["epsilon_reported"] for s in sites}
     return {
         "record": "GDPR Art. 30 record of processing activities",

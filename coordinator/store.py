@@ -545,7 +545,9 @@ class Store:
         from protos.fedbridge.v1 import federation_service_pb2 as pb
 
         out: dict[str, dict[str, float]] = {}
-        for rnd, site, raw in self._q("SELECT round, site, envelope FROM updates ORDER BY round, site"):
+        # A site's latest update is the one trained last (a late update carried into a round precedes the site's
+        # fresh update of that round).
+        for rnd, site, raw in self._q("SELECT round, site, envelope FROM updates ORDER BY trained_round, round, site"):
             env = pb.UpdateEnvelope.FromString(bytes(raw))
             out[site] = {"epsilon": env.epsilon_spent, "delta": env.dp_delta, "round": rnd}
         return out

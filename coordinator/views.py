@@ -7,10 +7,10 @@ keys or tokens: only names, hashes, counts, scalars the sites reported, and the 
 from __future__ import annotations
 
 import time
+from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from coordinator.metrics import SEEN_RECENTLY_S
-from protos.fedbridge.v1 import federation_service_pb2 as pb
 
 if TYPE_CHECKING:
     from coordinator.engine import RoundEngine
@@ -43,11 +43,8 @@ def sites(engine: RoundEngine) -> list[dict[str, Any]]:
     revoked = {r["name"] for r in store.revocations()}
     cur = store.current_round()
     in_round = {u.site for u in store.updates(cur.round)} if cur and cur.state == "open" else set()
-    latest_eps: dict[str, float] = {}
-    counts: dict[str, int] = {}
-    for u in store.ledger():  # ordered by round: the last one seen per site is its latest envelope
-        latest_eps[u["site"]] = pb.UpdateEnvelope.FromString(u["envelope"]).epsilon_spent
-        counts[u["site"]] = counts.get(u["site"], 0) + 1
+    latest_eps = store.site_epsilon()
+    counts = Counter(u.site for u in store.updates())
     now = time.time()
     out = []
     for s in store.sites():

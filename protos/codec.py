@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import mmap
 import os
 import time
 from collections.abc import Iterator, Mapping
@@ -92,11 +93,16 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def check_header(data: bytes) -> None:
-    """Validate a safetensors header before parsing: sane length, known dtypes, shapes that match in-range offsets.
+def check_header(data: bytes | mmap.mmap) -> dict[str, Any]:
+    """Validate a safetensors header before parsing: sane length, known dtypes, shapes that match in-range,
+    non-overlapping offsets.
 
     The safetensors library checks much of this too; doing it first bounds what hostile bytes can make it allocate
     or parse, and turns every malformation into a :class:`CodecError`.
+
+    Returns:
+        The header's tensor entries (name -> ``{"dtype", "shape", "data_offsets"}``, offsets relative to the data
+        that follows the header, which starts at ``8 + header length``), in the header's order.
     """
     if len(data) < 8:
         raise CodecError(f"payload of {len(data)} bytes is shorter than a safetensors header length")
@@ -131,6 +137,19 @@ def check_header(data: bytes) -> None:
             raise CodecError(f"tensor {name[:64]!r} has data offsets outside the payload's {body} data bytes")
         if math.prod(shape) * _DTYPE_SIZE[dtype] != offsets[1] - offsets[0]:
             raise CodecError(f"tensor {name[:64]!r}: shape {shape} and dtype {dtype} do not match its byte range")
+    spans = sorted((header[name]["data_offsets"], name) for name in tensors)
+    for (a, name_a), (b, name_b) in zip(spans, spans[1:], strict=False):
+        if b[0] < a[1]:
+            raise CodecError(f"tensors {name_a[:64]!r} and {name_b[:64]!r} overlap in the payload")
+    return {name: header[name] for name in tensors}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype name (``"F32"`` -> ``torch.float32``)."""
+    for dtype, st_name in _ST_DTYPES.items():
+        if st_name == name:
+            return dtype
+    raise CodecError(f"dtype {name!r} cannot travel on the wire")
 
 
 def decode_state(data: bytes) -> dict[str, torch.Tensor]:
