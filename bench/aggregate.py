@@ -53,7 +53,7 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from protos.mapped import map_state
+from coordinator.rounds.mapped import map_state
 from strategies.registry import build_strategy
 from strategies.types import ClientUpdate, StateDict
 

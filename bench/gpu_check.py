@@ -38,14 +38,14 @@ ZERO2 = {"zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": Tru
 
 def train_case(mode: str, deepspeed: dict[str, Any] | None, work: Path) -> dict[str, float]:
     """One round of ``mode`` through the site trainer; returns tokens and training seconds (this process)."""
-    from coordinator.adapter import init_adapter
     from coordinator.config import LoraSpec
-    from deploy.synthetic import make_site_datasets
-    from deploy.tiny_model import build_tiny_model
-    from protos import codec
+    from coordinator.rounds.adapter import init_adapter
+    from fedcommon import tensors
     from protos.fedbridge.v1 import federation_service_pb2 as pb
-    from site_agent.data import load_sft
-    from site_agent.trainer import SftSiteTrainer
+    from sandbox.synthetic import make_site_datasets
+    from sandbox.tiny_model import build_tiny_model
+    from site_agent.training.data import load_sft
+    from site_agent.training.trainer import SftSiteTrainer
 
     base = build_tiny_model(cache_dir=work / "cache")  # built by main() before any torchrun worker starts
     rank = os.environ.get("RANK", "0")  # torchrun workers share ``work``: each writes its own data and scratch
@@ -57,7 +57,7 @@ def train_case(mode: str, deepspeed: dict[str, Any] | None, work: Path) -> dict[
                              quantize=mode == "qlora", deepspeed=deepspeed)
     trainer.train_round(task, init.state)  # warm-up: CUDA kernels, tokenisation
     result = trainer.train_round(task, init.state)
-    codec.check_against_spec(result.delta, init.spec)
+    tensors.check_against_spec(result.delta, init.spec)
     return {"tokens": float(result.tokens), "seconds": result.train_time_s}
 
 
@@ -74,7 +74,7 @@ def _zero2_under_torchrun(work: Path, gpus: int) -> float:
 
 def _zero3_status() -> str:
     """The site trainer's answer to a ZeRO-3 config: its refusal message, or "accepted"."""
-    from site_agent.trainer import check_deepspeed
+    from site_agent.training.trainer import check_deepspeed
 
     try:
         check_deepspeed({"zero_optimization": {"stage": 3}})

@@ -3,7 +3,7 @@
 A ~136 M-parameter Llama-shaped base (542 MB in float32, random weights, built here) and an all-linear LoRA r=16
 adapter are merged twice, each in a fresh process that imports the same libraries first:
 
-- ours: :func:`coordinator.merge.merge_to_dir` (streams tensor by tensor from the base's safetensors to sharded
+- ours: :func:`coordinator.release.merge.merge_to_dir` (streams tensor by tensor from the base's safetensors to sharded
   safetensors);
 - reference: ``PeftModel`` on the loaded base, ``merge_and_unload()``, ``save_pretrained()`` (what ms-swift users run
   out of memory on).
@@ -86,12 +86,12 @@ def child(mode: str, base: Path, adapter: Path, out: Path) -> None:
     import transformers  # noqa: F401
     from safetensors.torch import load_file
 
-    from coordinator.adapter import peft_model_with
-    from coordinator.merge import merge_to_dir
-    from protos import codec
+    from coordinator.release.merge import merge_to_dir
+    from coordinator.rounds.adapter import peft_model_with
+    from fedcommon import tensors
 
     state = load_file(str(adapter))
-    spec = codec.make_adapter_spec(state, RANK, 2.0 * RANK, 0.0, [n for names in MODULES.values() for n in names])
+    spec = tensors.make_adapter_spec(state, RANK, 2.0 * RANK, 0.0, [n for names in MODULES.values() for n in names])
     torch.set_num_threads(2)
     baseline = _rss_kib()
     with contextlib.suppress(OSError):

@@ -2,7 +2,7 @@
 
 An in-process simulation (no gRPC: this measures aggregation, not transport). Every method starts from the same
 initial adapter (A drawn from one seed, B = 0) and the same tiny base model, on the demo's non-IID synthetic tasks
-(site i learns fact family i). Each site trains with the real site trainer (:class:`site_agent.trainer.SftSiteTrainer`,
+(site i learns fact family i). Each site trains with the real site trainer (:class:`site_agent.training.trainer.SftSiteTrainer`,
 TRL/PEFT) and the same ``(seed + round)`` per site and round under every method, and the coordinator's strategies
 aggregate (:func:`strategies.registry.build_strategy`):
 
@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.report import Row, write_results
-from deploy.synthetic import SiteData
+from sandbox.synthetic import SiteData
 
 FEDERATED = ("fedavg", "ffa_lora", "fedex_lora")
 CENTRALIZED = "centralized"  # pooled data, each site's number of steps, the sites' batches pooled into one
@@ -60,7 +60,7 @@ class QualityConfig:
     """One comparison's settings (the defaults are the demo's learning settings).
 
     Attributes:
-        sites: Non-IID sites, 1 to 5 (site i holds the i-th fact family of :mod:`deploy.synthetic`).
+        sites: Non-IID sites, 1 to 5 (site i holds the i-th fact family of :mod:`sandbox.synthetic`).
         rounds: Federated rounds.
         steps: Local optimizer steps per site and round (the same for every method).
         batch_size: Per-device batch size.
@@ -194,7 +194,7 @@ def run_method(method: str, cfg: QualityConfig, base_dir: Path, sites: list[Site
         method: One of :data:`FEDERATED` or :data:`CENTRALIZED`.
         cfg: The comparison's settings.
         base_dir: The tiny base model's directory.
-        sites: The sites' data, as :func:`deploy.synthetic.make_site_datasets` wrote it (read only here).
+        sites: The sites' data, as :func:`sandbox.synthetic.make_site_datasets` wrote it (read only here).
         work_dir: Scratch folder for this method.
 
     Returns:
@@ -212,11 +212,11 @@ def run_method(method: str, cfg: QualityConfig, base_dir: Path, sites: list[Site
 
 def _run_method(method: str, cfg: QualityConfig, base_dir: Path, sites: list[SiteData], work_dir: Path
                 ) -> MethodResult:
-    from coordinator.adapter import init_adapter
     from coordinator.config import LoraSpec
+    from coordinator.rounds.adapter import init_adapter
     from protos.fedbridge.v1 import federation_service_pb2 as pb
-    from site_agent.data import load_sft
-    from site_agent.trainer import SftSiteTrainer
+    from site_agent.training.data import load_sft
+    from site_agent.training.trainer import SftSiteTrainer
     from strategies.error_meter import aggregation_error_from_updates
     from strategies.registry import build_strategy
     from strategies.types import ClientUpdate
@@ -285,8 +285,8 @@ def measure(cfg: QualityConfig, work: Path, base_model: Path | None = None) -> d
         work: Scratch folder (data and trainer outputs).
         base_model: The base model directory; defaults to the cached tiny model (built on a miss).
     """
-    from deploy.synthetic import make_site_datasets
-    from deploy.tiny_model import build_tiny_model
+    from sandbox.synthetic import make_site_datasets
+    from sandbox.tiny_model import build_tiny_model
 
     base = base_model or build_tiny_model()  # resolved once here, so workers never race to build it
     sites = make_site_datasets(work / "data", n_sites=cfg.sites, seed=cfg.seed, n_train=cfg.n_train,
@@ -306,8 +306,8 @@ def sweep(cfg: QualityConfig, lrs: tuple[float, ...], work: Path) -> dict[str, d
     Used to choose each method's learning rate on a problem instance (data seed) other than the one the bench
     reports on, so the reported comparison is not tuned on its own held-out split.
     """
-    from deploy.synthetic import make_site_datasets
-    from deploy.tiny_model import build_tiny_model
+    from sandbox.synthetic import make_site_datasets
+    from sandbox.tiny_model import build_tiny_model
 
     base = build_tiny_model()
     sites = make_site_datasets(work / "data", n_sites=cfg.sites, seed=cfg.seed, n_train=cfg.n_train,
@@ -374,7 +374,7 @@ def build_notes(results: dict[str, MethodResult], cfg: QualityConfig, wall_s: fl
     seeds = sorted(by_seed) if by_seed else [cfg.seed]
     lrs = ", ".join(f"{m} {cfg.lr(m):g}" for m in ALL_METHODS)
     notes = [
-        f"{cfg.sites} non-IID sites (deploy.synthetic, {cfg.n_train} train / {cfg.n_heldout} held-out rows each), "
+        f"{cfg.sites} non-IID sites (sandbox.synthetic, {cfg.n_train} train / {cfg.n_heldout} held-out rows each), "
         f"tiny Llama base, LoRA r={cfg.rank} alpha={cfg.alpha:g} all-linear, constant lr ({lrs}), batch "
         f"{cfg.batch_size}, {cfg.rounds} rounds x {cfg.steps} local steps. centralized: the pooled train rows, "
         f"{cfg.rounds * cfg.steps} steps (each site's count) of batch {cfg.batch_size * cfg.sites} (the sites' "

@@ -15,9 +15,9 @@ import tempfile
 from pathlib import Path
 
 from bench.report import Row, write_results
-from coordinator.store import Store
-from deploy import localfed
-from deploy.tiny_model import build_tiny_model
+from coordinator.rounds.store import Store
+from sandbox import localfed
+from sandbox.tiny_model import build_tiny_model
 
 ROUNDS = 4
 STEPS = 40

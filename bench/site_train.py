@@ -20,13 +20,13 @@ from pathlib import Path
 import torch
 
 from bench.report import Row, write_results
-from coordinator.adapter import init_adapter
 from coordinator.config import LoraSpec
-from deploy.synthetic import make_site_datasets
-from deploy.tiny_model import build_tiny_model
+from coordinator.rounds.adapter import init_adapter
 from protos.fedbridge.v1 import federation_service_pb2 as pb
-from site_agent.data import load_sft
-from site_agent.trainer import SftSiteTrainer, lora_config
+from sandbox.synthetic import make_site_datasets
+from sandbox.tiny_model import build_tiny_model
+from site_agent.training.data import load_sft
+from site_agent.training.trainer import SftSiteTrainer, lora_config
 
 STEPS = 60
 BATCH = 4

@@ -13,12 +13,12 @@ from pathlib import Path
 
 from bench.report import Row, write_results
 from bench.tcp_counter import CountingRelay
+from coordinator.rounds.store import Store
 from coordinator.server import read_recording
-from coordinator.store import Store
-from deploy import localfed
-from deploy.tiny_model import build_tiny_model
-from protos import codec
+from fedcommon import tensors
 from protos.fedbridge.v1 import federation_service_pb2 as pb
+from sandbox import localfed
+from sandbox.tiny_model import build_tiny_model
 
 
 def tensor_bytes(state: dict) -> int:
@@ -46,8 +46,8 @@ def main() -> None:
         assert set(codes.values()) == {0}, codes
         store = Store(fed.state_dir)
         ups = store.updates(1)
-        raw = tensor_bytes(codec.decode_state(ups[0].path.read_bytes()))
-        model_bytes = tensor_bytes(codec.decode_state((base / "model.safetensors").read_bytes()))
+        raw = tensor_bytes(tensors.decode_state(ups[0].path.read_bytes()))
+        model_bytes = tensor_bytes(tensors.decode_state((base / "model.safetensors").read_bytes()))
         assert fed.record_inbound is not None
         upload_msgs: dict[str, int] = {}
         last = ""  # later chunks of a stream carry no envelope: they belong to the stream's site

@@ -1,3 +1,3 @@
-from coordinator.admin_cli import main
+from coordinator.admin.cli import main
 
 main()

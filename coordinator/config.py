@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from protos.tomlconfig import load_config
+from fedcommon.tomlconfig import load_config
 
 MODES = ("sft", "qlora", "dpo", "kto", "orpo", "simpo")
 # Loss variants per preference mode (TRL 1.16 names; ms-swift passes the same strings). "" is the trainer's default.
@@ -644,5 +644,5 @@ class FederationConfig:
 
 
 def load_federation_config(path: str | Path) -> FederationConfig:
-    """Read and check ``federation.toml``; raises :class:`protos.tomlconfig.ConfigError` naming file and field."""
+    """Read and check ``federation.toml``; raises :class:`fedcommon.tomlconfig.ConfigError` naming file and field."""
     return load_config(FederationConfig, path)

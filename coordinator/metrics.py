@@ -18,7 +18,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from coordinator.engine import RoundEngine
+    from coordinator.rounds.engine import RoundEngine
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 UPDATES_ACCEPTED = Counter("fedbridge_updates_accepted", "Site updates validated and stored durably.",

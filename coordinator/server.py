@@ -14,17 +14,17 @@ from typing import Any
 
 import grpc
 
-from coordinator.adapter import init_adapter
-from coordinator.admin_servicer import AdminServicer
+from coordinator.admin.servicer import AdminServicer
 from coordinator.config import FederationConfig
-from coordinator.engine import RoundEngine
-from coordinator.secagg_servicer import SecAggServicer
-from coordinator.servicer import FederationServicer
-from coordinator.store import Store, write_durable
+from coordinator.ingress.secagg_servicer import SecAggServicer
+from coordinator.ingress.servicer import FederationServicer
+from coordinator.rounds.adapter import init_adapter
+from coordinator.rounds.engine import RoundEngine
+from coordinator.rounds.store import Store, write_durable
+from fedcommon.manifest import Manifest
 from protos.fedbridge.v1 import admin_service_pb2_grpc as apb_grpc
 from protos.fedbridge.v1 import federation_service_pb2_grpc as pb_grpc
 from protos.fedbridge.v1 import secagg_service_pb2_grpc as secagg_grpc
-from protos.manifest import Manifest
 
 log = logging.getLogger(__name__)
 MAX_MESSAGE = 8 << 20

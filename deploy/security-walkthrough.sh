@@ -6,7 +6,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash deploy/setup.sh >/dev/null
 PY=.venv/bin/python
 A=${1:-$(mktemp -d -t fedbridge-walkthrough-XXXX)}; rm -rf "$A/fed"; mkdir -p "$A"; echo "# work dir: $A"
-BASE=$($PY -c "from deploy.tiny_model import build_tiny_model; print(build_tiny_model())")
+BASE=$($PY -c "from sandbox.tiny_model import build_tiny_model; print(build_tiny_model())")
 echo "\$ fedbridge-admin init --dir FED --federation-id acceptance --base-model TINY --host localhost --host 127.0.0.1 --listen 127.0.0.1:0"
 $PY -m coordinator init --dir $A/fed --federation-id acceptance --base-model $BASE --host localhost --host 127.0.0.1 --listen 127.0.0.1:0 2>&1 | tail -4
 echo "\$ fedbridge-admin enroll-site hospital-a --region EU-DE --fed-dir FED"

@@ -1,8 +1,12 @@
-"""The wire codec: adapter states as safetensors bytes, chunking, hashing, and signed update envelopes.
+"""The wire codec: the payload format (safetensors bytes, validated header first), chunking, hashing, adapter
+specs, and signed update envelopes.
 
 Tensors cross the trust boundary only as safetensors (never pickle). An update is a payload (safetensors bytes) plus
 an :class:`UpdateEnvelope` naming round, site, base-model hash, payload SHA-256 and a fresh nonce, signed with the
 site's Ed25519 key over the exact serialised envelope bytes.
+
+This module works on bytes and protobuf messages only, so the protocol does not depend on torch; turning tensors
+into payload bytes and back lives in :mod:`fedcommon.tensors`.
 """
 
 from __future__ import annotations
@@ -16,24 +20,15 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-import torch
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from google.protobuf.message import DecodeError
-from safetensors import SafetensorError
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from protos.fedbridge.v1 import federation_service_pb2 as pb
 
 DEFAULT_CHUNK_SIZE = 1 << 20  # 1 MiB: well below gRPC's 4 MiB default message limit.
 NONCE_BYTES = 16
 MAX_ENVELOPE_BYTES = 4096  # an UpdateEnvelope holds ids and hashes only
-
-_ST_DTYPES = {
-    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-    torch.int8: "I8", torch.uint8: "U8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64", torch.bool: "BOOL",
-}
 
 
 class CodecError(ValueError):
@@ -61,27 +56,6 @@ _DTYPE_SIZE = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I8": 1, "U8": 1, "I16":
 
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """The safetensors name of a torch dtype (``torch.float32`` -> ``"F32"``)."""
-    try:
-        return _ST_DTYPES[dtype]
-    except KeyError:
-        raise CodecError(f"dtype {dtype} cannot travel on the wire") from None
-
-
-def encode_state(state: Mapping[str, torch.Tensor]) -> bytes:
-    """Serialise an adapter state to safetensors bytes (tensors copied to contiguous CPU memory)."""
-    if not state:
-        raise CodecError("refusing to encode an empty state")
-    tensors = {}
-    for k, v in state.items():
-        if not isinstance(v, torch.Tensor):
-            raise CodecError(f"state entry {k!r} is a {type(v).__name__}, not a tensor")
-        dtype_name(v.dtype)
-        tensors[k] = v.detach().to("cpu").contiguous()
-    return st_save(tensors)
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -144,27 +118,6 @@ def check_header(data: bytes | mmap.mmap) -> dict[str, Any]:
     return {name: header[name] for name in tensors}
 
 
-def torch_dtype(name: str) -> torch.dtype:
-    """The torch dtype of a safetensors dtype name (``"F32"`` -> ``torch.float32``)."""
-    for dtype, st_name in _ST_DTYPES.items():
-        if st_name == name:
-            return dtype
-    raise CodecError(f"dtype {name!r} cannot travel on the wire")
-
-
-def decode_state(data: bytes) -> dict[str, torch.Tensor]:
-    """Parse safetensors bytes into a state dict; raises :class:`CodecError` on anything malformed."""
-    data = bytes(data)
-    check_header(data)
-    try:
-        state = st_load(data)
-    except (SafetensorError, ValueError, RuntimeError, OSError, OverflowError, TypeError) as e:
-        raise CodecError(f"payload is not valid safetensors: {str(e)[:200]}") from e
-    if not state:
-        raise CodecError("payload holds no tensors")
-    return state
-
-
 def iter_chunks(data: bytes, chunk_size: int = DEFAULT_CHUNK_SIZE, offset: int = 0) -> Iterator[tuple[int, bytes]]:
     """Yield ``(offset, chunk)`` pairs covering ``data[offset:]``."""
     if chunk_size <= 0:
@@ -174,11 +127,6 @@ def iter_chunks(data: bytes, chunk_size: int = DEFAULT_CHUNK_SIZE, offset: int =
     view = memoryview(data)
     for start in range(offset, len(data), chunk_size):
         yield start, bytes(view[start:start + chunk_size])
-
-
-def state_specs(state: Mapping[str, torch.Tensor]) -> list[pb.TensorSpec]:
-    """Tensor specs (name, shape, dtype) of a state, sorted by name."""
-    return [pb.TensorSpec(name=k, shape=list(state[k].shape), dtype=dtype_name(state[k].dtype)) for k in sorted(state)]
 
 
 def adapter_spec_sha256(spec: pb.AdapterSpec) -> str:
@@ -191,41 +139,31 @@ def adapter_spec_sha256(spec: pb.AdapterSpec) -> str:
     return hashlib.sha256(json.dumps(canon, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def make_adapter_spec(state: Mapping[str, torch.Tensor], rank: int, alpha: float, dropout: float,
-                      target_modules: list[str]) -> pb.AdapterSpec:
-    """Build an :class:`AdapterSpec` for ``state`` with its hash filled in."""
+def adapter_spec(tensors: list[pb.TensorSpec], rank: int, alpha: float, dropout: float,
+                 target_modules: list[str]) -> pb.AdapterSpec:
+    """Build an :class:`AdapterSpec` over tensor specs (sorted by name) with its hash filled in."""
     spec = pb.AdapterSpec(rank=rank, alpha=alpha, dropout=dropout, target_modules=sorted(target_modules),
-                          tensors=state_specs(state))
+                          tensors=sorted(tensors, key=lambda t: t.name))
     spec.sha256 = adapter_spec_sha256(spec)
     return spec
 
 
-def check_against_spec(state: Mapping[str, torch.Tensor], spec: pb.AdapterSpec) -> None:
-    """Raise :class:`CodecError` unless ``state`` has exactly the spec's keys, shapes and dtypes, all finite."""
-    want = {t.name: (tuple(t.shape), t.dtype) for t in spec.tensors}
-    unknown = sorted(state.keys() - want.keys())
-    missing = sorted(want.keys() - state.keys())
+def check_header_against_spec(header: Mapping[str, Any], spec: pb.AdapterSpec) -> None:
+    """Raise :class:`CodecError` unless a checked header (:func:`check_header`) names exactly the spec's tensors,
+    with the spec's shapes and dtypes."""
+    want = {t.name: (list(t.shape), t.dtype) for t in spec.tensors}
+    unknown = sorted(header.keys() - want.keys())
+    missing = sorted(want.keys() - header.keys())
     if unknown:
-        raise CodecError(f"payload has {len(unknown)} tensor(s) outside the adapter spec, e.g. {unknown[0]!r}")
+        raise CodecError(f"payload has {len(unknown)} tensor(s) outside the adapter spec, e.g. {unknown[0][:64]!r}")
     if missing:
         raise CodecError(f"payload lacks {len(missing)} tensor(s) of the adapter spec, e.g. {missing[0]!r}")
     for name, (shape, dtype) in want.items():
-        t = state[name]
-        if tuple(t.shape) != shape:
-            raise CodecError(f"tensor {name!r} has shape {tuple(t.shape)}, the spec says {shape}")
-        if dtype_name(t.dtype) != dtype:
-            raise CodecError(f"tensor {name!r} has dtype {dtype_name(t.dtype)}, the spec says {dtype}")
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise NonFiniteError(f"tensor {name!r} holds NaN or Inf values")
-
-
-def l2_norm(state: Mapping[str, torch.Tensor]) -> float:
-    """L2 norm of all floating-point tensors of ``state`` taken together (computed in float64)."""
-    total = 0.0
-    for t in state.values():
-        if t.is_floating_point():
-            total += float(torch.sum(t.to(torch.float64) ** 2))
-    return math.sqrt(total)
+        info = header[name]
+        if list(info["shape"]) != shape:
+            raise CodecError(f"tensor {name!r} has shape {tuple(info['shape'])}, the spec says {tuple(shape)}")
+        if info["dtype"] != dtype:
+            raise CodecError(f"tensor {name!r} has dtype {info['dtype']}, the spec says {dtype}")
 
 
 def new_nonce() -> bytes:

@@ -12,18 +12,17 @@ import torch
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from fedcommon import tensors
+from fedcommon.auditlog import AuditLog
+from fedcommon.manifest import ManifestMismatch, verify_model_dir
 from protos import codec
-from protos.auditlog import AuditLog
 from protos.fedbridge.v1 import federation_service_pb2 as pb
-from protos.manifest import ManifestMismatch, verify_model_dir
-from site_agent import secagg
 from site_agent.client import CoordinatorClient, LateUpdateRefused
 from site_agent.config import SiteConfig
-from site_agent.data import load_for_mode, load_jsonl, load_sft
-from site_agent.dp import LEDGER_NAME, PrivacyLedger, check_budget, resolve
-from site_agent.egress import EgressGuard, EgressRefusal
-from site_agent.evaluation import is_mcq, mcq_accuracy
-from site_agent.filters import apply_filters
+from site_agent.egress import secagg
+from site_agent.egress.dp import LEDGER_NAME, PrivacyLedger, check_budget, resolve
+from site_agent.egress.filters import apply_filters
+from site_agent.egress.guard import EgressGuard, EgressRefusal
 from site_agent.policy import (
     AuditSink,
     LogAuditSink,
@@ -33,6 +32,8 @@ from site_agent.policy import (
     check_upload_size,
     load_policy,
 )
+from site_agent.training.data import load_for_mode, load_jsonl, load_sft
+from site_agent.training.evaluation import is_mcq, mcq_accuracy
 
 log = logging.getLogger(__name__)
 AGENT_VERSION = "fedbridge-site/0.1.0"
@@ -78,9 +79,9 @@ def make_trainer(mode: str, base_model: Path, train_path: Path, work_dir: Path, 
     Raises:
         SiteRefusal: The training file is not in the format the mode trains on.
     """
-    from site_agent.data import DataError
-    from site_agent.preference import PREFERENCE_MODES, PreferenceSiteTrainer
-    from site_agent.trainer import SftSiteTrainer
+    from site_agent.training.data import DataError
+    from site_agent.training.preference import PREFERENCE_MODES, PreferenceSiteTrainer
+    from site_agent.training.trainer import SftSiteTrainer
 
     try:
         rows = load_for_mode(train_path, mode)
@@ -167,10 +168,10 @@ def run_site(cfg: SiteConfig, show_progress: bool = True, audit: AuditSink | Non
                                        cfg.deepspeed)
                 trainer_mode = mode
             global_bytes = client.download_adapter(task.round, task.global_adapter_sha256, task.global_adapter_size)
-            global_state = codec.decode_state(global_bytes)
+            global_state = tensors.decode_state(global_bytes)
             residual = {}
             if task.base_residual_size:  # FedEx-LoRA: the federation folded a correction into the base weights
-                residual = codec.decode_state(client.download_adapter(
+                residual = tensors.decode_state(client.download_adapter(
                     task.round, task.base_residual_sha256, task.base_residual_size, pb.ARTIFACT_KIND_BASE_RESIDUAL))
             trainer.set_base_residual(residual)
             if resp.status == pb.TASK_STATUS_DONE:
@@ -186,8 +187,8 @@ def run_site(cfg: SiteConfig, show_progress: bool = True, audit: AuditSink | Non
                 result = trainer.train_round(task, global_state, lambda s, n, loss: (beats.progress(s), bar.update(s, n, loss)))
             # 6. Only the adapter delta leaves: egress filters (clip -> DP noise), encode, sign, upload.
             delta = apply_filters(result.delta, dp.filters())
-            codec.check_against_spec(delta, task.adapter_spec)
-            payload = codec.encode_state(delta)
+            tensors.check_against_spec(delta, task.adapter_spec)
+            payload = tensors.encode_state(delta)
             try:
                 check_upload_size(policy, len(payload))
             except PolicyRefusal as e:
@@ -215,7 +216,7 @@ def run_site(cfg: SiteConfig, show_progress: bool = True, audit: AuditSink | Non
                 audit.record("egress_refused", {"site": cfg.name, "round": task.round, "rule": e.rule,
                                                 "reason": str(e)[:500]})
                 raise SiteRefusal(str(e)) from None
-            if secure:  # only the masked update leaves (site_agent/secagg.py)
+            if secure:  # only the masked update leaves (site_agent/egress/secagg.py)
                 sent = secagg.secure_upload(client, task, cfg.name, signing_key, Path(cfg.tls.ca).read_bytes(),
                                             delta, result.num_examples, epsilon=epsilon, dp_delta=dp_delta)
                 if sent is None:  # late for the roster or dropped: nothing about this update left the site

@@ -29,11 +29,11 @@ def setup_logging(verbose: bool) -> None:
 def run(config: Path = typer.Option(..., "--config", "-c", help="site.toml"),
         verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
     """Join the federation and train every round until it is done."""
-    from protos.auditlog import AuditError
-    from protos.tomlconfig import ConfigError
+    from fedcommon.auditlog import AuditError
+    from fedcommon.tomlconfig import ConfigError
     from site_agent.agent import SiteRefusal, run_site
     from site_agent.config import load_site_config
-    from site_agent.data import DataError
+    from site_agent.training.data import DataError
 
     setup_logging(verbose)
     try:
@@ -52,7 +52,7 @@ def preflight(config: Path = typer.Option(..., "--config", "-c", help="site.toml
     """Check the kit (certificates, coordinator, base model, data, disk, GPU) and run one dry training step."""
     from rich.table import Table
 
-    from protos.tomlconfig import ConfigError
+    from fedcommon.tomlconfig import ConfigError
     from site_agent.config import load_site_config
     from site_agent.preflight import run_preflight
 
@@ -82,8 +82,8 @@ def audit_verify(log_path: Path | None = typer.Option(None, "--log", help="audit
                  config: Path | None = typer.Option(None, "--config", "-c",
                                                     help="site.toml (the log is work_dir/audit.jsonl)")) -> None:
     """Check every line of the site's audit log (edited, removed, reordered or cut-off lines); exit 1 if tampered."""
-    from protos.auditlog import verify
-    from protos.tomlconfig import ConfigError
+    from fedcommon.auditlog import verify
+    from fedcommon.tomlconfig import ConfigError
     from site_agent.config import load_site_config
 
     if log_path is None:

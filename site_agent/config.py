@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from protos.tomlconfig import load_config
-from site_agent.dp import SiteDpConfig
+from fedcommon.tomlconfig import load_config
+from site_agent.egress.dp import SiteDpConfig
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class SiteData:
         train: Training jsonl: chat ``messages``, ShareGPT or alpaca for sft/qlora; ``prompt``/``chosen``/
             ``rejected`` pairs for dpo/orpo/simpo; ``prompt``/``completion``/``label`` rows for kto.
         heldout: Held-out chat/ShareGPT/alpaca jsonl scored against each global adapter (only the metrics leave):
-            loss, plus accuracy when every row is multiple-choice (see :mod:`site_agent.evaluation`).
+            loss, plus accuracy when every row is multiple-choice (see :mod:`site_agent.training.evaluation`).
     """
 
     train: Path
@@ -66,7 +66,7 @@ class SiteConfig:
             multi-GPU site (launch the agent under ``deepspeed``/``torchrun``); without a launcher it runs
             single-process. Unset: plain PyTorch.
         dp: The site's own differential-privacy settings (noise multiplier, clip bound, ledger file); combined with
-            the task's request into the stronger one (see :mod:`site_agent.dp`).
+            the task's request into the stronger one (see :mod:`site_agent.egress.dp`).
     """
 
     name: str

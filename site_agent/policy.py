@@ -31,8 +31,8 @@ from typing import Protocol
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from fedcommon.tomlconfig import load_config
 from protos.fedbridge.v1 import federation_service_pb2 as pb
-from protos.tomlconfig import load_config
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class SitePolicy:
         max_epochs: Most passes over the site's training rows per round, ``steps × batch × accumulation / rows``
             (0: no limit).
         min_dp_noise_multiplier: Least DP noise multiplier every upload must carry (0: DP not required). The agent
-            applies the larger of its own ``[dp]`` setting and the task's request (:mod:`site_agent.dp`); a task
+            applies the larger of its own ``[dp]`` setting and the task's request (:mod:`site_agent.egress.dp`); a task
             where that is below this floor is refused.
         dp_epsilon_budget: The site's total ε budget (site-level DP, at ``dp_delta``) over every noised update its
             privacy ledger records; the agent refuses to train a round that would exceed it, and any round without

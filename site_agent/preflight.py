@@ -80,7 +80,7 @@ def _coordinator(cfg: SiteConfig, timeout_s: float) -> str:
 
 
 def _base_model(cfg: SiteConfig) -> str:
-    from protos.manifest import Manifest
+    from fedcommon.manifest import Manifest
     from site_agent.policy import load_policy
 
     sha = Manifest.of_dir(cfg.base_model).sha256
@@ -91,7 +91,7 @@ def _base_model(cfg: SiteConfig) -> str:
 
 
 def _data(cfg: SiteConfig) -> str:
-    from site_agent.data import load_jsonl, load_sft
+    from site_agent.training.data import load_jsonl, load_sft
 
     train = load_jsonl(cfg.data.train)
     heldout = load_sft(cfg.data.heldout) if cfg.data.heldout else []

@@ -11,7 +11,7 @@ import pytest
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The default tiny model, built once per test session (into ``$FEDBRIDGE_CACHE`` if set, else a temp dir)."""
-    from deploy.tiny_model import TinyModelConfig, build_tiny_model
+    from sandbox.tiny_model import TinyModelConfig, build_tiny_model
 
     cache = os.environ.get("FEDBRIDGE_CACHE") or tmp_path_factory.mktemp("fedbridge-cache")
     return build_tiny_model(TinyModelConfig(), cache_dir=cache)

@@ -25,9 +25,9 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from coordinator.config import DashboardSpec, TlsSpec
 from coordinator.dashboard.app import create_app
-from coordinator.engine import RoundEngine
-from coordinator.pki import PKIError, peer_identity
-from coordinator.store import write_durable
+from coordinator.rounds.engine import RoundEngine
+from coordinator.rounds.store import write_durable
+from coordinator.trust.pki import PKIError, peer_identity
 
 log = logging.getLogger(__name__)
 PORT_FILE = "dashboard.port"

@@ -1,6 +1,6 @@
 """The dashboard's HTTP routes: one static page, JSON views under ``/api/``, live updates as SSE, and ``/metrics``.
 
-Every response is built from :mod:`coordinator.views` (names, hashes, counts, reported scalars). No route returns a
+Every response is built from :mod:`coordinator.admin.views` (names, hashes, counts, reported scalars). No route returns a
 tensor, a payload, a key or a token, and the access log is off, so a token passed as ``?token=`` is never logged.
 """
 
@@ -17,8 +17,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
-from coordinator import metrics, views
-from coordinator.engine import RoundEngine
+from coordinator import metrics
+from coordinator.admin import views
+from coordinator.rounds.engine import RoundEngine
 
 KEEPALIVE_S = 15.0
 CHECK_S = 2.0

@@ -12,16 +12,17 @@ from typing import Any
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from coordinator.adapter import AdapterInit, peft_model_with
 from coordinator.config import FederationConfig, LoraSpec
-from coordinator.engine import RoundEngine
-from coordinator.pki import PeerIdentity
-from coordinator.store import Store
-from coordinator.uploads import Chunk
+from coordinator.ingress.uploads import Chunk
+from coordinator.rounds.adapter import AdapterInit, peft_model_with
+from coordinator.rounds.engine import RoundEngine
+from coordinator.rounds.store import Store
+from coordinator.trust.pki import PeerIdentity
+from fedcommon import tensors
+from fedcommon.manifest import Manifest
+from fedcommon.tomlconfig import from_dict
 from protos import codec
 from protos.fedbridge.v1 import federation_service_pb2 as pb
-from protos.manifest import Manifest
-from protos.tomlconfig import from_dict
 
 LORA = LoraSpec(rank=16, alpha=32.0, target_modules=("all-linear",))
 FED = "fed"
@@ -36,7 +37,7 @@ class Site:
 
     def update(self, round: int, delta: dict[str, torch.Tensor], *, base_sha: str, spec_sha: str, n: int = 10,
                epsilon: float = 0.0) -> tuple[pb.SignedEnvelope, bytes]:
-        payload = codec.encode_state(delta)
+        payload = tensors.encode_state(delta)
         env = codec.make_envelope(federation_id=FED, round=round, site=self.peer.name, base_model_sha256=base_sha,
                                   payload=payload, adapter_spec_sha256=spec_sha, num_examples=n)
         env.epsilon_spent = epsilon

@@ -18,17 +18,18 @@ import torch
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from coordinator.adapter import AdapterInit
 from coordinator.config import FederationConfig, TlsSpec
-from coordinator.engine import RoundEngine
-from coordinator.enrolment import InitOptions, enroll_site, init_federation
+from coordinator.ingress.servicer import FederationServicer
+from coordinator.rounds.adapter import AdapterInit
+from coordinator.rounds.engine import RoundEngine
+from coordinator.rounds.store import Store
 from coordinator.server import MAX_MESSAGE, server_credentials
-from coordinator.servicer import FederationServicer
-from coordinator.store import Store
+from coordinator.trust.enrolment import InitOptions, enroll_site, init_federation
+from fedcommon import tensors
+from fedcommon.manifest import Manifest
 from protos import codec
 from protos.fedbridge.v1 import federation_service_pb2 as pb
 from protos.fedbridge.v1 import federation_service_pb2_grpc as pb_grpc
-from protos.manifest import Manifest
 
 T = TypeVar("T")
 FED = "fed"
@@ -36,7 +37,7 @@ FED = "fed"
 
 def small_init() -> AdapterInit:
     state = {"l.lora_A.weight": torch.ones(2, 4), "l.lora_B.weight": torch.zeros(4, 2)}
-    return AdapterInit(state, codec.make_adapter_spec(state, 2, 4.0, 0.0, ["l"]))
+    return AdapterInit(state, tensors.make_adapter_spec(state, 2, 4.0, 0.0, ["l"]))
 
 
 def delta(a: float = 0.1, b: float = 0.1) -> dict[str, torch.Tensor]:
@@ -113,7 +114,7 @@ class LiveCoordinator:
     def update(self, site: str, state: dict[str, torch.Tensor] | None = None, /, *, round: int = 1,
                key: Ed25519PrivateKey | None = None, **env_over: Any) -> tuple[pb.SignedEnvelope, bytes]:
         """A signed update for ``site`` (``env_over`` overrides envelope fields before signing)."""
-        payload = codec.encode_state(state if state is not None else delta())
+        payload = tensors.encode_state(state if state is not None else delta())
         env = codec.make_envelope(federation_id=FED, round=round, site=site, base_model_sha256=self.base_sha,
                                   payload=payload, adapter_spec_sha256=self.init.spec.sha256, num_examples=10)
         for k, v in env_over.items():
@@ -121,7 +122,7 @@ class LiveCoordinator:
         return codec.sign_envelope(env, key or self.signing_key(site)), payload
 
     def audit_records(self) -> list[dict[str, Any]]:
-        from protos.auditlog import read_records
+        from fedcommon.auditlog import read_records
         return read_records(self.cfg.state_dir / "audit.jsonl")
 
     def close(self) -> None:

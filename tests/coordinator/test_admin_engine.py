@@ -12,13 +12,14 @@ import torch
 from coord_helpers import LORA, Site, _chunks, config, run_federation, small_delta
 from safetensors.torch import load_file
 
-from coordinator.adapter import init_adapter
-from coordinator.engine import RoundEngine
 from coordinator.errors import InvalidState, NotFound
-from coordinator.modelcard import parse_model_card
-from coordinator.store import Store
+from coordinator.release.modelcard import parse_model_card
+from coordinator.rounds.adapter import init_adapter
+from coordinator.rounds.engine import RoundEngine
+from coordinator.rounds.store import Store
+from fedcommon import tensors
+from fedcommon.manifest import Manifest
 from protos import codec
-from protos.manifest import Manifest
 
 
 def _deltas(init, rounds: dict[int, list[str]]) -> dict[int, dict[str, dict[str, torch.Tensor]]]:  # type: ignore[no-untyped-def]
@@ -55,7 +56,7 @@ def test_withdraw_site_republishes_fedavg_of_the_remaining_sites(tiny_model_dir:
     # ... and differs from the published v1, which had site-b in it.
     v1 = load_file(str(Path(store.publications()[0]["path"]) / "adapter" / "adapter_model.safetensors"))
     assert any(not torch.allclose(v1[k], got[k]) for k in got)
-    assert codec.sha256_hex(codec.encode_state(got)) == out["global_sha256"]
+    assert codec.sha256_hex(tensors.encode_state(got)) == out["global_sha256"]
     prov = json.loads((path / "provenance.json").read_text())
     assert prov["withdrawal"]["site"] == "site-b" and prov["withdrawal"]["from_round"] == 2
     assert prov["withdrawal"]["reason"] == "consent withdrawn" and prov["withdrawal"]["actor"] == "tester"
@@ -152,7 +153,7 @@ def test_control_gates_tasks_and_rounds_and_survives_restart(tiny_model_dir: Pat
 
 def test_withdraw_under_central_dp_renoises_and_composes_epsilon(tiny_model_dir: Path, tmp_path: Path) -> None:
     # Prepare: central DP (sigma 1.5, C 0.1), three sites, two rounds.
-    from coordinator.dp import rdp_epsilon
+    from coordinator.privacy.central_dp import rdp_epsilon
 
     init = init_adapter(tiny_model_dir, LORA)
     cfg = config(tmp_path, tiny_model_dir, rounds=2, min_sites=3,

@@ -14,7 +14,7 @@ from cryptography import x509
 from live_coordinator import LiveCoordinator, delta, upload_messages
 
 from coordinator.config import load_federation_config
-from coordinator.pki import cert_identity, load_crl
+from coordinator.trust.pki import cert_identity, load_crl
 from protos.fedbridge.v1 import federation_service_pb2 as pb
 from site_agent.config import load_site_config
 from site_agent.policy import ca_sha256, load_policy
@@ -175,7 +175,7 @@ def test_audit_verify_locates_tampering(ran: LiveCoordinator, tmp_path: Path, ta
 
 def test_export_records_states_parties_regions_transfers_and_unset_fields(ran: LiveCoordinator, tmp_path: Path) -> None:
     # Prepare: a federation.toml for the stopped coordinator, with some [records] set and others not
-    from protos.tomlconfig import dumps
+    from fedcommon.tomlconfig import dumps
 
     cfg = ran.cfg
     toml = tmp_path / "federation.toml"

@@ -9,10 +9,10 @@ import pytest
 import torch
 from coord_helpers import config, run_federation, small_delta
 
-from coordinator.adapter import init_adapter
 from coordinator.config import LoraSpec, PrivacySpec
-from coordinator.dp import CentralDp, clip_filter, rdp_epsilon
-from coordinator.modelcard import parse_model_card
+from coordinator.privacy.central_dp import CentralDp, clip_filter, rdp_epsilon
+from coordinator.release.modelcard import parse_model_card
+from coordinator.rounds.adapter import init_adapter
 from strategies.clipping import delta_norm
 from strategies.registry import build_strategy
 from strategies.types import ClientUpdate

@@ -11,15 +11,15 @@ import httpx
 import pytest
 from coord_helpers import LORA, config
 
-from coordinator.adapter import init_adapter
 from coordinator.config import DashboardSpec, TlsSpec
 from coordinator.dashboard import DashboardError, start_dashboard
 from coordinator.dashboard.app import create_app
-from coordinator.engine import RoundEngine
-from coordinator.pki import create_dev_pki
-from coordinator.store import Store
-from protos.manifest import Manifest
-from protos.tomlconfig import ConfigError
+from coordinator.rounds.adapter import init_adapter
+from coordinator.rounds.engine import RoundEngine
+from coordinator.rounds.store import Store
+from coordinator.trust.pki import create_dev_pki
+from fedcommon.manifest import Manifest
+from fedcommon.tomlconfig import ConfigError
 
 TOKEN = "s3cret-token-0123456789"
 

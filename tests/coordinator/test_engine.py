@@ -10,13 +10,14 @@ import pytest
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from coordinator.adapter import AdapterInit
 from coordinator.config import FederationConfig, TlsSpec
-from coordinator.engine import RoundEngine
 from coordinator.errors import DuplicateUpdate, InvalidUpdate, PermissionDenied, UpdateTooLarge, WrongRound
-from coordinator.pki import PeerIdentity
-from coordinator.store import Store
-from coordinator.uploads import Chunk
+from coordinator.ingress.uploads import Chunk
+from coordinator.rounds.adapter import AdapterInit
+from coordinator.rounds.engine import RoundEngine
+from coordinator.rounds.store import Store
+from coordinator.trust.pki import PeerIdentity
+from fedcommon import tensors
 from protos import codec
 from protos.fedbridge.v1 import federation_service_pb2 as pb
 
@@ -25,7 +26,7 @@ BASE_SHA = "ab" * 32
 
 def _init() -> AdapterInit:
     state = {"l.lora_A.weight": torch.ones(2, 4), "l.lora_B.weight": torch.zeros(4, 2)}
-    return AdapterInit(state, codec.make_adapter_spec(state, 2, 4.0, 0.0, ["l"]))
+    return AdapterInit(state, tensors.make_adapter_spec(state, 2, 4.0, 0.0, ["l"]))
 
 
 class Site:
@@ -35,7 +36,7 @@ class Site:
 
     def update(self, round: int, delta: dict[str, torch.Tensor], n: int = 10, **env_over: object
                ) -> tuple[pb.SignedEnvelope, bytes]:
-        payload = codec.encode_state(delta)
+        payload = tensors.encode_state(delta)
         env = codec.make_envelope(federation_id="fed", round=round, site=self.peer.name, base_model_sha256=BASE_SHA,
                                   payload=payload, adapter_spec_sha256=_init().spec.sha256, num_examples=n)
         for k, v in env_over.items():
@@ -81,7 +82,7 @@ def test_quorum_aggregates_weighted_mean(tmp_path: Path) -> None:
         await asyncio.sleep(0.2)
         rounds = eng.store.rounds()
         assert [r.state for r in rounds] == ["closed", "open"]
-        new = codec.decode_state(eng.adapter_bytes(2))
+        new = tensors.decode_state(eng.adapter_bytes(2))
         # A: 1 + (10*1 + 30*4)/40 = 4.25 ; B: 0 + (10*2 + 30*(-1))/40 = -0.25
         assert torch.allclose(new["l.lora_A.weight"], torch.full((2, 4), 4.25))
         assert torch.allclose(new["l.lora_B.weight"], torch.full((4, 2), -0.25))
@@ -195,7 +196,7 @@ def test_restart_resumes_round_and_aggregates_pending_quorum(tmp_path: Path) -> 
         assert (await eng.receive_upload(b.peer, _chunks(s, p))).accepted
         await asyncio.sleep(0.2)
         assert [r.state for r in eng.store.rounds()] == ["closed", "open"]
-        new = codec.decode_state(eng.adapter_bytes(2))
+        new = tensors.decode_state(eng.adapter_bytes(2))
         assert torch.allclose(new["l.lora_A.weight"], torch.full((2, 4), 3.0))  # 1 + mean(1, 3)
 
     asyncio.run(first_run())
@@ -242,7 +243,7 @@ def test_stateful_strategy_resumes_with_its_server_state(tmp_path: Path) -> None
     g = _init().state
     res = strat.aggregate(g, [ClientUpdate(n, d, 10) for n, d in deltas[1].items()])
     res2 = strat.aggregate(res.state, [ClientUpdate(n, d, 10) for n, d in deltas[2].items()], res.server_state)
-    got = codec.decode_state(Store(tmp_path / "state").adapter_path(3).read_bytes())
+    got = tensors.decode_state(Store(tmp_path / "state").adapter_path(3).read_bytes())
     for k in got:
         assert torch.allclose(got[k], res2.state[k], atol=1e-6)
     info = Store(tmp_path / "state").rounds()[1].info
@@ -277,10 +278,10 @@ def test_mixed_ranks_hetlora(tmp_path: Path) -> None:
         assert eng.spec_for("full").sha256 == _init().spec.sha256
         low_spec = eng.spec_for("low")
         assert low_spec.rank == 1 and low_spec.alpha == 2.0  # alpha/r kept at 4/2
-        got = codec.decode_state(eng.site_adapter_bytes("low", 1))
+        got = tensors.decode_state(eng.site_adapter_bytes("low", 1))
         assert tuple(got["l.lora_A.weight"].shape) == (1, 4) and tuple(got["l.lora_B.weight"].shape) == (4, 1)
         low_delta = {"l.lora_A.weight": torch.full((1, 4), 2.0), "l.lora_B.weight": torch.full((4, 1), 2.0)}
-        payload = codec.encode_state(low_delta)
+        payload = tensors.encode_state(low_delta)
         env = codec.make_envelope(federation_id="fed", round=1, site="low", base_model_sha256=BASE_SHA,
                                   payload=payload, adapter_spec_sha256=low_spec.sha256, num_examples=10)
         assert (await eng.receive_upload(low.peer, _chunks(codec.sign_envelope(env, low.key), payload))).accepted
@@ -288,7 +289,7 @@ def test_mixed_ranks_hetlora(tmp_path: Path) -> None:
         s, p = full.update(1, _delta(0.0, 0.0))
         assert (await eng.receive_upload(full.peer, _chunks(s, p))).accepted
         await asyncio.sleep(0.2)
-        new = codec.decode_state(eng.adapter_bytes(2))
+        new = tensors.decode_state(eng.adapter_bytes(2))
         # "all" averaging: component 0 moves by 10*2/20 = 1, component 1 (held only by "full", delta 0) stays.
         assert torch.allclose(new["l.lora_A.weight"][0], torch.full((4,), 2.0))
         assert torch.allclose(new["l.lora_A.weight"][1], torch.full((4,), 1.0))

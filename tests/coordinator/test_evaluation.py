@@ -10,9 +10,8 @@ import pytest
 import torch
 from coord_helpers import LORA, config, delta, run_federation, small_delta, train_on_qa
 
-from coordinator.adapter import init_adapter, peft_model_with
 from coordinator.config import BenchmarkSpec, EvalSpec
-from coordinator.evaluation import (
+from coordinator.release.evaluation import (
     STRICT_CHOICE_FILTER,
     EvaluationError,
     check_benchmarks,
@@ -22,9 +21,10 @@ from coordinator.evaluation import (
     is_due,
     parse_report,
 )
-from coordinator.merge import MergeError, merge_to_dir
-from coordinator.store import Store
-from deploy.benchmarks import SharedBenchmark, make_shared_benchmark
+from coordinator.release.merge import MergeError, merge_to_dir
+from coordinator.rounds.adapter import init_adapter, peft_model_with
+from coordinator.rounds.store import Store
+from sandbox.benchmarks import SharedBenchmark, make_shared_benchmark
 
 
 @pytest.fixture(scope="module")

@@ -31,11 +31,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from live_coordinator import LiveCoordinator, delta, small_init, upload_messages
 
 from coordinator.config import FederationConfig, TlsSpec
-from coordinator.engine import RoundEngine
 from coordinator.errors import CoordinatorError
-from coordinator.pki import PeerIdentity
-from coordinator.store import Store
-from coordinator.uploads import Chunk
+from coordinator.ingress.uploads import Chunk
+from coordinator.rounds.engine import RoundEngine
+from coordinator.rounds.store import Store
+from coordinator.trust.pki import PeerIdentity
+from fedcommon import tensors
 from protos import codec
 from protos.fedbridge.v1 import federation_service_pb2 as pb
 
@@ -147,7 +148,7 @@ def test_codec_survives_100k_random_and_mutated_inputs() -> None:
     rng = random.Random(SEED)
     key = Ed25519PrivateKey.generate()
     pub = key.public_key()
-    payload = codec.encode_state(delta(0.5, -0.25))
+    payload = tensors.encode_state(delta(0.5, -0.25))
     env = codec.make_envelope(federation_id="fed", round=1, site="a", base_model_sha256=BASE_SHA, payload=payload,
                               adapter_spec_sha256=SPEC.sha256, num_examples=3)
     signed = codec.sign_envelope(env, key)
@@ -158,13 +159,13 @@ def test_codec_survives_100k_random_and_mutated_inputs() -> None:
         try:
             if kind == 0:
                 data = mutate_bytes(rng, payload) if rng.random() < 0.5 else mutate_header(rng, payload)
-                state = codec.decode_state(data)
-                codec.check_against_spec(state, SPEC)
-                codec.l2_norm(state)
+                state = tensors.decode_state(data)
+                tensors.check_against_spec(state, SPEC)
+                tensors.l2_norm(state)
             elif kind == 1:
                 data = rng.randbytes(rng.randint(0, 96)) if rng.random() < 0.3 else mutate_bytes(rng, payload)
                 codec.check_payload(env, data)
-                codec.decode_state(data)
+                tensors.decode_state(data)
             elif kind == 2:  # a forger: bytes and signatures that the key never signed
                 raw = mutate_envelope(rng, env) if rng.random() < 0.7 else mutate_bytes(rng, signed.envelope)
                 sig = signed.signature if rng.random() < 0.5 else mutate_bytes(rng, signed.signature)
@@ -237,7 +238,7 @@ def test_servicer_path_refuses_mutated_streams_cleanly() -> None:
         await eng.start()
         key = Ed25519PrivateKey.generate()
         peer = PeerIdentity("a", "site", key.public_key(), 1, "fp-a")
-        payload = codec.encode_state(delta(0.5, -0.25))
+        payload = tensors.encode_state(delta(0.5, -0.25))
         env = codec.make_envelope(federation_id="fed", round=1, site="a", base_model_sha256=BASE_SHA,
                                   payload=payload, adapter_spec_sha256=SPEC.sha256, num_examples=3)
         signed = codec.sign_envelope(env, key)
@@ -315,4 +316,4 @@ def test_state_dict_cannot_smuggle_a_torch_pickle() -> None:
     buf = io.BytesIO()
     torch.save(delta(), buf)
     with pytest.raises(codec.CodecError):
-        codec.decode_state(buf.getvalue())
+        tensors.decode_state(buf.getvalue())

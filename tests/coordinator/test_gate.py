@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from coord_helpers import LORA, config, run_federation, small_delta
 
-from coordinator.adapter import AdapterInit, init_adapter
-from coordinator.gate import decide, last_published
-from coordinator.store import Store
-from deploy.benchmarks import make_shared_benchmark
+from coordinator.release.gate import decide, last_published
+from coordinator.rounds.adapter import AdapterInit, init_adapter
+from coordinator.rounds.store import Store
+from sandbox.benchmarks import make_shared_benchmark
 
 THRESHOLDS = {"general_qa": 0.5, "general_mcq": 0.0}
 
@@ -72,7 +72,7 @@ def setup(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tup
 
 def _run(tmp: Path, base: Path, init: AdapterInit, bench: Path, qa_score: float, previous_qa: float | None) -> Store:
     """One round whose evaluation scores are recorded up front (no EvalScope run), with a v1 already published."""
-    from deploy.benchmarks import SharedBenchmark
+    from sandbox.benchmarks import SharedBenchmark
 
     tables = SharedBenchmark(bench / "mcq", bench / "qa", ("capitals", "animal_colours"), 4, 4).benchmark_tables()
     cfg = config(tmp, base, lora={"rank": 16, "alpha": 32.0, "target_modules": ["all-linear"]},
@@ -104,7 +104,7 @@ def test_engine_blocks_a_regressing_version_and_records_why(setup: tuple[Adapter
 
     from typer.testing import CliRunner
 
-    from coordinator.admin_cli import app
+    from coordinator.admin.cli import app
 
     result = CliRunner().invoke(app, ["releases", "--state-dir", str(tmp_path / "state")])
     assert result.exit_code == 0, result.output
@@ -126,14 +126,14 @@ def test_engine_publishes_a_non_regressing_version(setup: tuple[AdapterInit, Pat
 def test_failed_evaluation_is_recorded_and_blocks_the_gated_publication(setup: tuple[AdapterInit, Path],
                                                                        tiny_model_dir: Path, tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    from coordinator import evaluation
+    from coordinator.release import evaluation
 
     def broken(**_: object) -> None:
         raise evaluation.EvaluationError("benchmark 'general_qa': metric BLEU could not be computed")
 
     monkeypatch.setattr(evaluation, "evaluate_adapter", broken)
     init, bench = setup
-    from deploy.benchmarks import SharedBenchmark
+    from sandbox.benchmarks import SharedBenchmark
 
     tables = SharedBenchmark(bench / "mcq", bench / "qa", ("capitals",), 2, 2).benchmark_tables()
     cfg = config(tmp_path, tiny_model_dir, lora={"rank": 16, "alpha": 32.0, "target_modules": ["all-linear"]},
@@ -148,7 +148,7 @@ def test_failed_evaluation_is_recorded_and_blocks_the_gated_publication(setup: t
 
 
 def test_config_refuses_a_gate_on_what_is_not_evaluated(tmp_path: Path) -> None:
-    from protos.tomlconfig import ConfigError
+    from fedcommon.tomlconfig import ConfigError
 
     bench = make_shared_benchmark(tmp_path / "b", n_sites=1, per_family=1)
     tables = bench.benchmark_tables()

@@ -20,8 +20,8 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from live_coordinator import LiveCoordinator, delta, upload_messages
 
-from coordinator.enrolment import revoke_site
-from coordinator.pki import CertificateAuthority
+from coordinator.trust.enrolment import revoke_site
+from coordinator.trust.pki import CertificateAuthority
 from protos import codec
 from protos.fedbridge.v1 import federation_service_pb2 as pb
 
@@ -300,7 +300,7 @@ def test_crl_written_by_revoke_site_cuts_off_an_open_stream(live: LiveCoordinato
 
 def test_a_crl_not_signed_by_the_federation_ca_refuses_every_site(live: LiveCoordinator, tmp_path: Path) -> None:
     """A swapped CRL must not silently un-revoke anyone: the coordinator refuses site calls until it is fixed."""
-    from coordinator.pki import write_crl
+    from coordinator.trust.pki import write_crl
 
     write_crl(CertificateAuthority.create("impostor"), {}, live.fed / "crl.pem")
     with pytest.raises(grpc.RpcError) as e:

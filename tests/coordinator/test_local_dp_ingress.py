@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 from coord_helpers import Site, _chunks, config, small_delta
 
-from coordinator.adapter import init_adapter
 from coordinator.config import LoraSpec
-from coordinator.engine import RoundEngine
 from coordinator.errors import InvalidUpdate
-from coordinator.store import Store
-from protos.manifest import Manifest
+from coordinator.rounds.adapter import init_adapter
+from coordinator.rounds.engine import RoundEngine
+from coordinator.rounds.store import Store
+from fedcommon.manifest import Manifest
 
 
 def test_local_dp_federation_refuses_an_update_without_declared_noise(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -13,13 +13,14 @@ import pytest
 import torch
 from coord_helpers import LORA, config, run_federation, small_delta
 
-from coordinator.adapter import init_adapter, peft_model_with
-from coordinator.modelcard import parse_model_card
-from coordinator.publish import PushError, parse_target, push_version, verify_sha256sums
-from coordinator.store import Store
-from deploy.benchmarks import make_shared_benchmark
+from coordinator.release.modelcard import parse_model_card
+from coordinator.release.publish import PushError, parse_target, push_version, verify_sha256sums
+from coordinator.rounds.adapter import init_adapter, peft_model_with
+from coordinator.rounds.store import Store
+from fedcommon import tensors
+from fedcommon.manifest import Manifest
 from protos import codec
-from protos.manifest import Manifest
+from sandbox.benchmarks import make_shared_benchmark
 
 SCORES = {1: {"general_qa": 0.625, "general_mcq": 0.25}, 2: {"general_qa": 0.8125, "general_mcq": 0.5}}
 
@@ -70,7 +71,7 @@ def test_published_dir_loads_with_stock_transformers_and_peft(published: tuple[P
     with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), path / "adapter")
     # The reference: the final global adapter from the coordinator's store on a fresh base.
     init = init_adapter(tiny_model_dir, LORA)
-    final = codec.decode_state(store.adapter_path(3).read_bytes())
+    final = tensors.decode_state(store.adapter_path(3).read_bytes())
     reference = peft_model_with(tiny_model_dir, init.spec, final)
     prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of Zorvania?"}],
                                      add_generation_prompt=True, return_tensors="pt", return_dict=True)
@@ -150,7 +151,7 @@ def test_push_offline_fails_clearly_and_leaves_the_version_intact(published: tup
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     from typer.testing import CliRunner
 
-    from coordinator.admin_cli import app
+    from coordinator.admin.cli import app
 
     path, _ = published
     before = {p: p.stat().st_mtime_ns for p in path.rglob("*")}

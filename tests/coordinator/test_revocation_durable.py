@@ -9,11 +9,11 @@ import pytest
 from live_coordinator import small_init
 
 from coordinator.config import FederationConfig, TlsSpec
-from coordinator.engine import RoundEngine
 from coordinator.errors import Revoked
-from coordinator.pki import PeerIdentity
-from coordinator.store import Store
-from protos.auditlog import Head, verify
+from coordinator.rounds.engine import RoundEngine
+from coordinator.rounds.store import Store
+from coordinator.trust.pki import PeerIdentity
+from fedcommon.auditlog import Head, verify
 
 BASE_SHA = "ab" * 32
 

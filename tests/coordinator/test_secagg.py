@@ -13,18 +13,19 @@ import pytest
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from coordinator.adapter import AdapterInit
 from coordinator.config import FederationConfig, SecureAggregationSpec, TlsSpec
-from coordinator.engine import RoundEngine
 from coordinator.errors import InvalidUpdate, WrongRound
-from coordinator.pki import CertificateAuthority, peer_identity
-from coordinator.secagg import MASK_KEY, SEED
-from coordinator.store import Store
-from coordinator.uploads import Chunk
+from coordinator.ingress.uploads import Chunk
+from coordinator.privacy.secagg import MASK_KEY, SEED
+from coordinator.rounds.adapter import AdapterInit
+from coordinator.rounds.engine import RoundEngine
+from coordinator.rounds.store import Store
+from coordinator.trust.pki import CertificateAuthority, peer_identity
+from fedcommon import secagg as sa
+from fedcommon import tensors
 from protos import codec
-from protos import secagg as sa
 from protos.fedbridge.v1 import secagg_service_pb2 as spb
-from site_agent.secagg import SIGNING_KEY_OID, SecAggError, SiteSecAgg
+from site_agent.egress.secagg import SIGNING_KEY_OID, SecAggError, SiteSecAgg
 from strategies.registry import build_strategy
 from strategies.types import ClientUpdate
 
@@ -39,7 +40,7 @@ def _init() -> AdapterInit:
     g = torch.Generator().manual_seed(1)
     state = {"m.lora_A.weight": torch.randn(4, 16, generator=g), "m.lora_B.weight": torch.zeros(16, 4),
              "n.lora_A.weight": torch.randn(4, 8, generator=g), "n.lora_B.weight": torch.zeros(8, 4)}
-    return AdapterInit(state, codec.make_adapter_spec(state, 4, 8.0, 0.0, ["m", "n"]))
+    return AdapterInit(state, tensors.make_adapter_spec(state, 4, 8.0, 0.0, ["m", "n"]))
 
 
 class SimSite:
@@ -94,7 +95,7 @@ async def _run_to_masked(eng: RoundEngine, sites: list[SimSite], senders: list[S
         assert status == "ready" and len(got) == len(sites) - 1
         masked = s.proto.mask([spb.EncryptedShare(site=f, ciphertext=ct) for f, ct in got], s.delta,
                               _spec_tensors(), float(s.n))
-        payload = codec.encode_state({"secagg.masked": torch.from_numpy(masked)})
+        payload = tensors.encode_state({"secagg.masked": torch.from_numpy(masked)})
         env = codec.make_envelope(federation_id=FED, round=1, site=s.name, base_model_sha256=BASE_SHA,
                                   payload=payload, adapter_spec_sha256=_init().spec.sha256, num_examples=1)
         assert (await eng.receive_upload(s.peer, _chunks(codec.sign_envelope(env, s.key), payload))).accepted
@@ -165,7 +166,7 @@ def test_five_sites_one_dropout_equals_fedavg_and_store_holds_no_individual_upda
     assert info["total_weight"] == sum(s.n for s in counted)
     g_in = _init().state
     want = build_strategy("fedavg").aggregate(g_in, [ClientUpdate(s.name, s.delta, s.n) for s in counted]).state
-    got = codec.decode_state(store.adapter_path(2).read_bytes())
+    got = tensors.decode_state(store.adapter_path(2).read_bytes())
     step = COARSE["clip_range"] / 2 ** (COARSE["bits"] - 1)
     bound = len(counted) * step / 2 / sum(s.n for s in counted)  # N * step / 2 / W, plus float32 rounding
     assert info["max_abs_error_bound"] == pytest.approx(bound)
@@ -197,7 +198,7 @@ def _assert_no_individual_update(state_dir: Path, sites: list[SimSite], step: fl
         for p in files:
             if p.suffix != ".safetensors":
                 continue
-            for name, t in codec.decode_state(p.read_bytes()).items():
+            for name, t in tensors.decode_state(p.read_bytes()).items():
                 if t.dtype == torch.int64:  # a masked input: not the site's quantised input
                     assert np.mean(t.numpy().view(np.uint64) == q.quantize(plain)) < 0.01
                 elif name in s.delta:  # no stored adapter is this delta, or the global moved by it alone
@@ -227,7 +228,7 @@ def test_ffa_lora_under_secure_aggregation_keeps_a_and_averages_b(tmp_path: Path
     # Execute
     asyncio.run(main())
     # Assert: A is bit-for-bit the global A (a zero sum stays exactly zero), B is the weighted mean within the bound
-    got = codec.decode_state(Store(tmp_path / "state").adapter_path(2).read_bytes())
+    got = tensors.decode_state(Store(tmp_path / "state").adapter_path(2).read_bytes())
     want = build_strategy("ffa_lora").aggregate(_init().state, [ClientUpdate(s.name, s.delta, s.n) for s in sites]).state
     bound = 3 * (COARSE["clip_range"] / 2 ** (COARSE["bits"] - 1)) / 2 / 40
     for k in want:
@@ -343,6 +344,6 @@ def test_roster_refuses_a_substituted_key(tmp_path: Path) -> None:
 
 
 def test_site_oid_matches_the_pki() -> None:
-    from coordinator.pki import SIGNING_KEY_OID as PKI_OID
+    from coordinator.trust.pki import SIGNING_KEY_OID as PKI_OID
 
     assert SIGNING_KEY_OID == PKI_OID

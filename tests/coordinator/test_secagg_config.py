@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from protos.tomlconfig import ConfigError
+from fedcommon.tomlconfig import ConfigError
 from tests.coordinator.coord_helpers import config
 
 SECAGG = {"enabled": True, "threshold": 2}

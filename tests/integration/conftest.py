@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from deploy import localfed
+from sandbox import localfed
 
 MARKER = "FEDBRIDGE-CANARY-7f3a9c2e-PRIVATE"
 

@@ -1,7 +1,7 @@
 """Each ``fedbridge-admin`` command against a real coordinator with real sites (issue 6, item 3).
 
 The commands run as real CLI processes (``python -m coordinator <cmd> --json``) with the dev PKI's admin kit, against
-a coordinator started by ``deploy.localfed`` with ``autostart = false`` and two real site agents. The tests run in
+a coordinator started by ``sandbox.localfed`` with ``autostart = false`` and two real site agents. The tests run in
 file order on one federation of ROUNDS rounds: not started -> start -> pause (no round advances) -> resume -> pause and
 stop in the middle of a round (sites told done) -> rounds/sites/evals -> publish -> withdraw-site -> restart (the
 stopped state survives).
@@ -24,12 +24,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from coordinator.store import Store
-from deploy import localfed
-from protos import codec
+from coordinator.rounds.store import Store
+from fedcommon import tensors
+from fedcommon.tomlconfig import dumps, load_toml
 from protos.fedbridge.v1 import admin_service_pb2 as apb
 from protos.fedbridge.v1 import admin_service_pb2_grpc as apb_grpc
-from protos.tomlconfig import dumps, load_toml
+from sandbox import localfed
 
 ROOT = Path(__file__).resolve().parents[2]
 ROUNDS = 10  # rounds take ~1-2 s: enough of them that the federation is still running when each test acts on it
@@ -198,8 +198,8 @@ def test_publish_then_withdraw_site(fed: localfed.LocalFederation) -> None:
     assert rc == 0, wd
     assert wd["published"] and (wd["from_round"], wd["to_round"], wd["version"]) == (1, last_closed, 2)
     store = Store(fed.state_dir)
-    state = codec.decode_state(store.adapter_path(1).read_bytes())
-    a = [codec.decode_state(u.path.read_bytes()) for u in store.updates()
+    state = tensors.decode_state(store.adapter_path(1).read_bytes())
+    a = [tensors.decode_state(u.path.read_bytes()) for u in store.updates()
          if u.site == "site-a" and u.round <= last_closed]
     assert len(a) == last_closed
     got = load_file(str(Path(wd["path"]) / "adapter" / "adapter_model.safetensors"))

@@ -20,9 +20,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from coordinator.engine import HOLD_ENV
-from coordinator.store import Store
-from deploy import localfed
+from coordinator.rounds.engine import HOLD_ENV
+from coordinator.rounds.store import Store
+from sandbox import localfed
 
 ROUNDS = 2
 SITES = ["site-a", "site-b"]

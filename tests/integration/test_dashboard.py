@@ -18,10 +18,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from deploy import localfed
+from fedcommon.tomlconfig import dumps, load_toml
 from protos.fedbridge.v1 import federation_service_pb2 as pb
 from protos.fedbridge.v1 import federation_service_pb2_grpc as pb_grpc
-from protos.tomlconfig import dumps, load_toml
+from sandbox import localfed
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = Path("/usr/bin/chromium")

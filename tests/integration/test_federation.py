@@ -6,12 +6,12 @@ from pathlib import Path
 
 import torch
 
+from coordinator.rounds.store import Store
 from coordinator.server import read_recording
-from coordinator.store import Store
-from deploy import localfed
-from protos import codec
+from fedcommon import tensors
+from fedcommon.manifest import Manifest, verify_model_dir
 from protos.fedbridge.v1 import federation_service_pb2 as pb
-from protos.manifest import Manifest, verify_model_dir
+from sandbox import localfed
 
 
 def test_two_sites_two_rounds_aggregate_and_publish(finished_federation: localfed.LocalFederation) -> None:
@@ -23,9 +23,9 @@ def test_two_sites_two_rounds_aggregate_and_publish(finished_federation: localfe
         ups = store.updates(r)
         assert [u.site for u in ups] == ["site-a", "site-b"]
         # The stored global is exactly FedAvg of the stored deltas.
-        g_in = codec.decode_state(store.adapter_path(r).read_bytes())
-        g_out = codec.decode_state(store.adapter_path(r + 1).read_bytes())
-        deltas = [(codec.decode_state(u.path.read_bytes()), u.num_examples) for u in ups]
+        g_in = tensors.decode_state(store.adapter_path(r).read_bytes())
+        g_out = tensors.decode_state(store.adapter_path(r + 1).read_bytes())
+        deltas = [(tensors.decode_state(u.path.read_bytes()), u.num_examples) for u in ups]
         total = sum(n for _, n in deltas)
         for k in g_in:
             want = g_in[k].double() + sum(d[k].double() * n for d, n in deltas) / total
@@ -84,19 +84,19 @@ def test_canary_never_reaches_the_coordinator(finished_federation: localfed.Loca
 
 def test_only_adapter_tensors_of_the_spec_were_uploaded(finished_federation: localfed.LocalFederation) -> None:
     store = Store(finished_federation.state_dir)
-    spec_keys = set(codec.decode_state(store.adapter_path(1).read_bytes()))
+    spec_keys = set(tensors.decode_state(store.adapter_path(1).read_bytes()))
     for u in store.updates():
         env = pb.UpdateEnvelope.FromString(
             store._q("SELECT envelope FROM updates WHERE round=? AND site=?", (u.round, u.site))[0][0])
         assert env.payload_kind == pb.PAYLOAD_KIND_DIFF
-        assert set(codec.decode_state(u.path.read_bytes())) == spec_keys
+        assert set(tensors.decode_state(u.path.read_bytes())) == spec_keys
 
 
 def test_every_upload_is_in_the_sites_and_the_coordinators_audit_logs(finished_federation: localfed.LocalFederation,
                                                                       canary: str) -> None:
     """Each site's hash-chained log records each update that left it (hash, bytes, epsilon), and it matches what
     the coordinator accepted and audited; no log holds a training byte."""
-    from protos.auditlog import read_records, verify
+    from fedcommon.auditlog import read_records, verify
 
     fed = finished_federation
     store = Store(fed.state_dir)

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.modelcard import parse_model_card
+from coordinator.release.modelcard import parse_model_card
+from coordinator.rounds.store import Store
 from coordinator.server import read_recording
-from coordinator.store import Store
-from deploy import localfed
 from protos.fedbridge.v1 import federation_service_pb2 as pb
-from site_agent.dp import PrivacyLedger, rdp_epsilon
+from sandbox import localfed
+from site_agent.egress.dp import PrivacyLedger, rdp_epsilon
 
 SIGMA, CLIP, DELTA = 1.2, 0.05, 1e-5
 

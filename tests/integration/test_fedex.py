@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from coordinator.store import Store
-from deploy import localfed
-from protos import codec
+from coordinator.rounds.store import Store
+from fedcommon import tensors
+from sandbox import localfed
 
 
 def test_fedex_lora_round_trip(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -33,8 +33,8 @@ def test_fedex_lora_round_trip(tiny_model_dir: Path, tmp_path: Path) -> None:
         assert r.info["strategy"] == "fedex_lora"
         assert r.info["aggregation_error"]["max"] < 1e-5
     # Round 2's sites trained on base + round 1's residual, which the task pinned by hash.
-    r2 = codec.decode_state(store.residual_path(2).read_bytes())
-    final = codec.decode_state(store.residual_path(3).read_bytes())
+    r2 = tensors.decode_state(store.residual_path(2).read_bytes())
+    final = tensors.decode_state(store.residual_path(3).read_bytes())
     assert set(final) == set(r2) and any(float(v.abs().max()) > 0 for v in final.values())
     site_log = fed.log_path("site-a").read_text()
     assert "refus" not in site_log.lower()
@@ -44,7 +44,7 @@ def test_fedex_lora_round_trip(tiny_model_dir: Path, tmp_path: Path) -> None:
     for shard in sorted((pub / "merged").glob("*.safetensors")):
         merged.update(load_file(shard))
     base = load_file(tiny_model_dir / "model.safetensors")
-    adapter = codec.decode_state(store.adapter_path(3).read_bytes())
+    adapter = tensors.decode_state(store.adapter_path(3).read_bytes())
     name = "model.layers.1.self_attn.q_proj.weight"
     a = adapter["base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"]
     b = adapter["base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight"]

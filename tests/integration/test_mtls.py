@@ -8,11 +8,11 @@ from pathlib import Path
 import grpc
 import pytest
 
-from coordinator.pki import create_dev_pki
 from coordinator.server import read_recording
-from deploy import localfed
+from coordinator.trust.pki import create_dev_pki
 from protos.fedbridge.v1 import federation_service_pb2 as pb
 from protos.fedbridge.v1 import federation_service_pb2_grpc as pb_grpc
+from sandbox import localfed
 
 
 @pytest.fixture(scope="module")

@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from coordinator.rounds.store import Store
 from coordinator.server import read_recording
-from coordinator.store import Store
-from deploy import localfed
-from protos import codec
-from protos.tomlconfig import dumps, load_toml
+from fedcommon import tensors
+from fedcommon.tomlconfig import dumps, load_toml
+from sandbox import localfed
 
 SECAGG = {"enabled": True, "threshold": 2, "stage_timeout_s": 120.0}
 
@@ -68,7 +68,7 @@ def test_secure_rounds_unmask_the_sum_and_publish(secagg_federation: localfed.Lo
         assert len(reported) == 3 and info["total_weight"] == sum(reported.values())
         # What the coordinator stored per site is a masked int64 vector, not an adapter delta.
         for u in store.updates(r.round):
-            stored = codec.decode_state(u.path.read_bytes())
+            stored = tensors.decode_state(u.path.read_bytes())
             assert set(stored) == {"secagg.masked"} and stored["secagg.masked"].dtype == torch.int64
     assert store.secagg_shares(1) == [] and store.secagg_reveals(2) == []
     # DP composes: each site's cumulative epsilon arrived in its signed (masked-payload) envelopes.

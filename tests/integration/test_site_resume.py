@@ -9,8 +9,8 @@ import signal
 import time
 from pathlib import Path
 
-from coordinator.store import Store
-from deploy import localfed
+from coordinator.rounds.store import Store
+from sandbox import localfed
 
 STEPS, EVERY = 40, 5
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.store import Store
-from deploy import localfed
-from deploy.demo import read_store, round_table
-from protos.auditlog import verify
+from coordinator.rounds.store import Store
+from fedcommon.auditlog import verify
+from sandbox import localfed
+from sandbox.demo import read_store, round_table
 
 DEADLINE_S = 30.0
 SLOW = "site-c"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from coordinator.store import Store
-from deploy import localfed
+from coordinator.rounds.store import Store
+from sandbox import localfed
 
 
 def test_tampered_base_model_is_refused(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ import pytest
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from fedcommon import tensors
 from protos import codec
 from protos.fedbridge.v1 import federation_service_pb2 as pb
 
@@ -15,8 +16,8 @@ def _state() -> dict[str, torch.Tensor]:
 
 def test_state_roundtrip_is_exact_and_overhead_small() -> None:
     state = _state()
-    data = codec.encode_state(state)
-    back = codec.decode_state(data)
+    data = tensors.encode_state(state)
+    back = tensors.decode_state(data)
     assert back.keys() == state.keys()
     for k in state:
         assert torch.equal(back[k], state[k])
@@ -26,21 +27,21 @@ def test_state_roundtrip_is_exact_and_overhead_small() -> None:
 
 def test_decode_rejects_garbage_and_pickle() -> None:
     with pytest.raises(codec.CodecError):
-        codec.decode_state(b"\x80\x04not safetensors")
+        tensors.decode_state(b"\x80\x04not safetensors")
     import io
     import pickle
 
     buf = io.BytesIO()
     pickle.dump({"a": torch.zeros(2)}, buf)
     with pytest.raises(codec.CodecError):
-        codec.decode_state(buf.getvalue())
+        tensors.decode_state(buf.getvalue())
 
 
 def test_encode_rejects_empty_and_non_tensors() -> None:
     with pytest.raises(codec.CodecError, match="empty"):
-        codec.encode_state({})
+        tensors.encode_state({})
     with pytest.raises(codec.CodecError, match="not a tensor"):
-        codec.encode_state({"x": [1, 2]})  # type: ignore[dict-item]
+        tensors.encode_state({"x": [1, 2]})  # type: ignore[dict-item]
 
 
 @pytest.mark.parametrize("size,chunk,offset", [(10, 3, 0), (10, 3, 4), (10, 10, 0), (0, 5, 0), (7, 100, 7)])
@@ -64,7 +65,7 @@ def _envelope(payload: bytes) -> pb.UpdateEnvelope:
 
 def test_sign_verify_roundtrip() -> None:
     key = Ed25519PrivateKey.generate()
-    payload = codec.encode_state(_state())
+    payload = tensors.encode_state(_state())
     env = _envelope(payload)
     signed = codec.sign_envelope(env, key)
     got = codec.verify_envelope(signed, key.public_key())
@@ -99,8 +100,8 @@ def test_check_payload_detects_size_and_hash_mismatch() -> None:
 
 def test_check_against_spec() -> None:
     state = _state()
-    spec = codec.make_adapter_spec(state, rank=4, alpha=8, dropout=0, target_modules=["layer"])
-    codec.check_against_spec(state, spec)
+    spec = tensors.make_adapter_spec(state, rank=4, alpha=8, dropout=0, target_modules=["layer"])
+    tensors.check_against_spec(state, spec)
     assert spec.sha256 == codec.adapter_spec_sha256(spec)
     cases = [
         ({**state, "extra": torch.zeros(1)}, "outside the adapter spec"),
@@ -112,4 +113,4 @@ def test_check_against_spec() -> None:
     ]
     for bad, msg in cases:
         with pytest.raises(codec.CodecError, match=msg):
-            codec.check_against_spec(bad, spec)
+            tensors.check_against_spec(bad, spec)

@@ -9,11 +9,11 @@ import pytest
 import torch
 from test_agent_modes import _fake_client, _kit, _rows_for, _task, federation  # noqa: F401 - fixture
 
-from protos import codec
+from fedcommon import tensors
 from protos.fedbridge.v1 import federation_service_pb2 as pb
 from site_agent import agent
 from site_agent.config import SiteConfig
-from site_agent.dp import DpSettings, PrivacyLedger, rdp_epsilon
+from site_agent.egress.dp import DpSettings, PrivacyLedger, rdp_epsilon
 from site_agent.policy import PolicyRefusal
 
 
@@ -57,7 +57,7 @@ def test_what_is_sent_is_clipped_and_noised_in_every_mode(tiny_model_dir: Path, 
 
     # Assert: the sent delta is noise of std sigma * C around a tiny clipped update
     [(env, payload)] = sent
-    flat = torch.cat([v.flatten().double() for v in codec.decode_state(payload).values()])
+    flat = torch.cat([v.flatten().double() for v in tensors.decode_state(payload).values()])
     assert flat.numel() > 2000
     assert flat.std().item() == pytest.approx(0.5, rel=0.06)
     assert abs(flat.mean().item()) < 0.05

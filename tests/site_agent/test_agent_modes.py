@@ -9,11 +9,12 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from coordinator.adapter import init_adapter
 from coordinator.config import LoraSpec
+from coordinator.rounds.adapter import init_adapter
+from fedcommon import tensors
+from fedcommon.manifest import Manifest
 from protos import codec
 from protos.fedbridge.v1 import federation_service_pb2 as pb
-from protos.manifest import Manifest
 from site_agent import agent
 from site_agent.config import SiteConfig, SiteData, SiteTls
 from site_agent.policy import PolicyRefusal
@@ -81,7 +82,7 @@ class _NoHeartbeats:
 @pytest.fixture(scope="module")
 def federation(tiny_model_dir: Path):  # type: ignore[no-untyped-def]
     init = init_adapter(tiny_model_dir, LoraSpec(rank=4, alpha=8.0, target_modules=("q_proj", "v_proj")))
-    blob = codec.encode_state(init.state)
+    blob = tensors.encode_state(init.state)
     return init, blob, Manifest.of_dir(tiny_model_dir).sha256
 
 
@@ -107,8 +108,8 @@ def test_kto_task_trains_and_uploads_only_the_delta(tiny_model_dir: Path, federa
 
     # Assert
     assert trained == 1 and len(uploads) == 1
-    delta = codec.decode_state(uploads[0])
-    codec.check_against_spec(delta, init.spec)
+    delta = tensors.decode_state(uploads[0])
+    tensors.check_against_spec(delta, init.spec)
     assert CANARY.encode() not in uploads[0]
 
 

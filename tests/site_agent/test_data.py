@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from site_agent.data import DataError, detect_format, load_jsonl, load_preference, load_sft
+from site_agent.training.data import DataError, detect_format, load_jsonl, load_preference, load_sft
 
 # Distinctive text that must never show up in an error message.
 SECRET = "Patient 4471 Jane Roe diagnosed"

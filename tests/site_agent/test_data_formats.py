@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from site_agent.data import DataError, detect_format, load_for_mode, load_jsonl, load_kto, load_sft
+from site_agent.training.data import DataError, detect_format, load_for_mode, load_jsonl, load_kto, load_sft
 
 SECRET = "Patient 4471 Jane Roe diagnosed"
 

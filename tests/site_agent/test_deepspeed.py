@@ -17,11 +17,11 @@ pytest.importorskip("deepspeed")
 SCRIPT = textwrap.dedent('''
     import json, sys
     from pathlib import Path
-    from coordinator.adapter import init_adapter
+    from coordinator.rounds.adapter import init_adapter
     from coordinator.config import LoraSpec
-    from protos import codec
+    from fedcommon import tensors
     from protos.fedbridge.v1 import federation_service_pb2 as pb
-    from site_agent.trainer import SftSiteTrainer
+    from site_agent.training.trainer import SftSiteTrainer
 
     base, work = Path(sys.argv[1]), Path(sys.argv[2])
     init = init_adapter(base, LoraSpec(rank=4, alpha=8.0, target_modules=("q_proj", "v_proj")))
@@ -36,7 +36,7 @@ SCRIPT = textwrap.dedent('''
     ds = SftSiteTrainer(base, rows, work / "ds", deepspeed=zero2)
     rounds = [ds.train_round(task, init.state) for _ in range(2)]  # the long-lived agent re-wraps each round
     for r in rounds:
-        codec.check_against_spec(r.delta, init.spec)
+        tensors.check_against_spec(r.delta, init.spec)
     plain = SftSiteTrainer(base, rows, work / "plain").train_round(task, init.state)
     diff = max(float((r.delta[k] - plain.delta[k]).abs().max()) for r in rounds for k in plain.delta)
     try:

@@ -11,7 +11,7 @@ from scipy.optimize import brentq
 from scipy.stats import norm
 
 from protos.fedbridge.v1 import federation_service_pb2 as pb
-from site_agent.dp import (
+from site_agent.egress.dp import (
     ORDERS,
     DpSettings,
     LedgerError,

@@ -11,15 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from fedcommon import tensors
+from fedcommon.auditlog import AuditLog
 from protos import codec
-from protos.auditlog import AuditLog
 from protos.fedbridge.v1 import federation_service_pb2 as pb
 from site_agent import agent
-from site_agent.egress import EgressGuard, EgressRefusal
+from site_agent.egress.guard import EgressGuard, EgressRefusal
 
 ROOT = Path(__file__).resolve().parents[2]
 STATE = {"m.lora_A.weight": torch.ones(2, 4), "m.lora_B.weight": torch.zeros(4, 2)}
-SPEC = codec.make_adapter_spec(STATE, 2, 4.0, 0.0, ["m"])
+SPEC = tensors.make_adapter_spec(STATE, 2, 4.0, 0.0, ["m"])
 
 
 def _env(payload: bytes) -> pb.UpdateEnvelope:
@@ -28,7 +29,7 @@ def _env(payload: bytes) -> pb.UpdateEnvelope:
 
 
 def test_guard_passes_an_update_of_the_agreed_spec() -> None:
-    payload = codec.encode_state(STATE)
+    payload = tensors.encode_state(STATE)
     EgressGuard().check_update(payload, _env(payload), SPEC)
 
 
@@ -46,7 +47,7 @@ def test_guard_refuses_anything_but_the_agreed_tensors(case: str) -> None:
         state["m.lora_A.weight"] = state["m.lora_A.weight"].double()
     elif case == "nan":
         state["m.lora_B.weight"][0, 0] = float("nan")
-    payload = b"raw training text" if case == "not_safetensors" else codec.encode_state(state)
+    payload = b"raw training text" if case == "not_safetensors" else tensors.encode_state(state)
     env = _env(payload)
     if case == "envelope_mismatch":
         payload = payload + b" "
@@ -135,7 +136,7 @@ def test_site_audit_verify_locates_tampering(tmp_path: Path, tamper: str, expect
     elif tamper == "cut_tail":
         lines = lines[:-1]
     else:
-        from protos.auditlog import record_hash
+        from fedcommon.auditlog import record_hash
 
         rec = json.loads(lines[-1])
         forged = {**rec, "seq": rec["seq"] + 1, "prev": rec["hash"], "event": "update_sent"}

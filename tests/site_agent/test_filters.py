@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from site_agent.filters import (
+from site_agent.egress.filters import (
     ClipFilter,
     GaussianNoiseFilter,
     apply_filters,

@@ -10,13 +10,13 @@ from typing import Any
 import pytest
 import torch
 
-from coordinator.adapter import init_adapter
 from coordinator.config import LoraSpec
+from coordinator.rounds.adapter import init_adapter
 from protos.fedbridge.v1 import federation_service_pb2 as pb
 from site_agent.agent import _report_eval
-from site_agent.data import load_sft
-from site_agent.evaluation import is_mcq, mcq_accuracy, mcq_choices, mcq_options
-from site_agent.trainer import SftSiteTrainer
+from site_agent.training.data import load_sft
+from site_agent.training.evaluation import is_mcq, mcq_accuracy, mcq_choices, mcq_options
+from site_agent.training.trainer import SftSiteTrainer
 
 QUESTIONS = ["What is the capital of Zorvia?", "Which river feeds Lake Quor?", "Who founded Velmar?",
              "What colour is the Xan flag?"]

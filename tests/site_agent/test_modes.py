@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from coordinator.adapter import init_adapter
 from coordinator.config import LoraSpec
-from deploy.synthetic import make_site_datasets
-from protos import codec
+from coordinator.rounds.adapter import init_adapter
+from fedcommon import tensors
 from protos.fedbridge.v1 import federation_service_pb2 as pb
-from site_agent.data import load_sft
-from site_agent.preference import REF_ADAPTER, PreferenceSiteTrainer
-from site_agent.trainer import SftSiteTrainer
+from sandbox.synthetic import make_site_datasets
+from site_agent.training.data import load_sft
+from site_agent.training.preference import REF_ADAPTER, PreferenceSiteTrainer
+from site_agent.training.trainer import SftSiteTrainer
 
 CANARY = "CANARY-7f3a-private-row"
 
@@ -51,9 +51,9 @@ def _task(spec: pb.AdapterSpec, mode: str, round: int = 1, **extra) -> pb.Task: 
 
 
 def _check_delta_only(delta: dict[str, torch.Tensor], spec: pb.AdapterSpec) -> None:
-    codec.check_against_spec(delta, spec)  # exactly the spec's keys, shapes, dtypes; finite
+    tensors.check_against_spec(delta, spec)  # exactly the spec's keys, shapes, dtypes; finite
     assert sum(float(v.norm()) for v in delta.values()) > 0
-    assert CANARY.encode() not in codec.encode_state(delta)
+    assert CANARY.encode() not in tensors.encode_state(delta)
 
 
 def test_qlora_trains_lora_on_a_4bit_base(tiny_model_dir: Path, spec_and_global, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

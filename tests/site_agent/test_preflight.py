@@ -10,8 +10,8 @@ import grpc
 import pytest
 from typer.testing import CliRunner
 
-from coordinator.pki import create_dev_pki
-from deploy.synthetic import make_site_datasets
+from coordinator.trust.pki import create_dev_pki
+from sandbox.synthetic import make_site_datasets
 from site_agent.cli import app
 from site_agent.config import SiteConfig, SiteData, SiteTls
 from site_agent.preflight import run_preflight

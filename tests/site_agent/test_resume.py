@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from coordinator.adapter import init_adapter
 from coordinator.config import LoraSpec
-from deploy.synthetic import make_site_datasets
-from protos import codec
+from coordinator.rounds.adapter import init_adapter
+from fedcommon import tensors
 from protos.fedbridge.v1 import federation_service_pb2 as pb
-from site_agent.data import load_sft
-from site_agent.trainer import SftSiteTrainer
+from sandbox.synthetic import make_site_datasets
+from site_agent.training.data import load_sft
+from site_agent.training.trainer import SftSiteTrainer
 
 
 class Killed(Exception):
@@ -48,7 +48,7 @@ def test_killed_round_resumes_from_its_last_checkpoint(tiny_model_dir: Path, tmp
 
     # Assert
     assert second.resumed_from_step == 2 and min(steps_seen) == 3 and max(steps_seen) == 4
-    codec.check_against_spec(result.delta, init.spec)
+    tensors.check_against_spec(result.delta, init.spec)
     for k, v in reference.delta.items():  # same data order, optimizer state and RNG: the same round
         assert torch.allclose(result.delta[k], v, atol=1e-5), k
     assert not any((tmp_path / "site" / "checkpoints").iterdir())  # a finished round leaves no checkpoint
@@ -77,7 +77,7 @@ def test_a_checkpoint_never_resumes_another_round(tiny_model_dir: Path, tmp_path
 
 def test_dpo_resumes_with_the_global_model_still_its_reference(tiny_model_dir: Path, tmp_path: Path) -> None:
     # Prepare
-    from site_agent.preference import PreferenceSiteTrainer
+    from site_agent.training.preference import PreferenceSiteTrainer
 
     pairs = [{"prompt": f"what is {i} plus three?", "chosen": f"{i + 3}", "rejected": f"{i + 5}"} for i in range(8)]
     init = init_adapter(tiny_model_dir, LoraSpec(rank=4, alpha=8.0, target_modules=("q_proj", "v_proj")))

@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from coordinator.adapter import init_adapter
 from coordinator.config import LoraSpec
-from deploy.synthetic import make_site_datasets
-from protos import codec
+from coordinator.rounds.adapter import init_adapter
+from fedcommon import tensors
 from protos.fedbridge.v1 import federation_service_pb2 as pb
-from site_agent.data import load_sft
-from site_agent.trainer import SftSiteTrainer
+from sandbox.synthetic import make_site_datasets
+from site_agent.training.data import load_sft
+from site_agent.training.trainer import SftSiteTrainer
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def _norm(delta: dict[str, torch.Tensor], part: str) -> float:
 def test_round_produces_delta_of_the_spec(setup) -> None:  # type: ignore[no-untyped-def]
     trainer, init, heldout = setup
     result = trainer.train_round(_task(init), init.state)
-    codec.check_against_spec(result.delta, init.spec)
+    tensors.check_against_spec(result.delta, init.spec)
     assert _norm(result.delta, "lora_B") > 0 and _norm(result.delta, "lora_A") > 0
     assert result.num_examples == 12 and result.tokens > 0 and result.train_loss > 0
     loss, tokens = trainer.evaluate(init.spec, init.state, heldout)

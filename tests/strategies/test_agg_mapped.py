@@ -10,7 +10,7 @@ from agg_helpers import adapter
 from safetensors.torch import save_file
 from test_agg_properties import PARAMS
 
-from protos.mapped import map_state
+from coordinator.rounds.mapped import map_state
 from strategies.error_meter import aggregation_error_from_updates
 from strategies.registry import build_strategy, list_strategies
 from strategies.types import ClientUpdate

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from protos.mapped import map_state
+from coordinator.rounds.mapped import map_state
 from strategies import fedavg
 from strategies.types import ClientUpdate
 

@@ -1,0 +1,146 @@
+"""``fedbridge-admin``: the coordinator administrator's command."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from coordinator.admin import commands as admin_commands
+
+app = typer.Typer(help="fedbridge coordinator administration.", no_args_is_help=True)
+console = Console(stderr=True)
+
+
+@app.command()
+def serve(config: Path = typer.Option(..., "--config", "-c", help="federation.toml"),
+          verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
+    """Run the coordinator (gRPC with mutual TLS) for the federation in CONFIG."""
+    from coordinator.config import load_federation_config
+    from coordinator.server import serve as serve_async
+    from fedcommon.tomlconfig import ConfigError
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        cfg = load_federation_config(config)
+    except ConfigError as e:
+        console.print(f"[bold red]config error:[/] {e}")
+        raise typer.Exit(2) from None
+    from coordinator.dashboard import DashboardError
+    from coordinator.server import CoordinatorFailed
+
+    try:
+        asyncio.run(serve_async(cfg))
+    except CoordinatorFailed as e:
+        console.print(f"[bold red]coordinator stopped:[/] {e}")
+        raise typer.Exit(1) from None
+    except DashboardError as e:
+        console.print(f"[bold red]dashboard error:[/] {e}")
+        raise typer.Exit(2) from None
+
+
+@app.command("dev-pki")
+def dev_pki(out: Path = typer.Option(..., "--out", help="folder to write the CA, coordinator and site kits to"),
+            site: list[str] = typer.Option(..., "--site", help="site name (repeat)"),
+            host: list[str] = typer.Option(["localhost", "127.0.0.1"], "--host", help="coordinator host name/IP")) -> None:
+    """Create a development PKI: a fresh CA, the coordinator's certificate and one kit per site."""
+    from coordinator.trust.pki import create_dev_pki
+
+    pki = create_dev_pki(out, list(site), tuple(host))
+    console.print(f"CA: {pki.ca_cert}")
+    for name, kit in pki.sites.items():
+        console.print(f"site kit {name}: {kit.dir}")
+
+
+@app.command("publish")
+def publish_cmd(to: str = typer.Option("", "--to", help="push a published version to hf://<org>/<name> or "
+                                                      "modelscope://<org>/<name> (local; needs --registry, "
+                                                      "--federation, --version). Without --to: ask the running "
+                                                      "coordinator to gate and publish its latest global model."),
+                registry: Path | None = typer.Option(None, "--registry", help="registry folder (federation.toml's "
+                                                                              "registry_dir)"),
+                federation: str = typer.Option("", "--federation", help="federation id"),
+                version: int = typer.Option(0, "--version", help="published version number N (folder v<N>)"),
+                public: bool = typer.Option(False, "--public", help="create the hub repository public (default private)"),
+                token_env: str = typer.Option("", "--token-env",
+                                              help="environment variable holding the hub token (default: the hub "
+                                                   "library's own login)"),
+                coordinator: str = admin_commands.CoordOpt, kit: Path | None = admin_commands.KitOpt,
+                cert: Path | None = admin_commands.CertOpt, key: Path | None = admin_commands.KeyOpt,
+                ca: Path | None = admin_commands.CaOpt, server_name: str = admin_commands.NameOpt,
+                as_json: bool = admin_commands.JsonOpt) -> None:
+    """Publish the coordinator's latest global model (admin API), or push a published version to a hub (--to)."""
+    import os
+
+    from coordinator.release.publish import PushError, push_version
+
+    if not to:
+        admin_commands.publish_via_api(as_json, coordinator, kit, cert, key, ca, server_name)
+        return
+    if registry is None or not federation or version < 1:
+        console.print("[bold red]error:[/] publish --to needs --registry, --federation and --version")
+        raise typer.Exit(2)
+    path = registry / federation / f"v{version}"
+    token = os.environ.get(token_env) if token_env else None
+    with console.status(f"pushing {path} to {to}"):
+        try:
+            url = push_version(path, to, token=token, private=not public)
+        except PushError as e:
+            console.print(f"[bold red]push failed:[/] {e}")
+            raise typer.Exit(1) from None
+    console.print(f"[bold green]pushed[/] {path} -> {url}")
+
+
+@app.command("releases")
+def releases(state_dir: Path = typer.Option(..., "--state-dir", help="the coordinator's state_dir")) -> None:
+    """List the federation's shared evaluations, publications and blocked publications (with the gate's reason)."""
+    from rich.table import Table
+
+    from coordinator.rounds.store import Store
+
+    if not (state_dir / "coordinator.db").exists():
+        console.print(f"[bold red]error:[/] {state_dir} holds no coordinator.db")
+        raise typer.Exit(2)
+    store = Store(state_dir)
+    try:
+        evals = Table(title="shared evaluation (primary score per benchmark)", title_justify="left")
+        scores = store.eval_scores()
+        names = sorted({b for r in scores.values() for b in r})
+        for c in ["round", "status", *names]:
+            evals.add_column(c)
+        for run in store.eval_runs():
+            row = scores.get(run["round"], {})
+            evals.add_row(str(run["round"]), run["status"] if not run["error"] else f"{run['status']}: {run['error'][:80]}",
+                          *[f"{row[b]['score']:.4f}" if b in row else "" for b in names])
+        rel = Table(title="releases", title_justify="left")
+        for c in ("round", "outcome", "version / reason", "path"):
+            rel.add_column(c)
+        for p in store.publications():
+            rel.add_row(str(p["round"]), "[green]published[/]", f"v{p['version']}", p["path"])
+        for b in store.blocked_publications():
+            rel.add_row(str(b["round"]), "[red]blocked[/]", b["reason"], "")
+    finally:
+        store.close()
+    out = Console(width=200)
+    out.print(evals)
+    out.print(rel)
+
+
+from coordinator.admin.pki_cli import register as register_pki_commands  # noqa: E402 - after this module's own commands
+
+register_pki_commands(app)
+
+# Commands that talk to a running coordinator (AdminService). Other command modules register the same way.
+admin_commands.register(app)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

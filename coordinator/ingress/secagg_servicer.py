@@ -1,0 +1,112 @@
+"""SecAggService: protobuf in, one :class:`coordinator.privacy.secagg.SecAggCoordinator` call, protobuf out.
+
+Identity always comes from the mTLS client certificate (the certificate PEM itself is kept with the site's keys so
+other sites can check the signature against the CA without trusting the coordinator).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+from coordinator.errors import CoordinatorError, WrongRound
+from coordinator.ingress.servicer import peer_of
+from coordinator.privacy.secagg import MASK_KEY, SEED, SecAggCoordinator
+from coordinator.rounds.engine import RoundEngine
+from protos.fedbridge.v1 import secagg_service_pb2 as spb
+from protos.fedbridge.v1 import secagg_service_pb2_grpc as spb_grpc
+
+_STATUS = {"wait": spb.SECAGG_STATUS_WAIT, "ready": spb.SECAGG_STATUS_READY, "excluded": spb.SECAGG_STATUS_EXCLUDED}
+_KIND = {spb.SECRET_KIND_SELF_MASK_SEED: SEED, spb.SECRET_KIND_MASK_KEY: MASK_KEY}
+MAX_WAIT_S = 30.0
+log = logging.getLogger(__name__)
+
+
+async def _abort(context: grpc.aio.ServicerContext, method: str, err: CoordinatorError) -> None:
+    log.warning("[SecAggService.%s] refused %s: %s", method, err.status, err)
+    await context.abort(getattr(grpc.StatusCode, err.status), str(err))
+
+
+def _secagg(engine: RoundEngine) -> SecAggCoordinator:
+    if engine.secagg is None:
+        raise WrongRound("this federation does not run secure aggregation (secure_aggregation.enabled = false)")
+    return engine.secagg
+
+
+class SecAggServicer(spb_grpc.SecAggServiceServicer):
+    def __init__(self, engine: RoundEngine) -> None:
+        self.engine = engine
+
+    async def GetSettings(self, request: spb.GetSettingsRequest,
+                          context: grpc.aio.ServicerContext) -> spb.GetSettingsResponse:
+        try:
+            peer_of(context)
+        except CoordinatorError as e:
+            await _abort(context, "GetSettings", e)
+        sec = self.engine.secagg
+        if sec is None:
+            return spb.GetSettingsResponse(enabled=False)
+        return spb.GetSettingsResponse(enabled=True, params=spb.SecAggParams(
+            threshold=sec.spec.threshold, clip_range=sec.spec.clip_range, bits=sec.spec.bits,
+            vector_length=sec.length))
+
+    async def AdvertiseKeys(self, request: spb.AdvertiseKeysRequest,
+                            context: grpc.aio.ServicerContext) -> spb.AdvertiseKeysResponse:
+        try:
+            peer = peer_of(context)
+            cert_pem = context.auth_context()["x509_pem_cert"][0]
+            _secagg(self.engine).advertise(peer, cert_pem, request.round, request.keys.keys, request.keys.signature)
+        except CoordinatorError as e:
+            await _abort(context, "AdvertiseKeys", e)
+        return spb.AdvertiseKeysResponse()
+
+    async def GetRoster(self, request: spb.GetRosterRequest, context: grpc.aio.ServicerContext) -> spb.GetRosterResponse:
+        try:
+            peer, sec = peer_of(context), _secagg(self.engine)
+            await sec.wait(lambda: sec.roster(peer, request.round)[0] != "wait", min(request.wait_ms / 1000, MAX_WAIT_S))
+            status, entries, params = sec.roster(peer, request.round)
+        except CoordinatorError as e:
+            await _abort(context, "GetRoster", e)
+        return spb.GetRosterResponse(status=_STATUS[status], params=params, entries=[
+            spb.RosterEntry(site=s, certificate_pem=pem, keys=spb.SignedSecAggKeys(keys=k, signature=sig))
+            for s, pem, k, sig in entries])
+
+    async def ShareKeys(self, request: spb.ShareKeysRequest, context: grpc.aio.ServicerContext) -> spb.ShareKeysResponse:
+        try:
+            _secagg(self.engine).share_keys(peer_of(context), request.round,
+                                            [(s.site, s.ciphertext) for s in request.shares])
+        except CoordinatorError as e:
+            await _abort(context, "ShareKeys", e)
+        return spb.ShareKeysResponse()
+
+    async def GetShares(self, request: spb.GetSharesRequest, context: grpc.aio.ServicerContext) -> spb.GetSharesResponse:
+        try:
+            peer, sec = peer_of(context), _secagg(self.engine)
+            await sec.wait(lambda: sec.shares_for(peer, request.round)[0] != "wait",
+                           min(request.wait_ms / 1000, MAX_WAIT_S))
+            status, shares = sec.shares_for(peer, request.round)
+        except CoordinatorError as e:
+            await _abort(context, "GetShares", e)
+        return spb.GetSharesResponse(status=_STATUS[status],
+                                     shares=[spb.EncryptedShare(site=s, ciphertext=ct) for s, ct in shares])
+
+    async def GetUnmaskRequest(self, request: spb.GetUnmaskRequestRequest,
+                               context: grpc.aio.ServicerContext) -> spb.GetUnmaskRequestResponse:
+        try:
+            peer, sec = peer_of(context), _secagg(self.engine)
+            await sec.wait(lambda: sec.unmask_request(peer, request.round)[0] != "wait",
+                           min(request.wait_ms / 1000, MAX_WAIT_S))
+            status, survivors, dropped = sec.unmask_request(peer, request.round)
+        except CoordinatorError as e:
+            await _abort(context, "GetUnmaskRequest", e)
+        return spb.GetUnmaskRequestResponse(status=_STATUS[status], survivors=survivors, dropped=dropped)
+
+    async def UnmaskShares(self, request: spb.UnmaskSharesRequest,
+                           context: grpc.aio.ServicerContext) -> spb.UnmaskSharesResponse:
+        try:
+            shares = [(s.site, _KIND.get(s.kind, "unspecified"), s.share) for s in request.shares]
+            _secagg(self.engine).reveal(peer_of(context), request.round, shares)
+        except CoordinatorError as e:
+            await _abort(context, "UnmaskShares", e)
+        return spb.UnmaskSharesResponse()

@@ -1,0 +1,226 @@
+"""Receiving updates: envelope checks, resumable chunked uploads, validation, and durable acceptance.
+
+Part of :class:`coordinator.rounds.engine.RoundEngine` (a mixin over its state). Checks and acceptance of an update
+happen without an ``await`` in between, so an update is either counted in the round's aggregate or refused,
+never accepted and then missed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from coordinator import metrics
+from coordinator.errors import (
+    BadSignature,
+    CoordinatorError,
+    DuplicateUpdate,
+    InvalidUpdate,
+    NormTooLarge,
+    PayloadMismatch,
+    PermissionDenied,
+    ReplayedNonce,
+    UpdateTooLarge,
+    WrongRound,
+)
+from coordinator.rounds.store import UpdateRow
+from coordinator.trust.pki import PeerIdentity
+from fedcommon import tensors
+from protos import codec
+from protos.fedbridge.v1 import federation_service_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One message of an upload stream, as domain values."""
+
+    signed: pb.SignedEnvelope | None
+    offset: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class UploadResult:
+    accepted: bool
+    committed_offset: int
+    update_id: str
+
+
+@dataclass
+class _Upload:
+    env: pb.UpdateEnvelope
+    signed: pb.SignedEnvelope
+    path: Path
+    offset: int
+    already_accepted: bool = False
+
+
+class UploadIngress:
+    """The upload half of the round engine (see the module docstring)."""
+
+    def _check_envelope(self, peer: PeerIdentity, signed: pb.SignedEnvelope) -> pb.UpdateEnvelope:
+        self._require_site(peer)
+        if peer.signing_key is None:
+            raise PermissionDenied(f"certificate of site {peer.name!r} carries no envelope-signing key")
+        try:
+            env = codec.verify_envelope(signed, peer.signing_key)
+        except codec.SignatureError as e:
+            raise BadSignature(str(e)) from None
+        if not _HEX64.fullmatch(env.payload_sha256):  # it names a file under uploads/: never a path
+            raise InvalidUpdate("envelope payload_sha256 must be 64 lower-case hex characters")
+        if env.site != peer.name:
+            raise PermissionDenied(f"envelope names site {env.site!r} but the certificate is {peer.name!r}")
+        if env.federation_id != self.cfg.federation_id:
+            raise InvalidUpdate(f"envelope is for federation {env.federation_id!r}, this is {self.cfg.federation_id!r}")
+        self.quorum.check(env)
+        if env.base_model_sha256 != self.base_sha256:
+            raise InvalidUpdate(f"update was trained on base model {env.base_model_sha256[:16]}…, "
+                                f"the federation pins {self.base_sha256[:16]}…")
+        if env.adapter_spec_sha256 != self.spec_for(peer.name).sha256:
+            raise InvalidUpdate("update follows a different adapter spec than the round's")
+        if env.payload_kind != pb.PAYLOAD_KIND_DIFF:
+            kind = pb.PayloadKind.Name(env.payload_kind) if env.payload_kind in pb.PayloadKind.values() else env.payload_kind
+            raise InvalidUpdate(f"payload kind must be DIFF, got {kind}")
+        if self.secagg is not None:
+            self.secagg.check_upload(peer.name, env.round)
+        if env.payload_size > self.cfg.max_update_bytes:
+            raise UpdateTooLarge(f"payload of {env.payload_size} bytes exceeds the limit of {self.cfg.max_update_bytes}")
+        if not 0 < env.num_examples <= 1 << 40:  # stored as an SQLite integer and used as a weight
+            raise InvalidUpdate("envelope num_examples must be in 1..2**40")
+        if not math.isfinite(env.epsilon_spent) or env.epsilon_spent < 0:
+            raise InvalidUpdate("envelope epsilon_spent must be a finite number >= 0")
+        if self.cfg.privacy.mode == "local" and not (env.epsilon_spent > 0 and env.dp_delta > 0):
+            # The coordinator cannot see the noise, but it holds every site to having declared (and signed) it.
+            raise InvalidUpdate("this federation runs local differential privacy ([privacy] mode = 'local') but the "
+                                "update's signed envelope declares none (epsilon_spent and dp_delta must be > 0)")
+        return env
+
+    def _begin(self, peer: PeerIdentity, signed: pb.SignedEnvelope, offset: int) -> _Upload:
+        env = self._check_envelope(peer, signed)
+        mine = [u for u in [self.store.update_trained_on(peer.name, env.round)] if u is not None]
+        path = self.store.partial_path(env.round, peer.name, env.payload_sha256)
+        if mine:
+            if mine[0].nonce == env.nonce and mine[0].payload_sha256 == env.payload_sha256:
+                return _Upload(env, signed, path, env.payload_size, already_accepted=True)
+            raise DuplicateUpdate(f"site {peer.name!r} already has an accepted update for round {env.round}")
+        if self.store.nonce_seen(env.nonce):
+            raise ReplayedNonce("envelope nonce was already used (replay)")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        have = path.stat().st_size if path.exists() else 0
+        if offset > have:
+            raise WrongRound(f"upload resumes at offset {offset} but the coordinator holds {have} bytes")
+        with open(path, "ab") as f:
+            f.truncate(offset)
+        return _Upload(env, signed, path, offset)
+
+    async def receive_upload(self, peer: PeerIdentity, chunks: AsyncIterator[Chunk]) -> UploadResult:
+        """Consume one upload stream; store the update durably before returning ``accepted``.
+
+        Every refusal is audited (``update_refused``: status, reason) before it is raised.
+        """
+        ctx: dict[str, Any] = {}
+        try:
+            return await self._receive_upload(peer, self.gate.while_allowed(peer, chunks), ctx)
+        except CoordinatorError as e:
+            self._audit("update_refused", {"site": peer.name, "round": ctx.get("round"), "status": e.status,
+                                           "error": type(e).__name__, "reason": str(e)[:500],
+                                           "payload_sha256": ctx.get("payload_sha256")})
+            raise
+
+    async def _receive_upload(self, peer: PeerIdentity, chunks: AsyncIterator[Chunk], ctx: dict[str, Any]
+                              ) -> UploadResult:
+        up: _Upload | None = None
+        f = None
+        try:
+            async for ch in chunks:
+                if up is None:
+                    if ch.signed is None:
+                        raise InvalidUpdate("the first message of an upload stream must carry the signed envelope")
+                    up = self._begin(peer, ch.signed, ch.offset)
+                    ctx.update(round=up.env.round, payload_sha256=up.env.payload_sha256)
+                    if up.already_accepted:
+                        continue
+                    # Blocking appends on purpose: local, small, and ordered with the acceptance checks.
+                    f = open(up.path, "ab")  # noqa: SIM115, ASYNC230 - closed in the finally below
+                if up.already_accepted:
+                    continue
+                if ch.offset != up.offset:
+                    raise InvalidUpdate(f"chunk at offset {ch.offset}, expected {up.offset}")
+                if up.offset + len(ch.data) > up.env.payload_size:
+                    raise UpdateTooLarge(f"upload exceeds the {up.env.payload_size} bytes the envelope declares")
+                assert f is not None
+                f.write(ch.data)
+                up.offset += len(ch.data)
+        finally:
+            if f is not None:
+                f.flush()
+                f.close()
+        if up is None:
+            raise InvalidUpdate("empty upload stream")
+        update_id = f"{up.env.round}/{peer.name}/{up.env.payload_sha256[:16]}"
+        if up.already_accepted:
+            return UploadResult(True, up.env.payload_size, update_id)
+        if up.offset < up.env.payload_size:
+            return UploadResult(False, up.offset, update_id)
+        self._accept(peer, up)
+        self._advance_in_background()
+        return UploadResult(True, up.offset, update_id)
+
+    def _accept(self, peer: PeerIdentity, up: _Upload) -> UpdateRow:
+        """Validate the complete payload and store it. No ``await`` here: the round cannot close meanwhile."""
+        env = self._check_envelope(peer, up.signed)  # the round may have moved on while bytes streamed in
+        payload = up.path.read_bytes()
+        try:
+            try:
+                codec.check_payload(env, payload)
+            except codec.PayloadMismatchError as e:
+                raise PayloadMismatch(str(e)) from None
+            state = tensors.decode_state(payload)
+            norm: float | None = None  # a masked update's norm says nothing: not recorded
+            if self.secagg is not None:
+                self.secagg.check_masked(state)
+            else:
+                tensors.check_against_spec(state, self.spec_for(peer.name))
+                norm = tensors.l2_norm(state)
+                if self.cfg.max_update_norm and norm > self.cfg.max_update_norm:
+                    raise NormTooLarge(f"update L2 norm {norm:.6g} is above the federation's bound "
+                                       f"max_update_norm={self.cfg.max_update_norm:g}")
+        except (codec.CodecError, InvalidUpdate) as e:
+            up.path.unlink(missing_ok=True)
+            log.warning("[FederationService.UploadUpdate] round=%d site=%s refused: %s", env.round, peer.name, e)
+            raise (e if isinstance(e, InvalidUpdate) else InvalidUpdate(str(e))) from None
+        into, weight, late = self.quorum.route(env)
+        row = self.store.accept_update(round=into, site=peer.name, payload=payload,
+                                       payload_sha256=env.payload_sha256, num_examples=env.num_examples,
+                                       nonce=env.nonce, envelope=up.signed.envelope, signature=up.signed.signature,
+                                       trained_round=env.round, weight=weight, event=late)
+        if late is not None:
+            self._audit(late[0], {"round": into, "site": peer.name, **late[1]})
+        up.path.unlink(missing_ok=True)
+        self._audit("update_accepted", {"site": peer.name, "round": env.round, "payload_sha256": env.payload_sha256,
+                                        "bytes": len(payload), "num_examples": env.num_examples,
+                                        "epsilon_spent": env.epsilon_spent, "nonce": env.nonce.hex(),
+                                        "l2_norm": None if norm is None else round(norm, 6)})
+        metrics.UPDATES_ACCEPTED.inc()
+        log.info("[FederationService.UploadUpdate] round=%d site=%s accepted bytes=%d", env.round, peer.name, len(payload))
+        return row
+
+    def upload_status(self, peer: PeerIdentity, round: int, payload_sha256: str) -> tuple[int, bool]:
+        self._require_site(peer)
+        if not _HEX64.fullmatch(payload_sha256):
+            raise InvalidUpdate("payload_sha256 must be 64 lower-case hex characters")
+        self.quorum.touch(peer.name)
+        u = self.store.update_trained_on(peer.name, round)
+        if u is not None and u.payload_sha256 == payload_sha256:
+            return u.size, True
+        path = self.store.partial_path(round, peer.name, payload_sha256)
+        return (path.stat().st_size if path.exists() else 0), False

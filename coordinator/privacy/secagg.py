@@ -1,0 +1,371 @@
+"""The coordinator's side of secure aggregation: route keys and shares, then unmask only the round's sum.
+
+Protocol (SecAgg, Bonawitz et al. CCS 2017, §4; SecAgg+ Bell et al. CCS 2020), one instance per round:
+
+1. ``advertise``: each site sends two X25519 public keys signed with its certificate's Ed25519 key. The roster
+   closes when every joined site advertised, or at the stage deadline with enough sites.
+2. ``share``: each roster site sends Shamir shares of its self-mask seed b_u and of its mask private key s_sk_u,
+   each encrypted for one other roster site; the coordinator stores and routes ciphertexts it cannot read.
+3. ``masked``: each site that shared uploads ``quantize(n_u * delta_u, n_u) + PRG(b_u) +/- PRG(s_uv)`` through
+   FederationService.UploadUpdate (signed envelope, chunked, resumable; envelope num_examples is 1 because the
+   weight travels masked). Sites that shared but sent no masked input by the deadline are *dropped*.
+4. ``unmask``: survivors reveal shares of every survivor's b and of every dropped site's s_sk (never both of one
+   site). With ``threshold`` shares each the coordinator removes the self masks and the dropped sites' dangling
+   pairwise masks; survivors' pairwise masks cancel in the sum.
+
+Every stage's state lives in the store (``secagg_*`` tables, masked inputs in ``updates``), so a restarted
+coordinator resumes mid-protocol. What the store keeps: public keys, member sets, masked inputs (never an unmasked
+individual update); routed and revealed shares are deleted once the round closed.
+
+Threat model and limits: honest-but-curious coordinator. Keys are signed, so the coordinator cannot substitute
+them; the effective threshold is always more than half of the roster, so no two disjoint groups of honest sites
+can hand it both secrets of one site. SecAgg's consistency-check round (sites signing the survivor set against a
+coordinator that lies differently to different sites) is not implemented.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from coordinator.config import SecureAggregationSpec
+from coordinator.errors import InvalidUpdate, PermissionDenied, WrongRound
+from coordinator.rounds.store import Store, UpdateRow
+from coordinator.trust.pki import PeerIdentity
+from fedcommon import secagg as sa
+from fedcommon import tensors
+from protos import codec
+from protos.fedbridge.v1 import secagg_service_pb2 as spb
+
+log = logging.getLogger(__name__)
+STAGES = ("advertise", "share", "masked", "unmask", "done")
+MASKED_KEY = "secagg.masked"
+SEED, MASK_KEY = "seed", "mask_key"
+MAX_CIPHERTEXT = 1024
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    """The unmasked result of a round: the weighted mean delta and what produced it."""
+
+    mean_delta: dict[str, torch.Tensor]
+    total_weight: int
+    info: dict[str, Any]
+
+
+def _members(st: dict[str, Any], key: str) -> list[str]:
+    return list(st["members"].get(key, []))
+
+
+class SecAggCoordinator:
+    """Runs the SecAgg stages of each round on top of the store.
+
+    Args:
+        spec: The federation's secure-aggregation settings.
+        store: Durable state.
+        federation_id: Bound into every signed key set and derived key.
+        spec_tensors: ``(name, shape)`` of the adapter in spec order (sorted names).
+        min_sites: The federation's quorum (a roster needs at least this many sites).
+        on_ready: Called (on the event loop) when a round's unmasking stage completed.
+        clock: Seconds since the epoch (tests pass a fake one).
+    """
+
+    def __init__(self, spec: SecureAggregationSpec, store: Store, federation_id: str,
+                 spec_tensors: list[tuple[str, tuple[int, ...]]], min_sites: int,
+                 on_ready: Callable[[], None] = lambda: None, clock: Callable[[], float] = time.time) -> None:
+        self.spec = spec
+        self.store = store
+        self.federation_id = federation_id
+        self.spec_tensors = spec_tensors
+        self.length = sa.vector_length(spec_tensors)
+        self.min_sites = min_sites
+        self.on_ready = on_ready
+        self.clock = clock
+        self.quantizer = sa.Quantizer(spec.clip_range, spec.bits)
+        self._changed = asyncio.Event()
+        self._warned: set[tuple[int, str]] = set()
+
+    # -- stage bookkeeping ----------------------------------------------------------------------------------------
+    def _now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    def _state(self, round: int) -> dict[str, Any]:
+        st = self.store.secagg_round(round)
+        if st is None:
+            st = {"stage": "advertise", "deadline_ms": self._now_ms() + int(self.spec.stage_timeout_s * 1000),
+                  "threshold": self.spec.threshold, "members": {}}
+            self.store.secagg_set_round(round, st["stage"], st["deadline_ms"], st["threshold"], st["members"])
+        return st
+
+    def _current(self, round: int) -> dict[str, Any]:
+        cur = self.store.current_round()
+        if cur is None or cur.state != "open" or cur.round != round:
+            now = f"round {cur.round} is {cur.state}" if cur else "no round is open"
+            raise WrongRound(f"secure aggregation of round {round} is not running; {now}")
+        return self._state(round)
+
+    def _require(self, st: dict[str, Any], stage: str, round: int) -> None:
+        if st["stage"] != stage:
+            raise WrongRound(f"round {round} secure aggregation is in stage {st['stage']!r}, not {stage!r}")
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def _present(self, round: int, stage: str, st: dict[str, Any]) -> list[str]:
+        """Who completed ``stage`` so far."""
+        if stage == "advertise":
+            return [k[0] for k in self.store.secagg_keys(round)]
+        if stage == "share":
+            return sorted({f for f, _, _ in self.store.secagg_shares(round)})
+        if stage == "masked":
+            sharers = set(_members(st, "sharers"))
+            return [u.site for u in self.store.updates(round) if u.site in sharers]
+        return sorted({f for f, _, _, _ in self.store.secagg_reveals(round)})
+
+    def tick(self, round: int) -> bool:
+        """Close every stage of ``round`` that is complete or past its deadline with enough sites.
+
+        Returns True when the round's unmasking completed during this call.
+        """
+        cur = self.store.current_round()
+        if cur is None or cur.round != round or cur.state != "open":
+            return False
+        st = self._state(round)
+        moved = False
+        while st["stage"] != "done":
+            stage = st["stage"]
+            present = self._present(round, stage, st)
+            expected = {"advertise": [s["name"] for s in self.store.sites()], "share": _members(st, "roster"),
+                        "masked": _members(st, "sharers"), "unmask": _members(st, "survivors")}[stage]
+            needed = max(self.min_sites, self.spec.threshold) if stage == "advertise" else st["threshold"]
+            complete = set(expected) <= set(present)
+            late = self._now_ms() >= st["deadline_ms"]
+            if len(present) < needed or not (complete or late):
+                if late and (round, stage) not in self._warned:
+                    self._warned.add((round, stage))
+                    log.warning("[SecAgg.tick] round=%d stage=%s has %d of the %d sites it needs past its deadline; "
+                                "waiting", round, stage, len(present), needed)
+                break
+            self._close_stage(round, st, stage, present)
+            moved = True
+        if moved:
+            self._notify()
+        return moved and st["stage"] == "done"
+
+    def _close_stage(self, round: int, st: dict[str, Any], stage: str, present: list[str]) -> None:
+        members = st["members"]
+        if stage == "advertise":
+            members["roster"] = sorted(present)
+            st["threshold"] = max(self.spec.threshold, len(present) // 2 + 1)
+        elif stage == "share":
+            members["sharers"] = sorted(present)
+        elif stage == "masked":
+            members["survivors"] = sorted(present)
+            members["dropped"] = sorted(set(members["sharers"]) - set(present))
+        else:
+            members["revealers"] = sorted(present)
+        st["stage"] = STAGES[STAGES.index(stage) + 1]
+        st["deadline_ms"] = self._now_ms() + int(self.spec.stage_timeout_s * 1000)
+        self.store.secagg_set_round(round, st["stage"], st["deadline_ms"], st["threshold"], members)
+        log.info("[SecAgg.%s] round=%d closed with %d sites (threshold=%d)%s", stage, round, len(present),
+                 st["threshold"], f" dropped={members['dropped']}" if stage == "masked" and members["dropped"] else "")
+
+    def _peek(self, round: int) -> dict[str, Any]:
+        """The state of ``round`` for a read: the current open round (created on first use) or one that ran."""
+        st = self.store.secagg_round(round)
+        return st if st is not None else self._current(round)
+
+    def roster_closed(self, round: int) -> bool:
+        """The roster of ``round`` is fixed: a site that has not joined the protocol yet waits for the next round."""
+        st = self.store.secagg_round(round)
+        return st is not None and st["stage"] != "advertise"
+
+    def ready(self, round: int) -> bool:
+        st = self.store.secagg_round(round)
+        return st is not None and st["stage"] == "done"
+
+    async def wait(self, ready: Callable[[], bool], wait_s: float) -> None:
+        """Long-poll helper: return when ``ready()`` or after ``wait_s`` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(0.0, wait_s)
+        while not ready() and (remaining := deadline - loop.time()) > 0:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), min(remaining, 1.0))
+
+    async def run_ticker(self, period_s: float = 0.5) -> None:
+        """Close stages at their deadlines even when no site calls (run as a background task)."""
+        while True:
+            await asyncio.sleep(period_s)
+            cur = self.store.current_round()
+            if cur is not None and cur.state == "open" and self.tick(cur.round):
+                self.on_ready()
+
+    # -- stage 0: advertise keys ----------------------------------------------------------------------------------
+    def advertise(self, peer: PeerIdentity, cert_pem: bytes, round: int, keys: bytes, signature: bytes) -> None:
+        if peer.role != "site" or peer.signing_key is None:
+            raise PermissionDenied(f"certificate of {peer.name!r} is not a site certificate with a signing key")
+        st = self._current(round)
+        try:
+            peer.signing_key.verify(signature, keys)
+        except Exception:  # cryptography.exceptions.InvalidSignature
+            raise InvalidUpdate("SecAgg keys signature does not verify with the site's certificate key") from None
+        k = _parse_keys(keys)
+        if (k.federation_id, k.round, k.site) != (self.federation_id, round, peer.name):
+            raise InvalidUpdate(f"SecAgg keys are for {k.federation_id!r}/round {k.round}/{k.site!r}, expected "
+                                f"{self.federation_id!r}/round {round}/{peer.name!r}")
+        if peer.name in self._present(round, "advertise", st):
+            if any(site == peer.name and k == keys for site, _, k, _ in self.store.secagg_keys(round)):
+                return  # a retried call
+            raise WrongRound(f"site {peer.name!r} already advertised other keys for round {round} (a restarted site "
+                             "is a dropout of the round it left)")
+        self._require(st, "advertise", round)
+        self.store.secagg_put_keys(round, peer.name, cert_pem, keys, signature)
+        log.info("[SecAggService.AdvertiseKeys] round=%d site=%s", round, peer.name)
+        self._after_change(round)
+
+    def roster(self, peer: PeerIdentity, round: int) -> tuple[str, list[tuple[str, bytes, bytes, bytes]],
+                                                             spb.SecAggParams | None]:
+        st = self._peek(round)
+        if st["stage"] == "advertise":
+            return "wait", [], None
+        roster = _members(st, "roster")
+        if peer.name not in roster:
+            return "excluded", [], None
+        entries = [k for k in self.store.secagg_keys(round) if k[0] in roster]
+        params = spb.SecAggParams(threshold=st["threshold"], clip_range=self.spec.clip_range, bits=self.spec.bits,
+                                  vector_length=self.length)
+        return "ready", entries, params
+
+    # -- stage 1: share keys ----------------------------------------------------------------------------------------
+    def share_keys(self, peer: PeerIdentity, round: int, shares: list[tuple[str, bytes]]) -> None:
+        st = self._current(round)
+        if peer.name in self._present(round, "share", st):
+            return
+        self._require(st, "share", round)
+        roster = _members(st, "roster")
+        if peer.name not in roster:
+            raise WrongRound(f"site {peer.name!r} is not in round {round}'s secure-aggregation roster")
+        to = [s for s, _ in shares]
+        if sorted(to) != sorted(set(roster) - {peer.name}):
+            raise InvalidUpdate("ShareKeys must carry exactly one share for every other roster site")
+        if any(not 0 < len(ct) <= MAX_CIPHERTEXT for _, ct in shares):
+            raise InvalidUpdate(f"an encrypted share must be 1..{MAX_CIPHERTEXT} bytes")
+        self.store.secagg_put_shares(round, peer.name, shares)
+        log.info("[SecAggService.ShareKeys] round=%d site=%s shares=%d", round, peer.name, len(shares))
+        self._after_change(round)
+
+    def shares_for(self, peer: PeerIdentity, round: int) -> tuple[str, list[tuple[str, bytes]]]:
+        st = self._peek(round)
+        if STAGES.index(st["stage"]) <= STAGES.index("share"):
+            return ("excluded" if st["stage"] == "share" and peer.name not in _members(st, "roster") else "wait"), []
+        sharers = _members(st, "sharers")
+        if peer.name not in sharers:
+            return "excluded", []
+        return "ready", [(f, ct) for f, t, ct in self.store.secagg_shares(round) if t == peer.name and f in sharers]
+
+    # -- stage 2: masked input (through UploadUpdate) --------------------------------------------------------------
+    def check_upload(self, site: str, round: int) -> None:
+        """Called by the engine on every envelope: only a site that shared keys uploads, during the masked stage."""
+        st = self._peek(round)
+        if st["stage"] != "masked" or site not in _members(st, "sharers"):
+            raise WrongRound(f"round {round} takes no masked input from {site!r} now (secure-aggregation stage "
+                             f"{st['stage']!r})")
+
+    def check_masked(self, state: dict[str, torch.Tensor]) -> None:
+        """The payload is one int64 vector of the agreed length (raises codec.CodecError otherwise)."""
+        t = state.get(MASKED_KEY)
+        if set(state) != {MASKED_KEY} or t is None or t.dtype != torch.int64 or tuple(t.shape) != (self.length,):
+            raise codec.CodecError(f"a masked input is one int64 tensor {MASKED_KEY!r} of {self.length} elements")
+
+    # -- stage 3: unmasking ----------------------------------------------------------------------------------------
+    def unmask_request(self, peer: PeerIdentity, round: int) -> tuple[str, list[str], list[str]]:
+        st = self._peek(round)
+        if STAGES.index(st["stage"]) <= STAGES.index("masked"):
+            return "wait", [], []
+        survivors = _members(st, "survivors")
+        if peer.name not in survivors:
+            return "excluded", [], []
+        return "ready", survivors, _members(st, "dropped")
+
+    def reveal(self, peer: PeerIdentity, round: int, shares: list[tuple[str, str, bytes]]) -> None:
+        st = self._current(round)
+        if peer.name in self._present(round, "unmask", st):
+            return
+        self._require(st, "unmask", round)
+        survivors, dropped = _members(st, "survivors"), _members(st, "dropped")
+        if peer.name not in survivors:
+            raise WrongRound(f"site {peer.name!r} sent no masked input in round {round}")
+        want = sorted([(s, SEED) for s in survivors] + [(d, MASK_KEY) for d in dropped])
+        if sorted((a, k) for a, k, _ in shares) != want:
+            raise InvalidUpdate("UnmaskShares must reveal exactly the seed shares of the survivors and the mask-key "
+                                "shares of the dropped sites")
+        if any(len(s) != sa.SHARE_BYTES for _, _, s in shares):
+            raise InvalidUpdate(f"a revealed share is {sa.SHARE_BYTES} bytes")
+        self.store.secagg_put_reveals(round, peer.name, shares)
+        log.info("[SecAggService.UnmaskShares] round=%d site=%s", round, peer.name)
+        self._after_change(round)
+
+    def _after_change(self, round: int) -> None:
+        if self.tick(round):
+            self.on_ready()
+        self._notify()
+
+    def unmask(self, round: int, ups: list[UpdateRow]) -> Aggregate:
+        """Sum the survivors' masked inputs, remove every mask, and return the weighted mean delta."""
+        st = self._state(round)
+        survivors, dropped, t = _members(st, "survivors"), _members(st, "dropped"), st["threshold"]
+        by_site = {u.site: u for u in ups}
+        total = np.zeros(self.length, dtype=np.uint64)
+        for s in survivors:
+            state = tensors.decode_state(by_site[s].path.read_bytes())
+            self.check_masked(state)
+            total += state[MASKED_KEY].numpy().view(np.uint64)
+        revealed: dict[tuple[str, str], list[bytes]] = {}
+        for _, about, kind, share in self.store.secagg_reveals(round):
+            revealed.setdefault((about, kind), []).append(share)
+        keys = {site: _parse_keys(k) for site, _, k, _ in self.store.secagg_keys(round)}
+        for s in survivors:
+            total -= sa.prg(sa.shamir_combine(revealed.get((s, SEED), []), t), self.length)
+        for d in dropped:
+            s_sk = sa.shamir_combine(revealed.get((d, MASK_KEY), []), t)
+            from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+            if sa.public_bytes(X25519PrivateKey.from_private_bytes(s_sk)) != keys[d].mask_public_key:
+                raise InvalidUpdate(f"revealed shares of {d!r}'s mask key do not match its advertised key")
+            for s in survivors:  # s added sign(s, d) * PRG(s_sd); remove that dangling mask
+                seed = sa.agree(s_sk, keys[s].mask_public_key, sa.mask_context(self.federation_id, round))
+                mask = sa.prg(seed, self.length)
+                total = total - mask if sa.pairwise_sign(s, d) > 0 else total + mask
+        values = self.quantizer.dequantize(total)
+        weight = values[-1]
+        if not weight > 0.5:
+            raise InvalidUpdate(f"unmasked total weight is {weight}; the masked inputs are inconsistent")
+        mean = sa.unflatten(values[:-1] / weight, self.spec_tensors)
+        info = {"sites": survivors, "dropped": dropped, "threshold": t, "total_weight": int(round_half(weight)),
+                "quantization_step": self.quantizer.step,
+                "max_abs_error_bound": len(survivors) * self.quantizer.step / 2 / weight}
+        return Aggregate(mean, int(round_half(weight)), info)
+
+
+def round_half(x: float) -> float:
+    return float(np.rint(x))
+
+
+def _parse_keys(raw: bytes) -> spb.SecAggKeys:
+    k = spb.SecAggKeys()
+    try:
+        k.ParseFromString(raw)
+    except Exception:  # google.protobuf.message.DecodeError
+        raise InvalidUpdate("SecAgg keys are not a SecAggKeys message") from None
+    if len(k.cipher_public_key) != 32 or len(k.mask_public_key) != 32 or k.cipher_public_key == k.mask_public_key:
+        raise InvalidUpdate("SecAgg keys must be two distinct 32-byte X25519 public keys")
+    return k

@@ -1,0 +1,440 @@
+"""The round engine: opens rounds, hands out tasks, validates and stores updates, aggregates at quorum, publishes.
+
+All state lives in :class:`coordinator.rounds.store.Store`; the engine keeps only caches and wake-up events in memory,
+so a restarted coordinator resumes exactly where the store says it was. It runs on the gRPC server's event loop;
+checks and acceptance of an update happen without an ``await`` in between, so an update is either counted in the
+round's aggregate or refused, never accepted and then missed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from coordinator.admin.control import AdminControl
+from coordinator.config import FederationConfig
+from coordinator.errors import (
+    CoordinatorError,
+    InvalidUpdate,
+    NotFound,
+    WrongRound,
+)
+from coordinator.ingress.uploads import UploadIngress
+from coordinator.privacy.central_dp import CentralDp
+from coordinator.privacy.secagg import SecAggCoordinator
+from coordinator.release import evaluation
+from coordinator.rounds.adapter import AdapterInit
+from coordinator.rounds.quorum import HeartbeatAck, RoundPolicy
+from coordinator.rounds.steps import RoundSteps
+from coordinator.rounds.store import Store, write_durable
+from coordinator.trust.access import SiteGate
+from coordinator.trust.pki import PeerIdentity
+from fedcommon import tensors
+from fedcommon.auditlog import AuditLog, Head
+from fedcommon.auditlog import verify as verify_log
+from protos import codec
+from protos.fedbridge.v1 import federation_service_pb2 as pb
+from strategies import flexlora, hetlora
+from strategies.lora import truncate_rank
+from strategies.registry import build_strategy
+
+log = logging.getLogger(__name__)
+
+PHASES = ("train", "eval_global")
+# Rules under which sites train at their own rank, and how the global adapter is projected to a site's rank.
+SITE_RANK_RULES = {"hetlora": hetlora.for_site, "flexlora": flexlora.for_site}
+_METRIC_NAME = re.compile(r"^[a-z][a-z0-9_.]{0,63}$")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+# Test-only hold point: ``<phase>:<round>`` makes the coordinator write ``state_dir/hold-<phase>-<round>`` and block
+# there (collecting, aggregating, evaluating, publishing), so a crash test can SIGKILL it in exactly that phase.
+HOLD_ENV = "FEDBRIDGE_TEST_HOLD"
+TICK_S = 0.25  # how often deadlines and heartbeat timeouts are checked while a round is open
+
+
+@dataclass(frozen=True)
+class TaskOffer:
+    """What FetchTask answers: wait, train round ``round``, or done (``round`` is then total rounds + 1)."""
+
+    status: str
+    round: int = 0
+    global_sha256: str = ""
+    global_size: int = 0
+    residual_sha256: str = ""
+    residual_size: int = 0
+    deadline_ms: int = 0  # Unix ms at which the round's current attempt closes without this site (0: none)
+
+
+class RoundEngine(UploadIngress, RoundSteps, AdminControl):
+    """Drives a federation through its rounds.
+
+    Args:
+        config: The federation config.
+        store: Durable state.
+        base_sha256: Manifest hash of the base model (checked against the directory at start).
+        adapter: The initial adapter and its spec.
+    """
+
+    def __init__(self, config: FederationConfig, store: Store, base_sha256: str, adapter: AdapterInit) -> None:
+        self.cfg = config
+        self.store = store
+        self.base_sha256 = base_sha256
+        self.spec = adapter.spec
+        self._init_state = adapter.state
+        self._changed = asyncio.Event()
+        self._closing: set[int] = set()
+        self._adapters: dict[int, bytes] = {}  # in-memory copies of the global adapters by round (also on disk)
+        self._residuals: dict[int, bytes] = {}
+        self._lock = asyncio.Lock()
+        self._projected: dict[tuple[int, int], bytes] = {}
+        self.finished = asyncio.Event()
+        self.failed = asyncio.Event()
+        self.fatal: BaseException | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.strategy = build_strategy(config.strategy, config.strategy_params)
+        # HetLoRA / FlexLoRA: each site trains at the rank it declared at Join; others train the federation's rank.
+        self.project_to_site = SITE_RANK_RULES.get(self.strategy.name)
+        self._site_ranks: dict[str, int] = {}
+        self._specs: dict[int, pb.AdapterSpec] = {self.spec.rank: self.spec}
+        self._control = "running"  # administrator's control state, durable in store meta "control" (see start())
+        self._seen: dict[str, float] = {}  # site -> time.time() of its last call (in memory; the store keeps joins)
+        self._told_done: set[str] = set()  # sites told "done" by a stopped federation, and those that then reported
+        self._final_reports: set[str] = set()
+        # Secure aggregation: the round's updates arrive masked and only their sum is ever unmasked.
+        self.secagg: SecAggCoordinator | None = None
+        if config.secure_aggregation.enabled:
+            self.secagg = SecAggCoordinator(config.secure_aggregation, store, config.federation_id,
+                                            [(t.name, tuple(t.shape)) for t in self.spec.tensors], config.min_sites,
+                                            on_ready=self._advance_in_background)
+        # Security (issue #5): the hash-chained audit log (its head also kept in the store), revoked site names,
+        # and the enrolment registry + CRL when the federation uses them.
+        self.audit = AuditLog(self.store.dir / "audit.jsonl")
+        kept = self.store.get_meta("audit_head")
+        if kept is not None:  # refuse to extend a log whose tail was cut off (the .head file may be gone too)
+            report = verify_log(self.audit.path, expected_head=Head.parse(kept))
+            if not report.ok:
+                raise RuntimeError(f"{self.audit.path}: the audit log does not reach the head kept in the store: "
+                                   f"{report.problems[0]}")
+        self.gate = SiteGate(config, store, self._audit, self._notify)
+        self._watch: asyncio.Task[None] | None = None
+        p = config.privacy  # central DP: clip each update and noise the aggregate (coordinator/privacy/central_dp.py)
+        self.central_dp = CentralDp(p.noise_multiplier, p.clip_norm, p.delta) if p.mode == "central" else None
+        self.quorum = RoundPolicy(config, store, self._audit, self._closing)  # quorum, deadline, heartbeats, late
+
+    # -- lifecycle ----------------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Create round 1, or resume from whatever the store holds."""
+        fed = self.store.get_meta("federation_id")
+        if fed is not None and fed != self.cfg.federation_id:
+            raise RuntimeError(f"state dir {self.store.dir} belongs to federation {fed!r}, not {self.cfg.federation_id!r}")
+        base = self.store.get_meta("base_model_sha256")
+        if base is not None and base != self.base_sha256:
+            raise RuntimeError(f"base model changed since the federation started ({base[:16]}… -> {self.base_sha256[:16]}…)")
+        spec = self.store.get_meta("adapter_spec_sha256")
+        if spec is not None and spec != self.spec.sha256:
+            raise RuntimeError("the [lora] settings changed since the federation started; its adapters no longer fit")
+        if fed is None:
+            self.store.set_meta("federation_id", self.cfg.federation_id)
+            self.store.set_meta("base_model_sha256", self.base_sha256)
+            self.store.set_meta("adapter_spec_sha256", self.spec.sha256)
+        if self.store.get_meta("control") is None:
+            self.store.set_meta("control", "running" if self.cfg.autostart else "not_started")
+        self._control = self.store.get_meta("control") or "running"
+        cur = self.store.current_round()
+        if cur is None:
+            payload = tensors.encode_state(self._init_state)
+            self.store.put_adapter(1, payload)
+            self.store.open_round(1, codec.sha256_hex(payload))
+            log.info("[RoundEngine.start] federation=%s round=1 opened", self.cfg.federation_id)
+        else:
+            log.info("[RoundEngine.start] federation=%s resuming at round=%d state=%s", self.cfg.federation_id,
+                     cur.round, cur.state)
+        if self.gate.access is not None and self._watch is None:
+            self._watch = asyncio.get_running_loop().create_task(self.gate.watch())
+        if self.cfg.evaluation.enabled:  # refuse at start an evaluation that cannot run or would score silently
+            evaluation.check_benchmarks(self.cfg.evaluation)
+            asyncio.get_running_loop().run_in_executor(None, evaluation.warm_up)  # hide the import behind round 1
+        if self.secagg is not None:  # closes SecAgg stages at their deadlines even when no site calls
+            ticker = asyncio.get_running_loop().create_task(self.secagg.run_ticker())
+            self._tasks.add(ticker)
+            ticker.add_done_callback(self._advance_done)
+        await self._advance()
+        q = self.cfg.quorum
+        if q.deadline_s or q.heartbeat_timeout_s:
+            self._keep(asyncio.get_running_loop().create_task(self._tick()))
+
+    async def _advance(self) -> None:
+        """Make progress from whatever state the store is in (at start, after each accepted update, on each tick).
+
+        A round goes open -> closing (the decision to close is committed with its reason; no update is taken after
+        it) -> closed (aggregated). Every step is in the store first, so a restart at any point continues it.
+        """
+        async with self._lock:
+            while True:
+                if self._held():
+                    break
+                cur = self.store.current_round()
+                assert cur is not None
+                if cur.state == "open":
+                    ups = self.store.updates(cur.round)
+                    if self.secagg is not None:  # the round closes once its masks can be removed
+                        self.secagg.tick(cur.round)
+                        decision = (("quorum_reached", {"updates": len(ups), "secure_aggregation": True})
+                                    if self.secagg.ready(cur.round) else None)
+                    else:
+                        decision = self.quorum.decide(cur, ups)
+                    if decision is None:
+                        if ups:
+                            self._hold("collecting", cur.round)
+                        break
+                    event, detail = decision
+                    if event == "round_abandoned":
+                        self.quorum.abandon(cur, detail)
+                        self._notify()
+                        continue
+                    self.store.mark_closing(cur.round, cur.attempt, event, detail)
+                    self._audit(event, {"round": cur.round, "attempt": cur.attempt, **detail})
+                    log.info("[RoundEngine] round=%d attempt=%d closing: %s %s", cur.round, cur.attempt, event, detail)
+                elif cur.state == "closing":
+                    ups = self.store.updates(cur.round)
+                    self._closing.add(cur.round)
+                    try:
+                        await asyncio.to_thread(self._aggregate, cur.round, ups)
+                    finally:
+                        self._closing.discard(cur.round)
+                    self._audit("round_closed", {"round": cur.round, "updates": len(ups)})
+                elif self._evaluation_due(cur.round):
+                    await asyncio.to_thread(self._evaluate, cur.round)
+                elif cur.round < self.cfg.rounds:
+                    self.store.open_round(cur.round + 1, cur.output_sha256 or "")
+                    self._audit("round_opened", {"round": cur.round + 1})
+                    log.info("[RoundEngine] round=%d opened", cur.round + 1)
+                elif not self.store.release_decided(self.cfg.rounds):
+                    await asyncio.to_thread(self._publish)
+                else:
+                    self.finished.set()
+                    break
+                self._notify()
+        self._notify()
+
+    # -- quorum, deadline, heartbeats -----------------------------------------------------------------------------
+    async def _tick(self) -> None:
+        """Check deadlines and heartbeat timeouts while rounds are open."""
+        while not self.finished.is_set():
+            await asyncio.sleep(TICK_S)
+            cur = self.store.current_round()
+            if cur is not None and cur.state == "open":
+                await self._advance()
+
+    def heartbeat(self, peer: PeerIdentity, round: int, phase: str, step: int, total_steps: int) -> HeartbeatAck:
+        """A site says it is alive and how far it trained; see :meth:`RoundPolicy.heartbeat`."""
+        self._require_site(peer)
+        return self.quorum.heartbeat(peer.name, round, phase, step, total_steps)
+
+    def _hold(self, phase: str, round: int) -> None:
+        """Test-only: block forever in ``phase`` of ``round`` when ``FEDBRIDGE_TEST_HOLD`` says so (see HOLD_ENV)."""
+        if os.environ.get(HOLD_ENV) != f"{phase}:{round}":
+            return
+        write_durable(self.store.dir / f"hold-{phase}-{round}", b"")
+        log.warning("[RoundEngine] round=%d holding in phase %s (%s); waiting to be killed", round, phase, HOLD_ENV)
+        while True:
+            time.sleep(3600)
+
+    def _advance_in_background(self) -> None:
+        """Run :meth:`_advance` as a task that is kept referenced and whose failure is never silent."""
+        self._keep(asyncio.get_running_loop().create_task(self._advance()))
+
+    def _keep(self, task: asyncio.Task[None]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._advance_done)
+
+    def _advance_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled() or task.exception() is None:
+            return
+        # A failed aggregation/evaluation/publication would otherwise leave every site long-polling forever. Stop
+        # loudly instead: the store is consistent, so a restarted coordinator resumes from the same point.
+        self.fatal = task.exception()
+        log.error("[RoundEngine] round engine failed; stopping the coordinator (a restart resumes from the store)",
+                  exc_info=self.fatal)
+        self.failed.set()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    # -- tasks --------------------------------------------------------------------------------------------------
+    def join(self, peer: PeerIdentity, agent_version: str, lora_rank: int) -> None:
+        try:
+            self._require_site(peer)
+        except CoordinatorError as e:
+            self._audit("join_refused", {"site": peer.name, "role": peer.role, "status": e.status,
+                                         "reason": str(e)[:500]})
+            raise
+        rank = int(lora_rank) or self.spec.rank
+        if self.project_to_site is None and rank != self.spec.rank:
+            raise WrongRound(f"site {peer.name!r} declared LoRA rank {rank} but this federation trains rank "
+                             f"{self.spec.rank} with strategy {self.strategy.name!r} (mixed ranks need hetlora or flexlora)")
+        if not 1 <= rank <= self.spec.rank:
+            raise WrongRound(f"site {peer.name!r} declared LoRA rank {rank}; this federation allows 1..{self.spec.rank}")
+        self.store.upsert_site(peer.name, peer.fingerprint, agent_version[:64], rank)
+        self._site_ranks[peer.name] = rank
+        region = self.gate.region(peer)
+        self.store.set_site_region(peer.name, region)
+        self._audit("site_joined", {"site": peer.name, "region": region, "cert_sha256": peer.fingerprint,
+                                    "serial": str(peer.serial), "agent_version": agent_version[:64], "lora_rank": rank})
+        self.quorum.touch(peer.name)
+        log.info("[FederationService.Join] site=%s agent=%s", peer.name, agent_version[:64])
+
+    def site_rank(self, site: str) -> int:
+        """The LoRA rank ``site`` trains (declared at Join and stored; the federation's rank by default)."""
+        if site not in self._site_ranks:
+            stored = {s["name"]: s["lora_rank"] for s in self.store.sites()}
+            self._site_ranks[site] = int(stored.get(site) or self.spec.rank)
+        return self._site_ranks[site]
+
+    def spec_for(self, site: str) -> pb.AdapterSpec:
+        """The adapter spec ``site`` trains: the federation's, or a lower-rank one with the same alpha/r scaling."""
+        rank = self.site_rank(site)
+        if rank not in self._specs:
+            shapes = truncate_rank(self._init_state, rank)
+            self._specs[rank] = tensors.make_adapter_spec(shapes, rank, self.spec.alpha * rank / self.spec.rank,
+                                                        self.spec.dropout, list(self.spec.target_modules))
+        return self._specs[rank]
+
+    def site_adapter_bytes(self, site: str, round: int) -> bytes:
+        """The global adapter of ``round`` as ``site`` receives it (projected to its rank under mixed ranks)."""
+        data = self.adapter_bytes(round)
+        rank = self.site_rank(site)
+        if self.project_to_site is None or rank == self.spec.rank:
+            return data
+        key = (round, rank)
+        if key not in self._projected:
+            self._projected[key] = tensors.encode_state(self.project_to_site(tensors.decode_state(data), rank))
+        return self._projected[key]
+
+    def _offer(self, site: str) -> TaskOffer:
+        if self._control != "running":
+            return self._held_offer(site)
+        if self.finished.is_set():
+            final = self.cfg.rounds + 1
+            return TaskOffer("done", final, *self._adapter_meta(site, final), *self._residual_meta(final))
+        cur = self.store.current_round()
+        if cur is None or cur.state != "open" or cur.round in self._closing:
+            return TaskOffer("wait")
+        if self.store.update_trained_on(site, cur.round) is not None:
+            return TaskOffer("wait")
+        if self.secagg is not None and self.secagg.roster_closed(cur.round):  # too late to join this round's SecAgg
+            return TaskOffer("wait")
+        return TaskOffer("train", cur.round, *self._adapter_meta(site, cur.round), *self._residual_meta(cur.round),
+                         self.quorum.deadline_ms(cur))
+
+    def _held_offer(self, site: str) -> TaskOffer:
+        """What a site gets while the administrator holds the federation: wait, or done with the latest global."""
+        if self._control != "stopped":
+            return TaskOffer("wait")
+        closed = [r.round for r in self.store.rounds() if r.state == "closed"]
+        latest = closed[-1] + 1 if closed else 1
+        self._told_done.add(site)
+        return TaskOffer("done", latest, *self._adapter_meta(site, latest), *self._residual_meta(latest))
+
+    async def fetch_task(self, peer: PeerIdentity, wait_s: float) -> TaskOffer:
+        """Long-poll: return a task as soon as one exists for this site, else ``wait`` after ``wait_s``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(0.0, min(wait_s, self.cfg.long_poll_ms / 1000))
+        while True:
+            self._require_site(peer)  # a revocation wakes this loop and ends the long-poll
+            self.quorum.touch(peer.name)  # a site held in a long poll is alive
+            offer = self._offer(peer.name)
+            remaining = deadline - loop.time()
+            if offer.status != "wait" or remaining <= 0:
+                return offer
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), remaining)
+
+    def adapter_bytes(self, round: int) -> bytes:
+        """The global adapter that is the input of ``round`` (``rounds + 1``: the final one)."""
+        if round not in self._adapters:
+            path = self.store.adapter_path(round)
+            if round < 1 or not path.exists():
+                raise NotFound(f"no global adapter for round {round}")
+            self._adapters[round] = path.read_bytes()
+        return self._adapters[round]
+
+    def _adapter_meta(self, site: str, round: int) -> tuple[str, int]:
+        data = self.site_adapter_bytes(site, round)
+        return codec.sha256_hex(data), len(data)
+
+    def residual_bytes(self, round: int) -> bytes | None:
+        """The cumulative, scaled base-weight residual that is the input of ``round`` (None when there is none)."""
+        if round not in self._residuals:
+            path = self.store.residual_path(round)
+            if not path.exists():
+                return None
+            self._residuals[round] = path.read_bytes()
+        return self._residuals[round]
+
+    def _residual_meta(self, round: int) -> tuple[str, int]:
+        data = self.residual_bytes(round)
+        return ("", 0) if data is None else (codec.sha256_hex(data), len(data))
+
+    # -- uploads ------------------------------------------------------------------------------------------------
+    def _require_site(self, peer: PeerIdentity) -> None:
+        """Refuse (PERMISSION_DENIED) a non-site, revoked or unenrolled certificate; identity is the certificate's."""
+        self.gate.require_site(peer)
+        self._seen[peer.name] = time.time()
+
+    def revoke_site(self, name: str, reason: str, actor: str) -> bool:
+        """Revoke ``name`` durably and at once: its next call is refused, and its open calls are cut off.
+
+        Args:
+            name: The site's certificate name.
+            reason: Why (recorded in the store and the audit log).
+            actor: Who revoked it (the admin certificate's name).
+
+        Returns:
+            False when ``name`` was already revoked (the first record is kept).
+        """
+        return self.gate.revoke(name, reason, actor)
+
+    # -- audit --------------------------------------------------------------------------------------------------
+    def _audit(self, event: str, fields: dict[str, Any]) -> None:
+        rec = self.audit.append(event, fields)
+        # The head also goes to the store, so `audit verify` detects a cut-off tail even without the .head file.
+        self.store.set_meta("audit_head", Head(rec["seq"], rec["hash"]).to_json())
+
+    # -- metrics ------------------------------------------------------------------------------------------------
+    def report_metrics(self, peer: PeerIdentity, round: int, phase: str, metrics: dict[str, float],
+                       num_examples: int) -> None:
+        self._require_site(peer)
+        if phase not in PHASES:
+            raise InvalidUpdate(f"unknown metrics phase {phase!r}; expected one of {PHASES}")
+        if not 1 <= round <= self.cfg.rounds + 1:
+            raise InvalidUpdate(f"metrics for round {round} outside 1..{self.cfg.rounds + 1}")
+        if len(metrics) > 64:
+            raise InvalidUpdate("at most 64 metrics per report")
+        for k, v in metrics.items():
+            if not _METRIC_NAME.match(k):
+                raise InvalidUpdate("metric names must match [a-z][a-z0-9_.]{0,63}")
+            if not math.isfinite(v):
+                raise InvalidUpdate(f"metric {k!r} is not finite")
+        self.store.put_metrics(round, peer.name, phase, metrics, num_examples)
+        if phase == "eval_global" and peer.name in self._told_done:  # its last report before exiting (stopped)
+            self._final_reports.add(peer.name)
+        self._notify()
+
+    def drained(self) -> bool:
+        """Finished, and every joined site reported its evaluation of the final model."""
+        if not self.finished.is_set():
+            return False
+        if self._control == "stopped":  # every joined site was told it is done and reported its final evaluation
+            return {s["name"] for s in self.store.sites()} <= self._final_reports
+        final = self.cfg.rounds + 1
+        reported = {m[1] for m in self.store.metrics(final) if m[2] == "eval_global"}
+        return all(s["name"] in reported for s in self.store.sites())

@@ -1,0 +1,181 @@
+"""A whole federation on one machine: dev PKI, per-site private data, configs, and real processes on loopback.
+
+The demo, the integration tests and the benchmarks all start their coordinator and sites through this module, as
+separate OS processes talking gRPC over mutual TLS on 127.0.0.1, and always stop them again.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from coordinator.trust.pki import create_dev_pki
+from fedcommon.tomlconfig import dumps, load_toml
+from sandbox.benchmarks import make_shared_benchmark
+from sandbox.synthetic import SiteData, make_site_datasets
+
+PY = sys.executable
+
+
+@dataclass
+class LocalFederation:
+    """Paths of a local federation laid out under ``root``."""
+
+    root: Path
+    federation_toml: Path
+    state_dir: Path
+    registry_dir: Path
+    sites: list[SiteData]
+    site_kits: dict[str, Path]
+    base_model: Path
+    record_inbound: Path | None
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    port: int = 0
+
+    def log_path(self, name: str) -> Path:
+        return self.root / "logs" / f"{name}.log"
+
+    # -- processes ----------------------------------------------------------------------------------------------
+    def start_coordinator(self, timeout: float = 120.0, env: dict[str, str] | None = None) -> int:
+        """Start the coordinator process and wait until it listens; returns its port. ``env`` adds variables."""
+        port_file = self.state_dir / "coordinator.port"
+        port_file.unlink(missing_ok=True)
+        self.procs["coordinator"] = _spawn([PY, "-m", "coordinator", "serve", "--config", str(self.federation_toml)],
+                                           self.log_path("coordinator"), env)
+        deadline = time.monotonic() + timeout
+        while not port_file.exists():
+            if self.procs["coordinator"].poll() is not None:
+                raise RuntimeError(f"coordinator exited early; see {self.log_path('coordinator')}:\n"
+                                   + _tail(self.log_path("coordinator")))
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"coordinator did not start within {timeout}s; see {self.log_path('coordinator')}")
+            time.sleep(0.1)
+        self.port = int(port_file.read_text())
+        return self.port
+
+    def pin_port(self) -> None:
+        """Make the coordinator listen on the port it got at its first start, so a restart keeps the sites'
+        address (they reconnect by themselves)."""
+        cfg = load_toml(self.federation_toml)
+        cfg["listen"] = f"127.0.0.1:{self.port}"
+        self.federation_toml.write_text(dumps(cfg))
+
+    def write_site_config(self, site: SiteData, threads: int = 1, extra: dict[str, Any] | None = None) -> Path:
+        kit = self.site_kits[site.name]
+        cfg = {
+            "name": site.name, "coordinator": f"127.0.0.1:{self.port}", "base_model": str(self.base_model),
+            "work_dir": str(self.root / "sites" / site.name / "work"), "threads": threads,
+            "tls": {"ca": str(kit / "ca.pem"), "cert": str(kit / "client.pem"), "key": str(kit / "client.key"),
+                    "signing_key": str(kit / "signing.key")},
+            "data": {"train": str(site.train_path), "heldout": str(site.heldout_path)},
+            **(extra or {}),
+        }
+        path = self.root / "sites" / site.name / "site.toml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(dumps(cfg))
+        return path
+
+    def start_site(self, site: SiteData, threads: int = 1, extra: dict[str, Any] | None = None) -> subprocess.Popen:
+        path = self.write_site_config(site, threads, extra)
+        proc = _spawn([PY, "-m", "site_agent", "run", "--config", str(path)], self.log_path(site.name))
+        self.procs[site.name] = proc
+        return proc
+
+    def wait(self, names: list[str], timeout: float) -> dict[str, int]:
+        """Wait for processes to exit; returns their exit codes (raises TimeoutError naming the stragglers)."""
+        deadline = time.monotonic() + timeout
+        codes: dict[str, int] = {}
+        while len(codes) < len(names):
+            for n in names:
+                rc = self.procs[n].poll()
+                if rc is not None:
+                    codes[n] = rc
+            if time.monotonic() > deadline:
+                missing = [n for n in names if n not in codes]
+                raise TimeoutError(f"still running after {timeout}s: {missing}")
+            time.sleep(0.2)
+        return codes
+
+    def stop_all(self) -> None:
+        """Terminate every process that is still running (SIGTERM, then SIGKILL)."""
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for p in self.procs.values():
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+    def __enter__(self) -> LocalFederation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_all()
+
+
+def _spawn(cmd: list[str], log: Path, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+               TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+               **(extra_env or {}))
+    with open(log, "ab") as f:
+        return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                cwd=Path(__file__).resolve().parent.parent)
+
+
+def _tail(path: Path, n: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+def prepare(root: Path, base_model: Path, *, n_sites: int = 3, rounds: int = 3, min_sites: int | None = None,
+            training: dict[str, Any] | None = None, lora: dict[str, Any] | None = None, marker: str | None = None,
+            record_inbound: bool = False, n_train: int = 64, n_heldout: int = 16, seed: int = 0,
+            federation_id: str = "demo", shared_eval: dict[str, Any] | None = None, gate: dict[str, Any] | None = None,
+            publish: dict[str, Any] | None = None, strategy: str = "fedavg",
+            strategy_params: dict[str, Any] | None = None, privacy: dict[str, Any] | None = None,
+            quorum: dict[str, Any] | None = None) -> LocalFederation:
+    """Lay out a federation under ``root``: PKI, data, and ``federation.toml``.
+
+    ``shared_eval`` turns on the coordinator's EvalScope evaluation on a generated shared benchmark covering every
+    site's fact family (:mod:`sandbox.benchmarks`); its keys override ``[evaluation]`` settings. ``gate`` and
+    ``publish`` become the ``[gate]`` and ``[publish]`` tables, ``privacy`` the ``[privacy]`` table, ``quorum`` the
+    ``[quorum]`` table (deadline, heartbeats, late-update policy).
+    """
+    root = Path(root)
+    sites = make_site_datasets(root / "data", n_sites=n_sites, seed=seed, marker=marker, n_train=n_train,
+                               n_heldout=n_heldout)
+    pki = create_dev_pki(root / "pki", [s.name for s in sites])
+    state_dir, registry = root / "coordinator" / "state", root / "published"
+    record = root / "coordinator" / "inbound.rec" if record_inbound else None
+    cfg: dict[str, Any] = {
+        "federation_id": federation_id, "base_model": str(base_model), "base_model_ref": "fedbridge/tiny-llama",
+        "rounds": rounds, "min_sites": min_sites or n_sites, "strategy": strategy,
+        "strategy_params": strategy_params or {}, "listen": "127.0.0.1:0",
+        "state_dir": str(state_dir), "registry_dir": str(registry), "exit_when_done": True,
+        "tls": {"ca": str(pki.ca_cert), "cert": str(pki.server_cert), "key": str(pki.server_key)},
+        "lora": lora or {}, "training": training or {},
+    }
+    if record:
+        cfg["record_inbound"] = str(record)
+    if shared_eval is not None:
+        bench = make_shared_benchmark(root / "benchmark", n_sites=n_sites, seed=seed)
+        cfg["evaluation"] = {"enabled": True, "benchmarks": bench.benchmark_tables(), **shared_eval}
+    cfg["gate"], cfg["publish"], cfg["privacy"] = gate or {}, publish or {}, privacy or {}
+    cfg["quorum"] = quorum or {}
+    fed_toml = root / "coordinator" / "federation.toml"
+    fed_toml.parent.mkdir(parents=True, exist_ok=True)
+    fed_toml.write_text(dumps({k: v for k, v in cfg.items() if v != {}}))
+    return LocalFederation(root, fed_toml, state_dir, registry, sites, {n: k.dir for n, k in pki.sites.items()},
+                           Path(base_model), record)

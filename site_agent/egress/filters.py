@@ -1,0 +1,151 @@
+"""Egress filters: named, composable privacy steps applied to the update delta just before it is encoded and signed.
+
+Every filter maps a delta (``dict[str, Tensor]``, the adapter state minus the round's global adapter) to a new delta
+and never modifies its input, so filters compose as a list and are independent of the training mode that produced
+the delta (SFT, QLoRA, DPO, KTO, ORPO, SimPO all hand the same kind of delta to egress). The DP pipeline is
+:class:`ClipFilter` followed by :class:`GaussianNoiseFilter` with the same bound (:func:`dp_filters`); the order is
+checked by :func:`check_order`, because noise before clipping would be scaled down by the clip and void the
+guarantee.
+
+What the DP pipeline protects: clipping the *whole* site update of a round to L2 norm ``C`` and adding
+``N(0, (σ·C)² I)`` is the Gaussian mechanism on the site's contribution to the round. That is **site-level**
+("user-level") differential privacy as in DP-FedAvg (McMahan, Ramage, Talwar and Zhang, "Learning Differentially
+Private Recurrent Language Models", ICLR 2018): the released update hides whether the site's whole dataset took part
+in the round, not merely one example, and no per-example guarantee is claimed beyond that (it is implied, not
+tightened). The accountant that turns σ and the number of rounds into ε is in :mod:`site_agent.egress.dp`.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+Delta = dict[str, torch.Tensor]
+
+
+class EgressFilter(Protocol):
+    """One privacy step at site egress: a pure map from delta to delta (inputs are not modified)."""
+
+    @property
+    def name(self) -> str: ...
+
+    def apply(self, delta: Mapping[str, torch.Tensor]) -> Delta: ...
+
+
+def l2_norm(delta: Mapping[str, torch.Tensor]) -> float:
+    """Global L2 norm over every tensor of ``delta`` (float64 accumulation)."""
+    return math.sqrt(sum(float(torch.sum(v.detach().to(torch.float64) ** 2)) for v in delta.values()))
+
+
+def secure_generator() -> torch.Generator:
+    """A CPU torch generator seeded with 64 bits from the OS CSPRNG (``secrets``).
+
+    Why: the noise must be unpredictable to the coordinator, so it cannot come from the task's seed or any value the
+    coordinator knows or could replay. torch's generator (MT19937) is not itself a cryptographic generator: its
+    output is only ever released added to the update, never on its own. Like every floating-point Gaussian sampler
+    it is not hardened against the floating-point attacks of Mironov (CCS 2012); that limit is documented, not fixed.
+    """
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(secrets.randbits(63))
+    return gen
+
+
+@dataclass(frozen=True)
+class ClipFilter:
+    """Scale the whole delta by ``min(1, max_norm / ||Δ||₂)`` (one norm over all tensors, as in DP-FedAvg).
+
+    The pre-clip norm is not reported: it is a function of the private data and is not covered by the noise.
+
+    Attributes:
+        max_norm: The bound C (> 0).
+    """
+
+    max_norm: float
+    name: str = field(default="clip", init=False)
+
+    def __post_init__(self) -> None:
+        if not (self.max_norm > 0 and math.isfinite(self.max_norm)):
+            raise ValueError(f"clip filter: max_norm must be a finite number > 0, got {self.max_norm}")
+
+    def apply(self, delta: Mapping[str, torch.Tensor]) -> Delta:
+        norm = l2_norm(delta)
+        if not math.isfinite(norm):
+            raise ValueError("clip filter: the update has a non-finite norm; nothing is sent")
+        scale = min(1.0, self.max_norm / norm) if norm > 0 else 1.0
+        return {k: (v.detach().to(torch.float64) * scale).to(v.dtype) for k, v in delta.items()}
+
+
+@dataclass(frozen=True)
+class GaussianNoiseFilter:
+    """Add ``N(0, (noise_multiplier · max_norm)²)`` to every element of the delta.
+
+    Only meaningful after a :class:`ClipFilter` with the same ``max_norm`` (the sensitivity); use :func:`dp_filters`.
+
+    Attributes:
+        noise_multiplier: σ, the noise standard deviation in units of the clip bound (> 0).
+        max_norm: The clip bound C the delta was clipped to.
+        generator: Source of the noise; :func:`secure_generator` unless a test needs a fixed seed.
+    """
+
+    noise_multiplier: float
+    max_norm: float
+    generator: torch.Generator = field(default_factory=secure_generator, compare=False, repr=False)
+    name: str = field(default="gaussian_noise", init=False)
+
+    def __post_init__(self) -> None:
+        for attr in ("noise_multiplier", "max_norm"):
+            value = getattr(self, attr)
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"gaussian noise filter: {attr} must be a finite number > 0, got {value}")
+
+    @property
+    def std(self) -> float:
+        return self.noise_multiplier * self.max_norm
+
+    def apply(self, delta: Mapping[str, torch.Tensor]) -> Delta:
+        out: Delta = {}
+        for k in sorted(delta):  # a fixed order, so a seeded generator gives the same noise per key
+            v = delta[k]
+            noise = torch.normal(0.0, self.std, size=tuple(v.shape), generator=self.generator, dtype=torch.float64)
+            out[k] = (v.detach().to(torch.float64).cpu() + noise).to(device=v.device, dtype=v.dtype)
+        return {k: out[k] for k in delta}
+
+
+def check_order(filters: Sequence[EgressFilter]) -> None:
+    """Refuse a pipeline whose noise is not preceded by a clip to the same bound.
+
+    Raises:
+        ValueError: Naming the misplaced filter.
+    """
+    bound: float | None = None
+    for i, f in enumerate(filters):
+        if isinstance(f, ClipFilter):
+            bound = f.max_norm if bound is None else min(bound, f.max_norm)
+        elif isinstance(f, GaussianNoiseFilter) and (bound is None or bound > f.max_norm):
+            raise ValueError(f"egress filter {i} ({f.name}) adds noise calibrated to norm {f.max_norm} but no earlier "
+                             "clip filter bounds the update to it (the order must be clip -> noise)")
+
+
+def apply_filters(delta: Mapping[str, torch.Tensor], filters: Sequence[EgressFilter]) -> Delta:
+    """Run ``filters`` in order (after :func:`check_order`); an empty list returns a shallow copy of ``delta``."""
+    check_order(filters)
+    out = dict(delta)
+    for f in filters:
+        out = f.apply(out)
+    return out
+
+
+def dp_filters(noise_multiplier: float, clip_norm: float, generator: torch.Generator | None = None) -> list[EgressFilter]:
+    """The DP egress pipeline: clip to ``clip_norm``, then Gaussian noise of std ``noise_multiplier · clip_norm``.
+
+    ``noise_multiplier == 0`` gives the clip alone (bounded influence, no DP).
+    """
+    filters: list[EgressFilter] = [ClipFilter(clip_norm)]
+    if noise_multiplier > 0:
+        filters.append(GaussianNoiseFilter(noise_multiplier, clip_norm, generator or secure_generator()))
+    return filters

@@ -1,0 +1,420 @@
+"""Local LoRA SFT with TRL/PEFT: load the global adapter, train a round, return the delta.
+
+The base model and the tokenised dataset are loaded once per process; each round only loads the new global
+adapter, resets the optimizer and trains ``max_steps`` steps. Only the adapter delta (local − global) leaves.
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import hashlib
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedcommon import tensors
+from protos.fedbridge.v1 import federation_service_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """What a round of local training produced.
+
+    Attributes:
+        delta: Local adapter minus the global adapter, in the spec's keys, shapes and dtypes.
+        num_examples: Examples seen (steps × batch × accumulation): the FedAvg weight.
+        train_loss: Mean training loss over the round.
+        train_time_s: Wall time of the training loop itself.
+        tokens: Tokens processed (for tokens/s).
+        round_time_s: Wall time of the whole local round: loading the global adapter, trainer set-up, training,
+            and computing the delta.
+    """
+
+    delta: dict[str, torch.Tensor]
+    num_examples: int
+    train_loss: float
+    train_time_s: float
+    tokens: int
+    round_time_s: float
+
+
+def lora_config(spec: pb.AdapterSpec):  # -> peft.LoraConfig
+    from peft import LoraConfig
+
+    return LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
+                      target_modules=list(spec.target_modules), task_type="CAUSAL_LM")
+
+
+class _Progress:
+    """A transformers TrainerCallback forwarding (step, max_steps, loss) to a plain function."""
+
+    def __new__(cls, fn: Callable[[int, int, float | None], None]):  # type: ignore[no-untyped-def]
+        from transformers import TrainerCallback
+
+        class Callback(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kw):  # type: ignore[no-untyped-def]
+                fn(state.global_step, state.max_steps, (logs or {}).get("loss"))
+
+            def on_step_end(self, args, state, control, **kw):  # type: ignore[no-untyped-def]
+                fn(state.global_step, state.max_steps, None)
+
+        return Callback()
+
+
+class SftSiteTrainer:
+    """LoRA supervised fine-tuning of the site's private chat data (QLoRA when ``quantize``).
+
+    Args:
+        base_model: Verified local base model directory.
+        train_rows: Rows in ``{"messages": [...]}`` form (already validated).
+        work_dir: Scratch directory for the trainer.
+        quantize: Load the base in 4-bit nf4 with double quantization (QLoRA, Dettmers et al., 2023); the LoRA
+            weights, and so the delta, stay float32.
+        checkpoint_steps: Save a step checkpoint (adapter, optimizer, scheduler, RNG) every this many steps, so a
+            site killed mid-round resumes that round where it stopped; 0: off.
+        deepspeed: A DeepSpeed config (ZeRO stage 1 or 2) for training through accelerate/DeepSpeed; on CPU, or
+            outside a launcher, it runs single-process on gloo. None: plain PyTorch.
+    """
+
+    def __init__(self, base_model: Path, train_rows: list[dict[str, Any]], work_dir: Path,
+                 quantize: bool = False, checkpoint_steps: int = 0, deepspeed: dict[str, Any] | None = None) -> None:
+        from transformers import AutoTokenizer
+
+        self.base_model = Path(base_model)
+        self.work_dir = Path(work_dir)
+        self.quantized = quantize
+        self.checkpoint_steps = checkpoint_steps
+        self.deepspeed = check_deepspeed(deepspeed) if deepspeed else None
+        self.resumed_from_step = 0  # the step the last round resumed from (0: it started fresh)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.base_model)
+        self._base = load_base(self.base_model, quantize)
+        self._rows = train_rows
+        self._dataset: Any = None  # tokenised once by the first SFTTrainer, reused after
+        self.model: Any = None
+        self._spec_sha = ""
+        self._pristine: dict[str, torch.Tensor] = {}  # base weights before any residual was folded in
+        # Keep the long-lived model and libraries out of every later collection: train_round collects each round's
+        # trainer, and that then costs milliseconds instead of half a second. Collect first, so no garbage is frozen.
+        gc.collect()
+        gc.freeze()
+
+    def _ensure_model(self, spec: pb.AdapterSpec) -> Any:
+        from peft import get_peft_model
+
+        if self.model is None:
+            self.model = get_peft_model(self._base, lora_config(spec))
+            self._spec_sha = spec.sha256
+        elif self._spec_sha != spec.sha256:
+            raise ValueError("the federation changed its adapter spec mid-run; restart the agent to follow it")
+        return self.model
+
+    def load_adapter(self, spec: pb.AdapterSpec, state: dict[str, torch.Tensor]) -> None:
+        """Put ``state`` into the model's LoRA weights (after checking it against the spec)."""
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+        tensors.check_against_spec(state, spec)
+        model = self._ensure_model(spec)
+        mine = get_peft_model_state_dict(model)
+        tensors.check_against_spec({k: v.detach() for k, v in mine.items()}, spec)
+        set_peft_model_state_dict(model, state)
+
+    def set_base_residual(self, residual: dict[str, torch.Tensor]) -> None:
+        """Make the base weights ``W0 + residual`` (FedEx-LoRA's folded correction, already scaled).
+
+        ``residual`` is the federation's cumulative residual, keyed by base weight name; weights it does not name
+        go back to their pristine values.
+
+        Raises:
+            ValueError: A name that is not a base weight, a shape mismatch, or a non-finite value.
+        """
+        if residual and self.quantized:
+            raise ValueError("a base residual cannot be folded into a 4-bit (qlora) base model")
+        params = dict(self._base.named_parameters())
+        for name, value in residual.items():
+            target = name if name in params else name.replace(".weight", ".base_layer.weight")
+            if not name.endswith(".weight") or target not in params:
+                raise ValueError(f"base residual names {name!r}, which is not a weight of the base model")
+            if tuple(value.shape) != tuple(params[target].shape):
+                raise ValueError(f"base residual {name!r} has shape {tuple(value.shape)}, the weight has "
+                                 f"{tuple(params[target].shape)}")
+            if not bool(torch.isfinite(value).all()):
+                raise ValueError(f"base residual {name!r} holds NaN or Inf values")
+        with torch.no_grad():
+            wanted = {(n if n in params else n.replace(".weight", ".base_layer.weight")): v for n, v in residual.items()}
+            for target in set(self._pristine) | set(wanted):
+                param = params[target]
+                if target not in self._pristine:
+                    self._pristine[target] = param.detach().clone()
+                base = self._pristine[target]
+                param.copy_(base + wanted[target].to(base.dtype) if target in wanted else base)
+
+    def _set_trainable(self, freeze_lora_a: bool) -> dict[str, torch.nn.Parameter]:
+        """Make the LoRA weights trainable, except A under FFA-LoRA (Sun et al., ICLR 2024); return them by name."""
+        trainable = {}
+        for name, param in self.model.named_parameters():
+            if "lora_" not in name:
+                continue
+            param.requires_grad = not (freeze_lora_a and "lora_A" in name)
+            if param.requires_grad:
+                trainable[name] = param
+        return trainable
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        from peft import get_peft_model_state_dict
+
+        # On CPU so the delta is computed and encoded where the global state lives, whatever device trained.
+        return {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(self.model).items()}
+
+    def train_round(self, task: pb.Task, global_state: dict[str, torch.Tensor],
+                    progress: Callable[[int, int, float | None], None] | None = None) -> RoundResult:
+        """Train one round from ``global_state`` and return the delta."""
+        from trl import SFTConfig
+
+        t = task.training
+        round_start = time.perf_counter()
+        self.load_adapter(task.adapter_spec, global_state)
+        trainable = self._set_trainable(freeze_lora_a=task.hints.freeze_lora_a)
+        args = SFTConfig(
+            max_steps=t.max_steps,
+            per_device_train_batch_size=t.per_device_batch_size,
+            gradient_accumulation_steps=max(1, t.gradient_accumulation_steps), learning_rate=t.learning_rate,
+            weight_decay=t.weight_decay, warmup_steps=t.warmup_ratio, lr_scheduler_type=_scheduler(t),
+            max_length=t.max_length, seed=t.seed + task.round, data_seed=t.seed + task.round,
+            assistant_only_loss=True, use_cpu=not torch.cuda.is_available(), bf16=False, fp16=False,
+            gradient_checkpointing=False, report_to=[], logging_steps=max(1, t.max_steps // 4), disable_tqdm=True,
+            **checkpoint_args(self.work_dir, task, self.checkpoint_steps), deepspeed=self.deepspeed,
+            dataloader_num_workers=0, remove_unused_columns=True)
+        trainer = proximal_trainer_cls("sft")(
+            model=self.model, args=args, processing_class=self.tokenizer,
+            train_dataset=self._dataset if self._dataset is not None else _as_dataset(self._rows),
+            callbacks=[_Progress(progress)] if progress else None)
+        # FedProx (Li et al., MLSys 2020): mu/2 * ||w - w_global||^2 over the trainable adapter weights.
+        keep_adapter_dtype(self.model)
+        trainer.proximal_mu = float(task.hints.proximal_mu)
+        trainer.proximal_ref = {n: p.detach().clone() for n, p in trainable.items()} if trainer.proximal_mu > 0 else {}
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)  # it prints raw log dicts to stdout; progress goes through `progress`
+        if self._dataset is None:
+            self._dataset = trainer.train_dataset
+        start = time.perf_counter()
+        out = trainer.train(resume_from_checkpoint=self._resume_point(args.output_dir, task.round))
+        train_loss = float(out.training_loss)
+        train_time = time.perf_counter() - start
+        self.last_engine = type(trainer.model_wrapped).__name__  # "DeepSpeedEngine" when DeepSpeed trained the round
+        local = self.adapter_state()
+        delta = {k: (local[k] - global_state[k]).to(global_state[k].dtype).contiguous() for k in global_state}
+        examples = t.max_steps * t.per_device_batch_size * max(1, t.gradient_accumulation_steps)
+        tokens = int(getattr(trainer.state, "num_input_tokens_seen", 0) or 0)
+        if not tokens:
+            lengths = [len(x) for x in self._dataset["input_ids"]]
+            tokens = int(sum(lengths) / max(1, len(lengths)) * examples)
+        if self.checkpoint_steps:  # the round is done: its step checkpoints must not resume a later run
+            shutil.rmtree(args.output_dir, ignore_errors=True)
+        # The TRL trainer sits in reference cycles with its optimizer state; a long-lived agent that leaves them to
+        # the cyclic collector trains later rounds measurably slower (site_train bench), so free them now.
+        del trainer, out
+        gc.collect()
+        return RoundResult(delta, examples, train_loss, train_time, tokens,
+                           time.perf_counter() - round_start)
+
+    def _resume_point(self, output_dir: str, round: int) -> str | None:
+        """The last complete step checkpoint of this exact round and task, if a killed run left one.
+
+        The trainer writes ``trainer_state.json`` last, so a checkpoint without it was cut off mid-save by the kill
+        and is skipped (the previous one is only rotated away after the next one is complete).
+        """
+        done = sorted(((int(p.name.rsplit("-", 1)[1]), p) for p in Path(output_dir).glob("checkpoint-*")
+                       if p.name.rsplit("-", 1)[1].isdigit() and (p / "trainer_state.json").is_file()),
+                      key=lambda x: x[0]) if self.checkpoint_steps else []
+        self.resumed_from_step, last = done[-1] if done else (0, None)
+        if last is not None:
+            log.info("[Site.train] round=%d resuming from step %d", round, self.resumed_from_step)
+        return str(last) if last is not None else None
+
+    @torch.no_grad()
+    def evaluate(self, spec: pb.AdapterSpec, state: dict[str, torch.Tensor], rows: list[dict[str, Any]],
+                 max_length: int = 512, batch_size: int = 32) -> tuple[float, int]:
+        """Mean next-token loss on the assistant tokens of ``rows`` with ``state`` as the adapter.
+
+        Returns:
+            ``(loss, tokens)``: token-weighted mean cross-entropy and how many tokens were scored.
+        """
+        self.load_adapter(spec, state)
+        self.model.eval()
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        total, count = 0.0, 0
+        try:
+            for start in range(0, len(rows), batch_size):
+                ids_list, labels_list = [], []
+                for row in rows[start:start + batch_size]:
+                    enc = self.tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=True,
+                                                             return_assistant_tokens_mask=True)
+                    ids = list(enc["input_ids"][:max_length])
+                    mask = list(enc["assistant_masks"][:max_length])
+                    ids_list.append(ids)
+                    labels_list.append([t if m else -100 for t, m in zip(ids, mask, strict=True)])
+                width = max(len(x) for x in ids_list)
+                ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids_list])
+                attn = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids_list])
+                labels = torch.tensor([x + [-100] * (width - len(x)) for x in labels_list])
+                device = self.model.get_input_embeddings().weight.device
+                logits = self.model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits[:, :-1]
+                target = labels[:, 1:].to(device)
+                loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                                         target.reshape(-1), ignore_index=-100, reduction="sum")
+                total += float(loss)
+                count += int((target != -100).sum())
+        finally:
+            self.model.train()
+        if count == 0:
+            raise ValueError("held-out data has no assistant tokens to score")
+        mean = total / count
+        if not math.isfinite(mean):
+            raise ValueError("held-out loss is not finite")
+        return mean, count
+
+
+def check_deepspeed(config: dict[str, Any]) -> dict[str, Any]:
+    """Check a site's DeepSpeed config and prepare a single-process run when no launcher set one up.
+
+    ZeRO-3 partitions the parameters themselves, so reading the adapter delta (and reusing the model across rounds)
+    needs gathering that this trainer does not do yet: it is refused rather than silently sending wrong tensors.
+
+    Raises:
+        ImportError: deepspeed is not installed (the ``site`` extra).
+        ValueError: ZeRO stage 3, or an unknown stage.
+    """
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError as e:
+        raise ImportError("a DeepSpeed config needs deepspeed: install the 'site' extra (pip install "
+                          "'fedbridge[site]')") from e
+    stage = int(config.get("zero_optimization", {}).get("stage", 0))
+    if stage not in (0, 1, 2):
+        raise ValueError(f"DeepSpeed ZeRO stage {stage} is not supported by the site trainer yet (use 1 or 2)")
+    if "RANK" not in os.environ:  # no torchrun/deepspeed launcher: one process on gloo (FIELD-NOTES)
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    return config
+
+
+def checkpoint_args(work_dir: Path, task: pb.Task, every: int) -> dict[str, Any]:
+    """Trainer arguments for step checkpoints of this round, in a folder keyed by everything that shapes the round.
+
+    The key covers the federation, round, global adapter, adapter spec, training config and hints, so a checkpoint
+    only ever resumes the very same round of the very same task.
+    """
+    if not every:
+        return {"output_dir": str(work_dir / "trainer"), "save_strategy": "no"}
+    key = hashlib.sha256(b"\0".join([task.federation_id.encode(), str(task.round).encode(),
+                                      task.global_adapter_sha256.encode(), task.adapter_spec.sha256.encode(),
+                                      task.training.SerializeToString(deterministic=True),
+                                      task.hints.SerializeToString(deterministic=True)])).hexdigest()[:16]
+    return {"output_dir": str(work_dir / "checkpoints" / f"round-{task.round}-{key}"), "save_strategy": "steps",
+            "save_steps": every, "save_total_limit": 1}
+
+
+def _scheduler(t: pb.TrainingConfig) -> str:
+    kind = t.lr_scheduler_type or "constant"
+    if kind not in ("constant", "linear", "cosine"):
+        raise ValueError(f"unsupported lr_scheduler_type {kind!r}")
+    return "constant_with_warmup" if kind == "constant" and t.warmup_ratio > 0 else kind
+
+
+def load_base(base_model: Path, quantize: bool = False) -> Any:
+    """Load the base model in float32, or in 4-bit nf4 with double quantization (QLoRA; bf16 compute on CUDA).
+
+    Raises:
+        ImportError: ``quantize`` without bitsandbytes installed (the ``site`` extra).
+    """
+    from transformers import AutoModelForCausalLM
+
+    if not quantize:
+        return AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as e:
+        raise ImportError("mode 'qlora' needs bitsandbytes: install the 'site' extra (pip install "
+                          "'fedbridge[site]')") from e
+    from transformers import BitsAndBytesConfig
+
+    # bf16 compute on CUDA (QLoRA paper); fp32 on CPU, where bf16 is about 13x slower without bf16 instructions
+    # (FIELD-NOTES). The LoRA weights, and so the delta, stay float32 either way (keep_adapter_dtype).
+    compute = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=torch.uint8)
+    device_map = "auto" if torch.cuda.is_available() else "cpu"
+    return AutoModelForCausalLM.from_pretrained(base_model, quantization_config=quant, device_map=device_map,
+                                                dtype=torch.float32)
+
+
+def keep_adapter_dtype(model: Any) -> None:
+    """Undo TRL's cast of LoRA weights to bf16 on a quantized base: the adapter spec (and the wire) is float32.
+
+    TRL 1.16 casts every trainable parameter of a quantized model to bf16 in its trainer's constructor (QLoRA paper
+    recommendation); the optimizer is built later, in ``train()``, so restoring float32 here is safe.
+    """
+    for name, param in model.named_parameters():
+        if "lora_" in name and param.dtype != torch.float32:
+            param.data = param.data.to(torch.float32)
+
+
+@functools.cache
+def proximal_trainer_cls(mode: str) -> Any:
+    """TRL's trainer for ``mode`` plus an optional FedProx proximal term (``proximal_mu``, ``proximal_ref``).
+
+    ``sft``/``qlora``: SFTTrainer; ``dpo``: DPOTrainer; ``kto``: KTOTrainer; ``orpo``: ORPOTrainer; ``simpo``:
+    CPOTrainer (TRL implements SimPO as CPO with ``loss_type="simpo"``).
+    """
+    if mode in ("sft", "qlora"):
+        from trl import SFTTrainer as Base
+    elif mode == "dpo":
+        from trl import DPOTrainer as Base
+    elif mode == "kto":
+        from trl import KTOTrainer as Base
+    elif mode == "orpo":
+        from trl.experimental.orpo import ORPOTrainer as Base
+    elif mode == "simpo":
+        from trl.experimental.cpo import CPOTrainer as Base
+    else:
+        raise ValueError(f"unknown training mode {mode!r}")
+
+    class FedTrainer(Base):  # type: ignore[misc,valid-type]
+        proximal_mu: float = 0.0
+        proximal_ref: dict[str, torch.Tensor] = {}
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[no-untyped-def]
+            out = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                       num_items_in_batch=num_items_in_batch)
+            if self.proximal_mu <= 0:
+                return out
+            params = dict(model.named_parameters())
+            prox = sum(((params[n] - ref.to(params[n].device)) ** 2).sum() for n, ref in self.proximal_ref.items())
+            if return_outputs:
+                return out[0] + 0.5 * self.proximal_mu * prox, out[1]
+            return out + 0.5 * self.proximal_mu * prox
+
+    FedTrainer.__name__ = f"Fed{Base.__name__}"
+    return FedTrainer
+
+
+def _as_dataset(rows: list[dict[str, Any]]) -> Any:
+    from datasets import Dataset
+
+    return Dataset.from_list(rows)
