@@ -6,7 +6,6 @@ torch side: encoding a state dict to safetensors bytes, decoding validated bytes
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import torch
@@ -93,12 +92,3 @@ def check_against_spec(state: Mapping[str, torch.Tensor], spec: pb.AdapterSpec) 
             raise CodecError(f"tensor {name!r} has dtype {dtype_name(t.dtype)}, the spec says {dtype}")
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise NonFiniteError(f"tensor {name!r} holds NaN or Inf values")
-
-
-def l2_norm(state: Mapping[str, torch.Tensor]) -> float:
-    """L2 norm of all floating-point tensors of ``state`` taken together (computed in float64)."""
-    total = 0.0
-    for t in state.values():
-        if t.is_floating_point():
-            total += float(torch.sum(t.to(torch.float64) ** 2))
-    return math.sqrt(total)

@@ -37,10 +37,34 @@ class ClipConfig:
             raise AggregationError(f"{FILTER}: max_norm must be a finite number > 0, got {self.max_norm}")
 
 
-def delta_norm(delta: Mapping[str, torch.Tensor]) -> float:
-    """Global L2 norm of a delta over all its tensors (float64)."""
-    sq = sum(float(torch.sum(v.detach().to(torch.float64) ** 2)) for v in delta.values())
-    return math.sqrt(sq)
+def l2_norm(state: Mapping[str, torch.Tensor]) -> float:
+    """Global L2 norm of a state over all its tensors taken together (float64 accumulation).
+
+    Every tensor counts, whatever its dtype: this is the norm a clip bounds, and :func:`clip_state` scales every
+    tensor, so a tensor left out of the norm would escape the bound.
+    """
+    return math.sqrt(sum(float(torch.sum(v.detach().to(torch.float64) ** 2)) for v in state.values()))
+
+
+def clip_state(state: Mapping[str, torch.Tensor], max_norm: float) -> tuple[dict[str, torch.Tensor], float]:
+    """Scale the whole state by ``min(1, max_norm / ||state||₂)`` (one norm over all tensors, as in DP-FedAvg).
+
+    Args:
+        state: Tensors by name (not modified).
+        max_norm: The bound C (> 0).
+
+    Returns:
+        ``(clipped, scale)``: a new dict (each tensor scaled in float64 and cast back to its dtype; a zero state is
+        left as is) and the factor applied, 1.0 when the state was already within the bound.
+
+    Raises:
+        ValueError: The state's norm is not finite (NaN or Inf values), so no bound can be met by scaling.
+    """
+    norm = l2_norm(state)
+    if not math.isfinite(norm):
+        raise ValueError(f"the update has a non-finite L2 norm ({norm})")
+    scale = min(1.0, max_norm / norm) if norm > 0 else 1.0
+    return {k: (v.detach().to(torch.float64) * scale).to(v.dtype) for k, v in state.items()}, scale
 
 
 def clip_update(update: ClientUpdate, config: ClipConfig) -> ClientUpdate:
@@ -52,13 +76,12 @@ def clip_update(update: ClientUpdate, config: ClipConfig) -> ClientUpdate:
     Raises:
         AggregationError: If the delta's norm is not finite.
     """
-    norm = delta_norm(update.delta)
+    norm = l2_norm(update.delta)
     if not math.isfinite(norm):
         raise AggregationError(f"{FILTER}: update from site {update.site!r} has a non-finite norm")
     if norm <= config.max_norm:
         return update
-    scale = config.max_norm / norm
-    delta = {k: (v.detach().to(torch.float64) * scale).to(v.dtype) for k, v in update.delta.items()}
+    delta, _ = clip_state(update.delta, config.max_norm)
     metadata = {**update.metadata, "pre_clip_norm": norm}
     return ClientUpdate(site=update.site, delta=delta, num_examples=update.num_examples, metadata=metadata)
 

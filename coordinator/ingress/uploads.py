@@ -33,6 +33,7 @@ from coordinator.trust.pki import PeerIdentity
 from fedcommon import tensors
 from protos import codec
 from protos.fedbridge.v1 import federation_service_pb2 as pb
+from strategies.clipping import l2_norm
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +191,7 @@ class UploadIngress:
                 self.secagg.check_masked(state)
             else:
                 tensors.check_against_spec(state, self.spec_for(peer.name))
-                norm = tensors.l2_norm(state)
+                norm = l2_norm(state)
                 if self.cfg.max_update_norm and norm > self.cfg.max_update_norm:
                     raise NormTooLarge(f"update L2 norm {norm:.6g} is above the federation's bound "
                                        f"max_update_norm={self.cfg.max_update_norm:g}")

@@ -13,43 +13,24 @@ Language Models", ICLR 2018; the same calibration as Flower's ``DifferentialPriv
 The guarantee is **site-level** DP of the published global adapters with respect to any one site's whole update
 per round, held by the coordinator's process; the coordinator itself sees the sites' raw updates (use ``local``
 mode, or secure aggregation, where it must not). ε is accounted with Opacus' RDP analysis (sampling rate 1 per
-round), at the ``[privacy].delta`` of the federation config, and recorded in every round's info.
+round; :func:`fedcommon.dp.rdp_epsilon`, the same function as the sites' ledgers), at the ``[privacy].delta`` of the
+federation config, and recorded in every round's info.
 """
 
 from __future__ import annotations
 
 import math
-import secrets
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from fedcommon.dp import csprng_generator, rdp_epsilon
 from strategies.clipping import ClipConfig, clip_update
 from strategies.types import ClientUpdate
 
 ACCOUNTING = ("Renyi DP (Opacus RDP analysis of the Gaussian mechanism, sampling rate 1 per round; RDP to "
               "(epsilon, delta) by Balle et al. 2020), site-level DP (DP-FedAvg, McMahan et al. 2018)")
-ORDERS = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + [80, 96, 128, 192, 256, 384, 512, 1024])
-
-
-def rdp_epsilon(history: Sequence[tuple[float, float, int]], delta: float) -> float:
-    """ε at ``delta`` after ``(noise_multiplier, sample_rate, steps)`` Gaussian mechanisms (0 for none).
-
-    The same analysis as the site's ledger (:mod:`site_agent.egress.dp`); the two packages never import each other.
-    """
-    if not history:
-        return 0.0
-    try:
-        from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise RuntimeError(f"central DP accounting needs opacus ({e}): pip install 'fedbridge[dp]'") from e
-    total = sum(compute_rdp(q=q, noise_multiplier=s, steps=n, orders=list(ORDERS)) for s, q, n in history)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        eps, _ = get_privacy_spent(orders=list(ORDERS), rdp=total, delta=delta)
-    return float(eps)
 
 
 def clip_filter(updates: Sequence[ClientUpdate], clip_norm: float) -> list[ClientUpdate]:
@@ -96,10 +77,7 @@ class CentralDp:
         if not (noise_multiplier > 0 and clip_norm > 0 and math.isfinite(noise_multiplier * clip_norm)):
             raise ValueError("central DP needs a finite noise_multiplier > 0 and clip_norm > 0")
         self.noise_multiplier, self.clip_norm, self.delta = noise_multiplier, clip_norm, delta
-        if generator is None:
-            generator = torch.Generator(device="cpu")
-            generator.manual_seed(secrets.randbits(63))
-        self.generator = generator
+        self.generator = generator if generator is not None else csprng_generator()
 
     def privatize(self, updates: Sequence[ClientUpdate], prior_rounds: Sequence[dict[str, Any]]
                   ) -> tuple[list[ClientUpdate], dict[str, Any]]:

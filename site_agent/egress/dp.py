@@ -5,7 +5,7 @@ of std σ·C (:mod:`site_agent.egress.filters`): the Gaussian mechanism on the s
 ("user-level") DP as in DP-FedAvg (McMahan et al., ICLR 2018). The unit of privacy is the site's whole dataset in a
 round, not a single example. Metrics the agent reports (losses, timings) are not covered.
 
-**Accounting.** Rényi DP with the maintained analysis of Opacus (``opacus.accountants.analysis.rdp``: the sampled
+**Accounting.** Rényi DP with the maintained analysis of Opacus (:func:`fedcommon.dp.rdp_epsilon`: the sampled
 Gaussian mechanism of Mironov, Talwar and Zhang, arXiv:1908.10530, and the RDP to (ε, δ) conversion of Balle et
 al., AISTATS 2020). Each round the site trains is one Gaussian mechanism with sampling rate 1 (the site knows it took
 part, so no amplification by subsampling is claimed). Opacus was chosen over ``dp-accounting`` 0.6.0 because the
@@ -28,11 +28,10 @@ import json
 import math
 import os
 import time
-import warnings
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from fedcommon.dp import rdp_epsilon
 from protos.fedbridge.v1 import federation_service_pb2 as pb
 from site_agent.egress.filters import EgressFilter, dp_filters
 from site_agent.policy import PolicyRefusal, SitePolicy
@@ -41,8 +40,6 @@ LEDGER_NAME = "privacy_ledger.json"
 ACCOUNTING = ("Renyi DP (Opacus RDP analysis of the sampled Gaussian mechanism, sampling rate 1 per round; RDP to "
               "(epsilon, delta) by Balle et al. 2020), site-level DP of each site's whole clipped update per round "
               "(DP-FedAvg, McMahan et al. 2018)")
-# Opacus' default orders plus larger ones: with sampling rate 1 and few rounds the optimum order grows with σ.
-ORDERS = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + [80, 96, 128, 192, 256, 384, 512, 1024])
 
 
 @dataclass(frozen=True)
@@ -106,32 +103,6 @@ def resolve(site: SiteDpConfig, requested: pb.DpRequest) -> DpSettings:
     if not (math.isfinite(sigma) and math.isfinite(clip)):
         raise ValueError("the task's DP request is not finite")
     return DpSettings(sigma, clip)
-
-
-def rdp_epsilon(history: Sequence[tuple[float, float, int]], delta: float) -> float:
-    """(ε at ``delta``) after composing ``history``: ``(noise_multiplier, sample_rate, steps)`` Gaussian mechanisms.
-
-    An empty history is 0; a mechanism without noise is ∞.
-
-    Raises:
-        RuntimeError: Opacus is not installed (``pip install 'fedbridge[dp]'``).
-    """
-    if not history:
-        return 0.0
-    if any(sigma <= 0 for sigma, _, _ in history):
-        return math.inf
-    try:
-        from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise RuntimeError(f"DP accounting needs opacus ({e}): pip install 'fedbridge[dp]'") from e
-    total = None
-    for sigma, q, steps in history:
-        r = compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=list(ORDERS))
-        total = r if total is None else total + r
-    with warnings.catch_warnings():  # "optimal order is the largest alpha": still a valid (looser) bound
-        warnings.simplefilter("ignore")
-        eps, _ = get_privacy_spent(orders=list(ORDERS), rdp=total, delta=delta)
-    return float(eps)
 
 
 @dataclass(frozen=True)

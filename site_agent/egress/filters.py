@@ -18,12 +18,14 @@ tightened). The accountant that turns σ and the number of rounds into ε is in 
 from __future__ import annotations
 
 import math
-import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
+
+from fedcommon.dp import csprng_generator
+from strategies.clipping import clip_state
 
 Delta = dict[str, torch.Tensor]
 
@@ -35,24 +37,6 @@ class EgressFilter(Protocol):
     def name(self) -> str: ...
 
     def apply(self, delta: Mapping[str, torch.Tensor]) -> Delta: ...
-
-
-def l2_norm(delta: Mapping[str, torch.Tensor]) -> float:
-    """Global L2 norm over every tensor of ``delta`` (float64 accumulation)."""
-    return math.sqrt(sum(float(torch.sum(v.detach().to(torch.float64) ** 2)) for v in delta.values()))
-
-
-def secure_generator() -> torch.Generator:
-    """A CPU torch generator seeded with 64 bits from the OS CSPRNG (``secrets``).
-
-    Why: the noise must be unpredictable to the coordinator, so it cannot come from the task's seed or any value the
-    coordinator knows or could replay. torch's generator (MT19937) is not itself a cryptographic generator: its
-    output is only ever released added to the update, never on its own. Like every floating-point Gaussian sampler
-    it is not hardened against the floating-point attacks of Mironov (CCS 2012); that limit is documented, not fixed.
-    """
-    gen = torch.Generator(device="cpu")
-    gen.manual_seed(secrets.randbits(63))
-    return gen
 
 
 @dataclass(frozen=True)
@@ -73,11 +57,11 @@ class ClipFilter:
             raise ValueError(f"clip filter: max_norm must be a finite number > 0, got {self.max_norm}")
 
     def apply(self, delta: Mapping[str, torch.Tensor]) -> Delta:
-        norm = l2_norm(delta)
-        if not math.isfinite(norm):
-            raise ValueError("clip filter: the update has a non-finite norm; nothing is sent")
-        scale = min(1.0, self.max_norm / norm) if norm > 0 else 1.0
-        return {k: (v.detach().to(torch.float64) * scale).to(v.dtype) for k, v in delta.items()}
+        try:
+            clipped, _ = clip_state(delta, self.max_norm)
+        except ValueError:
+            raise ValueError("clip filter: the update has a non-finite norm; nothing is sent") from None
+        return clipped
 
 
 @dataclass(frozen=True)
@@ -89,12 +73,12 @@ class GaussianNoiseFilter:
     Attributes:
         noise_multiplier: σ, the noise standard deviation in units of the clip bound (> 0).
         max_norm: The clip bound C the delta was clipped to.
-        generator: Source of the noise; :func:`secure_generator` unless a test needs a fixed seed.
+        generator: Source of the noise; :func:`fedcommon.dp.csprng_generator` unless a test needs a fixed seed.
     """
 
     noise_multiplier: float
     max_norm: float
-    generator: torch.Generator = field(default_factory=secure_generator, compare=False, repr=False)
+    generator: torch.Generator = field(default_factory=csprng_generator, compare=False, repr=False)
     name: str = field(default="gaussian_noise", init=False)
 
     def __post_init__(self) -> None:
@@ -147,5 +131,5 @@ def dp_filters(noise_multiplier: float, clip_norm: float, generator: torch.Gener
     """
     filters: list[EgressFilter] = [ClipFilter(clip_norm)]
     if noise_multiplier > 0:
-        filters.append(GaussianNoiseFilter(noise_multiplier, clip_norm, generator or secure_generator()))
+        filters.append(GaussianNoiseFilter(noise_multiplier, clip_norm, generator or csprng_generator()))
     return filters

@@ -153,7 +153,7 @@ def test_control_gates_tasks_and_rounds_and_survives_restart(tiny_model_dir: Pat
 
 def test_withdraw_under_central_dp_renoises_and_composes_epsilon(tiny_model_dir: Path, tmp_path: Path) -> None:
     # Prepare: central DP (sigma 1.5, C 0.1), three sites, two rounds.
-    from coordinator.privacy.central_dp import rdp_epsilon
+    from fedcommon.dp import rdp_epsilon
 
     init = init_adapter(tiny_model_dir, LORA)
     cfg = config(tmp_path, tiny_model_dir, rounds=2, min_sites=3,

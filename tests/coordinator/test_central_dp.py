@@ -10,10 +10,11 @@ import torch
 from coord_helpers import config, run_federation, small_delta
 
 from coordinator.config import LoraSpec, PrivacySpec
-from coordinator.privacy.central_dp import CentralDp, clip_filter, rdp_epsilon
+from coordinator.privacy.central_dp import CentralDp, clip_filter
 from coordinator.release.modelcard import parse_model_card
 from coordinator.rounds.adapter import init_adapter
-from strategies.clipping import delta_norm
+from fedcommon.dp import rdp_epsilon
+from strategies.clipping import l2_norm
 from strategies.registry import build_strategy
 from strategies.types import ClientUpdate
 
@@ -56,7 +57,7 @@ def test_aggregate_noise_has_std_sigma_c_over_n_and_updates_are_clipped() -> Non
 
     # Assert: the aggregate = uniform mean of the clipped updates + noise of std sigma * C / n = 0.25
     clipped = clip_filter(updates, 0.5)
-    assert all(delta_norm(c.delta) == pytest.approx(0.5, rel=1e-5) for c in clipped)
+    assert all(l2_norm(c.delta) == pytest.approx(0.5, rel=1e-5) for c in clipped)
     assert all(u.num_examples == 1 for u in noised)
     mean = {k: sum(c.delta[k] for c in clipped) / 4 for k in shapes}
     noise = torch.cat([(result.state[k] - mean[k]).flatten().double() for k in shapes])

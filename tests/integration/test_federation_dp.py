@@ -12,9 +12,10 @@ import pytest
 from coordinator.release.modelcard import parse_model_card
 from coordinator.rounds.store import Store
 from coordinator.server import read_recording
+from fedcommon.dp import rdp_epsilon
 from protos.fedbridge.v1 import federation_service_pb2 as pb
 from sandbox import localfed
-from site_agent.egress.dp import PrivacyLedger, rdp_epsilon
+from site_agent.egress.dp import PrivacyLedger
 
 SIGMA, CLIP, DELTA = 1.2, 0.05, 1e-5
 

@@ -10,10 +10,11 @@ import torch
 from test_agent_modes import _fake_client, _kit, _rows_for, _task, federation  # noqa: F401 - fixture
 
 from fedcommon import tensors
+from fedcommon.dp import rdp_epsilon
 from protos.fedbridge.v1 import federation_service_pb2 as pb
 from site_agent import agent
 from site_agent.config import SiteConfig
-from site_agent.egress.dp import DpSettings, PrivacyLedger, rdp_epsilon
+from site_agent.egress.dp import DpSettings, PrivacyLedger
 from site_agent.policy import PolicyRefusal
 
 

@@ -10,15 +10,14 @@ import pytest
 from scipy.optimize import brentq
 from scipy.stats import norm
 
+from fedcommon.dp import ORDERS, rdp_epsilon
 from protos.fedbridge.v1 import federation_service_pb2 as pb
 from site_agent.egress.dp import (
-    ORDERS,
     DpSettings,
     LedgerError,
     PrivacyLedger,
     SiteDpConfig,
     check_budget,
-    rdp_epsilon,
     resolve,
 )
 from site_agent.policy import PolicyRefusal, SitePolicy

@@ -147,7 +147,7 @@ def test_clipping_scales_to_the_bound_and_leaves_small_updates_alone() -> None:
     assert clipped.metadata["pre_clip_norm"] == pytest.approx(5.0)
     assert untouched is small
     assert big.delta["a"].tolist() == [3.0]  # the input is not modified
-    assert clipping.delta_norm(clipped.delta) == pytest.approx(1.0)
+    assert clipping.l2_norm(clipped.delta) == pytest.approx(1.0)
 
 
 def test_clipping_refuses_non_finite_updates_and_bad_bounds() -> None:
