@@ -33,6 +33,8 @@ PRIME = 2**521 - 1  # Mersenne prime > 2^256: one field element holds a 32-byte 
 SECRET_BYTES = 32
 SHARE_BYTES = 2 + (PRIME.bit_length() + 7) // 8  # 2-byte x coordinate + y
 NONCE_BYTES = 12
+# The one tensor of a masked input's payload: the site encodes it under this name and the coordinator accepts only it.
+MASKED_KEY = "secagg.masked"
 
 
 class SecAggCryptoError(ValueError):

@@ -21,16 +21,13 @@ Example ``policy.toml``::
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
-
+from fedcommon.certs import ca_sha256
 from fedcommon.tomlconfig import load_config
 from protos.fedbridge.v1 import federation_service_pb2 as pb
 
@@ -167,11 +164,6 @@ def check_upload_size(policy: SitePolicy, size: int) -> None:
     if policy.max_upload_bytes and size > policy.max_upload_bytes:
         raise PolicyRefusal("max_upload_bytes", f"the update is {size} bytes, the limit is "
                                                 f"{policy.max_upload_bytes}")
-
-
-def ca_sha256(ca_pem: bytes) -> str:
-    """SHA-256 (hex) over the DER form of the first certificate in ``ca_pem``."""
-    return hashlib.sha256(x509.load_pem_x509_certificate(ca_pem).public_bytes(Encoding.DER)).hexdigest()
 
 
 def check_coordinator(policy: SitePolicy, coordinator: str, ca_pem: bytes) -> None:

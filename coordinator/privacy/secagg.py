@@ -42,12 +42,12 @@ from coordinator.rounds.store import Store, UpdateRow
 from coordinator.trust.pki import PeerIdentity
 from fedcommon import secagg as sa
 from fedcommon import tensors
+from fedcommon.secagg import MASKED_KEY
 from protos import codec
 from protos.fedbridge.v1 import secagg_service_pb2 as spb
 
 log = logging.getLogger(__name__)
 STAGES = ("advertise", "share", "masked", "unmask", "done")
-MASKED_KEY = "secagg.masked"
 SEED, MASK_KEY = "seed", "mask_key"
 MAX_CIPHERTEXT = 1024
 

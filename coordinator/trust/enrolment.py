@@ -39,6 +39,7 @@ from coordinator.trust.pki import (
     load_crl,
     write_crl,
 )
+from fedcommon.certs import ca_sha256
 from fedcommon.manifest import Manifest
 from fedcommon.tomlconfig import dumps
 
@@ -163,13 +164,6 @@ def init_federation(fed: Path, opt: InitOptions) -> dict[str, Any]:
         "# fedbridge federation config, written by `fedbridge-admin init`. Fill in [records] (GDPR Art. 30) before\n"
         "# `fedbridge-admin export-records`; see coordinator/config.py for every field.\n" + dumps(toml))
     return manifest
-
-
-def ca_sha256(cert: x509.Certificate) -> str:
-    """SHA-256 over the DER certificate (what a site's ``policy.toml`` pins in ``trusted_ca_sha256``)."""
-    from cryptography.hazmat.primitives.serialization import Encoding
-
-    return hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest()
 
 
 def enroll_site(fed: Path, name: str, region: str, out: Path | None = None, archive: bool = False,

@@ -3,6 +3,7 @@
 Every certificate is issued by the federation CA (ECDSA P-256, X.509 via ``cryptography``). A site certificate
 carries the site's name as CN, its role as OU, and the site's Ed25519 envelope-signing public key in a private
 extension, so the CA binds the signing key to the identity: the coordinator never trusts a key a request names.
+Issuing is here; the OIDs and the reading of a certificate are in :mod:`fedcommon.certs`, which sites share.
 """
 
 from __future__ import annotations
@@ -19,10 +20,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-# Private arc for fedbridge extensions (Ed25519 raw public key used to sign update envelopes).
-SIGNING_KEY_OID = x509.ObjectIdentifier("1.3.6.1.4.1.59862.1.1")
-# The site's data region (e.g. ``EU-DE``), UTF-8: the coordinator learns a site's region from its certificate only.
-REGION_OID = x509.ObjectIdentifier("1.3.6.1.4.1.59862.1.2")
+from fedcommon import certs
+from fedcommon.certs import REGION_OID, SIGNING_KEY_OID, CertIdentity
+
 REGION_PATTERN = re.compile(r"^[A-Z]{2,8}(-[A-Z0-9]{2,8}){0,2}$")
 ROLES = ("site", "admin", "coordinator")
 
@@ -31,16 +31,9 @@ class PKIError(ValueError):
     """A certificate is missing, malformed or not usable for the requested role."""
 
 
-@dataclass(frozen=True)
-class PeerIdentity:
-    """Who is on the other end of an mTLS connection, as the CA-signed certificate says."""
-
-    name: str
-    role: str
-    signing_key: Ed25519PublicKey | None
-    serial: int
-    fingerprint: str
-    region: str = ""
+# Who is on the other end of an mTLS connection, as the CA-signed certificate says (parsed in fedcommon.certs, which
+# sites use too); the coordinator's name for it.
+PeerIdentity = CertIdentity
 
 
 def _now() -> dt.datetime:
@@ -144,32 +137,15 @@ class CertificateAuthority:
 
 
 def peer_identity(cert_pem: bytes) -> PeerIdentity:
-    """Read name, role and signing key from a peer certificate that the TLS layer already verified."""
+    """Read name, role, signing key and region from a peer certificate that the TLS layer already verified.
+
+    Raises:
+        PKIError: Not PEM, or the fields are missing or malformed (:func:`fedcommon.certs.identity`).
+    """
     try:
-        cert = x509.load_pem_x509_certificate(cert_pem)
-    except ValueError as e:
-        raise PKIError(f"peer certificate is not valid PEM: {e}") from e
-    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    ous = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
-    if len(cns) != 1 or len(ous) != 1:
-        raise PKIError("peer certificate must have exactly one CN and one OU")
-    signing_key = None
-    try:
-        ext = cert.extensions.get_extension_for_oid(SIGNING_KEY_OID)
-        signing_key = Ed25519PublicKey.from_public_bytes(ext.value.value)  # type: ignore[attr-defined]
-    except x509.ExtensionNotFound:
-        pass
-    except ValueError as e:
-        raise PKIError(f"peer certificate's signing-key extension is malformed: {e}") from None
-    region = ""
-    try:
-        region = cert.extensions.get_extension_for_oid(REGION_OID).value.value.decode()  # type: ignore[attr-defined]
-    except x509.ExtensionNotFound:
-        pass
-    except UnicodeDecodeError:
-        raise PKIError("peer certificate's region extension is not UTF-8") from None
-    return PeerIdentity(name=str(cns[0].value), role=str(ous[0].value), signing_key=signing_key,
-                        serial=cert.serial_number, fingerprint=cert.fingerprint(hashes.SHA256()).hex(), region=region)
+        return certs.identity(certs.load_pem(cert_pem))
+    except certs.CertificateError as e:
+        raise PKIError(f"peer {e}") from None
 
 
 def cert_identity(path: Path) -> PeerIdentity:

@@ -25,21 +25,16 @@ import numpy as np
 import torch
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from fedcommon import certs, tensors
 from fedcommon import secagg as sa
-from fedcommon import tensors
 from protos import codec
 from protos.fedbridge.v1 import federation_service_pb2 as pb
 from protos.fedbridge.v1 import secagg_service_pb2 as spb
 from protos.fedbridge.v1 import secagg_service_pb2_grpc as spb_grpc
 
 log = logging.getLogger(__name__)
-# The fedbridge certificate extension holding a site's Ed25519 signing key (same OID as coordinator.trust.pki, which a
-# site may not import; tests/site_agent/test_secagg_site.py checks they agree).
-SIGNING_KEY_OID = x509.ObjectIdentifier("1.3.6.1.4.1.59862.1.1")
-MASKED_KEY = "secagg.masked"
 POLL_MS = 10_000
 
 
@@ -57,14 +52,17 @@ def verify_roster_entry(entry: spb.RosterEntry, ca: x509.Certificate, federation
     now = dt.datetime.now(dt.timezone.utc)
     if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
         raise SecAggError(f"roster entry {entry.site!r}: certificate is not valid now")
-    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    ous = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
-    if [c.value for c in cns] != [entry.site] or [o.value for o in ous] != ["site"]:
+    try:
+        ident = certs.identity(cert)
+    except certs.CertificateError as e:
+        raise SecAggError(f"roster entry {entry.site!r}: {e}") from None
+    if (ident.name, ident.role) != (entry.site, "site"):
         raise SecAggError(f"roster entry {entry.site!r}: certificate names another site or role")
     try:
-        raw = cert.extensions.get_extension_for_oid(SIGNING_KEY_OID).value.value  # type: ignore[attr-defined]
-        Ed25519PublicKey.from_public_bytes(raw).verify(entry.keys.signature, entry.keys.keys)
-    except (x509.ExtensionNotFound, ValueError, InvalidSignature):
+        if ident.signing_key is None:
+            raise InvalidSignature
+        ident.signing_key.verify(entry.keys.signature, entry.keys.keys)
+    except InvalidSignature:
         raise SecAggError(f"roster entry {entry.site!r}: keys are not signed by the site's certificate key") from None
     keys = spb.SecAggKeys.FromString(entry.keys.keys)
     if (keys.federation_id, keys.round, keys.site) != (federation_id, round, entry.site):
@@ -251,7 +249,7 @@ def _run_stages(client, task: pb.Task, site: str, signing_key: Ed25519PrivateKey
     if got is None:
         return None
     masked = me.mask(list(got.shares), delta, spec_tensors, float(num_examples))  # type: ignore[attr-defined]
-    payload = tensors.encode_state({MASKED_KEY: torch.from_numpy(masked)})
+    payload = tensors.encode_state({sa.MASKED_KEY: torch.from_numpy(masked)})
     # The weight travels masked inside the payload, so the envelope states 1 example (it must be > 0).
     env = codec.make_envelope(federation_id=fed, round=r, site=site, base_model_sha256=task.base_model_sha256,
                               payload=payload, adapter_spec_sha256=task.adapter_spec.sha256, num_examples=1,

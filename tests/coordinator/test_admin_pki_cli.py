@@ -15,9 +15,10 @@ from live_coordinator import LiveCoordinator, delta, upload_messages
 
 from coordinator.config import load_federation_config
 from coordinator.trust.pki import cert_identity, load_crl
+from fedcommon.certs import ca_sha256
 from protos.fedbridge.v1 import federation_service_pb2 as pb
 from site_agent.config import load_site_config
-from site_agent.policy import ca_sha256, load_policy
+from site_agent.policy import load_policy
 
 ROOT = Path(__file__).resolve().parents[2]
 

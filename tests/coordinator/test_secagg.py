@@ -25,7 +25,7 @@ from fedcommon import secagg as sa
 from fedcommon import tensors
 from protos import codec
 from protos.fedbridge.v1 import secagg_service_pb2 as spb
-from site_agent.egress.secagg import SIGNING_KEY_OID, SecAggError, SiteSecAgg
+from site_agent.egress.secagg import SecAggError, SiteSecAgg
 from strategies.registry import build_strategy
 from strategies.types import ClientUpdate
 
@@ -341,9 +341,3 @@ def test_roster_refuses_a_substituted_key(tmp_path: Path) -> None:
                                  signing_key=b.key.public_key())[0], keys=b.proto.advertise())
     with pytest.raises(SecAggError, match="not issued by the federation CA"):
         a.proto.share(entries, params, sa.vector_length(_spec_tensors()))
-
-
-def test_site_oid_matches_the_pki() -> None:
-    from coordinator.trust.pki import SIGNING_KEY_OID as PKI_OID
-
-    assert SIGNING_KEY_OID == PKI_OID

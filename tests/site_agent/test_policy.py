@@ -12,11 +12,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import NameOID
 
+from fedcommon.certs import ca_sha256
 from fedcommon.tomlconfig import ConfigError
 from protos.fedbridge.v1 import federation_service_pb2 as pb
 from site_agent import agent
 from site_agent.config import SiteConfig, SiteData, SiteTls
-from site_agent.policy import PolicyRefusal, SitePolicy, ca_sha256, check_coordinator, check_task, check_upload_size, load_policy
+from site_agent.policy import PolicyRefusal, SitePolicy, check_coordinator, check_task, check_upload_size, load_policy
 
 BASE = "a" * 64
 OTHER = "b" * 64
