@@ -1,7 +1,7 @@
 """Aggregation speed and memory: fedbridge's FedAvg vs Flower 1.42's FedAvg on the same inputs.
 
 Run with no arguments (a few minutes on 2 cores); ``--quick`` runs one small case. Prints a markdown table and
-writes ``bench/results/aggregate.json`` (schema in DESIGN.md). How it is measured (also printed with the table):
+writes ``bench/results/aggregate.json`` (schema in :mod:`bench.report`). How it is measured (also printed with the table):
 
 * Inputs. A Llama-7B-shaped LoRA adapter (32 layers x q/k/v/o, hidden 4096) at r=8 (8.4M parameters) and r=64
   (67.1M), float32, N = 10, 50, 100 sites, random example counts. Both sides get the same numbers: Flower gets reply

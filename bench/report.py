@@ -1,6 +1,7 @@
 """Shared output of the benchmarks: a markdown table on stdout and ``bench/results/<name>.json``.
 
-Schema (DESIGN.md): ``{"bench": name, "rows": [{"case", "ours", "reference", "ratio", "unit", "goal", "meets_goal"}]}``.
+Schema: ``{"bench": name, "rows": [{"case", "ours", "reference", "ratio", "unit", "goal", "meets_goal"}], "machine":
+platform string, "notes": [str]}`` (one :class:`Row` per case).
 """
 
 from __future__ import annotations

@@ -22,11 +22,12 @@ import torch
 from bench.report import Row, write_results
 from coordinator.config import LoraSpec
 from coordinator.rounds.adapter import init_adapter
+from fedcommon.models import lora_config
 from protos.fedbridge.v1 import federation_service_pb2 as pb
 from sandbox.synthetic import make_site_datasets
 from sandbox.tiny_model import build_tiny_model
 from site_agent.training.data import load_sft
-from site_agent.training.trainer import SftSiteTrainer, lora_config
+from site_agent.training.trainer import SftSiteTrainer
 
 STEPS = 60
 BATCH = 4

@@ -119,12 +119,14 @@ def _gpu(require: bool) -> str:
 def _dry_step(cfg: SiteConfig) -> str:
     """One LoRA forward/backward/update on a synthetic chat row: the model, tokenizer and training stack work."""
     import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from peft import get_peft_model
+    from transformers import AutoTokenizer
+
+    from fedcommon.models import load_base, lora_config_for
 
     tok = AutoTokenizer.from_pretrained(cfg.base_model)
-    model = AutoModelForCausalLM.from_pretrained(cfg.base_model, dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    # The same loader as training (float32; the task, not site.toml, decides on 4-bit), with a small probe adapter.
+    model = get_peft_model(load_base(cfg.base_model), lora_config_for(4, 8, 0.0, "all-linear"))
     messages = [{"role": "user", "content": "Preflight: what is two plus two?"}, {"role": "assistant", "content": "4"}]
     ids = tok.apply_chat_template(messages, tokenize=True, return_dict=True, return_tensors="pt")["input_ids"]
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)

@@ -197,7 +197,7 @@ def _write_adapter(out: Path, base_model: Path, spec: pb.AdapterSpec, state: dic
     """PEFT's saved-adapter layout without building a model: adapter_config.json + adapter_model.safetensors."""
     from safetensors.torch import save_file
 
-    from coordinator.rounds.adapter import lora_config
+    from fedcommon.models import lora_config
 
     config = lora_config(spec)
     config.base_model_name_or_path = base_model_ref or str(base_model)

@@ -9,6 +9,7 @@ import torch
 
 from coordinator.config import LoraSpec
 from fedcommon import tensors
+from fedcommon.models import load_base, lora_config, lora_config_for
 from protos.fedbridge.v1 import federation_service_pb2 as pb
 
 
@@ -20,32 +21,18 @@ class AdapterInit:
     spec: pb.AdapterSpec
 
 
-def lora_config(spec: pb.AdapterSpec):  # -> peft.LoraConfig
-    from peft import LoraConfig
-
-    return LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
-                      target_modules=list(spec.target_modules), task_type="CAUSAL_LM")
-
-
-def load_base(base_model: Path) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
-
-
 def init_adapter(base_model: Path, lora: LoraSpec) -> AdapterInit:
     """Draw the initial adapter with PEFT's own initialisation (A from ``lora.seed``, B = 0).
 
     ``all-linear`` and other shorthands are resolved by PEFT against the base model, so the spec lists the concrete
     module names.
     """
-    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+    from peft import get_peft_model, get_peft_model_state_dict
 
     base = load_base(base_model)
     targets: list[str] | str = "all-linear" if list(lora.target_modules) == ["all-linear"] else list(lora.target_modules)
     torch.manual_seed(lora.seed)
-    model = get_peft_model(base, LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                            target_modules=targets, task_type="CAUSAL_LM"))
+    model = get_peft_model(base, lora_config_for(lora.rank, lora.alpha, lora.dropout, targets))
     state = {k: v.detach().clone().contiguous() for k, v in get_peft_model_state_dict(model).items()}
     resolved = sorted(model.peft_config["default"].target_modules)
     spec = tensors.make_adapter_spec(state, lora.rank, lora.alpha, lora.dropout, resolved)

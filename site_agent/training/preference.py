@@ -39,7 +39,11 @@ REF_ADAPTER = "ref"  # the name TRL 1.16 gives the frozen reference copy of the 
 
 
 def _config(mode: str, t: pb.TrainingConfig, seed: int, checkpointing: dict[str, Any]) -> Any:
-    """Build the TRL config of ``mode`` from the task's training config (CPU-safe defaults, see FIELD-NOTES)."""
+    """Build the TRL config of ``mode`` from the task's training config, with CPU-safe defaults.
+
+    TRL 1.16 configs default to ``bf16=True``, which fails (or crawls) on CPU; on CPU pass ``use_cpu=True``,
+    ``bf16=False``.
+    """
     common: dict[str, Any] = dict(
         **checkpointing, max_steps=t.max_steps, per_device_train_batch_size=t.per_device_batch_size,
         gradient_accumulation_steps=max(1, t.gradient_accumulation_steps), learning_rate=t.learning_rate,

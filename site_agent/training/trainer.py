@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from fedcommon import tensors
+from fedcommon.models import load_base, lora_config
 from protos.fedbridge.v1 import federation_service_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -47,13 +48,6 @@ class RoundResult:
     train_time_s: float
     tokens: int
     round_time_s: float
-
-
-def lora_config(spec: pb.AdapterSpec):  # -> peft.LoraConfig
-    from peft import LoraConfig
-
-    return LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
-                      target_modules=list(spec.target_modules), task_type="CAUSAL_LM")
 
 
 class _Progress:
@@ -304,7 +298,8 @@ def check_deepspeed(config: dict[str, Any]) -> dict[str, Any]:
     stage = int(config.get("zero_optimization", {}).get("stage", 0))
     if stage not in (0, 1, 2):
         raise ValueError(f"DeepSpeed ZeRO stage {stage} is not supported by the site trainer yet (use 1 or 2)")
-    if "RANK" not in os.environ:  # no torchrun/deepspeed launcher: one process on gloo (FIELD-NOTES)
+    # No torchrun/deepspeed launcher set up a process group: run as a single process on gloo (DeepSpeed needs one).
+    if "RANK" not in os.environ:
         import socket
 
         with socket.socket() as s:
@@ -335,33 +330,6 @@ def _scheduler(t: pb.TrainingConfig) -> str:
     if kind not in ("constant", "linear", "cosine"):
         raise ValueError(f"unsupported lr_scheduler_type {kind!r}")
     return "constant_with_warmup" if kind == "constant" and t.warmup_ratio > 0 else kind
-
-
-def load_base(base_model: Path, quantize: bool = False) -> Any:
-    """Load the base model in float32, or in 4-bit nf4 with double quantization (QLoRA; bf16 compute on CUDA).
-
-    Raises:
-        ImportError: ``quantize`` without bitsandbytes installed (the ``site`` extra).
-    """
-    from transformers import AutoModelForCausalLM
-
-    if not quantize:
-        return AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError as e:
-        raise ImportError("mode 'qlora' needs bitsandbytes: install the 'site' extra (pip install "
-                          "'fedbridge[site]')") from e
-    from transformers import BitsAndBytesConfig
-
-    # bf16 compute on CUDA (QLoRA paper); fp32 on CPU, where bf16 is about 13x slower without bf16 instructions
-    # (FIELD-NOTES). The LoRA weights, and so the delta, stay float32 either way (keep_adapter_dtype).
-    compute = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=torch.uint8)
-    device_map = "auto" if torch.cuda.is_available() else "cpu"
-    return AutoModelForCausalLM.from_pretrained(base_model, quantization_config=quant, device_map=device_map,
-                                                dtype=torch.float32)
 
 
 def keep_adapter_dtype(model: Any) -> None:
