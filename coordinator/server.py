@@ -20,14 +20,15 @@ from coordinator.ingress.secagg_servicer import SecAggServicer
 from coordinator.ingress.servicer import FederationServicer
 from coordinator.rounds.adapter import init_adapter
 from coordinator.rounds.engine import RoundEngine
-from coordinator.rounds.store import Store, write_durable
+from coordinator.rounds.store import Store
+from fedcommon.durable import write_durable
 from fedcommon.manifest import Manifest
+from protos.codec import MAX_MESSAGE
 from protos.fedbridge.v1 import admin_service_pb2_grpc as apb_grpc
 from protos.fedbridge.v1 import federation_service_pb2_grpc as pb_grpc
 from protos.fedbridge.v1 import secagg_service_pb2_grpc as secagg_grpc
 
 log = logging.getLogger(__name__)
-MAX_MESSAGE = 8 << 20
 DRAIN_TIMEOUT_S = 120.0
 
 

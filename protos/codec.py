@@ -29,6 +29,9 @@ from protos.fedbridge.v1 import federation_service_pb2 as pb
 DEFAULT_CHUNK_SIZE = 1 << 20  # 1 MiB: well below gRPC's 4 MiB default message limit.
 NONCE_BYTES = 16
 MAX_ENVELOPE_BYTES = 4096  # an UpdateEnvelope holds ids and hashes only
+# gRPC message limit both ends set (send and receive): room for a chunk plus its envelope, and for the largest
+# unary replies (task, roster); both ends must agree, or the larger side's messages are refused by the other.
+MAX_MESSAGE = 8 << 20
 
 
 class CodecError(ValueError):

@@ -12,6 +12,7 @@ from typing import TypeVar
 import grpc
 
 from protos import codec
+from protos.codec import MAX_MESSAGE
 from protos.fedbridge.v1 import federation_service_pb2 as pb
 from protos.fedbridge.v1 import federation_service_pb2_grpc as pb_grpc
 from site_agent.config import SiteConfig
@@ -20,7 +21,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
              grpc.StatusCode.ABORTED}
-MAX_MESSAGE = 8 << 20
 
 
 class LateUpdateRefused(RuntimeError):

@@ -26,8 +26,8 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from coordinator.config import DashboardSpec, TlsSpec
 from coordinator.dashboard.app import create_app
 from coordinator.rounds.engine import RoundEngine
-from coordinator.rounds.store import write_durable
 from coordinator.trust.pki import PKIError, peer_identity
+from fedcommon.durable import write_durable
 
 log = logging.getLogger(__name__)
 PORT_FILE = "dashboard.port"

@@ -33,7 +33,8 @@ from coordinator.config import FederationConfig
 from coordinator.release.gate import GateDecision
 from coordinator.release.merge import copy_side_files, merge_adapter
 from coordinator.release.modelcard import render_model_card
-from coordinator.rounds.store import Store, fsync_dir, now_ms
+from coordinator.rounds.store import Store, now_ms
+from fedcommon.durable import fsync_dir
 from fedcommon.manifest import MANIFEST_NAME, Manifest, sha256_file
 from protos.fedbridge.v1 import federation_service_pb2 as pb
 

@@ -7,7 +7,6 @@ crash at any point loses no accepted update and a restart resumes the same round
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import threading
 import time
@@ -18,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from fedcommon.durable import write_durable
 
 _UPDATES_SQL = """CREATE TABLE updates (
   round INTEGER NOT NULL, site TEXT NOT NULL, payload_sha256 TEXT NOT NULL, size INTEGER NOT NULL,
@@ -105,26 +106,6 @@ DROP TABLE updates_v1;"""),
 
 def now_ms() -> int:
     return int(time.time() * 1000)
-
-
-def write_durable(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: temp file, fsync, rename, fsync the folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass(frozen=True)

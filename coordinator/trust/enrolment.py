@@ -27,7 +27,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from coordinator.errors import NotEnrolled, Revoked
-from coordinator.rounds.store import write_durable
 from coordinator.trust.pki import (
     REGION_PATTERN,
     CertificateAuthority,
@@ -40,6 +39,7 @@ from coordinator.trust.pki import (
     write_crl,
 )
 from fedcommon.certs import ca_sha256
+from fedcommon.durable import write_durable
 from fedcommon.manifest import Manifest
 from fedcommon.tomlconfig import dumps
 

@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from fedcommon.dp import rdp_epsilon
+from fedcommon.durable import write_durable
 from protos.fedbridge.v1 import federation_service_pb2 as pb
 from site_agent.egress.filters import EgressFilter, dp_filters
 from site_agent.policy import PolicyRefusal, SitePolicy
@@ -160,18 +160,7 @@ class PrivacyLedger:
                             payload_sha256, int(time.time() * 1000))
         data = json.dumps({"version": 1, "accounting": ACCOUNTING,
                            "entries": [asdict(e) for e in [*self._entries, entry]]}, indent=1)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        dir_fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_durable(self.path, data.encode())
         self._entries.append(entry)
 
 

@@ -23,11 +23,12 @@ from coordinator.ingress.servicer import FederationServicer
 from coordinator.rounds.adapter import AdapterInit
 from coordinator.rounds.engine import RoundEngine
 from coordinator.rounds.store import Store
-from coordinator.server import MAX_MESSAGE, server_credentials
+from coordinator.server import server_credentials
 from coordinator.trust.enrolment import InitOptions, enroll_site, init_federation
 from fedcommon import tensors
 from fedcommon.manifest import Manifest
 from protos import codec
+from protos.codec import MAX_MESSAGE
 from protos.fedbridge.v1 import federation_service_pb2 as pb
 from protos.fedbridge.v1 import federation_service_pb2_grpc as pb_grpc
 

@@ -79,7 +79,7 @@ def test_ledger_survives_restart_and_only_grows(tmp_path: Path) -> None:
     assert len(reopened.entries) == 4 and reopened.entries[:3] == ledger.entries
     assert reopened.epsilon(1e-5) == pytest.approx(rdp_epsilon([(2.0, 1.0, 4)], 1e-5))
     assert json.loads(path.read_text())["entries"][0]["round"] == 1
-    assert not path.with_name(path.name + ".tmp").exists()
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp file left behind
 
 
 def test_unreadable_ledger_stops_the_agent(tmp_path: Path) -> None:
