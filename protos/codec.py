@@ -145,8 +145,9 @@ def adapter_spec_sha256(spec: pb.AdapterSpec) -> str:
 def adapter_spec(tensors: list[pb.TensorSpec], rank: int, alpha: float, dropout: float,
                  target_modules: list[str]) -> pb.AdapterSpec:
     """Build an :class:`AdapterSpec` over tensor specs (sorted by name) with its hash filled in."""
+    ordered = sorted(tensors, key=lambda t: t.name)  # sorted here, not inline: the stub's Mapping overload confuses mypy
     spec = pb.AdapterSpec(rank=rank, alpha=alpha, dropout=dropout, target_modules=sorted(target_modules),
-                          tensors=sorted(tensors, key=lambda t: t.name))
+                          tensors=ordered)
     spec.sha256 = adapter_spec_sha256(spec)
     return spec
 
