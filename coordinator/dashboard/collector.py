@@ -37,7 +37,7 @@ class EngineCollector(Collector):
                                 value=len(eng.store.updates(cur.round)) if cur else 0)
         state = GaugeMetricFamily("fedbridge_federation_state", "1 for the federation's control state.",
                                   labels=["state"])
-        now = eng.control_state()
+        now = eng.control.control_state()
         for s in ("not_started", "running", "paused", "stopped", "finished"):
             state.add_metric([s], 1.0 if s == now else 0.0)
         yield state
