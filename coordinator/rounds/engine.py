@@ -4,6 +4,9 @@ All state lives in :class:`coordinator.rounds.store.Store`; the engine keeps onl
 so a restarted coordinator resumes exactly where the store says it was. It runs on the gRPC server's event loop;
 checks and acceptance of an update happen without an ``await`` in between, so an update is either counted in the
 round's aggregate or refused, never accepted and then missed.
+
+Composed, not inherited: each part (see :class:`RoundEngine`) is one object holding its own state, given here what
+it needs; callers reach a part directly (``engine.ingress``, ``engine.control``, ``engine.adapters``).
 """
 
 from __future__ import annotations
