@@ -1,45 +1,89 @@
 """Administration of a running federation (AdminService): control state, publish now, withdraw a site.
 
-Part of :class:`coordinator.rounds.engine.RoundEngine` (a mixin over its state). Every action is audited before it
-takes effect.
+:class:`AdminControl` owns the administrator's control state (durable in store meta ``control``); the round engine
+wires it in and asks it whether rounds may advance. Every action is audited before it takes effect.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from coordinator import errors
+from coordinator.config import FederationConfig
+from coordinator.privacy.central_dp import CentralDp
 from coordinator.release import withdraw
+from coordinator.rounds.store import Store
+from protos.fedbridge.v1 import federation_service_pb2 as pb
+from strategies.registry import BatchStrategy, StreamingStrategy
 
 log = logging.getLogger(__name__)
 
+Audit = Callable[[str, dict[str, Any]], None]
+
 
 class AdminControl:
-    """Start/pause/resume/stop (durable in the store), publish the latest global now, withdraw a site."""
+    """Start/pause/resume/stop (durable in the store), publish the latest global now, withdraw a site.
 
-    # -- administration (AdminService) --------------------------------------------------------------------------
-    # The control state lives in store meta "control": not_started | running | paused | stopped. It survives a
-    # restart; "finished" is derived (every round ran and the release was decided).
+    The control state lives in store meta "control": not_started | running | paused | stopped. It survives a
+    restart; "finished" is derived (every round ran and the release was decided, or the federation was stopped).
+
+    Args:
+        config: The federation config.
+        store: Durable state.
+        base_sha256: Manifest hash of the base model (recorded in a rebuilt version's provenance).
+        spec: The federation's adapter spec.
+        strategy: The aggregation rule (a withdrawal re-aggregates with it).
+        site_rank: The LoRA rank a site trains.
+        central_dp: Central differential privacy, when configured (a withdrawal privatizes the same way).
+        secure_aggregation: Whether the federation runs secure aggregation (no withdrawal is then possible).
+        lock: The engine's lock: no round step runs while a publication or a rebuild does.
+        finished: Set once the federation is finished (stopping sets it).
+        publish: Runs the release gate on a round's output and publishes it or records why not (worker thread).
+        advance: Makes progress in the background (after start or resume).
+        audit: Appends an event to the audit log.
+        notify: Wakes everyone waiting on a change of the federation's state.
+    """
+
+    def __init__(self, config: FederationConfig, store: Store, base_sha256: str, *, spec: pb.AdapterSpec,
+                 strategy: StreamingStrategy | BatchStrategy, site_rank: Callable[[str], int],
+                 central_dp: CentralDp | None, secure_aggregation: bool, lock: asyncio.Lock, finished: asyncio.Event,
+                 publish: Callable[[int], None], advance: Callable[[], None], audit: Audit,
+                 notify: Callable[[], None]) -> None:
+        self.cfg = config
+        self.store = store
+        self.base_sha256 = base_sha256
+        self.spec = spec
+        self.strategy = strategy
+        self.site_rank = site_rank
+        self.central_dp = central_dp
+        self.secure_aggregation = secure_aggregation
+        self._lock = lock
+        self.finished = finished
+        self._publish = publish
+        self._advance_in_background = advance
+        self._audit = audit
+        self._notify = notify
+        self._control = "running"  # until load() reads the durable state at start
+
+    def load(self) -> None:
+        """Read the durable control state (first start: ``running``, or ``not_started`` without ``autostart``)."""
+        if self.store.get_meta("control") is None:
+            self.store.set_meta("control", "running" if self.cfg.autostart else "not_started")
+        self._control = self.store.get_meta("control") or "running"
+
+    @property
+    def state(self) -> str:
+        """The stored control state: ``not_started``, ``running``, ``paused`` or ``stopped``."""
+        return self._control
+
     def control_state(self) -> str:
         """``not_started``, ``running``, ``paused``, ``stopped``, or ``finished``."""
         return "finished" if self._control == "running" and self.finished.is_set() else self._control
 
-    def last_seen(self, site: str) -> float:
-        """``time.time()`` of the site's last call (its join time from the store before any call in this process)."""
-        if site not in self._seen:
-            joined = {s["name"]: s["last_seen_ms"] for s in self.store.sites()}
-            return joined.get(site, 0) / 1000
-        return self._seen[site]
-
-    async def changed(self, timeout: float) -> None:
-        """Return when the federation's state changes (update, metrics, round, control), or after ``timeout`` s."""
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._changed.wait(), timeout)
-
-    def _held(self) -> bool:
+    def held(self) -> bool:
         """Rounds must not advance now (not started, paused or stopped). A stopped federation is finished."""
         if self._control == "stopped":
             self.finished.set()
@@ -126,7 +170,7 @@ class AdminControl:
         Returns:
             ``{"site", "from_round", "to_round", "published", "version", "path", "global_sha256", "blocked_reason"}``.
         """
-        if self.secagg is not None:
+        if self.secure_aggregation:
             raise errors.InvalidState(
                 "this federation runs secure aggregation: the coordinator holds only masked updates, whose masks cancel "
                 "only over a round's whole set of sites, so no round can be re-aggregated without one site; removing "

@@ -77,23 +77,23 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
         return apb.ListEvaluationsResponse(evaluations=[apb.EvaluationInfo(**r) for r in rows])
 
     async def Start(self, request: apb.StartRequest, context: grpc.aio.ServicerContext) -> apb.StartResponse:
-        state = await self._call("Start", context, lambda p: self.engine.begin(p.name))
+        state = await self._call("Start", context, lambda p: self.engine.control.begin(p.name))
         return apb.StartResponse(state=STATES[state])
 
     async def Pause(self, request: apb.PauseRequest, context: grpc.aio.ServicerContext) -> apb.PauseResponse:
-        state = await self._call("Pause", context, lambda p: self.engine.pause(p.name))
+        state = await self._call("Pause", context, lambda p: self.engine.control.pause(p.name))
         return apb.PauseResponse(state=STATES[state])
 
     async def Resume(self, request: apb.ResumeRequest, context: grpc.aio.ServicerContext) -> apb.ResumeResponse:
-        state = await self._call("Resume", context, lambda p: self.engine.resume(p.name))
+        state = await self._call("Resume", context, lambda p: self.engine.control.resume(p.name))
         return apb.ResumeResponse(state=STATES[state])
 
     async def Stop(self, request: apb.StopRequest, context: grpc.aio.ServicerContext) -> apb.StopResponse:
-        state = await self._call("Stop", context, lambda p: self.engine.stop(p.name))
+        state = await self._call("Stop", context, lambda p: self.engine.control.stop(p.name))
         return apb.StopResponse(state=STATES[state])
 
     async def Publish(self, request: apb.PublishRequest, context: grpc.aio.ServicerContext) -> apb.PublishResponse:
-        out = await self._call("Publish", context, lambda p: self.engine.publish_latest(p.name))
+        out = await self._call("Publish", context, lambda p: self.engine.control.publish_latest(p.name))
         return apb.PublishResponse(**out)
 
     async def RevokeSite(self, request: apb.RevokeSiteRequest,
@@ -111,7 +111,7 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
         def progress(done: int, total: int) -> None:  # called from the rebuild's worker thread
             loop.call_soon_threadsafe(queue.put_nowait, (done, total))
 
-        job = asyncio.ensure_future(self._call("WithdrawSite", context, lambda p: self.engine.withdraw_site(
+        job = asyncio.ensure_future(self._call("WithdrawSite", context, lambda p: self.engine.control.withdraw_site(
             request.site, request.reason[:500], p.name, progress)))
         while not (job.done() and queue.empty()):
             getter = asyncio.ensure_future(queue.get())

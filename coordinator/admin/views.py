@@ -24,7 +24,7 @@ def status(engine: RoundEngine) -> dict[str, Any]:
     sites = store.sites()
     now = time.time()
     return {
-        "federation_id": cfg.federation_id, "state": engine.control_state(),
+        "federation_id": cfg.federation_id, "state": engine.control.control_state(),
         "current_round": cur.round if cur else 0, "round_state": cur.state if cur else "",
         "total_rounds": cfg.rounds, "min_sites": cfg.min_sites,
         "round_updates": len(store.updates(cur.round)) if cur else 0,

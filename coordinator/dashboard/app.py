@@ -17,8 +17,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
-from coordinator import metrics
 from coordinator.admin import views
+from coordinator.dashboard import collector
 from coordinator.rounds.engine import RoundEngine
 
 KEEPALIVE_S = 15.0
@@ -67,7 +67,7 @@ def create_app(engine: RoundEngine, token: str = "") -> FastAPI:
 
     @app.get("/metrics")
     async def prometheus() -> Response:
-        return Response(metrics.render(engine), media_type="text/plain; version=0.0.4; charset=utf-8")
+        return Response(collector.render(engine), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return app
 

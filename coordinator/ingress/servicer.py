@@ -81,7 +81,7 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
                                            desirable_weight=t.desirable_weight,
                                            undesirable_weight=t.undesirable_weight,
                                            label_smoothing=t.label_smoothing),
-                adapter_spec=self.engine.spec_for(peer.name), global_adapter_sha256=offer.global_sha256,
+                adapter_spec=self.engine.adapters.spec_for(peer.name), global_adapter_sha256=offer.global_sha256,
                 global_adapter_size=offer.global_size, deadline_unix_ms=offer.deadline_ms,
                 base_residual_sha256=offer.residual_sha256,
                 base_residual_size=offer.residual_size,
@@ -95,14 +95,14 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
                               context: grpc.aio.ServicerContext) -> AsyncIterator[pb.DownloadAdapterResponse]:
         try:
             peer = peer_of(context)
-            self.engine._require_site(peer)
+            self.engine.require_site(peer)
             if request.artifact == pb.ARTIFACT_KIND_BASE_RESIDUAL:
-                residual = self.engine.residual_bytes(request.round)
+                residual = self.engine.adapters.residual_bytes(request.round)
                 if residual is None:
                     raise NotFound(f"round {request.round} has no base residual")
                 data = residual
             else:
-                data = self.engine.site_adapter_bytes(peer.name, request.round)
+                data = self.engine.adapters.site_adapter_bytes(peer.name, request.round)
             chunks = list(codec.iter_chunks(data, offset=min(request.offset, len(data))))
         except (CoordinatorError, codec.CodecError) as e:
             err = e if isinstance(e, CoordinatorError) else CoordinatorError(str(e))
@@ -121,7 +121,7 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
                 raise InvalidUpdate("a message of the upload stream is not an UploadUpdateRequest") from None
 
         try:
-            result = await self.engine.receive_upload(peer_of(context), chunks())
+            result = await self.engine.ingress.receive_upload(peer_of(context), chunks())
         except CoordinatorError as e:
             await _abort(context, "UploadUpdate", e)
         return pb.UploadUpdateResponse(accepted=result.accepted, committed_offset=result.committed_offset,
@@ -130,7 +130,7 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
     async def GetUploadStatus(self, request: pb.GetUploadStatusRequest,
                               context: grpc.aio.ServicerContext) -> pb.GetUploadStatusResponse:
         try:
-            offset, accepted = self.engine.upload_status(peer_of(context), request.round, request.payload_sha256)
+            offset, accepted = self.engine.ingress.upload_status(peer_of(context), request.round, request.payload_sha256)
         except CoordinatorError as e:
             await _abort(context, "GetUploadStatus", e)
         return pb.GetUploadStatusResponse(committed_offset=offset, accepted=accepted)

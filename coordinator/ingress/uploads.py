@@ -1,8 +1,8 @@
 """Receiving updates: envelope checks, resumable chunked uploads, validation, and durable acceptance.
 
-Part of :class:`coordinator.rounds.engine.RoundEngine` (a mixin over its state). Checks and acceptance of an update
-happen without an ``await`` in between, so an update is either counted in the round's aggregate or refused,
-never accepted and then missed.
+:class:`UploadIngress` is one part the round engine wires in; it keeps no state between streams (a partial upload
+lives on disk, an accepted one in the store). Checks and acceptance of an update happen without an ``await`` in
+between, so an update is either counted in the round's aggregate or refused, never accepted and then missed.
 """
 
 from __future__ import annotations
@@ -10,12 +10,13 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from coordinator import metrics
+from coordinator.config import FederationConfig
 from coordinator.errors import (
     BadSignature,
     CoordinatorError,
@@ -28,7 +29,9 @@ from coordinator.errors import (
     UpdateTooLarge,
     WrongRound,
 )
-from coordinator.rounds.store import UpdateRow
+from coordinator.privacy.secagg import SecAggCoordinator
+from coordinator.rounds.quorum import RoundPolicy
+from coordinator.rounds.store import Store, UpdateRow
 from coordinator.trust.pki import PeerIdentity
 from fedcommon import tensors
 from protos import codec
@@ -37,6 +40,9 @@ from strategies.clipping import l2_norm
 
 log = logging.getLogger(__name__)
 
+Audit = Callable[[str, dict[str, Any]], None]
+RequireSite = Callable[[PeerIdentity], None]  # refuses a non-site, revoked or unenrolled certificate
+WhileAllowed = Callable[[PeerIdentity, AsyncIterator["Chunk"]], AsyncIterator["Chunk"]]  # cut off on revocation
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -66,7 +72,34 @@ class _Upload:
 
 
 class UploadIngress:
-    """The upload half of the round engine (see the module docstring)."""
+    """Receives, validates and durably accepts site updates (see the module docstring).
+
+    Args:
+        config: The federation config.
+        store: Durable state (partial uploads, accepted updates, nonces).
+        base_sha256: Manifest hash of the base model every update must be trained on.
+        require_site: Refuses a non-site, revoked or unenrolled certificate (and notes that the site called).
+        while_allowed: Passes a stream through while the site may act; a revocation ends it.
+        spec_for: The adapter spec a site trains.
+        quorum: The round policy (which round an envelope may be for, where a late update goes).
+        secagg: Secure aggregation, when the federation runs it (updates then arrive masked).
+        audit: Appends an event to the audit log.
+        on_accepted: Called after an update was stored, so the round can advance.
+    """
+
+    def __init__(self, config: FederationConfig, store: Store, base_sha256: str, *, require_site: RequireSite,
+                 while_allowed: WhileAllowed, spec_for: Callable[[str], pb.AdapterSpec], quorum: RoundPolicy,
+                 secagg: SecAggCoordinator | None, audit: Audit, on_accepted: Callable[[], None]) -> None:
+        self.cfg = config
+        self.store = store
+        self.base_sha256 = base_sha256
+        self._require_site = require_site
+        self._while_allowed = while_allowed
+        self._spec_for = spec_for
+        self.quorum = quorum
+        self.secagg = secagg
+        self._audit = audit
+        self._on_accepted = on_accepted
 
     def _check_envelope(self, peer: PeerIdentity, signed: pb.SignedEnvelope) -> pb.UpdateEnvelope:
         self._require_site(peer)
@@ -86,7 +119,7 @@ class UploadIngress:
         if env.base_model_sha256 != self.base_sha256:
             raise InvalidUpdate(f"update was trained on base model {env.base_model_sha256[:16]}…, "
                                 f"the federation pins {self.base_sha256[:16]}…")
-        if env.adapter_spec_sha256 != self.spec_for(peer.name).sha256:
+        if env.adapter_spec_sha256 != self._spec_for(peer.name).sha256:
             raise InvalidUpdate("update follows a different adapter spec than the round's")
         if env.payload_kind != pb.PAYLOAD_KIND_DIFF:
             kind = pb.PayloadKind.Name(env.payload_kind) if env.payload_kind in pb.PayloadKind.values() else env.payload_kind
@@ -130,7 +163,7 @@ class UploadIngress:
         """
         ctx: dict[str, Any] = {}
         try:
-            return await self._receive_upload(peer, self.gate.while_allowed(peer, chunks), ctx)
+            return await self._receive_upload(peer, self._while_allowed(peer, chunks), ctx)
         except CoordinatorError as e:
             self._audit("update_refused", {"site": peer.name, "round": ctx.get("round"), "status": e.status,
                                            "error": type(e).__name__, "reason": str(e)[:500],
@@ -173,7 +206,7 @@ class UploadIngress:
         if up.offset < up.env.payload_size:
             return UploadResult(False, up.offset, update_id)
         self._accept(peer, up)
-        self._advance_in_background()
+        self._on_accepted()
         return UploadResult(True, up.offset, update_id)
 
     def _accept(self, peer: PeerIdentity, up: _Upload) -> UpdateRow:
@@ -190,7 +223,7 @@ class UploadIngress:
             if self.secagg is not None:
                 self.secagg.check_masked(state)
             else:
-                tensors.check_against_spec(state, self.spec_for(peer.name))
+                tensors.check_against_spec(state, self._spec_for(peer.name))
                 norm = l2_norm(state)
                 if self.cfg.max_update_norm and norm > self.cfg.max_update_norm:
                     raise NormTooLarge(f"update L2 norm {norm:.6g} is above the federation's bound "
@@ -216,6 +249,7 @@ class UploadIngress:
         return row
 
     def upload_status(self, peer: PeerIdentity, round: int, payload_sha256: str) -> tuple[int, bool]:
+        """How many bytes of ``payload_sha256`` the coordinator holds, and whether the update was accepted."""
         self._require_site(peer)
         if not _HEX64.fullmatch(payload_sha256):
             raise InvalidUpdate("payload_sha256 must be 64 lower-case hex characters")

@@ -4,6 +4,9 @@ All state lives in :class:`coordinator.rounds.store.Store`; the engine keeps onl
 so a restarted coordinator resumes exactly where the store says it was. It runs on the gRPC server's event loop;
 checks and acceptance of an update happen without an ``await`` in between, so an update is either counted in the
 round's aggregate or refused, never accepted and then missed.
+
+Composed, not inherited: each part (see :class:`RoundEngine`) is one object holding its own state, given here what
+it needs; callers reach a part directly (``engine.ingress``, ``engine.control``, ``engine.adapters``).
 """
 
 from __future__ import annotations
@@ -20,17 +23,13 @@ from typing import Any
 
 from coordinator.admin.control import AdminControl
 from coordinator.config import FederationConfig
-from coordinator.errors import (
-    CoordinatorError,
-    InvalidUpdate,
-    NotFound,
-    WrongRound,
-)
+from coordinator.errors import CoordinatorError, InvalidUpdate, WrongRound
 from coordinator.ingress.uploads import UploadIngress
 from coordinator.privacy.central_dp import CentralDp
 from coordinator.privacy.secagg import SecAggCoordinator
 from coordinator.release import evaluation
 from coordinator.rounds.adapter import AdapterInit
+from coordinator.rounds.adapters import Adapters
 from coordinator.rounds.quorum import HeartbeatAck, RoundPolicy
 from coordinator.rounds.steps import RoundSteps
 from coordinator.rounds.store import Store, write_durable
@@ -40,9 +39,7 @@ from fedcommon import tensors
 from fedcommon.auditlog import AuditLog, Head
 from fedcommon.auditlog import verify as verify_log
 from protos import codec
-from protos.fedbridge.v1 import federation_service_pb2 as pb
 from strategies import flexlora, hetlora
-from strategies.lora import truncate_rank
 from strategies.registry import build_strategy
 
 log = logging.getLogger(__name__)
@@ -51,7 +48,6 @@ PHASES = ("train", "eval_global")
 # Rules under which sites train at their own rank, and how the global adapter is projected to a site's rank.
 SITE_RANK_RULES = {"hetlora": hetlora.for_site, "flexlora": flexlora.for_site}
 _METRIC_NAME = re.compile(r"^[a-z][a-z0-9_.]{0,63}$")
-_HEX64 = re.compile(r"[0-9a-f]{64}")
 # Test-only hold point: ``<phase>:<round>`` makes the coordinator write ``state_dir/hold-<phase>-<round>`` and block
 # there (collecting, aggregating, evaluating, publishing), so a crash test can SIGKILL it in exactly that phase.
 HOLD_ENV = "FEDBRIDGE_TEST_HOLD"
@@ -71,8 +67,14 @@ class TaskOffer:
     deadline_ms: int = 0  # Unix ms at which the round's current attempt closes without this site (0: none)
 
 
-class RoundEngine(UploadIngress, RoundSteps, AdminControl):
-    """Drives a federation through its rounds.
+class RoundEngine:
+    """Drives a federation through its rounds, wiring its parts together by composition.
+
+    The engine owns the round state machine (:meth:`_advance` under :attr:`_lock`), task offers, wake-ups and
+    background tasks. Its parts, each holding its own state and given explicitly what it needs:
+    :attr:`adapters` (adapter caches, site ranks), :attr:`ingress` (uploads), :attr:`steps` (aggregate, evaluate,
+    publish), :attr:`control` (the administrator's control state), :attr:`quorum` (quorum, deadlines, heartbeats),
+    :attr:`gate` (site access and revocation), :attr:`secagg` and :attr:`central_dp` (privacy).
 
     Args:
         config: The federation config.
@@ -88,11 +90,8 @@ class RoundEngine(UploadIngress, RoundSteps, AdminControl):
         self.spec = adapter.spec
         self._init_state = adapter.state
         self._changed = asyncio.Event()
-        self._closing: set[int] = set()
-        self._adapters: dict[int, bytes] = {}  # in-memory copies of the global adapters by round (also on disk)
-        self._residuals: dict[int, bytes] = {}
+        self._closing: set[int] = set()  # rounds being aggregated now (shared with the quorum policy: no late routing)
         self._lock = asyncio.Lock()
-        self._projected: dict[tuple[int, int], bytes] = {}
         self.finished = asyncio.Event()
         self.failed = asyncio.Event()
         self.fatal: BaseException | None = None
@@ -100,9 +99,7 @@ class RoundEngine(UploadIngress, RoundSteps, AdminControl):
         self.strategy = build_strategy(config.strategy, config.strategy_params)
         # HetLoRA / FlexLoRA: each site trains at the rank it declared at Join; others train the federation's rank.
         self.project_to_site = SITE_RANK_RULES.get(self.strategy.name)
-        self._site_ranks: dict[str, int] = {}
-        self._specs: dict[int, pb.AdapterSpec] = {self.spec.rank: self.spec}
-        self._control = "running"  # administrator's control state, durable in store meta "control" (see start())
+        self.adapters = Adapters(store, self.spec, adapter.state, self.project_to_site)
         self._seen: dict[str, float] = {}  # site -> time.time() of its last call (in memory; the store keeps joins)
         self._told_done: set[str] = set()  # sites told "done" by a stopped federation, and those that then reported
         self._final_reports: set[str] = set()
@@ -126,6 +123,17 @@ class RoundEngine(UploadIngress, RoundSteps, AdminControl):
         p = config.privacy  # central DP: clip each update and noise the aggregate (coordinator/privacy/central_dp.py)
         self.central_dp = CentralDp(p.noise_multiplier, p.clip_norm, p.delta) if p.mode == "central" else None
         self.quorum = RoundPolicy(config, store, self._audit, self._closing)  # quorum, deadline, heartbeats, late
+        self.ingress = UploadIngress(config, store, base_sha256, require_site=self.require_site,
+                                     while_allowed=self.gate.while_allowed, spec_for=self.adapters.spec_for,
+                                     quorum=self.quorum, secagg=self.secagg, audit=self._audit,
+                                     on_accepted=self._advance_in_background)
+        self.steps = RoundSteps(config, store, base_sha256, self.strategy, self.adapters, self.secagg, self.central_dp,
+                                audit=self._audit, hold=self._hold)
+        self.control = AdminControl(config, store, base_sha256, spec=self.spec, strategy=self.strategy,
+                                    site_rank=self.adapters.site_rank, central_dp=self.central_dp,
+                                    secure_aggregation=self.secagg is not None, lock=self._lock, finished=self.finished,
+                                    publish=self.steps.publish, advance=self._advance_in_background, audit=self._audit,
+                                    notify=self._notify)
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -143,9 +151,7 @@ class RoundEngine(UploadIngress, RoundSteps, AdminControl):
             self.store.set_meta("federation_id", self.cfg.federation_id)
             self.store.set_meta("base_model_sha256", self.base_sha256)
             self.store.set_meta("adapter_spec_sha256", self.spec.sha256)
-        if self.store.get_meta("control") is None:
-            self.store.set_meta("control", "running" if self.cfg.autostart else "not_started")
-        self._control = self.store.get_meta("control") or "running"
+        self.control.load()
         cur = self.store.current_round()
         if cur is None:
             payload = tensors.encode_state(self._init_state)
@@ -177,7 +183,7 @@ class RoundEngine(UploadIngress, RoundSteps, AdminControl):
         """
         async with self._lock:
             while True:
-                if self._held():
+                if self.control.held():
                     break
                 cur = self.store.current_round()
                 assert cur is not None
@@ -205,18 +211,18 @@ class RoundEngine(UploadIngress, RoundSteps, AdminControl):
                     ups = self.store.updates(cur.round)
                     self._closing.add(cur.round)
                     try:
-                        await asyncio.to_thread(self._aggregate, cur.round, ups)
+                        await asyncio.to_thread(self.steps.aggregate, cur.round, ups)
                     finally:
                         self._closing.discard(cur.round)
                     self._audit("round_closed", {"round": cur.round, "updates": len(ups)})
-                elif self._evaluation_due(cur.round):
-                    await asyncio.to_thread(self._evaluate, cur.round)
+                elif self.steps.evaluation_due(cur.round):
+                    await asyncio.to_thread(self.steps.evaluate, cur.round)
                 elif cur.round < self.cfg.rounds:
                     self.store.open_round(cur.round + 1, cur.output_sha256 or "")
                     self._audit("round_opened", {"round": cur.round + 1})
                     log.info("[RoundEngine] round=%d opened", cur.round + 1)
                 elif not self.store.release_decided(self.cfg.rounds):
-                    await asyncio.to_thread(self._publish)
+                    await asyncio.to_thread(self.steps.publish)
                 else:
                     self.finished.set()
                     break
@@ -234,7 +240,7 @@ class RoundEngine(UploadIngress, RoundSteps, AdminControl):
 
     def heartbeat(self, peer: PeerIdentity, round: int, phase: str, step: int, total_steps: int) -> HeartbeatAck:
         """A site says it is alive and how far it trained; see :meth:`RoundPolicy.heartbeat`."""
-        self._require_site(peer)
+        self.require_site(peer)
         return self.quorum.heartbeat(peer.name, round, phase, step, total_steps)
 
     def _hold(self, phase: str, round: int) -> None:
@@ -269,10 +275,15 @@ class RoundEngine(UploadIngress, RoundSteps, AdminControl):
         self._changed.set()
         self._changed = asyncio.Event()
 
+    async def changed(self, timeout: float) -> None:
+        """Return when the federation's state changes (update, metrics, round, control), or after ``timeout`` s."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), timeout)
+
     # -- tasks --------------------------------------------------------------------------------------------------
     def join(self, peer: PeerIdentity, agent_version: str, lora_rank: int) -> None:
         try:
-            self._require_site(peer)
+            self.require_site(peer)
         except CoordinatorError as e:
             self._audit("join_refused", {"site": peer.name, "role": peer.role, "status": e.status,
                                          "reason": str(e)[:500]})
@@ -284,7 +295,7 @@ class RoundEngine(UploadIngress, RoundSteps, AdminControl):
         if not 1 <= rank <= self.spec.rank:
             raise WrongRound(f"site {peer.name!r} declared LoRA rank {rank}; this federation allows 1..{self.spec.rank}")
         self.store.upsert_site(peer.name, peer.fingerprint, agent_version[:64], rank)
-        self._site_ranks[peer.name] = rank
+        self.adapters.remember_rank(peer.name, rank)
         region = self.gate.region(peer)
         self.store.set_site_region(peer.name, region)
         self._audit("site_joined", {"site": peer.name, "region": region, "cert_sha256": peer.fingerprint,
@@ -292,39 +303,12 @@ class RoundEngine(UploadIngress, RoundSteps, AdminControl):
         self.quorum.touch(peer.name)
         log.info("[FederationService.Join] site=%s agent=%s", peer.name, agent_version[:64])
 
-    def site_rank(self, site: str) -> int:
-        """The LoRA rank ``site`` trains (declared at Join and stored; the federation's rank by default)."""
-        if site not in self._site_ranks:
-            stored = {s["name"]: s["lora_rank"] for s in self.store.sites()}
-            self._site_ranks[site] = int(stored.get(site) or self.spec.rank)
-        return self._site_ranks[site]
-
-    def spec_for(self, site: str) -> pb.AdapterSpec:
-        """The adapter spec ``site`` trains: the federation's, or a lower-rank one with the same alpha/r scaling."""
-        rank = self.site_rank(site)
-        if rank not in self._specs:
-            shapes = truncate_rank(self._init_state, rank)
-            self._specs[rank] = tensors.make_adapter_spec(shapes, rank, self.spec.alpha * rank / self.spec.rank,
-                                                        self.spec.dropout, list(self.spec.target_modules))
-        return self._specs[rank]
-
-    def site_adapter_bytes(self, site: str, round: int) -> bytes:
-        """The global adapter of ``round`` as ``site`` receives it (projected to its rank under mixed ranks)."""
-        data = self.adapter_bytes(round)
-        rank = self.site_rank(site)
-        if self.project_to_site is None or rank == self.spec.rank:
-            return data
-        key = (round, rank)
-        if key not in self._projected:
-            self._projected[key] = tensors.encode_state(self.project_to_site(tensors.decode_state(data), rank))
-        return self._projected[key]
-
     def _offer(self, site: str) -> TaskOffer:
-        if self._control != "running":
+        if self.control.state != "running":
             return self._held_offer(site)
         if self.finished.is_set():
             final = self.cfg.rounds + 1
-            return TaskOffer("done", final, *self._adapter_meta(site, final), *self._residual_meta(final))
+            return TaskOffer("done", final, *self.adapters.adapter_meta(site, final), *self.adapters.residual_meta(final))
         cur = self.store.current_round()
         if cur is None or cur.state != "open" or cur.round in self._closing:
             return TaskOffer("wait")
@@ -332,24 +316,24 @@ class RoundEngine(UploadIngress, RoundSteps, AdminControl):
             return TaskOffer("wait")
         if self.secagg is not None and self.secagg.roster_closed(cur.round):  # too late to join this round's SecAgg
             return TaskOffer("wait")
-        return TaskOffer("train", cur.round, *self._adapter_meta(site, cur.round), *self._residual_meta(cur.round),
-                         self.quorum.deadline_ms(cur))
+        return TaskOffer("train", cur.round, *self.adapters.adapter_meta(site, cur.round),
+                         *self.adapters.residual_meta(cur.round), self.quorum.deadline_ms(cur))
 
     def _held_offer(self, site: str) -> TaskOffer:
         """What a site gets while the administrator holds the federation: wait, or done with the latest global."""
-        if self._control != "stopped":
+        if self.control.state != "stopped":
             return TaskOffer("wait")
         closed = [r.round for r in self.store.rounds() if r.state == "closed"]
         latest = closed[-1] + 1 if closed else 1
         self._told_done.add(site)
-        return TaskOffer("done", latest, *self._adapter_meta(site, latest), *self._residual_meta(latest))
+        return TaskOffer("done", latest, *self.adapters.adapter_meta(site, latest), *self.adapters.residual_meta(latest))
 
     async def fetch_task(self, peer: PeerIdentity, wait_s: float) -> TaskOffer:
         """Long-poll: return a task as soon as one exists for this site, else ``wait`` after ``wait_s``."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(0.0, min(wait_s, self.cfg.long_poll_ms / 1000))
         while True:
-            self._require_site(peer)  # a revocation wakes this loop and ends the long-poll
+            self.require_site(peer)  # a revocation wakes this loop and ends the long-poll
             self.quorum.touch(peer.name)  # a site held in a long poll is alive
             offer = self._offer(peer.name)
             remaining = deadline - loop.time()
@@ -358,37 +342,18 @@ class RoundEngine(UploadIngress, RoundSteps, AdminControl):
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), remaining)
 
-    def adapter_bytes(self, round: int) -> bytes:
-        """The global adapter that is the input of ``round`` (``rounds + 1``: the final one)."""
-        if round not in self._adapters:
-            path = self.store.adapter_path(round)
-            if round < 1 or not path.exists():
-                raise NotFound(f"no global adapter for round {round}")
-            self._adapters[round] = path.read_bytes()
-        return self._adapters[round]
-
-    def _adapter_meta(self, site: str, round: int) -> tuple[str, int]:
-        data = self.site_adapter_bytes(site, round)
-        return codec.sha256_hex(data), len(data)
-
-    def residual_bytes(self, round: int) -> bytes | None:
-        """The cumulative, scaled base-weight residual that is the input of ``round`` (None when there is none)."""
-        if round not in self._residuals:
-            path = self.store.residual_path(round)
-            if not path.exists():
-                return None
-            self._residuals[round] = path.read_bytes()
-        return self._residuals[round]
-
-    def _residual_meta(self, round: int) -> tuple[str, int]:
-        data = self.residual_bytes(round)
-        return ("", 0) if data is None else (codec.sha256_hex(data), len(data))
-
-    # -- uploads ------------------------------------------------------------------------------------------------
-    def _require_site(self, peer: PeerIdentity) -> None:
+    # -- sites ------------------------------------------------------------------------------------------------
+    def require_site(self, peer: PeerIdentity) -> None:
         """Refuse (PERMISSION_DENIED) a non-site, revoked or unenrolled certificate; identity is the certificate's."""
         self.gate.require_site(peer)
         self._seen[peer.name] = time.time()
+
+    def last_seen(self, site: str) -> float:
+        """``time.time()`` of the site's last call (its join time from the store before any call in this process)."""
+        if site not in self._seen:
+            joined = {s["name"]: s["last_seen_ms"] for s in self.store.sites()}
+            return joined.get(site, 0) / 1000
+        return self._seen[site]
 
     def revoke_site(self, name: str, reason: str, actor: str) -> bool:
         """Revoke ``name`` durably and at once: its next call is refused, and its open calls are cut off.
@@ -412,7 +377,7 @@ class RoundEngine(UploadIngress, RoundSteps, AdminControl):
     # -- metrics ------------------------------------------------------------------------------------------------
     def report_metrics(self, peer: PeerIdentity, round: int, phase: str, metrics: dict[str, float],
                        num_examples: int) -> None:
-        self._require_site(peer)
+        self.require_site(peer)
         if phase not in PHASES:
             raise InvalidUpdate(f"unknown metrics phase {phase!r}; expected one of {PHASES}")
         if not 1 <= round <= self.cfg.rounds + 1:
@@ -433,7 +398,7 @@ class RoundEngine(UploadIngress, RoundSteps, AdminControl):
         """Finished, and every joined site reported its evaluation of the final model."""
         if not self.finished.is_set():
             return False
-        if self._control == "stopped":  # every joined site was told it is done and reported its final evaluation
+        if self.control.state == "stopped":  # every joined site was told it is done and reported its final evaluation
             return {s["name"] for s in self.store.sites()} <= self._final_reports
         final = self.cfg.rounds + 1
         reported = {m[1] for m in self.store.metrics(final) if m[2] == "eval_global"}

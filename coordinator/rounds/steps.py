@@ -1,36 +1,73 @@
 """The round's steps that run in a worker thread: aggregate, evaluate, publish.
 
-Part of :class:`coordinator.rounds.engine.RoundEngine` (a mixin over its state); each step reads and writes the store, so
-a restart repeats at most the step that was cut off.
+:class:`RoundSteps` holds no state of its own beyond what it is given: each step reads and writes the store, so a
+restart repeats at most the step that was cut off. The engine decides when a step runs (under its lock).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from coordinator.config import FederationConfig
+from coordinator.privacy.central_dp import CentralDp
+from coordinator.privacy.secagg import SecAggCoordinator
 from coordinator.release import evaluation, gate
-from coordinator.release.publish import build_provenance, find_published, publish
+from coordinator.release.publish import build_provenance, find_published
+from coordinator.release.publish import publish as publish_to_registry
+from coordinator.rounds.adapters import Adapters
 from coordinator.rounds.mapped import map_state
-from coordinator.rounds.store import UpdateRow
+from coordinator.rounds.store import Store, UpdateRow
 from fedcommon import tensors
 from protos import codec
 from strategies.error_meter import aggregation_error_from_updates
+from strategies.registry import BatchStrategy, StreamingStrategy
 from strategies.types import ClientUpdate, ServerState
 
 log = logging.getLogger(__name__)
 
+Audit = Callable[[str, dict[str, Any]], None]
+Hold = Callable[[str, int], None]  # test-only hold point: (phase, round), see coordinator.rounds.engine.HOLD_ENV
+
 
 class RoundSteps:
-    """Aggregation (plain or secure), FedEx residual carry, shared evaluation and publication."""
+    """Aggregation (plain or secure), FedEx residual carry, shared evaluation and publication.
+
+    Args:
+        config: The federation config.
+        store: Durable state (every step's input and output).
+        base_sha256: Manifest hash of the base model (recorded in the provenance of a published version).
+        strategy: The aggregation rule.
+        adapters: The global adapters and residuals by round, and each site's rank.
+        secagg: Secure aggregation, when the federation runs it (the round's updates are then masked).
+        central_dp: Central differential privacy, when configured (clip each update, noise the aggregate).
+        audit: Appends an event to the audit log.
+        hold: The test-only hold point (blocks in a phase when the crash tests ask for it).
+    """
+
+    def __init__(self, config: FederationConfig, store: Store, base_sha256: str,
+                 strategy: StreamingStrategy | BatchStrategy, adapters: Adapters, secagg: SecAggCoordinator | None,
+                 central_dp: CentralDp | None, audit: Audit, hold: Hold) -> None:
+        self.cfg = config
+        self.store = store
+        self.base_sha256 = base_sha256
+        self.spec = adapters.spec
+        self.strategy = strategy
+        self.adapters = adapters
+        self.secagg = secagg
+        self.central_dp = central_dp
+        self._audit = audit
+        self._hold = hold
 
     # -- aggregation and publishing (run in a worker thread) ----------------------------------------------------
-    def _aggregate(self, round: int, ups: list[UpdateRow]) -> None:
-        global_state = tensors.decode_state(self.adapter_bytes(round))
+    def aggregate(self, round: int, ups: list[UpdateRow]) -> None:
+        """Aggregate round ``round``'s stored updates into the next global adapter and close the round."""
+        global_state = tensors.decode_state(self.adapters.adapter_bytes(round))
         if self.secagg is not None:
-            self._aggregate_secure(round, ups, global_state)
+            self._aggregate_secure(round, ups, self.secagg, global_state)
             return
 
         # The aggregation-error meter below needs every site's factors, so the rule and the meter share one list of
@@ -43,7 +80,7 @@ class RoundSteps:
         updates = [ClientUpdate(u.site if u.trained_round == round else f"{u.site}~r{u.trained_round}",
                                 map_state(u.path),
                                 u.num_examples if u.weight == 1.0 else u.num_examples * u.weight,  # type: ignore[arg-type]
-                                {"lora_rank": self.site_rank(u.site)}) for u in ups]
+                                {"lora_rank": self.adapters.site_rank(u.site)}) for u in ups]
         dp_info: dict[str, Any] = {}
         if self.central_dp is not None:
             updates, dp_info = self.central_dp.privatize(updates, [r.info for r in self.store.rounds() if r.round < round])
@@ -75,13 +112,14 @@ class RoundSteps:
         log.info("[RoundEngine.aggregate] round=%d sites=%d strategy=%s error_mean=%.4g closed", round, len(ups),
                  self.strategy.name, info["aggregation_error"]["mean"])
 
-    def _aggregate_secure(self, round: int, ups: list[UpdateRow], global_state: dict[str, torch.Tensor]) -> None:
+    def _aggregate_secure(self, round: int, ups: list[UpdateRow], secagg: SecAggCoordinator,
+                          global_state: dict[str, torch.Tensor]) -> None:
         """Secure aggregation: unmask only the weighted mean and hand it to the rule as one aggregate update.
 
         The rules allowed here (``linear``) need only the mean; the aggregation-error meter needs each site's
         factors, which no one sees, so it is not measured. Masked inputs stay in the store; shares are deleted.
         """
-        agg = self.secagg.unmask(round, ups)  # type: ignore[union-attr]
+        agg = secagg.unmask(round, ups)
         update = ClientUpdate("secure-aggregate", agg.mean_delta, agg.total_weight, {"lora_rank": self.spec.rank})
         result = self.strategy.aggregate(global_state, [update], self._server_state(round - 1))
         payload = tensors.encode_state(result.state)
@@ -106,7 +144,7 @@ class RoundSteps:
 
         Written before the round's output adapter, so a round never closes with a residual missing.
         """
-        previous = self.residual_bytes(round)
+        previous = self.adapters.residual_bytes(round)
         if not residual and previous is None:
             return
         total = tensors.decode_state(previous) if previous is not None else {}
@@ -123,19 +161,19 @@ class RoundSteps:
         flat = self.store.get_server_state(round)
         return None if flat is None else ServerState.from_flat(flat[0], flat[1])
 
-    def _evaluation_due(self, round: int) -> bool:
+    def evaluation_due(self, round: int) -> bool:
         """Round ``round`` closed, its output is to be evaluated (every k rounds and the last), and was not yet."""
         ev = self.cfg.evaluation
         due = ev.enabled and evaluation.is_due(round, self.cfg.rounds, ev.every_k_rounds)
         return due and self.store.eval_run(round) is None
 
-    def _evaluate(self, round: int) -> None:
+    def evaluate(self, round: int) -> None:
         """Run the shared benchmarks on round ``round``'s output merged into the base; record scores or the failure.
 
         A failed evaluation is recorded (and logged as an error), never scored: the release gate then blocks.
         """
-        data = self.adapter_bytes(round + 1)
-        residual = self.residual_bytes(round + 1)
+        data = self.adapters.adapter_bytes(round + 1)
+        residual = self.adapters.residual_bytes(round + 1)
         work = self.store.dir / "eval" / f"round-{round:05d}"
         log.info("[RoundEngine.evaluate] round=%d benchmarks=%s", round, [b.name for b in self.cfg.evaluation.benchmarks])
         try:
@@ -156,11 +194,11 @@ class RoundSteps:
         log.info("[RoundEngine.evaluate] round=%d scores=%s seconds=%.1f", round,
                  {b: f"{v:.4f}" for b, v in report.scores().items()}, report.seconds)
 
-    def _publish(self, final: int | None = None) -> None:
+    def publish(self, final: int | None = None) -> None:
         """Publish round ``final``'s output (default: the last round's) if the release gate passes; else record the
         blocked publication."""
         final = self.cfg.rounds if final is None else final
-        data = self.adapter_bytes(final + 1)
+        data = self.adapters.adapter_bytes(final + 1)
         # Idempotent: a crash after the registry write and before the store recorded it left the version there;
         # adopt it (found by federation, round and global adapter hash) instead of publishing the same model again.
         found = find_published(self.cfg.registry_dir / self.cfg.federation_id, self.cfg.federation_id, final,
@@ -185,8 +223,8 @@ class RoundSteps:
             return
         provenance = build_provenance(self.cfg, self.store, base_sha256=self.base_sha256, spec=self.spec,
                                       strategy=self.strategy.name, global_sha256=codec.sha256_hex(data), gate=decision)
-        residual = self.residual_bytes(final + 1)
-        version, path, manifest_sha = publish(base_model=self.cfg.base_model, spec=self.spec,
+        residual = self.adapters.residual_bytes(final + 1)
+        version, path, manifest_sha = publish_to_registry(base_model=self.cfg.base_model, spec=self.spec,
                                               state=tensors.decode_state(data), registry_dir=self.cfg.registry_dir,
                                               federation_id=self.cfg.federation_id, provenance=provenance,
                                               base_model_ref=self.cfg.base_model_ref,

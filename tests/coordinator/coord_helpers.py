@@ -82,12 +82,12 @@ def run_federation(cfg: FederationConfig, init: AdapterInit, deltas: dict[int, d
             while (cur := store.current_round()) is None or cur.round != r or cur.state != "open":  # noqa: ASYNC110
                 await asyncio.sleep(0.05)  # polls the store, as a site's FetchTask would
             # Held while the round's sites upload, so a quorum below their number cannot close it half-way.
-            eng.pause("test")
+            eng.control.pause("test")
             for name, delta in sorted(deltas[r].items()):
                 signed, payload = sites[name].update(r, delta, base_sha=base_sha, spec_sha=init.spec.sha256,
                                                      epsilon=_eps((epsilon or {}).get(name, 0.0), r))
-                assert (await eng.receive_upload(sites[name].peer, _chunks(signed, payload))).accepted
-            eng.resume("test")
+                assert (await eng.ingress.receive_upload(sites[name].peer, _chunks(signed, payload))).accepted
+            eng.control.resume("test")
         await asyncio.wait_for(eng.finished.wait(), timeout)
         return store
 

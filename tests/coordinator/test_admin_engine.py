@@ -41,7 +41,7 @@ def test_withdraw_site_republishes_fedavg_of_the_remaining_sites(tiny_model_dir:
     async def main() -> dict:
         eng = RoundEngine(cfg, store, base_sha, init)
         await eng.start()
-        return await eng.withdraw_site("site-b", "consent withdrawn", "tester", lambda d, t: seen.append((d, t)))
+        return await eng.control.withdraw_site("site-b", "consent withdrawn", "tester", lambda d, t: seen.append((d, t)))
 
     out = asyncio.run(main())
 
@@ -78,7 +78,7 @@ def test_withdraw_unknown_site_is_not_found(tiny_model_dir: Path, tmp_path: Path
     async def main() -> None:
         eng = RoundEngine(cfg, store, Manifest.of_dir(tiny_model_dir).sha256, init)
         await eng.start()
-        await eng.withdraw_site("site-z")
+        await eng.control.withdraw_site("site-z")
 
     # Execute / Assert
     with pytest.raises(NotFound, match="site-z"):
@@ -94,22 +94,22 @@ def test_control_gates_tasks_and_rounds_and_survives_restart(tiny_model_dir: Pat
 
     async def upload(eng: RoundEngine, round: int) -> None:
         signed, payload = site.update(round, small_delta(init, round), base_sha=base_sha, spec_sha=init.spec.sha256)
-        assert (await eng.receive_upload(site.peer, _chunks(signed, payload))).accepted
+        assert (await eng.ingress.receive_upload(site.peer, _chunks(signed, payload))).accepted
 
     async def first_run() -> None:
         store = Store(cfg.state_dir)
         eng = RoundEngine(cfg, store, base_sha, init)
         await eng.start()
         # Execute / Assert: not started -> no task.
-        assert eng.control_state() == "not_started"
+        assert eng.control.control_state() == "not_started"
         assert (await eng.fetch_task(site.peer, 0)).status == "wait"
         with pytest.raises(InvalidState):
-            eng.pause()
-        assert eng.begin() == "running"
+            eng.control.pause()
+        assert eng.control.begin() == "running"
         offer = await eng.fetch_task(site.peer, 0)
         assert (offer.status, offer.round) == ("train", 1)
         # Paused: no new task, but the upload of the task already handed out lands; the round does not close.
-        assert eng.pause() == "paused"
+        assert eng.control.pause() == "paused"
         assert (await eng.fetch_task(site.peer, 0)).status == "wait"
         await upload(eng, 1)
         await asyncio.sleep(0.5)
@@ -122,27 +122,27 @@ def test_control_gates_tasks_and_rounds_and_survives_restart(tiny_model_dir: Pat
         eng = RoundEngine(cfg, store, base_sha, init)
         await eng.start()
         # Paused survives the restart; resume closes round 1 and opens round 2.
-        assert eng.control_state() == "paused"
-        assert eng.resume() == "running"
+        assert eng.control.control_state() == "paused"
+        assert eng.control.resume() == "running"
         for _ in range(100):
             if store.current_round().round == 2:  # type: ignore[union-attr]
                 break
             await asyncio.sleep(0.05)
         assert [(r.round, r.state) for r in store.rounds()] == [(1, "closed"), (2, "open")]
         # Stop: the site is told the federation is done, with round 1's output as the latest global.
-        assert eng.stop() == "stopped"
+        assert eng.control.stop() == "stopped"
         offer = await eng.fetch_task(site.peer, 0)
         assert (offer.status, offer.round) == ("done", 2)
         assert offer.global_sha256 == store.rounds()[0].output_sha256
         with pytest.raises(InvalidState):
-            eng.begin()
+            eng.control.begin()
         store.close()
 
     async def third_run() -> None:
         store = Store(cfg.state_dir)
         eng = RoundEngine(cfg, store, base_sha, init)
         await eng.start()
-        assert eng.control_state() == "stopped" and eng.finished.is_set()
+        assert eng.control.control_state() == "stopped" and eng.finished.is_set()
         assert [(r.round, r.state) for r in store.rounds()] == [(1, "closed"), (2, "open")]
         store.close()
 
@@ -164,7 +164,7 @@ def test_withdraw_under_central_dp_renoises_and_composes_epsilon(tiny_model_dir:
     async def main() -> dict:
         eng = RoundEngine(cfg, store, Manifest.of_dir(tiny_model_dir).sha256, init)
         await eng.start()
-        return await eng.withdraw_site("site-c")
+        return await eng.control.withdraw_site("site-c")
 
     # Execute
     out = asyncio.run(main())
@@ -189,7 +189,7 @@ def test_withdraw_is_refused_under_secure_aggregation(tiny_model_dir: Path, tmp_
 
     async def main() -> None:
         eng = RoundEngine(cfg, Store(cfg.state_dir), Manifest.of_dir(tiny_model_dir).sha256, init)
-        await eng.withdraw_site("site-a")
+        await eng.control.withdraw_site("site-a")
 
     # Execute / Assert
     with pytest.raises(InvalidState, match="secure aggregation: the coordinator holds only masked updates"):

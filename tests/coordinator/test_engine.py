@@ -74,15 +74,15 @@ def test_quorum_aggregates_weighted_mean(tmp_path: Path) -> None:
         a, b = Site("a"), Site("b")
         assert (await eng.fetch_task(a.peer, 0)).status == "train"
         s, p = a.update(1, _delta(1.0, 2.0), n=10)
-        assert (await eng.receive_upload(a.peer, _chunks(s, p))).accepted
+        assert (await eng.ingress.receive_upload(a.peer, _chunks(s, p))).accepted
         assert eng.store.current_round().round == 1  # type: ignore[union-attr]
         assert (await eng.fetch_task(a.peer, 0)).status == "wait"  # already sent this round
         s, p = b.update(1, _delta(4.0, -1.0), n=30)
-        assert (await eng.receive_upload(b.peer, _chunks(s, p))).accepted
+        assert (await eng.ingress.receive_upload(b.peer, _chunks(s, p))).accepted
         await asyncio.sleep(0.2)
         rounds = eng.store.rounds()
         assert [r.state for r in rounds] == ["closed", "open"]
-        new = tensors.decode_state(eng.adapter_bytes(2))
+        new = tensors.decode_state(eng.adapters.adapter_bytes(2))
         # A: 1 + (10*1 + 30*4)/40 = 4.25 ; B: 0 + (10*2 + 30*(-1))/40 = -0.25
         assert torch.allclose(new["l.lora_A.weight"], torch.full((2, 4), 4.25))
         assert torch.allclose(new["l.lora_B.weight"], torch.full((4, 2), -0.25))
@@ -97,15 +97,15 @@ def test_interrupted_upload_resumes_from_committed_offset(tmp_path: Path) -> Non
         a = Site("a")
         s, p = a.update(1, _delta(1.0, 1.0))
         half = (len(p) // 2 // 64) * 64
-        r1 = await eng.receive_upload(a.peer, _chunks(s, p, stop_at=half))
+        r1 = await eng.ingress.receive_upload(a.peer, _chunks(s, p, stop_at=half))
         assert (r1.accepted, r1.committed_offset) == (False, half)
         env = pb.UpdateEnvelope.FromString(s.envelope)
-        assert eng.upload_status(a.peer, 1, env.payload_sha256) == (half, False)
-        r2 = await eng.receive_upload(a.peer, _chunks(s, p, offset=half))
+        assert eng.ingress.upload_status(a.peer, 1, env.payload_sha256) == (half, False)
+        r2 = await eng.ingress.receive_upload(a.peer, _chunks(s, p, offset=half))
         assert r2.accepted and r2.committed_offset == len(p)
-        assert eng.upload_status(a.peer, 1, env.payload_sha256) == (len(p), True)
+        assert eng.ingress.upload_status(a.peer, 1, env.payload_sha256) == (len(p), True)
         # The ack was lost and the site retries the same envelope: accepted again, stored once.
-        r3 = await eng.receive_upload(a.peer, _chunks(s, p))
+        r3 = await eng.ingress.receive_upload(a.peer, _chunks(s, p))
         assert r3.accepted
         assert len(eng.store.updates(1)) == 1
     asyncio.run(main())
@@ -151,7 +151,7 @@ def test_refused_updates_never_touch_the_round(tmp_path: Path, case: str, error:
         elif case == "no_envelope":
             s = None  # type: ignore[assignment]
         with pytest.raises(error):
-            await eng.receive_upload(peer, _chunks(s, p))
+            await eng.ingress.receive_upload(peer, _chunks(s, p))
         assert eng.store.updates(1) == []
     asyncio.run(main())
 
@@ -162,16 +162,16 @@ def test_replay_and_duplicate_are_refused(tmp_path: Path) -> None:
         await eng.start()
         a = Site("a")
         s, p = a.update(1, _delta(1.0, 1.0))
-        assert (await eng.receive_upload(a.peer, _chunks(s, p))).accepted
+        assert (await eng.ingress.receive_upload(a.peer, _chunks(s, p))).accepted
         s2, p2 = a.update(1, _delta(2.0, 2.0))  # a second, different update for the same round
         with pytest.raises(DuplicateUpdate):
-            await eng.receive_upload(a.peer, _chunks(s2, p2))
+            await eng.ingress.receive_upload(a.peer, _chunks(s2, p2))
         # b replays a's nonce in its own envelope
         b = Site("b")
         env = pb.UpdateEnvelope.FromString(s.envelope)
         sb, pb_ = b.update(1, _delta(1.0, 1.0), nonce=env.nonce)
         with pytest.raises(InvalidUpdate, match="replay"):
-            await eng.receive_upload(b.peer, _chunks(sb, pb_))
+            await eng.ingress.receive_upload(b.peer, _chunks(sb, pb_))
         assert [u.site for u in eng.store.updates(1)] == ["a"]
     asyncio.run(main())
 
@@ -183,7 +183,7 @@ def test_restart_resumes_round_and_aggregates_pending_quorum(tmp_path: Path) -> 
         eng = _engine(tmp_path, min_sites=2)
         await eng.start()
         s, p = eng_site_a.update(1, _delta(1.0, 1.0))
-        assert (await eng.receive_upload(eng_site_a.peer, _chunks(s, p))).accepted
+        assert (await eng.ingress.receive_upload(eng_site_a.peer, _chunks(s, p))).accepted
         eng.store.close()
 
     async def second_run() -> None:
@@ -193,10 +193,10 @@ def test_restart_resumes_round_and_aggregates_pending_quorum(tmp_path: Path) -> 
         assert [u.site for u in eng.store.updates(1)] == ["a"]  # the accepted update survived
         b = Site("b")
         s, p = b.update(1, _delta(3.0, 3.0))
-        assert (await eng.receive_upload(b.peer, _chunks(s, p))).accepted
+        assert (await eng.ingress.receive_upload(b.peer, _chunks(s, p))).accepted
         await asyncio.sleep(0.2)
         assert [r.state for r in eng.store.rounds()] == ["closed", "open"]
-        new = tensors.decode_state(eng.adapter_bytes(2))
+        new = tensors.decode_state(eng.adapters.adapter_bytes(2))
         assert torch.allclose(new["l.lora_A.weight"], torch.full((2, 4), 3.0))  # 1 + mean(1, 3)
 
     asyncio.run(first_run())
@@ -231,7 +231,7 @@ def test_stateful_strategy_resumes_with_its_server_state(tmp_path: Path) -> None
         await eng.start()
         for name, site in sites.items():
             s, p = site.update(r, deltas[r][name])
-            assert (await eng.receive_upload(site.peer, _chunks(s, p))).accepted
+            assert (await eng.ingress.receive_upload(site.peer, _chunks(s, p))).accepted
         await asyncio.sleep(0.2)
         eng.store.close()
         return eng
@@ -259,7 +259,7 @@ def test_error_meter_recorded_per_round(tmp_path: Path) -> None:
         a, b = Site("a"), Site("b")
         for site, (da, db) in ((a, (1.0, 1.0)), (b, (-1.0, 3.0))):
             s, p = site.update(1, _delta(da, db))
-            assert (await eng.receive_upload(site.peer, _chunks(s, p))).accepted
+            assert (await eng.ingress.receive_upload(site.peer, _chunks(s, p))).accepted
         await asyncio.sleep(0.2)
         err = eng.store.rounds()[0].info["aggregation_error"]
         # A_i = 1 + da, B_i = db: mean(B_i A_i) = (1*2 + 3*0)/2 = 1 ; B̄Ā = 2 * 1 = 2 -> error |1 - 2| / 1 = 1
@@ -275,21 +275,21 @@ def test_mixed_ranks_hetlora(tmp_path: Path) -> None:
         low, full = Site("low"), Site("full")
         eng.join(low.peer, "t", 1)
         eng.join(full.peer, "t", 0)
-        assert eng.spec_for("full").sha256 == _init().spec.sha256
-        low_spec = eng.spec_for("low")
+        assert eng.adapters.spec_for("full").sha256 == _init().spec.sha256
+        low_spec = eng.adapters.spec_for("low")
         assert low_spec.rank == 1 and low_spec.alpha == 2.0  # alpha/r kept at 4/2
-        got = tensors.decode_state(eng.site_adapter_bytes("low", 1))
+        got = tensors.decode_state(eng.adapters.site_adapter_bytes("low", 1))
         assert tuple(got["l.lora_A.weight"].shape) == (1, 4) and tuple(got["l.lora_B.weight"].shape) == (4, 1)
         low_delta = {"l.lora_A.weight": torch.full((1, 4), 2.0), "l.lora_B.weight": torch.full((4, 1), 2.0)}
         payload = tensors.encode_state(low_delta)
         env = codec.make_envelope(federation_id="fed", round=1, site="low", base_model_sha256=BASE_SHA,
                                   payload=payload, adapter_spec_sha256=low_spec.sha256, num_examples=10)
-        assert (await eng.receive_upload(low.peer, _chunks(codec.sign_envelope(env, low.key), payload))).accepted
+        assert (await eng.ingress.receive_upload(low.peer, _chunks(codec.sign_envelope(env, low.key), payload))).accepted
         # The full-rank site may not use the low-rank spec, and vice versa.
         s, p = full.update(1, _delta(0.0, 0.0))
-        assert (await eng.receive_upload(full.peer, _chunks(s, p))).accepted
+        assert (await eng.ingress.receive_upload(full.peer, _chunks(s, p))).accepted
         await asyncio.sleep(0.2)
-        new = tensors.decode_state(eng.adapter_bytes(2))
+        new = tensors.decode_state(eng.adapters.adapter_bytes(2))
         # "all" averaging: component 0 moves by 10*2/20 = 1, component 1 (held only by "full", delta 0) stays.
         assert torch.allclose(new["l.lora_A.weight"][0], torch.full((4,), 2.0))
         assert torch.allclose(new["l.lora_A.weight"][1], torch.full((4,), 1.0))
@@ -311,10 +311,10 @@ def test_a_failing_round_stops_loudly_instead_of_hanging(tmp_path: Path) -> None
         def broken(round: int, ups: object) -> None:
             raise RuntimeError("disk full")
 
-        eng._aggregate = broken  # type: ignore[method-assign]
+        eng.steps.aggregate = broken  # type: ignore[method-assign]
         a = Site("a")
         s, p = a.update(1, _delta(1.0, 1.0))
-        assert (await eng.receive_upload(a.peer, _chunks(s, p))).accepted  # stored before the failure
+        assert (await eng.ingress.receive_upload(a.peer, _chunks(s, p))).accepted  # stored before the failure
         await asyncio.wait_for(eng.failed.wait(), 5)
         assert isinstance(eng.fatal, RuntimeError) and "disk full" in str(eng.fatal)
         assert [u.site for u in eng.store.updates(1)] == ["a"]  # nothing lost: a restart aggregates it

@@ -2,7 +2,7 @@
 
 1. The codec, in-process: >= 100k random and mutated payloads and envelopes through ``decode_state``,
    ``check_against_spec``, ``l2_norm``, ``verify_envelope`` and ``check_payload``. Only ``CodecError`` may come out.
-2. The servicer's code path, in-process: mutated chunk streams through ``RoundEngine.receive_upload`` (the one domain
+2. The servicer's code path, in-process: mutated chunk streams through ``RoundEngine.ingress.receive_upload`` (the one domain
    call behind ``UploadUpdate``) on a real store. Only ``CoordinatorError`` with a specific status may come out, and
    nothing refused is ever stored.
 3. Over the wire: a smaller batch of mutated streams and raw garbage messages at a real coordinator over mTLS. Every
@@ -246,7 +246,7 @@ def test_servicer_path_refuses_mutated_streams_cleanly() -> None:
         for i in range(N_ENGINE):
             chunks = _fuzz_stream(rng, key, payload, env, signed)
             try:
-                res = await eng.receive_upload(peer, _aiter(chunks))
+                res = await eng.ingress.receive_upload(peer, _aiter(chunks))
                 outcome = "accepted" if res.accepted else "partial"
                 statuses[outcome] = statuses.get(outcome, 0) + 1
                 if res.accepted:  # the one well-formed update: remove it so the fuzzing can go on

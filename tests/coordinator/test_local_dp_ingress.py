@@ -31,11 +31,11 @@ def test_local_dp_federation_refuses_an_update_without_declared_noise(tiny_model
         # Execute / Assert: no declared epsilon -> refused, nothing stored; a declared one is accepted.
         signed, payload = plain.update(1, small_delta(init, 1), base_sha=base_sha, spec_sha=init.spec.sha256)
         with pytest.raises(InvalidUpdate, match="local differential privacy"):
-            await eng.receive_upload(plain.peer, _chunks(signed, payload))
+            await eng.ingress.receive_upload(plain.peer, _chunks(signed, payload))
         assert store.updates(1) == []
         signed, payload = noised.update(1, small_delta(init, 1), base_sha=base_sha, spec_sha=init.spec.sha256,
                                         epsilon=0.7)
-        assert (await eng.receive_upload(noised.peer, _chunks(signed, payload))).accepted
+        assert (await eng.ingress.receive_upload(noised.peer, _chunks(signed, payload))).accepted
         assert [u.site for u in store.updates(1)] == ["site-b"]
         store.close()
 

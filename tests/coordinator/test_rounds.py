@@ -21,7 +21,7 @@ from fedcommon.auditlog import verify
 
 async def _send(eng: RoundEngine, site: Site, round: int, a: float, b: float, n: int = 10) -> bool:
     signed, payload = site.update(round, _delta(a, b), n=n)
-    return (await eng.receive_upload(site.peer, _chunks(signed, payload))).accepted
+    return (await eng.ingress.receive_upload(site.peer, _chunks(signed, payload))).accepted
 
 
 async def _wait_state(eng: RoundEngine, round: int, state: str, timeout: float = 5.0) -> None:
@@ -77,7 +77,7 @@ def test_quorum_closes_at_k_of_n_and_drop_policy_refuses_the_late_site(tmp_path:
         assert _events(eng, 1) == ["quorum_reached", "late_update_dropped"]
         assert eng.store.events(1)[1]["site"] == "c"
         assert [u.site for u in eng.store.updates()] == ["a", "b"]
-        assert torch.allclose(tensors.decode_state(eng.adapter_bytes(2))["l.lora_B.weight"], torch.full((4, 2), 2.0))
+        assert torch.allclose(tensors.decode_state(eng.adapters.adapter_bytes(2))["l.lora_B.weight"], torch.full((4, 2), 2.0))
         assert _audited(eng) == ["quorum_reached", "round_closed", "round_opened", "late_update_dropped"]
     asyncio.run(main())
 
@@ -188,7 +188,7 @@ def test_next_round_policy_carries_the_late_update_with_staleness_weight(tmp_pat
         assert await _send(eng, a, 1, 1.0, 1.0)
         assert await _send(eng, b, 1, 3.0, 3.0)
         await _wait_state(eng, 2, "open")
-        g2 = tensors.decode_state(eng.adapter_bytes(2))
+        g2 = tensors.decode_state(eng.adapters.adapter_bytes(2))
 
         # Execute: c's round-1 update arrives in round 2; c then trains round 2 too, and so does a
         assert await _send(eng, c, 1, 10.0, 10.0)
@@ -207,7 +207,7 @@ def test_next_round_policy_carries_the_late_update_with_staleness_weight(tmp_pat
         assert [d["event"] for d in info["decisions"]] == ["late_update_carried", "quorum_reached"]
         assert info["decisions"][1]["sites"] == ["a", "c"]
         expect = (10 * 2.0 + 10 * 4.0 + 10 * w * 10.0) / (20 + 10 * w)
-        out = tensors.decode_state(eng.adapter_bytes(3))
+        out = tensors.decode_state(eng.adapters.adapter_bytes(3))
         assert torch.allclose(out["l.lora_B.weight"], g2["l.lora_B.weight"] + expect)
         assert "late_update_carried" in _audited(eng)
     asyncio.run(main())
@@ -231,7 +231,7 @@ def test_restart_in_closing_state_aggregates_exactly_the_decided_updates(tmp_pat
 
         # Assert: aggregated with exactly a's update, although the quorum k = 2 was never reached
         assert sorted(again.store.rounds()[0].info["updates"]) == ["a"]
-        out = tensors.decode_state(again.adapter_bytes(2))
+        out = tensors.decode_state(again.adapters.adapter_bytes(2))
         assert torch.allclose(out["l.lora_B.weight"], torch.full((4, 2), 1.0))
     asyncio.run(main())
 

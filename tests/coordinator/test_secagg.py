@@ -98,7 +98,7 @@ async def _run_to_masked(eng: RoundEngine, sites: list[SimSite], senders: list[S
         payload = tensors.encode_state({"secagg.masked": torch.from_numpy(masked)})
         env = codec.make_envelope(federation_id=FED, round=1, site=s.name, base_model_sha256=BASE_SHA,
                                   payload=payload, adapter_spec_sha256=_init().spec.sha256, num_examples=1)
-        assert (await eng.receive_upload(s.peer, _chunks(codec.sign_envelope(env, s.key), payload))).accepted
+        assert (await eng.ingress.receive_upload(s.peer, _chunks(codec.sign_envelope(env, s.key), payload))).accepted
 
 
 async def _reveal(eng: RoundEngine, revealers: list[SimSite]) -> None:
