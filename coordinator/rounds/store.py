@@ -275,9 +275,13 @@ class Store:
         return attempt + 1
 
     def close_round(self, round: int, output_sha256: str, info: dict[str, Any]) -> None:
+        """Close ``round`` with its output. Its routed and revealed SecAgg shares go in the same transaction: once a
+        round reads as closed, no share that could unmask one of its inputs is left (nor after a crash)."""
         with self.tx() as db:
             db.execute("UPDATE rounds SET state='closed', output_sha256=?, closed_ms=?, info=? WHERE round=?",
                        (output_sha256, now_ms(), json.dumps(info, sort_keys=True), round))
+            for table in ("secagg_shares", "secagg_reveals"):
+                db.execute(f"DELETE FROM {table} WHERE round=?", (round,))
 
     def rounds(self) -> list[RoundRow]:
         rows = self._q("SELECT round, state, input_sha256, output_sha256, opened_ms, closed_ms, info, attempt, "

@@ -341,3 +341,20 @@ def test_roster_refuses_a_substituted_key(tmp_path: Path) -> None:
                                  signing_key=b.key.public_key())[0], keys=b.proto.advertise())
     with pytest.raises(SecAggError, match="not issued by the federation CA"):
         a.proto.share(entries, params, sa.vector_length(_spec_tensors()))
+
+
+def test_closing_a_round_deletes_its_shares_in_the_same_transaction(tmp_path: Path) -> None:
+    # Prepare: round 1 with routed and revealed shares, round 2 open with its own
+    store = Store(tmp_path / "state")
+    store.open_round(1, "0" * 64)
+    store.secagg_put_shares(1, "site-a", [("site-b", b"ct-ab")])
+    store.secagg_put_reveals(1, "site-b", [("site-a", "seed", b"share")])
+    store.open_round(2, "1" * 64)
+    store.secagg_put_shares(2, "site-a", [("site-b", b"ct-ab-2")])
+    # Execute: close round 1 (no separate clean-up step afterwards)
+    store.close_round(1, "2" * 64, {})
+    # Assert: a round that reads as closed has no share left; the open round keeps its own
+    assert store.rounds()[0].state == "closed"
+    assert store.secagg_shares(1) == [] and store.secagg_reveals(1) == []
+    assert store.secagg_shares(2) == [("site-a", "site-b", b"ct-ab-2")]
+    store.close()
