@@ -67,10 +67,13 @@ def _render(tokenizer: Any, messages: list[dict[str, Any]], add_generation_promp
 
 
 def _special_tokens(tokenizer: Any) -> list[str]:
-    """The tokenizer's special tokens, longest first (so ``<|end|>`` never shadows a longer one)."""
+    """The tokenizer's special and added tokens, longest first (so a short one never shadows a longer one).
+
+    Added tokens count too: some hubs' tokenizers register a family's end-of-turn token without the special flag.
+    """
     added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
     names = {str(t) for t in getattr(tokenizer, "all_special_tokens", [])}
-    names |= {t.content for t in added.values() if getattr(t, "special", False)}
+    names |= {str(getattr(t, "content", t)) for t in added.values()}
     return sorted((n for n in names if n), key=len, reverse=True)
 
 
