@@ -87,7 +87,13 @@ def _base_model(cfg: SiteConfig) -> str:
     allowed = load_policy(cfg.policy).allowed_base_models
     if allowed and sha not in allowed:
         raise ValueError(f"manifest {sha[:16]}… is not one of the policy's allowed base models")
-    return f"manifest {sha[:16]}…" + (" (allowed by policy)" if allowed else "")
+    from transformers import AutoTokenizer
+
+    from site_agent.training.masking import check_template
+
+    # Training and scoring mark assistant tokens from the base's own chat template: refuse one they cannot use.
+    check_template(AutoTokenizer.from_pretrained(cfg.base_model))
+    return f"manifest {sha[:16]}…" + (" (allowed by policy)" if allowed else "") + ", chat template ok"
 
 
 def _data(cfg: SiteConfig) -> str:

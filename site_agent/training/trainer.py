@@ -24,6 +24,7 @@ import torch
 from fedcommon import tensors
 from fedcommon.models import load_base, lora_config
 from protos.fedbridge.v1 import federation_service_pb2 as pb
+from site_agent.training.masking import check_template, mask_conversation
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,8 @@ class SftSiteTrainer:
         self.deepspeed = check_deepspeed(deepspeed) if deepspeed else None
         self.resumed_from_step = 0  # the step the last round resumed from (0: it started fresh)
         self.tokenizer = AutoTokenizer.from_pretrained(self.base_model)
+        if train_rows and "messages" in train_rows[0]:
+            check_template(self.tokenizer)  # refuse a template no assistant mask comes from before loading weights
         self._base = load_base(self.base_model, quantize)
         self._rows = train_rows
         self._dataset: Any = None  # tokenised once by the first SFTTrainer, reused after
@@ -185,13 +188,15 @@ class SftSiteTrainer:
             gradient_accumulation_steps=max(1, t.gradient_accumulation_steps), learning_rate=t.learning_rate,
             weight_decay=t.weight_decay, warmup_steps=t.warmup_ratio, lr_scheduler_type=_scheduler(t),
             max_length=t.max_length, seed=t.seed + task.round, data_seed=t.seed + task.round,
-            assistant_only_loss=True, use_cpu=not torch.cuda.is_available(), bf16=False, fp16=False,
+            # The dataset arrives tokenised with "assistant_masks" (masked_dataset), from which TRL builds the labels;
+            # its own assistant_only_loss would refuse templates without {% generation %} markers.
+            assistant_only_loss=False, use_cpu=not torch.cuda.is_available(), bf16=False, fp16=False,
             gradient_checkpointing=False, report_to=[], logging_steps=max(1, t.max_steps // 4), disable_tqdm=True,
             **checkpoint_args(self.work_dir, task, self.checkpoint_steps), deepspeed=self.deepspeed,
             dataloader_num_workers=0, remove_unused_columns=True)
         trainer = proximal_trainer_cls("sft")(
             model=self.model, args=args, processing_class=self.tokenizer,
-            train_dataset=self._dataset if self._dataset is not None else _as_dataset(self._rows),
+            train_dataset=self._dataset if self._dataset is not None else masked_dataset(self.tokenizer, self._rows),
             callbacks=[_Progress(progress)] if progress else None)
         # FedProx (Li et al., MLSys 2020): mu/2 * ||w - w_global||^2 over the trainable adapter weights.
         keep_adapter_dtype(self.model)
@@ -253,10 +258,8 @@ class SftSiteTrainer:
             for start in range(0, len(rows), batch_size):
                 ids_list, labels_list = [], []
                 for row in rows[start:start + batch_size]:
-                    enc = self.tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=True,
-                                                             return_assistant_tokens_mask=True)
-                    ids = list(enc["input_ids"][:max_length])
-                    mask = list(enc["assistant_masks"][:max_length])
+                    enc = mask_conversation(self.tokenizer, row["messages"])
+                    ids, mask = enc.input_ids[:max_length], enc.assistant_mask[:max_length]
                     ids_list.append(ids)
                     labels_list.append([t if m else -100 for t, m in zip(ids, mask, strict=True)])
                 width = max(len(x) for x in ids_list)
@@ -386,3 +389,16 @@ def _as_dataset(rows: list[dict[str, Any]]) -> Any:
     from datasets import Dataset
 
     return Dataset.from_list(rows)
+
+
+def masked_dataset(tokenizer: Any, rows: list[dict[str, Any]]) -> Any:
+    """Chat rows tokenised with the project's assistant masks (``input_ids``, ``assistant_masks``) for SFTTrainer.
+
+    TRL skips its own tokenisation for a dataset that has ``input_ids`` and turns ``assistant_masks`` into labels
+    (-100 elsewhere), then truncates to ``max_length``; so the template is never asked for generation markers.
+    """
+    from datasets import Dataset
+
+    encoded = [mask_conversation(tokenizer, row["messages"]) for row in rows]
+    return Dataset.from_dict({"input_ids": [e.input_ids for e in encoded],
+                              "assistant_masks": [e.assistant_mask for e in encoded]})
