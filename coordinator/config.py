@@ -17,6 +17,7 @@ LOSS_TYPES = {
     "simpo": ("simpo",),
 }
 SCHEDULERS = ("constant", "linear", "cosine")
+WEIGHT_BY = ("examples", "tokens")
 # FLoRA's stacked adapter grows in rank each round unless it is folded into the base; sites train one fixed spec,
 # so the engine runs FLoRA only in the paper's fold-every-round form (max_rank = 0).
 def _engine_limits(strategy: Any) -> str:
@@ -40,6 +41,20 @@ def check_strategy(name: str, params: dict[str, Any]) -> None:
 
 
 @dataclass(frozen=True)
+class ModelSpec:
+    """How the federation uses its base model (``[model]``).
+
+    Attributes:
+        chat_template: A Jinja chat template file (relative to federation.toml) for a base that ships none, or to
+            train with instead of the base's own. Unset: the base tokenizer's own template. Either way the template
+            in force is probed at start (the assistant-token mask must come from it) and pinned by SHA-256 in every
+            task; a supplied file travels to the sites with the task.
+    """
+
+    chat_template: Path | None = None
+
+
+@dataclass(frozen=True)
 class LoraSpec:
     """The adapter every site trains.
 
@@ -47,14 +62,17 @@ class LoraSpec:
         rank: LoRA rank r.
         alpha: LoRA alpha (scaling is alpha / r).
         dropout: LoRA dropout during local training.
-        target_modules: Module names to adapt, or ``["all-linear"]``.
+        target_modules: Module names to adapt (suffixes such as ``q_proj``, matched as PEFT does), or
+            ``["all-linear"]`` (the default: every linear layer but the output layer, which fits any architecture).
+            Resolved against the base model's config at ``fedbridge-admin init`` and at coordinator start; a name
+            that matches nothing is refused with the list of module names the base has.
         seed: Seed of the initial adapter (A is drawn from it; B starts at zero).
     """
 
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    target_modules: tuple[str, ...] = ("all-linear",)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -79,6 +97,9 @@ class TrainingSpec:
         batch_size: Per-device batch size.
         gradient_accumulation_steps: Micro-batches per optimizer step.
         max_length: Token limit per example.
+        weight_by: What a site's FedAvg weight (its reported ``num_examples``) counts: ``examples``, the training
+            examples it holds, or ``tokens``, the tokens of those examples the loss is computed on (SFT: assistant
+            tokens; preference modes: prompt and answers, as the trainer tokenises them).
         seed: Base seed; each round trains with ``seed + round``.
         weight_decay: AdamW weight decay.
         warmup_ratio: Fraction of steps of linear warm-up.
@@ -101,6 +122,7 @@ class TrainingSpec:
     batch_size: int = 8
     gradient_accumulation_steps: int = 1
     max_length: int = 128
+    weight_by: str = "examples"
     seed: int = 0
     weight_decay: float = 0.0
     warmup_ratio: float = 0.0
@@ -118,6 +140,8 @@ class TrainingSpec:
         self._check_preference()
         if self.lr_scheduler_type not in SCHEDULERS:
             raise ValueError(f"field 'training.lr_scheduler_type': {self.lr_scheduler_type!r} is not one of {SCHEDULERS}")
+        if self.weight_by not in WEIGHT_BY:
+            raise ValueError(f"field 'training.weight_by': {self.weight_by!r} is not one of {WEIGHT_BY}")
         if self.mode not in MODES:
             raise ValueError(f"field 'training.mode': {self.mode!r} is not one of {MODES}")
         for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "max_length"):
@@ -558,6 +582,7 @@ class FederationConfig:
             deadlines, heartbeats, abandon/retry and late updates).
         strategy: Aggregation strategy name (``strategies.registry.list_strategies()``).
         strategy_params: Parameters of the strategy (plus ``clip_norm`` for norm-bound clipping before the rule).
+        model: The chat template the federation trains with.
         lora: The adapter sites train.
         training: Local training per round.
         listen: ``host:port`` to serve on (port 0 picks a free port, written to ``state_dir/coordinator.port``).
@@ -593,6 +618,7 @@ class FederationConfig:
     min_sites: int = 2
     strategy: str = "fedavg"
     strategy_params: dict[str, Any] = field(default_factory=dict)
+    model: ModelSpec = field(default_factory=ModelSpec)
     lora: LoraSpec = field(default_factory=LoraSpec)
     training: TrainingSpec = field(default_factory=TrainingSpec)
     listen: str = "127.0.0.1:0"

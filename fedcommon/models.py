@@ -39,6 +39,65 @@ def lora_config(spec: pb.AdapterSpec) -> Any:
     return lora_config_for(spec.rank, spec.alpha, spec.dropout, list(spec.target_modules))
 
 
+class TargetModuleError(ValueError):
+    """``[lora] target_modules`` names a module the base model does not have (the message lists those it has)."""
+
+
+def linear_module_names(base_model: Path) -> tuple[list[str], str]:
+    """The full names of the base's leaf Linear / transformers ``Conv1D`` modules, and its output layer's name.
+
+    The model is built on the meta device from ``config.json`` alone: no weight is read, so this costs milliseconds
+    even for a 70B base.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    cfg = AutoConfig.from_pretrained(base_model)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    names = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D)) and not list(m.children())]
+    out = model.get_output_embeddings()
+    head = next((n for n, m in model.named_modules() if m is out), "") if out is not None else ""
+    return names, head
+
+
+def check_target_modules(base_model: Path, target_modules: tuple[str, ...] | list[str]) -> list[str]:
+    """Resolve ``target_modules`` against the base model without loading weights; return the module suffixes hit.
+
+    ``all-linear`` means every leaf Linear/Conv1D module except the output layer (as PEFT resolves it). Any other
+    name matches a module whose full name is the name or ends in ``.name`` (PEFT's rule).
+
+    Raises:
+        TargetModuleError: A name matches no linear module; the message lists the module names that exist.
+    """
+    names, head = linear_module_names(base_model)
+    suffixes = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in names))
+    if list(target_modules) == ["all-linear"]:
+        hit = [s for s in suffixes if s != head.rsplit(".", 1)[-1] or not head]
+        if not hit:
+            raise TargetModuleError(f"field 'lora.target_modules': 'all-linear' matches no linear module of the base "
+                                    f"model at {base_model}")
+        return hit
+    missing = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        arch = ",".join(_architectures(base_model)) or "unknown architecture"
+        raise TargetModuleError(
+            f"field 'lora.target_modules': {', '.join(repr(m) for m in missing)} "
+            f"match{'es' if len(missing) == 1 else ''} no module of the base model at {base_model} ({arch}); its "
+            f"linear modules are: {', '.join(suffixes)} (or use \"all-linear\")")
+    return list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in names
+                              if any(n == t or n.endswith("." + t) for t in target_modules)))
+
+
+def _architectures(base_model: Path) -> list[str]:
+    import json
+
+    try:
+        return [str(a) for a in json.loads((Path(base_model) / "config.json").read_text()).get("architectures", [])]
+    except (OSError, ValueError, AttributeError):
+        return []
+
+
 def load_base(base_model: Path, quantize: bool = False) -> Any:
     """Load the base model in float32, or in 4-bit nf4 with double quantization (QLoRA; bf16 compute on CUDA).
 

@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedcommon import tensors
 from fedcommon.auditlog import AuditLog
+from fedcommon.chat import TemplateError, TemplateMismatch, template_sha256
 from fedcommon.manifest import ManifestMismatch, verify_model_dir
 from protos import codec
 from protos.fedbridge.v1 import federation_service_pb2 as pb
@@ -41,6 +42,10 @@ AGENT_VERSION = "fedbridge-site/0.1.0"
 
 class SiteRefusal(RuntimeError):
     """The site refuses a task (the message names the reason); nothing was trained or sent."""
+
+
+class TemplateRefusal(SiteRefusal):
+    """The site refuses the task's chat template: it misses its pin, or no assistant mask comes from it."""
 
 
 @dataclass
@@ -73,11 +78,15 @@ def load_signing_key(path: Path) -> Ed25519PrivateKey:
 
 
 def make_trainer(mode: str, base_model: Path, train_path: Path, work_dir: Path,  # type: ignore[no-untyped-def]
-                 checkpoint_steps: int = 0, deepspeed: Path | None = None):
+                 checkpoint_steps: int = 0, deepspeed: Path | None = None, chat_template: str = "",
+                 chat_template_sha256: str = ""):
     """The site trainer for ``mode``, on the training file read in the format that mode needs.
 
+    ``chat_template`` / ``chat_template_sha256`` are the task's template and pin (already checked against each
+    other by :func:`check_template_pin`); the trainer checks the tokenizer's template in force against the pin.
+
     Raises:
-        SiteRefusal: The training file is not in the format the mode trains on.
+        SiteRefusal: The training file is not in the format the mode trains on, or the template is refused.
     """
     from site_agent.training.data import DataError
     from site_agent.training.preference import PREFERENCE_MODES, PreferenceSiteTrainer
@@ -90,12 +99,33 @@ def make_trainer(mode: str, base_model: Path, train_path: Path, work_dir: Path, 
     ds = json.loads(Path(deepspeed).read_text()) if deepspeed else None
     if ds and mode != "sft":  # the preference trainers and a 4-bit base under DeepSpeed are not tested yet
         raise SiteRefusal(f"refusing task: this site's DeepSpeed config is wired for mode 'sft' only, not {mode!r}")
-    if mode in PREFERENCE_MODES:
-        return PreferenceSiteTrainer(base_model, rows, work_dir, mode, checkpoint_steps=checkpoint_steps)
-    if mode in ("sft", "qlora"):
-        return SftSiteTrainer(base_model, rows, work_dir, quantize=mode == "qlora", checkpoint_steps=checkpoint_steps,
-                              deepspeed=ds)
+    template = {"chat_template": chat_template, "chat_template_sha256": chat_template_sha256}
+    try:
+        if mode in PREFERENCE_MODES:
+            return PreferenceSiteTrainer(base_model, rows, work_dir, mode, checkpoint_steps=checkpoint_steps, **template)
+        if mode in ("sft", "qlora"):
+            return SftSiteTrainer(base_model, rows, work_dir, quantize=mode == "qlora",
+                                  checkpoint_steps=checkpoint_steps, deepspeed=ds, **template)
+    except (TemplateMismatch, TemplateError) as e:
+        raise TemplateRefusal(f"refusing task: {e}") from None
     raise SiteRefusal(f"refusing task: training mode {mode!r} is not supported by this agent")
+
+
+def check_template_pin(task: pb.Task) -> None:
+    """Refuse a task whose chat template does not hash to the task's own pin (before it reaches any tokenizer).
+
+    The template is data: transformers renders it in its sandboxed Jinja environment, it is never run as code.
+    The pin is checked anyway so a site trains with exactly the template the federation agreed on.
+
+    Raises:
+        TemplateRefusal: The template's SHA-256 is not the pin, or a template comes without a pin.
+    """
+    if not task.chat_template:
+        return
+    got = template_sha256(task.chat_template)
+    if got != task.chat_template_sha256:
+        raise TemplateRefusal(f"refusing task: the chat template it carries hashes to {got[:16]}…, but the task "
+                               f"pins {task.chat_template_sha256[:16] or '(nothing)'}…")
 
 
 def run_site(cfg: SiteConfig, show_progress: bool = True, audit: AuditSink | None = None) -> int:
@@ -127,7 +157,7 @@ def run_site(cfg: SiteConfig, show_progress: bool = True, audit: AuditSink | Non
     signing_key = load_signing_key(cfg.tls.signing_key)
     ledger = PrivacyLedger(cfg.dp.ledger or Path(cfg.work_dir) / LEDGER_NAME)  # spent ε survives restarts
     base_check = _BaseModelCheck(cfg.base_model)
-    trainer, trainer_mode = None, ""
+    trainer, trainer_mode, trainer_template = None, "", ""
     client = CoordinatorClient(cfg)
     trained = 0
     try:
@@ -159,14 +189,24 @@ def run_site(cfg: SiteConfig, show_progress: bool = True, audit: AuditSink | Non
                     raise
                 audit.record("task_accepted", {"site": cfg.name, "round": task.round, "mode": task.training.mode,
                                                "max_steps": task.training.max_steps,
-                                               "base_model_sha256": task.base_model_sha256})
+                                               "base_model_sha256": task.base_model_sha256,
+                                               "chat_template_sha256": task.chat_template_sha256})
             base_check.verify(task.base_model_sha256)
             mode = task.training.mode or "sft"
-            if trainer is None:
-                os.makedirs(cfg.work_dir, exist_ok=True)
-                trainer = make_trainer(mode, cfg.base_model, cfg.data.train, cfg.work_dir, cfg.checkpoint_steps,
-                                       cfg.deepspeed)
-                trainer_mode = mode
+            try:
+                check_template_pin(task)
+                if trainer is None:
+                    os.makedirs(cfg.work_dir, exist_ok=True)
+                    trainer = make_trainer(mode, cfg.base_model, cfg.data.train, cfg.work_dir, cfg.checkpoint_steps,
+                                           cfg.deepspeed, task.chat_template, task.chat_template_sha256)
+                    trainer_mode, trainer_template = mode, task.chat_template_sha256
+                elif task.chat_template_sha256 != trainer_template:
+                    raise TemplateRefusal("refusing task: the federation changed its chat template mid-run; "
+                                          "restart the agent")
+            except TemplateRefusal as e:  # audited like the policy's refusals: which rule, never any data
+                audit.record("task_refused", {"site": cfg.name, "round": task.round, "rule": "chat_template",
+                                              "reason": str(e)[:500]})
+                raise
             global_bytes = client.download_adapter(task.round, task.global_adapter_sha256, task.global_adapter_size)
             global_state = tensors.decode_state(global_bytes)
             residual = {}

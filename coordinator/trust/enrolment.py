@@ -111,6 +111,8 @@ class InitOptions:
     min_sites: int = 2
     max_update_norm: float = 0.0
     listen: str = ""
+    target_modules: tuple[str, ...] = ("all-linear",)
+    chat_template: Path | None = None
 
 
 def init_federation(fed: Path, opt: InitOptions) -> dict[str, Any]:
@@ -129,6 +131,12 @@ def init_federation(fed: Path, opt: InitOptions) -> dict[str, Any]:
     except ValueError as e:
         raise EnrolmentError(str(e)) from None
     base_sha = Manifest.of_dir(opt.base_model).sha256
+    from coordinator.basemodel import BaseModelError, check_target_and_template
+
+    try:  # the adapter's module names and the chat template must fit the base before anything is written
+        pin = check_target_and_template(opt.base_model, opt.target_modules, opt.chat_template)
+    except BaseModelError as e:
+        raise EnrolmentError(str(e)) from None
     fed.mkdir(parents=True, exist_ok=True)
     ca = CertificateAuthority.create(f"{opt.federation_id} federation CA")
     ca.save(fed / "ca.pem", fed / "ca.key")
@@ -142,7 +150,7 @@ def init_federation(fed: Path, opt: InitOptions) -> dict[str, Any]:
     save_registry(fed / REGISTRY, {})
     manifest = {
         "federation_id": opt.federation_id, "base_model_sha256": base_sha, "base_model_ref": opt.base_model_ref,
-        "strategy": opt.strategy, "rounds": opt.rounds, "min_sites": opt.min_sites,
+        "chat_template_sha256": pin.sha256, "strategy": opt.strategy, "rounds": opt.rounds, "min_sites": opt.min_sites,
         "coordinator": f"{opt.hosts[0]}:{opt.port}", "ca_sha256": ca_sha256(ca.cert),
         "privacy": {"max_update_norm": opt.max_update_norm, "transport": "mTLS (TLS 1.2+, client certificates)",
                     "update_signatures": "Ed25519 over round, site, base-model hash, payload SHA-256, nonce",
@@ -157,6 +165,8 @@ def init_federation(fed: Path, opt: InitOptions) -> dict[str, Any]:
         "registry_dir": "published",
         "enrolment_registry": REGISTRY, "crl": CRL, "max_update_norm": opt.max_update_norm,
         "tls": {"ca": "ca.pem", "cert": "coordinator/server.pem", "key": "coordinator/server.key"},
+        "lora": {"target_modules": list(opt.target_modules)},
+        **({"model": {"chat_template": str(Path(opt.chat_template).resolve())}} if opt.chat_template else {}),
         "records": {"controller": "", "purposes": [], "data_categories": [], "recipients": [],
                     "coordinator_region": "", "retention_days": 0},
     }

@@ -30,6 +30,7 @@ from site_agent.training.trainer import (
     _Progress,
     _scheduler,
     checkpoint_args,
+    data_weight,
     keep_adapter_dtype,
     proximal_trainer_cls,
 )
@@ -109,10 +110,12 @@ class PreferenceSiteTrainer(SftSiteTrainer):
     """
 
     def __init__(self, base_model: Path, train_rows: list[dict[str, Any]], work_dir: Path, mode: str,
-                 quantize: bool = False, checkpoint_steps: int = 0) -> None:
+                 quantize: bool = False, checkpoint_steps: int = 0, chat_template: str = "",
+                 chat_template_sha256: str = "") -> None:
         if mode not in PREFERENCE_MODES:
             raise ValueError(f"mode must be one of {PREFERENCE_MODES}, got {mode!r}")
-        super().__init__(base_model, train_rows, work_dir, quantize=quantize, checkpoint_steps=checkpoint_steps)
+        super().__init__(base_model, train_rows, work_dir, quantize=quantize, checkpoint_steps=checkpoint_steps,
+                         chat_template=chat_template, chat_template_sha256=chat_template_sha256)
         self.mode = mode
 
     def _drop_reference(self) -> None:
@@ -154,6 +157,8 @@ class PreferenceSiteTrainer(SftSiteTrainer):
         local = self.adapter_state()
         delta = {k: (local[k] - global_state[k]).to(global_state[k].dtype).contiguous() for k in global_state}
         examples = t.max_steps * t.per_device_batch_size * max(1, t.gradient_accumulation_steps)
+        dataset = trainer.train_dataset
+        weight = data_weight(t, len(self._rows), lambda: _answer_tokens(dataset))
         tokens = int(max((h.get("num_tokens", 0) for h in self.last_log_history), default=0)) or _estimate_tokens(
             trainer.train_dataset, examples)
         if self.checkpoint_steps:  # the round is done: its step checkpoints must not resume a later run
@@ -162,8 +167,14 @@ class PreferenceSiteTrainer(SftSiteTrainer):
         # the cyclic collector trains later rounds measurably slower (site_train bench), so free them now.
         del trainer, out
         gc.collect()
-        return RoundResult(delta, examples, train_loss, train_time, tokens,
+        return RoundResult(delta, weight, train_loss, train_time, tokens,
                            time.perf_counter() - round_start)
+
+
+def _answer_tokens(dataset: Any) -> int:
+    """Tokens of the answers the preference loss scores (chosen and rejected, or KTO's completion), as tokenised."""
+    columns = [c for c in ("chosen_input_ids", "rejected_input_ids", "completion_input_ids") if c in dataset.column_names]
+    return sum(len(x) for c in columns for x in dataset[c])
 
 
 def _estimate_tokens(dataset: Any, examples: int) -> int:

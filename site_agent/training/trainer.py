@@ -22,9 +22,9 @@ from typing import Any
 import torch
 
 from fedcommon import tensors
-from fedcommon.models import load_base, lora_config
+from fedcommon.models import load_base, lora_config, lora_config_for
 from protos.fedbridge.v1 import federation_service_pb2 as pb
-from site_agent.training.masking import check_template, mask_conversation
+from site_agent.training.masking import apply_pinned_template, check_template, mask_conversation
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,8 @@ class RoundResult:
 
     Attributes:
         delta: Local adapter minus the global adapter, in the spec's keys, shapes and dtypes.
-        num_examples: Examples seen (steps × batch × accumulation): the FedAvg weight.
+        num_examples: The FedAvg weight the site reports: the training examples it holds, or (``weight_by =
+            "tokens"``) the tokens of them the loss is computed on; see :func:`data_weight`.
         train_loss: Mean training loss over the round.
         train_time_s: Wall time of the training loop itself.
         tokens: Tokens processed (for tokens/s).
@@ -80,10 +81,14 @@ class SftSiteTrainer:
             site killed mid-round resumes that round where it stopped; 0: off.
         deepspeed: A DeepSpeed config (ZeRO stage 1 or 2) for training through accelerate/DeepSpeed; on CPU, or
             outside a launcher, it runs single-process on gloo. None: plain PyTorch.
+        chat_template: The chat template the task carried (``[model] chat_template``); "" for the base's own.
+        chat_template_sha256: The task's pin of the template in force; "" for none. The tokenizer's template must
+            hash to it (:func:`fedcommon.chat.apply_pinned_template`), or the trainer refuses to start.
     """
 
     def __init__(self, base_model: Path, train_rows: list[dict[str, Any]], work_dir: Path,
-                 quantize: bool = False, checkpoint_steps: int = 0, deepspeed: dict[str, Any] | None = None) -> None:
+                 quantize: bool = False, checkpoint_steps: int = 0, deepspeed: dict[str, Any] | None = None,
+                 chat_template: str = "", chat_template_sha256: str = "") -> None:
         from transformers import AutoTokenizer
 
         self.base_model = Path(base_model)
@@ -93,6 +98,9 @@ class SftSiteTrainer:
         self.deepspeed = check_deepspeed(deepspeed) if deepspeed else None
         self.resumed_from_step = 0  # the step the last round resumed from (0: it started fresh)
         self.tokenizer = AutoTokenizer.from_pretrained(self.base_model)
+        # Before anything is tokenised: the federation's template (checked against its pin) replaces the base's own.
+        apply_pinned_template(self.tokenizer, chat_template, chat_template_sha256)
+        self.template_sha256 = chat_template_sha256
         if train_rows and "messages" in train_rows[0]:
             check_template(self.tokenizer)  # refuse a template no assistant mask comes from before loading weights
         self._base = load_base(self.base_model, quantize)
@@ -115,6 +123,19 @@ class SftSiteTrainer:
         elif self._spec_sha != spec.sha256:
             raise ValueError("the federation changed its adapter spec mid-run; restart the agent to follow it")
         return self.model
+
+    def probe_adapter(self, rank: int = 4) -> tuple[pb.AdapterSpec, dict[str, torch.Tensor]]:
+        """A fresh all-linear adapter on this trainer's base and its spec, for preflight's one real training step."""
+        from peft import get_peft_model, get_peft_model_state_dict
+
+        if self.model is not None:
+            raise ValueError("probe_adapter is for a trainer that has not trained yet")
+        self.model = get_peft_model(self._base, lora_config_for(rank, 2.0 * rank, 0.0, "all-linear"))
+        state = {k: v.detach().clone().contiguous() for k, v in get_peft_model_state_dict(self.model).items()}
+        spec = tensors.make_adapter_spec(state, rank, 2.0 * rank, 0.0,
+                                         sorted(self.model.peft_config["default"].target_modules))
+        self._spec_sha = spec.sha256
+        return spec, state
 
     def load_adapter(self, spec: pb.AdapterSpec, state: dict[str, torch.Tensor]) -> None:
         """Put ``state`` into the model's LoRA weights (after checking it against the spec)."""
@@ -215,6 +236,7 @@ class SftSiteTrainer:
         local = self.adapter_state()
         delta = {k: (local[k] - global_state[k]).to(global_state[k].dtype).contiguous() for k in global_state}
         examples = t.max_steps * t.per_device_batch_size * max(1, t.gradient_accumulation_steps)
+        weight = data_weight(t, len(self._rows), lambda: self._loss_tokens(t.max_length))
         tokens = int(getattr(trainer.state, "num_input_tokens_seen", 0) or 0)
         if not tokens:
             lengths = [len(x) for x in self._dataset["input_ids"]]
@@ -225,8 +247,16 @@ class SftSiteTrainer:
         # the cyclic collector trains later rounds measurably slower (site_train bench), so free them now.
         del trainer, out
         gc.collect()
-        return RoundResult(delta, examples, train_loss, train_time, tokens,
+        return RoundResult(delta, weight, train_loss, train_time, tokens,
                            time.perf_counter() - round_start)
+
+    def _loss_tokens(self, max_length: int) -> int:
+        """Assistant tokens of the training rows within ``max_length``: the tokens the SFT loss is computed on."""
+        if self._dataset is not None and "assistant_masks" in self._dataset.column_names:
+            masks = self._dataset["assistant_masks"]
+        else:
+            masks = [mask_conversation(self.tokenizer, row["messages"]).assistant_mask for row in self._rows]
+        return int(sum(sum(m[:max_length]) for m in masks))
 
     def _resume_point(self, output_dir: str, round: int) -> str | None:
         """The last complete step checkpoint of this exact round and task, if a killed run left one.
@@ -281,6 +311,21 @@ class SftSiteTrainer:
         if not math.isfinite(mean):
             raise ValueError("held-out loss is not finite")
         return mean, count
+
+
+def data_weight(t: pb.TrainingConfig, num_rows: int, loss_tokens: Callable[[], int]) -> int:
+    """The FedAvg weight a site reports: what it holds, not what the task made it run.
+
+    Every site runs the same ``max_steps × batch`` per round, so weighting by steps would weigh every site alike
+    whatever its data. ``weight_by = "examples"`` (the default) reports the training examples held;
+    ``"tokens"`` the tokens of them the loss is computed on (``loss_tokens``: SFT counts assistant tokens within
+    ``max_length``), so sites with long answers weigh more.
+    """
+    if t.weight_by == "tokens":
+        return int(loss_tokens())
+    if t.weight_by not in ("", "examples"):
+        raise ValueError(f"unsupported weight_by {t.weight_by!r}")
+    return num_rows
 
 
 def check_deepspeed(config: dict[str, Any]) -> dict[str, Any]:

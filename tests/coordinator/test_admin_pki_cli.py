@@ -29,10 +29,9 @@ def admin(*args: str | Path) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture(scope="module")
-def fed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def fed(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
     root = tmp_path_factory.mktemp("fedcli")
-    (root / "base").mkdir()
-    (root / "base" / "config.json").write_text("{}")
+    shutil.copytree(tiny_model_dir, root / "base")  # init resolves the LoRA targets and the template against it
     r = admin("init", "--dir", root / "fed", "--federation-id", "consortium", "--base-model", root / "base",
               "--host", "fl.example.org", "--host", "127.0.0.1", "--port", "7443", "--max-update-norm", "10")
     assert r.returncode == 0, r.stderr
