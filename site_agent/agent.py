@@ -99,13 +99,14 @@ def make_trainer(mode: str, base_model: Path, train_path: Path, work_dir: Path, 
     ds = json.loads(Path(deepspeed).read_text()) if deepspeed else None
     if ds and mode != "sft":  # the preference trainers and a 4-bit base under DeepSpeed are not tested yet
         raise SiteRefusal(f"refusing task: this site's DeepSpeed config is wired for mode 'sft' only, not {mode!r}")
-    template = {"chat_template": chat_template, "chat_template_sha256": chat_template_sha256}
     try:
         if mode in PREFERENCE_MODES:
-            return PreferenceSiteTrainer(base_model, rows, work_dir, mode, checkpoint_steps=checkpoint_steps, **template)
+            return PreferenceSiteTrainer(base_model, rows, work_dir, mode, checkpoint_steps=checkpoint_steps,
+                                         chat_template=chat_template, chat_template_sha256=chat_template_sha256)
         if mode in ("sft", "qlora"):
             return SftSiteTrainer(base_model, rows, work_dir, quantize=mode == "qlora",
-                                  checkpoint_steps=checkpoint_steps, deepspeed=ds, **template)
+                                  checkpoint_steps=checkpoint_steps, deepspeed=ds, chat_template=chat_template,
+                                  chat_template_sha256=chat_template_sha256)
     except (TemplateMismatch, TemplateError) as e:
         raise TemplateRefusal(f"refusing task: {e}") from None
     raise SiteRefusal(f"refusing task: training mode {mode!r} is not supported by this agent")
