@@ -53,7 +53,8 @@ def preflight(config: Path = typer.Option(..., "--config", "-c", help="site.toml
                                               "kto, orpo, simpo). Default: the policy's only allowed mode if it allows "
                                               "one, else sft"),
               chat_template: Path | None = typer.Option(None, "--chat-template", help="the federation's chat "
-                                                        "template file, if it supplies one ([model] chat_template)")
+                                                        "template file, if it supplies one ([model] chat_template); "
+                                                        "default: chat_template.jinja beside site.toml (the kit's)")
               ) -> None:
     """Check the kit (certificates, coordinator, base model, data, disk, GPU) and run one real training step.
 
@@ -75,6 +76,9 @@ def preflight(config: Path = typer.Option(..., "--config", "-c", help="site.toml
     table = Table(title=f"preflight: site {cfg.name}")
     for col in ("check", "result", "detail"):
         table.add_column(col)
+    kit_template = Path(config).parent / "chat_template.jinja"  # fedbridge-admin enroll-site puts it in the kit
+    if chat_template is None and kit_template.is_file():
+        chat_template = kit_template
     rows = run_preflight(cfg, connect_timeout_s=timeout, require_gpu=require_gpu, mode=mode, chat_template=chat_template)
     for row in rows:
         table.add_row(row.name, "[green]PASS[/]" if row.ok else "[bold red]FAIL[/]", row.detail)

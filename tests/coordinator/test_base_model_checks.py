@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from coordinator.basemodel import BaseModelError, template_pin
+from coordinator.trust.enrolment import enroll_site
 from fedcommon.chat import template_sha256
 from fedcommon.models import TargetModuleError, check_target_modules
 from fedcommon.tomlconfig import dumps
@@ -83,7 +84,10 @@ def test_init_pins_the_supplied_template_and_serve_refuses_a_base_without_one(
     manifest = json.loads((tmp_path / "fed" / "manifest.json").read_text())
     assert manifest["chat_template_sha256"] == template_sha256(GPT2_TEMPLATE)
     toml = (tmp_path / "fed" / "federation.toml").read_text()
-    assert str(template.resolve()) in toml and '"all-linear"' in toml
+    assert 'chat_template = "chat_template.jinja"' in toml and '"all-linear"' in toml
+    assert (tmp_path / "fed" / "chat_template.jinja").read_text() == GPT2_TEMPLATE  # the federation's own copy
+    kit = enroll_site(tmp_path / "fed", "s1", "EU-DE")
+    assert (kit / "chat_template.jinja").read_text() == GPT2_TEMPLATE  # preflight's default template
 
 
 def test_template_pin(family_dir: Callable[[str], Path], tmp_path: Path) -> None:
