@@ -39,6 +39,9 @@ def check_strategy(name: str, params: dict[str, Any]) -> None:
         raise ValueError(f"field 'strategy': {limit}")
 
 
+WIRE_DTYPES = ("float32", "bfloat16")  # the adapter's dtype on the wire and in the store ([lora] wire_dtype)
+
+
 @dataclass(frozen=True)
 class LoraSpec:
     """The adapter every site trains.
@@ -49,6 +52,10 @@ class LoraSpec:
         dropout: LoRA dropout during local training.
         target_modules: Module names to adapt, or ``["all-linear"]``.
         seed: Seed of the initial adapter (A is drawn from it; B starts at zero).
+        wire_dtype: The dtype the adapter crosses the wire in, both ways, and is stored in: ``float32`` or
+            ``bfloat16`` (half the bytes). Sites train float32 LoRA weights either way and cast their delta at
+            egress, after clipping and noise; the coordinator aggregates in float32 sums and rounds the new global
+            adapter to this dtype, so with ``bfloat16`` the global adapter is rounded once per round.
     """
 
     rank: int = 8
@@ -56,8 +63,11 @@ class LoraSpec:
     dropout: float = 0.0
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
     seed: int = 0
+    wire_dtype: str = "float32"
 
     def __post_init__(self) -> None:
+        if self.wire_dtype not in WIRE_DTYPES:
+            raise ValueError(f"field 'lora.wire_dtype': {self.wire_dtype!r} is not one of {', '.join(WIRE_DTYPES)}")
         if not 1 <= self.rank <= 1024:
             raise ValueError(f"field 'lora.rank': must be in 1..1024, got {self.rank}")
         if self.alpha <= 0:

@@ -21,7 +21,7 @@ from site_agent.client import CoordinatorClient, LateUpdateRefused
 from site_agent.config import SiteConfig
 from site_agent.egress import secagg
 from site_agent.egress.dp import LEDGER_NAME, PrivacyLedger, check_budget, resolve
-from site_agent.egress.filters import apply_filters
+from site_agent.egress.filters import CastFilter, apply_filters
 from site_agent.egress.guard import EgressGuard, EgressRefusal
 from site_agent.policy import (
     AuditSink,
@@ -185,8 +185,10 @@ def run_site(cfg: SiteConfig, show_progress: bool = True, audit: AuditSink | Non
                     RoundProgress(cfg.name, task.round, task.total_rounds, task.training.max_steps,
                                   enabled=show_progress) as bar:
                 result = trainer.train_round(task, global_state, lambda s, n, loss: (beats.progress(s), bar.update(s, n, loss)))
-            # 6. Only the adapter delta leaves: egress filters (clip -> DP noise), encode, sign, upload.
-            delta = apply_filters(result.delta, dp.filters())
+            # 6. Only the adapter delta leaves: egress filters (clip -> DP noise -> cast to the wire dtype), encode,
+            #    sign, upload.
+            cast = CastFilter.for_spec([t.dtype for t in task.adapter_spec.tensors])
+            delta = apply_filters(result.delta, [*dp.filters(), cast])
             tensors.check_against_spec(delta, task.adapter_spec)
             payload = tensors.encode_state(delta)
             try:

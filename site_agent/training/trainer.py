@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from fedcommon import tensors
-from fedcommon.models import load_base, lora_config
+from fedcommon.models import device_precision, load_base, lora_config, trainer_precision_args
 from protos.fedbridge.v1 import federation_service_pb2 as pb
 from site_agent.training.masking import check_template, mask_conversation
 
@@ -34,7 +34,8 @@ class RoundResult:
     """What a round of local training produced.
 
     Attributes:
-        delta: Local adapter minus the global adapter, in the spec's keys, shapes and dtypes.
+        delta: Local adapter minus the global adapter, in the spec's keys and shapes, in float32 (egress casts it to
+            the wire dtype after clipping and noise).
         num_examples: Examples seen (steps × batch × accumulation): the FedAvg weight.
         train_loss: Mean training loss over the round.
         train_time_s: Wall time of the training loop itself.
@@ -80,10 +81,13 @@ class SftSiteTrainer:
             site killed mid-round resumes that round where it stopped; 0: off.
         deepspeed: A DeepSpeed config (ZeRO stage 1 or 2) for training through accelerate/DeepSpeed; on CPU, or
             outside a launcher, it runs single-process on gloo. None: plain PyTorch.
+        device_map: On CUDA, a transformers ``device_map`` for the base (``"auto"``: spread over the GPUs);
+            empty: one device.
     """
 
     def __init__(self, base_model: Path, train_rows: list[dict[str, Any]], work_dir: Path,
-                 quantize: bool = False, checkpoint_steps: int = 0, deepspeed: dict[str, Any] | None = None) -> None:
+                 quantize: bool = False, checkpoint_steps: int = 0, deepspeed: dict[str, Any] | None = None,
+                 device_map: str = "") -> None:
         from transformers import AutoTokenizer
 
         self.base_model = Path(base_model)
@@ -95,7 +99,7 @@ class SftSiteTrainer:
         self.tokenizer = AutoTokenizer.from_pretrained(self.base_model)
         if train_rows and "messages" in train_rows[0]:
             check_template(self.tokenizer)  # refuse a template no assistant mask comes from before loading weights
-        self._base = load_base(self.base_model, quantize)
+        self._base = load_base(self.base_model, quantize, device_map=device_map)
         self._rows = train_rows
         self._dataset: Any = None  # tokenised once by the first SFTTrainer, reused after
         self.model: Any = None
@@ -123,7 +127,9 @@ class SftSiteTrainer:
         tensors.check_against_spec(state, spec)
         model = self._ensure_model(spec)
         mine = get_peft_model_state_dict(model)
-        tensors.check_against_spec({k: v.detach() for k, v in mine.items()}, spec)
+        # The LoRA weights train in float32 whatever the wire dtype: compare keys and shapes in the spec's dtype.
+        wire = {t.name: tensors.torch_dtype(t.dtype) for t in spec.tensors}
+        tensors.check_against_spec({k: v.detach().to(wire.get(k, v.dtype)) for k, v in mine.items()}, spec)
         set_peft_model_state_dict(model, state)
 
     def set_base_residual(self, residual: dict[str, torch.Tensor]) -> None:
@@ -190,7 +196,7 @@ class SftSiteTrainer:
             max_length=t.max_length, seed=t.seed + task.round, data_seed=t.seed + task.round,
             # The dataset arrives tokenised with "assistant_masks" (masked_dataset), from which TRL builds the labels;
             # its own assistant_only_loss would refuse templates without {% generation %} markers.
-            assistant_only_loss=False, use_cpu=not torch.cuda.is_available(), bf16=False, fp16=False,
+            assistant_only_loss=False, **trainer_precision_args(*device_precision()),
             gradient_checkpointing=False, report_to=[], logging_steps=max(1, t.max_steps // 4), disable_tqdm=True,
             **checkpoint_args(self.work_dir, task, self.checkpoint_steps), deepspeed=self.deepspeed,
             dataloader_num_workers=0, remove_unused_columns=True)
@@ -213,7 +219,7 @@ class SftSiteTrainer:
         train_time = time.perf_counter() - start
         self.last_engine = type(trainer.model_wrapped).__name__  # "DeepSpeedEngine" when DeepSpeed trained the round
         local = self.adapter_state()
-        delta = {k: (local[k] - global_state[k]).to(global_state[k].dtype).contiguous() for k in global_state}
+        delta = float32_delta(local, global_state)
         examples = t.max_steps * t.per_device_batch_size * max(1, t.gradient_accumulation_steps)
         tokens = int(getattr(trainer.state, "num_input_tokens_seen", 0) or 0)
         if not tokens:
@@ -333,6 +339,15 @@ def _scheduler(t: pb.TrainingConfig) -> str:
     if kind not in ("constant", "linear", "cosine"):
         raise ValueError(f"unsupported lr_scheduler_type {kind!r}")
     return "constant_with_warmup" if kind == "constant" and t.warmup_ratio > 0 else kind
+
+
+def float32_delta(local: dict[str, torch.Tensor], global_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``local - global`` in float32, keyed like the global adapter.
+
+    The LoRA weights train in float32; a bfloat16 wire adapter is only cast at egress (after clipping and noise),
+    so the delta is never rounded twice.
+    """
+    return {k: (local[k].to(torch.float32) - global_state[k].to(torch.float32)).contiguous() for k in global_state}
 
 
 def keep_adapter_dtype(model: Any) -> None:
