@@ -73,7 +73,7 @@ def load_signing_key(path: Path) -> Ed25519PrivateKey:
 
 
 def make_trainer(mode: str, base_model: Path, train_path: Path, work_dir: Path,  # type: ignore[no-untyped-def]
-                 checkpoint_steps: int = 0, deepspeed: Path | None = None):
+                 checkpoint_steps: int = 0, deepspeed: Path | None = None, device_map: str = ""):
     """The site trainer for ``mode``, on the training file read in the format that mode needs.
 
     Raises:
@@ -91,10 +91,11 @@ def make_trainer(mode: str, base_model: Path, train_path: Path, work_dir: Path, 
     if ds and mode != "sft":  # the preference trainers and a 4-bit base under DeepSpeed are not tested yet
         raise SiteRefusal(f"refusing task: this site's DeepSpeed config is wired for mode 'sft' only, not {mode!r}")
     if mode in PREFERENCE_MODES:
-        return PreferenceSiteTrainer(base_model, rows, work_dir, mode, checkpoint_steps=checkpoint_steps)
+        return PreferenceSiteTrainer(base_model, rows, work_dir, mode, checkpoint_steps=checkpoint_steps,
+                                     device_map=device_map)
     if mode in ("sft", "qlora"):
         return SftSiteTrainer(base_model, rows, work_dir, quantize=mode == "qlora", checkpoint_steps=checkpoint_steps,
-                              deepspeed=ds)
+                              deepspeed=ds, device_map=device_map)
     raise SiteRefusal(f"refusing task: training mode {mode!r} is not supported by this agent")
 
 
@@ -165,7 +166,7 @@ def run_site(cfg: SiteConfig, show_progress: bool = True, audit: AuditSink | Non
             if trainer is None:
                 os.makedirs(cfg.work_dir, exist_ok=True)
                 trainer = make_trainer(mode, cfg.base_model, cfg.data.train, cfg.work_dir, cfg.checkpoint_steps,
-                                       cfg.deepspeed)
+                                       cfg.deepspeed, cfg.device_map)
                 trainer_mode = mode
             global_bytes = client.download_adapter(task.round, task.global_adapter_sha256, task.global_adapter_size)
             global_state = tensors.decode_state(global_bytes)

@@ -96,6 +96,11 @@ class SftSiteTrainer:
         self.checkpoint_steps = checkpoint_steps
         self.deepspeed = check_deepspeed(deepspeed) if deepspeed else None
         self.resumed_from_step = 0  # the step the last round resumed from (0: it started fresh)
+        if device_map and (int(os.environ.get("WORLD_SIZE", "1")) > 1 or deepspeed):
+            # Each rank of a data-parallel launch holds a whole replica on its own GPU; a device_map spreading one
+            # model over all GPUs would put every rank on the same devices.
+            raise ValueError("device_map spreads one model over the GPUs of a single process; it cannot be combined "
+                             "with a multi-rank launch or DeepSpeed (leave it empty there)")
         self.tokenizer = AutoTokenizer.from_pretrained(self.base_model)
         if train_rows and "messages" in train_rows[0]:
             check_template(self.tokenizer)  # refuse a template no assistant mask comes from before loading weights
