@@ -201,7 +201,7 @@ class SftSiteTrainer:
             max_length=t.max_length, seed=t.seed + task.round, data_seed=t.seed + task.round,
             # The dataset arrives tokenised with "assistant_masks" (masked_dataset), from which TRL builds the labels;
             # its own assistant_only_loss would refuse templates without {% generation %} markers.
-            assistant_only_loss=False, **trainer_precision_args(*device_precision()),
+            assistant_only_loss=False, **precision_args(self.deepspeed),
             gradient_checkpointing=False, report_to=[], logging_steps=max(1, t.max_steps // 4), disable_tqdm=True,
             **checkpoint_args(self.work_dir, task, self.checkpoint_steps), deepspeed=self.deepspeed,
             dataloader_num_workers=0, remove_unused_columns=True)
@@ -321,6 +321,25 @@ def check_deepspeed(config: dict[str, Any]) -> dict[str, Any]:
             port = s.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     return config
+
+
+def precision_args(deepspeed: dict[str, Any] | None, device: tuple[bool, bool] | None = None) -> dict[str, bool]:
+    """The trainer's precision flags: the device's (bf16/fp16 autocast on CUDA, fp32 on CPU), except where a
+    DeepSpeed config sets ``bf16.enabled`` / ``fp16.enabled`` to a boolean: transformers refuses a config that
+    disagrees with the arguments, and the site's explicit DeepSpeed choice wins.
+
+    Args:
+        deepspeed: The site's DeepSpeed config, or None.
+        device: ``(cuda, bf16_supported)``; None: this machine's.
+    """
+    args = trainer_precision_args(*(device or device_precision()))
+    for key in ("bf16", "fp16"):
+        enabled = ((deepspeed or {}).get(key) or {}).get("enabled")
+        if isinstance(enabled, bool):
+            args[key] = enabled
+            if enabled:  # one half-precision mode at a time
+                args["fp16" if key == "bf16" else "bf16"] = False
+    return args
 
 
 def checkpoint_args(work_dir: Path, task: pb.Task, every: int) -> dict[str, Any]:

@@ -84,3 +84,4 @@ def test_a_bf16_stored_base_loads_in_fp32_on_cpu(tiny_model_dir: Path, tmp_path:
     assert stored_dtype(base) == torch.bfloat16
     model = load_base(base, cuda=False)
     assert {p.dtype for p in model.parameters()} == {torch.float32}
+

@@ -1,4 +1,5 @@
-"""``device_map`` in site.toml: checked at load, refused with a multi-rank launch, handed to the base's loader."""
+"""``device_map`` in site.toml (checked at load, refused with a multi-rank launch, handed to the base's loader) and the
+trainer's precision flags under DeepSpeed."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from site_agent.config import SiteConfig, SiteData, SiteTls
-from site_agent.training.trainer import SftSiteTrainer
+from site_agent.training.trainer import SftSiteTrainer, precision_args
 
 
 def _cfg(tmp_path: Path, device_map: str) -> SiteConfig:
@@ -52,3 +53,14 @@ def test_device_map_reaches_the_loader(tmp_path: Path, monkeypatch: pytest.Monke
     with pytest.raises(RuntimeError, match="stop after the loader"):
         SftSiteTrainer(tmp_path, [], tmp_path, quantize=True, device_map="balanced")
     assert seen == {"quantize": True, "device_map": "balanced"}
+
+
+@pytest.mark.parametrize(("ds", "device", "want"), [
+    (None, (True, True), {"use_cpu": False, "bf16": True, "fp16": False}),
+    ({"bf16": {"enabled": False}}, (True, True), {"use_cpu": False, "bf16": False, "fp16": False}),
+    ({"bf16": {"enabled": "auto"}}, (True, True), {"use_cpu": False, "bf16": True, "fp16": False}),
+    ({"fp16": {"enabled": True}}, (True, True), {"use_cpu": False, "bf16": False, "fp16": True}),
+    ({"zero_optimization": {"stage": 2}}, (False, False), {"use_cpu": True, "bf16": False, "fp16": False}),
+])
+def test_an_explicit_deepspeed_precision_wins(ds: dict | None, device: tuple[bool, bool], want: dict) -> None:
+    assert precision_args(ds, device) == want
