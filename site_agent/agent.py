@@ -22,7 +22,7 @@ from site_agent.client import CoordinatorClient, LateUpdateRefused
 from site_agent.config import SiteConfig
 from site_agent.egress import secagg
 from site_agent.egress.dp import LEDGER_NAME, PrivacyLedger, check_budget, resolve
-from site_agent.egress.filters import apply_filters
+from site_agent.egress.filters import CastFilter, apply_filters
 from site_agent.egress.guard import EgressGuard, EgressRefusal
 from site_agent.policy import (
     AuditSink,
@@ -79,7 +79,7 @@ def load_signing_key(path: Path) -> Ed25519PrivateKey:
 
 def make_trainer(mode: str, base_model: Path, train_path: Path, work_dir: Path,  # type: ignore[no-untyped-def]
                  checkpoint_steps: int = 0, deepspeed: Path | None = None, chat_template: str = "",
-                 chat_template_sha256: str = ""):
+                 chat_template_sha256: str = "", device_map: str = ""):
     """The site trainer for ``mode``, on the training file read in the format that mode needs.
 
     ``chat_template`` / ``chat_template_sha256`` are the task's template and pin (already checked against each
@@ -102,11 +102,12 @@ def make_trainer(mode: str, base_model: Path, train_path: Path, work_dir: Path, 
     try:
         if mode in PREFERENCE_MODES:
             return PreferenceSiteTrainer(base_model, rows, work_dir, mode, checkpoint_steps=checkpoint_steps,
-                                         chat_template=chat_template, chat_template_sha256=chat_template_sha256)
+                                         chat_template=chat_template, chat_template_sha256=chat_template_sha256,
+                                         device_map=device_map)
         if mode in ("sft", "qlora"):
             return SftSiteTrainer(base_model, rows, work_dir, quantize=mode == "qlora",
                                   checkpoint_steps=checkpoint_steps, deepspeed=ds, chat_template=chat_template,
-                                  chat_template_sha256=chat_template_sha256)
+                                  chat_template_sha256=chat_template_sha256, device_map=device_map)
     except (TemplateMismatch, TemplateError) as e:
         raise TemplateRefusal(f"refusing task: {e}") from None
     raise SiteRefusal(f"refusing task: training mode {mode!r} is not supported by this agent")
@@ -199,7 +200,8 @@ def run_site(cfg: SiteConfig, show_progress: bool = True, audit: AuditSink | Non
                 if trainer is None:
                     os.makedirs(cfg.work_dir, exist_ok=True)
                     trainer = make_trainer(mode, cfg.base_model, cfg.data.train, cfg.work_dir, cfg.checkpoint_steps,
-                                           cfg.deepspeed, task.chat_template, task.chat_template_sha256)
+                                           cfg.deepspeed, task.chat_template, task.chat_template_sha256,
+                                           cfg.device_map)
                     trainer_mode, trainer_template = mode, task.chat_template_sha256
                 elif task.chat_template_sha256 != trainer_template:
                     raise TemplateRefusal("refusing task: the federation changed its chat template mid-run; "
@@ -226,8 +228,10 @@ def run_site(cfg: SiteConfig, show_progress: bool = True, audit: AuditSink | Non
                     RoundProgress(cfg.name, task.round, task.total_rounds, task.training.max_steps,
                                   enabled=show_progress) as bar:
                 result = trainer.train_round(task, global_state, lambda s, n, loss: (beats.progress(s), bar.update(s, n, loss)))
-            # 6. Only the adapter delta leaves: egress filters (clip -> DP noise), encode, sign, upload.
-            delta = apply_filters(result.delta, dp.filters())
+            # 6. Only the adapter delta leaves: egress filters (clip -> DP noise -> cast to the wire dtype), encode,
+            #    sign, upload.
+            cast = CastFilter.for_spec([t.dtype for t in task.adapter_spec.tensors])
+            delta = apply_filters(result.delta, [*dp.filters(), cast])
             tensors.check_against_spec(delta, task.adapter_spec)
             payload = tensors.encode_state(delta)
             try:

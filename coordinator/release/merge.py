@@ -274,6 +274,9 @@ def merge_adapter(base_dir: Path, spec: pb.AdapterSpec, state: Mapping[str, torc
 
     shutil.rmtree(out_dir, ignore_errors=True)
     merged = peft_model_with(Path(base_dir), spec, dict(state)).merge_and_unload()
+    from fedcommon.models import stored_dtype
+
+    merged = merged.to(stored_dtype(Path(base_dir)) or torch.float32)  # written in the base's own dtype
     params = dict(merged.named_parameters())
     with torch.no_grad():
         for name, r in (residual or {}).items():

@@ -34,6 +34,7 @@ def init_adapter(base_model: Path, lora: LoraSpec) -> AdapterInit:
     torch.manual_seed(lora.seed)
     model = get_peft_model(base, lora_config_for(lora.rank, lora.alpha, lora.dropout, targets))
     state = {k: v.detach().clone().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    state = {k: v.to(getattr(torch, lora.wire_dtype)) for k, v in state.items()}  # the spec (and wire) dtype
     resolved = sorted(model.peft_config["default"].target_modules)
     spec = tensors.make_adapter_spec(state, lora.rank, lora.alpha, lora.dropout, resolved)
     return AdapterInit(state, spec)
@@ -43,7 +44,7 @@ def peft_model_with(base_model: Path, spec: pb.AdapterSpec, state: dict[str, tor
     """A PeftModel on a freshly loaded base with ``state`` loaded as its adapter."""
     from peft import get_peft_model, set_peft_model_state_dict
 
-    model = get_peft_model(load_base(base_model), lora_config(spec))
+    model = get_peft_model(load_base(base_model, cuda=False), lora_config(spec))
     if base_model_ref:  # adapter_config.json names where the base comes from, not this machine's path
         model.peft_config["default"].base_model_name_or_path = base_model_ref
     result = set_peft_model_state_dict(model, state)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from fedcommon import tensors
-from fedcommon.models import load_base, lora_config, lora_config_for
+from fedcommon.models import device_precision, load_base, lora_config, lora_config_for, trainer_precision_args
 from protos.fedbridge.v1 import federation_service_pb2 as pb
 from site_agent.training.masking import apply_pinned_template, check_template, mask_conversation
 
@@ -34,7 +34,8 @@ class RoundResult:
     """What a round of local training produced.
 
     Attributes:
-        delta: Local adapter minus the global adapter, in the spec's keys, shapes and dtypes.
+        delta: Local adapter minus the global adapter, in the spec's keys and shapes, in float32 (egress casts it to
+            the wire dtype after clipping and noise).
         num_examples: The FedAvg weight the site reports: the training examples it holds, or (``weight_by =
             "tokens"``) the tokens of them the loss is computed on; see :func:`data_weight`.
         train_loss: Mean training loss over the round.
@@ -84,11 +85,13 @@ class SftSiteTrainer:
         chat_template: The chat template the task carried (``[model] chat_template``); "" for the base's own.
         chat_template_sha256: The task's pin of the template in force; "" for none. The tokenizer's template must
             hash to it (:func:`fedcommon.chat.apply_pinned_template`), or the trainer refuses to start.
+        device_map: On CUDA, a transformers ``device_map`` for the base (``"auto"``: spread over the GPUs);
+            empty: one device.
     """
 
     def __init__(self, base_model: Path, train_rows: list[dict[str, Any]], work_dir: Path,
                  quantize: bool = False, checkpoint_steps: int = 0, deepspeed: dict[str, Any] | None = None,
-                 chat_template: str = "", chat_template_sha256: str = "") -> None:
+                 chat_template: str = "", chat_template_sha256: str = "", device_map: str = "") -> None:
         from transformers import AutoTokenizer
 
         self.base_model = Path(base_model)
@@ -97,13 +100,18 @@ class SftSiteTrainer:
         self.checkpoint_steps = checkpoint_steps
         self.deepspeed = check_deepspeed(deepspeed) if deepspeed else None
         self.resumed_from_step = 0  # the step the last round resumed from (0: it started fresh)
+        if device_map and (int(os.environ.get("WORLD_SIZE", "1")) > 1 or deepspeed):
+            # Each rank of a data-parallel launch holds a whole replica on its own GPU; a device_map spreading one
+            # model over all GPUs would put every rank on the same devices.
+            raise ValueError("device_map spreads one model over the GPUs of a single process; it cannot be combined "
+                             "with a multi-rank launch or DeepSpeed (leave it empty there)")
         self.tokenizer = AutoTokenizer.from_pretrained(self.base_model)
         # Before anything is tokenised: the federation's template (checked against its pin) replaces the base's own.
         apply_pinned_template(self.tokenizer, chat_template, chat_template_sha256)
         self.template_sha256 = chat_template_sha256
         if train_rows and "messages" in train_rows[0]:
             check_template(self.tokenizer)  # refuse a template no assistant mask comes from before loading weights
-        self._base = load_base(self.base_model, quantize)
+        self._base = load_base(self.base_model, quantize, device_map=device_map)
         self._rows = train_rows
         self._dataset: Any = None  # tokenised once by the first SFTTrainer, reused after
         self.model: Any = None
@@ -144,7 +152,9 @@ class SftSiteTrainer:
         tensors.check_against_spec(state, spec)
         model = self._ensure_model(spec)
         mine = get_peft_model_state_dict(model)
-        tensors.check_against_spec({k: v.detach() for k, v in mine.items()}, spec)
+        # The LoRA weights train in float32 whatever the wire dtype: compare keys and shapes in the spec's dtype.
+        wire = {t.name: tensors.torch_dtype(t.dtype) for t in spec.tensors}
+        tensors.check_against_spec({k: v.detach().to(wire.get(k, v.dtype)) for k, v in mine.items()}, spec)
         set_peft_model_state_dict(model, state)
 
     def set_base_residual(self, residual: dict[str, torch.Tensor]) -> None:
@@ -211,7 +221,7 @@ class SftSiteTrainer:
             max_length=t.max_length, seed=t.seed + task.round, data_seed=t.seed + task.round,
             # The dataset arrives tokenised with "assistant_masks" (masked_dataset), from which TRL builds the labels;
             # its own assistant_only_loss would refuse templates without {% generation %} markers.
-            assistant_only_loss=False, use_cpu=not torch.cuda.is_available(), bf16=False, fp16=False,
+            assistant_only_loss=False, **precision_args(self.deepspeed),
             gradient_checkpointing=False, report_to=[], logging_steps=max(1, t.max_steps // 4), disable_tqdm=True,
             **checkpoint_args(self.work_dir, task, self.checkpoint_steps), deepspeed=self.deepspeed,
             dataloader_num_workers=0, remove_unused_columns=True)
@@ -234,7 +244,7 @@ class SftSiteTrainer:
         train_time = time.perf_counter() - start
         self.last_engine = type(trainer.model_wrapped).__name__  # "DeepSpeedEngine" when DeepSpeed trained the round
         local = self.adapter_state()
-        delta = {k: (local[k] - global_state[k]).to(global_state[k].dtype).contiguous() for k in global_state}
+        delta = float32_delta(local, global_state)
         examples = t.max_steps * t.per_device_batch_size * max(1, t.gradient_accumulation_steps)
         weight = data_weight(t, len(self._rows), lambda: self._loss_tokens(t.max_length))
         tokens = int(getattr(trainer.state, "num_input_tokens_seen", 0) or 0)
@@ -357,6 +367,25 @@ def check_deepspeed(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
+def precision_args(deepspeed: dict[str, Any] | None, device: tuple[bool, bool] | None = None) -> dict[str, bool]:
+    """The trainer's precision flags: the device's (bf16/fp16 autocast on CUDA, fp32 on CPU), except where a
+    DeepSpeed config sets ``bf16.enabled`` / ``fp16.enabled`` to a boolean: transformers refuses a config that
+    disagrees with the arguments, and the site's explicit DeepSpeed choice wins.
+
+    Args:
+        deepspeed: The site's DeepSpeed config, or None.
+        device: ``(cuda, bf16_supported)``; None: this machine's.
+    """
+    args = trainer_precision_args(*(device or device_precision()))
+    for key in ("bf16", "fp16"):
+        enabled = ((deepspeed or {}).get(key) or {}).get("enabled")
+        if isinstance(enabled, bool):
+            args[key] = enabled
+            if enabled:  # one half-precision mode at a time
+                args["fp16" if key == "bf16" else "bf16"] = False
+    return args
+
+
 def checkpoint_args(work_dir: Path, task: pb.Task, every: int) -> dict[str, Any]:
     """Trainer arguments for step checkpoints of this round, in a folder keyed by everything that shapes the round.
 
@@ -378,6 +407,15 @@ def _scheduler(t: pb.TrainingConfig) -> str:
     if kind not in ("constant", "linear", "cosine"):
         raise ValueError(f"unsupported lr_scheduler_type {kind!r}")
     return "constant_with_warmup" if kind == "constant" and t.warmup_ratio > 0 else kind
+
+
+def float32_delta(local: dict[str, torch.Tensor], global_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``local - global`` in float32, keyed like the global adapter.
+
+    The LoRA weights train in float32; a bfloat16 wire adapter is only cast at egress (after clipping and noise),
+    so the delta is never rounded twice.
+    """
+    return {k: (local[k].to(torch.float32) - global_state[k].to(torch.float32)).contiguous() for k in global_state}
 
 
 def keep_adapter_dtype(model: Any) -> None:
