@@ -13,7 +13,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from protos.codec import CodecError, NonFiniteError, adapter_spec, check_header
+from protos.codec import CodecError, NonFiniteError, adapter_spec, check_header, check_header_against_spec
 from protos.fedbridge.v1 import federation_service_pb2 as pb
 
 _ST_DTYPES = {
@@ -77,18 +77,7 @@ def make_adapter_spec(state: Mapping[str, torch.Tensor], rank: int, alpha: float
 
 def check_against_spec(state: Mapping[str, torch.Tensor], spec: pb.AdapterSpec) -> None:
     """Raise :class:`CodecError` unless ``state`` has exactly the spec's keys, shapes and dtypes, all finite."""
-    want = {t.name: (tuple(t.shape), t.dtype) for t in spec.tensors}
-    unknown = sorted(state.keys() - want.keys())
-    missing = sorted(want.keys() - state.keys())
-    if unknown:
-        raise CodecError(f"payload has {len(unknown)} tensor(s) outside the adapter spec, e.g. {unknown[0]!r}")
-    if missing:
-        raise CodecError(f"payload lacks {len(missing)} tensor(s) of the adapter spec, e.g. {missing[0]!r}")
-    for name, (shape, dtype) in want.items():
-        t = state[name]
-        if tuple(t.shape) != shape:
-            raise CodecError(f"tensor {name!r} has shape {tuple(t.shape)}, the spec says {shape}")
-        if dtype_name(t.dtype) != dtype:
-            raise CodecError(f"tensor {name!r} has dtype {dtype_name(t.dtype)}, the spec says {dtype}")
+    check_header_against_spec({k: {"shape": list(t.shape), "dtype": dtype_name(t.dtype)} for k, t in state.items()}, spec)
+    for name, t in state.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise NonFiniteError(f"tensor {name!r} holds NaN or Inf values")

@@ -28,9 +28,10 @@ def admin(*args: str | Path) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=120, env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"})
 
 
-@pytest.fixture(scope="module")
-def fed(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
-    root = tmp_path_factory.mktemp("fedcli")
+@pytest.fixture
+def fed(tmp_path: Path, tiny_model_dir: Path) -> Path:
+    """A fresh federation directory per test: enrol/revoke tests change it, so none may see another's sites."""
+    root = tmp_path
     shutil.copytree(tiny_model_dir, root / "base")  # init resolves the LoRA targets and the template against it
     r = admin("init", "--dir", root / "fed", "--federation-id", "consortium", "--base-model", root / "base",
               "--host", "fl.example.org", "--host", "127.0.0.1", "--port", "7443", "--max-update-norm", "10")
@@ -82,9 +83,12 @@ def test_enroll_site_writes_a_kit_with_region_pinned_policy_and_archive(fed: Pat
     (("bad/name", "--region", "EU-DE"), "invalid site name"),
 ])
 def test_enroll_site_refuses_bad_input_clearly(fed: Path, args: tuple[str, ...], message: str) -> None:
+    # Prepare
     if "already" in message:
-        admin("enroll-site", "hospital-a", "--region", "EU-DE", "--fed-dir", fed)
+        assert admin("enroll-site", "hospital-a", "--region", "EU-DE", "--fed-dir", fed).returncode == 0
+    # Execute
     r = admin("enroll-site", *args, "--fed-dir", fed)
+    # Assert
     assert r.returncode == 2 and message in " ".join(r.stderr.split()), r.stderr
 
 

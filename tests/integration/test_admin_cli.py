@@ -35,9 +35,9 @@ ROOT = Path(__file__).resolve().parents[2]
 ROUNDS = 10  # rounds take ~1-2 s: enough of them that the federation is still running when each test acts on it
 
 
-@pytest.fixture(scope="module")
-def fed(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[localfed.LocalFederation]:
-    fed = localfed.prepare(tmp_path_factory.mktemp("admin"), tiny_model_dir, n_sites=2, rounds=ROUNDS,
+@pytest.fixture
+def fed(tiny_model_dir: Path, tmp_path: Path) -> Iterator[localfed.LocalFederation]:
+    fed = localfed.prepare(tmp_path, tiny_model_dir, n_sites=2, rounds=ROUNDS,
                            training={"max_steps": 8, "batch_size": 4, "learning_rate": 3e-3},
                            lora={"rank": 4, "alpha": 8.0}, n_train=16, n_heldout=4,
                            publish={"site_regions": {"site-a": "EU/DE"}})
@@ -79,7 +79,7 @@ def status(fed: localfed.LocalFederation) -> dict[str, Any]:
     return data
 
 
-def test_a_site_certificate_is_refused(fed: localfed.LocalFederation) -> None:
+def _step_a_site_certificate_is_refused(fed: localfed.LocalFederation) -> None:
     # Execute: the site's own kit (client.pem/client.key/ca.pem) against AdminService.
     rc, data = admin(fed, "status", kit=fed.site_kits["site-a"])
     # Assert
@@ -101,7 +101,7 @@ def test_a_site_certificate_is_refused(fed: localfed.LocalFederation) -> None:
     assert admin(fed, "status")[1]["state"] == "not_started"
 
 
-def test_not_started_offers_no_task_until_start(fed: localfed.LocalFederation) -> None:
+def _step_not_started_offers_no_task_until_start(fed: localfed.LocalFederation) -> None:
     # Prepare: both sites joined and are polling.
     wait_for("both sites joined", lambda: len(admin(fed, "sites")[1]) == 2, 120, fed)
     time.sleep(3)
@@ -113,7 +113,7 @@ def test_not_started_offers_no_task_until_start(fed: localfed.LocalFederation) -
     wait_for("round 2 opened", lambda: status(fed)["current_round"] >= 2, 300, fed)
 
 
-def test_pause_holds_the_round_and_resume_continues(fed: localfed.LocalFederation) -> None:
+def _step_pause_holds_the_round_and_resume_continues(fed: localfed.LocalFederation) -> None:
     # Execute: pause while the federation runs (rounds take ~2 s here, so wherever it is: usually round 2).
     rc, data = admin(fed, "pause")
     assert rc == 0 and data == {"state": "paused"}
@@ -135,10 +135,9 @@ def test_pause_holds_the_round_and_resume_continues(fed: localfed.LocalFederatio
     wait_for("the next round opened", lambda: status(fed)["current_round"] == held["current_round"] + 1, 300, fed)
 
 
-STOPPED_AT: dict[str, int] = {}
 
-
-def test_stop_tells_sites_they_are_done(fed: localfed.LocalFederation) -> None:
+def _step_stop_tells_sites_they_are_done(fed: localfed.LocalFederation) -> tuple[int, int]:
+    """Returns (the round the federation stopped in, the last closed round)."""
     # Prepare: hold the federation wherever it is (rounds take ~2 s here): mid-round, or between rounds (a round
     # closed and the next one not opened, since a paused federation does not advance).
     assert admin(fed, "pause")[1] == {"state": "paused"}
@@ -157,11 +156,10 @@ def test_stop_tells_sites_they_are_done(fed: localfed.LocalFederation) -> None:
                                                                      held["round_state"])
     rc, data = admin(fed, "start")
     assert rc == 1 and data["code"] == "FAILED_PRECONDITION"
-    STOPPED_AT["round"] = held["current_round"]
-    STOPPED_AT["last_closed"] = held["current_round"] - (held["round_state"] == "open")
+    return held["current_round"], held["current_round"] - (held["round_state"] == "open")
 
 
-def test_rounds_sites_evals(fed: localfed.LocalFederation) -> None:
+def _step_rounds_sites_evals(fed: localfed.LocalFederation, last: int, last_closed: int) -> None:
     # Execute
     rc_r, rounds = admin(fed, "rounds")
     rc_s, sites = admin(fed, "sites")
@@ -169,7 +167,6 @@ def test_rounds_sites_evals(fed: localfed.LocalFederation) -> None:
     rc_h, human = admin(fed, "rounds", as_json=False)
     # Assert
     assert rc_r == rc_s == rc_e == rc_h == 0
-    last, last_closed = STOPPED_AT["round"], STOPPED_AT["last_closed"]
     assert [(r["round"], r["state"]) for r in rounds] == ([(r, "closed") for r in range(1, last_closed + 1)]
                                                           + ([(last, "open")] if last > last_closed else []))
     closed = rounds[:last_closed]
@@ -186,9 +183,8 @@ def test_rounds_sites_evals(fed: localfed.LocalFederation) -> None:
     assert "rounds" in human and "site-a, site-b" in human
 
 
-def test_publish_then_withdraw_site(fed: localfed.LocalFederation) -> None:
+def _step_publish_then_withdraw_site(fed: localfed.LocalFederation, last_closed: int) -> None:
     # Execute: publish the latest closed round's output.
-    last_closed = STOPPED_AT["last_closed"]
     rc, pub = admin(fed, "publish")
     assert rc == 0, pub
     assert pub["published"] and (pub["round"], pub["version"]) == (last_closed, 1) and Path(pub["path"]).is_dir()
@@ -214,7 +210,7 @@ def test_publish_then_withdraw_site(fed: localfed.LocalFederation) -> None:
     assert st["latest_version"] == 3
 
 
-def test_revoke_site_over_the_admin_api_refuses_its_next_call(fed: localfed.LocalFederation) -> None:
+def _step_revoke_site_over_the_admin_api_refuses_its_next_call(fed: localfed.LocalFederation) -> None:
     from protos.fedbridge.v1 import federation_service_pb2 as pb
     from protos.fedbridge.v1 import federation_service_pb2_grpc as pb_grpc
 
@@ -237,7 +233,7 @@ def test_revoke_site_over_the_admin_api_refuses_its_next_call(fed: localfed.Loca
     assert [r["fields"]["actor"] for r in records if r["event"] == "site_revoked"] == ["admin"]
 
 
-def test_stopped_state_survives_a_restart(fed: localfed.LocalFederation) -> None:
+def _step_stopped_state_survives_a_restart(fed: localfed.LocalFederation, last: int) -> None:
     # Execute: SIGTERM the coordinator and start it again on the same state.
     proc = fed.procs["coordinator"]
     proc.send_signal(signal.SIGTERM)
@@ -245,7 +241,24 @@ def test_stopped_state_survives_a_restart(fed: localfed.LocalFederation) -> None
     fed.start_coordinator()
     # Assert
     st = status(fed)
-    assert (st["state"], st["current_round"], st["latest_version"]) == ("stopped", STOPPED_AT["round"], 3)
+    assert (st["state"], st["current_round"], st["latest_version"]) == ("stopped", last, 3)
+
+
+def test_admin_commands_over_one_federation(fed: localfed.LocalFederation) -> None:
+    """The whole story on one federation: each step acts on the state the previous one left."""
+    # Prepare: a coordinator with autostart = false and two site agents (the fixture); nothing started yet.
+    # Execute / Assert: a site certificate is refused everywhere; no task until start; then start.
+    _step_a_site_certificate_is_refused(fed)
+    _step_not_started_offers_no_task_until_start(fed)
+    # Execute / Assert: pause holds the round, resume continues.
+    _step_pause_holds_the_round_and_resume_continues(fed)
+    # Execute / Assert: stop in the middle of the run; the sites are told they are done.
+    last, last_closed = _step_stop_tells_sites_they_are_done(fed)
+    # Execute / Assert: the read commands, then publish, withdraw-site, revoke-site and a restart on the stopped state.
+    _step_rounds_sites_evals(fed, last, last_closed)
+    _step_publish_then_withdraw_site(fed, last_closed)
+    _step_revoke_site_over_the_admin_api_refuses_its_next_call(fed)
+    _step_stopped_state_survives_a_restart(fed, last)
 
 
 def test_stop_before_start_ends_the_federation_and_the_coordinator_exits(tiny_model_dir: Path,

@@ -30,10 +30,13 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 SCREENSHOT = ROOT / "test-artifacts" / "dashboard.png"
 
 
-@pytest.fixture(scope="module")
-def fed(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[localfed.LocalFederation]:
-    """A coordinator (no sites yet) of a 2-site, 3-round federation that stays up after its last round."""
-    fed = localfed.prepare(tmp_path_factory.mktemp("dash"), tiny_model_dir, n_sites=2, rounds=3,
+@pytest.fixture
+def fed(tiny_model_dir: Path, tmp_path: Path) -> Iterator[localfed.LocalFederation]:
+    """A coordinator (no sites yet) of a 2-site, 3-round federation that stays up after its last round.
+
+    One per test: the browser test must open the page before any site starts, the metrics test counts a whole run.
+    """
+    fed = localfed.prepare(tmp_path, tiny_model_dir, n_sites=2, rounds=3,
                            training={"max_steps": 6, "batch_size": 4, "learning_rate": 3e-3},
                            lora={"rank": 4, "alpha": 8.0}, n_train=16, n_heldout=4,
                            publish={"site_regions": {"site-a": "EU/DE"}},
@@ -115,7 +118,9 @@ def test_dashboard_in_a_real_browser(fed: localfed.LocalFederation) -> None:
 
 
 def test_metrics_count_accepted_and_refused_updates(fed: localfed.LocalFederation) -> None:
-    # Prepare: the federation of the test above has finished its 3 rounds (2 sites each).
+    # Prepare: start the sites and let the federation finish its 3 rounds (2 sites each).
+    for s in fed.sites:
+        fed.start_site(s)
     deadline = time.monotonic() + 600
     while json.loads(urllib.request.urlopen(dashboard_url(fed) + "/api/status").read())["state"] != "finished":
         assert time.monotonic() < deadline, localfed._tail(fed.log_path("coordinator"))
