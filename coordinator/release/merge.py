@@ -250,10 +250,20 @@ def merge_to_dir(base_dir: Path, state: Mapping[str, torch.Tensor], *, rank: int
     pairs = lora_pairs(state)
     layout = layout if layout is not None else base_layout(Path(base_dir))
     names = {e.name for e in entries}
+
+    def in_checkpoint(name: str) -> str:
+        # Some checkpoints (GPT-2's on the Hub) name tensors without the model's base prefix ("h.0.attn..." for
+        # the module "transformer.h.0.attn..."); transformers loads either, so the merge accepts either.
+        p = layout.base_prefix
+        return name[len(p):] if name not in names and p and name.startswith(p) and name[len(p):] in names else name
+
+    pairs = {in_checkpoint(n): v for n, v in pairs.items()}
+    residual = {in_checkpoint(n): v for n, v in (residual or {}).items()}
+    fan_in_fan_out = frozenset(in_checkpoint(n) for n in layout.fan_in_fan_out)
     untied = []
     for out_name, in_name in layout.tied:  # an adapter on a tied output projection unties it (module docstring)
-        src = next((e for e in entries if e.name == in_name), None)
-        if out_name not in names and (out_name in pairs or out_name in (residual or {})) and src is not None:
+        src = next((e for e in entries if e.name == in_checkpoint(in_name)), None)
+        if out_name not in names and (out_name in pairs or out_name in residual) and src is not None:
             entries.append(_TensorEntry(out_name, src.dtype, src.shape, src.file, src.start, src.nbytes))
             untied.append(out_name)
     names = {e.name for e in entries}
@@ -261,7 +271,6 @@ def merge_to_dir(base_dir: Path, state: Mapping[str, torch.Tensor], *, rank: int
     if missing:
         raise MergeError(f"adapter targets {len(missing)} module(s) the base checkpoint has no tensor for, e.g. "
                          f"{missing[0]!r}")
-    residual = dict(residual or {})
     shapes = {e.name: e.shape for e in entries}
     for name, r in residual.items():
         if shapes.get(name) != tuple(r.shape):
@@ -277,7 +286,7 @@ def merge_to_dir(base_dir: Path, state: Mapping[str, torch.Tensor], *, rank: int
         config["tie_word_embeddings"] = False
         (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         log.info("[Merge] the adapter changes the tied output projection: merged model has its own %s", untied[0])
-    stream = _merged_tensors(entries, pairs, alpha / rank, residual, layout.fan_in_fan_out)
+    stream = _merged_tensors(entries, pairs, alpha / rank, residual, fan_in_fan_out)
     for shard, fname in zip(shards, files, strict=True):
         with open(out_dir / fname, "wb") as out:
             out.write(_header_bytes(shard))

@@ -119,10 +119,13 @@ class BaseLayout:
         fan_in_fan_out: Weights stored ``[in, out]`` (:func:`fan_in_fan_out_weights`).
         tied: ``output weight name -> input embedding weight name`` when ``tie_word_embeddings`` shares them (the
             checkpoint then holds only the input embedding).
+        base_prefix: The model's ``base_model_prefix`` and a dot (``"transformer."`` for GPT-2), which some
+            checkpoints leave out of their tensor names.
     """
 
     fan_in_fan_out: frozenset[str] = frozenset()
     tied: tuple[tuple[str, str], ...] = ()
+    base_prefix: str = ""
 
 
 def base_layout(base_model: Path) -> BaseLayout:
@@ -136,7 +139,8 @@ def base_layout(base_model: Path) -> BaseLayout:
         out, inp = model.get_output_embeddings(), model.get_input_embeddings()
         if out is not None and inp is not None and id(out) in names and id(inp) in names:
             tied = ((f"{names[id(out)]}.weight", f"{names[id(inp)]}.weight"),)
-    return BaseLayout(fan_in_fan_out_weights(model), tied)
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    return BaseLayout(fan_in_fan_out_weights(model), tied, f"{prefix}." if prefix else "")
 
 
 def scaled_residual_in_weight_layout(residual: dict[str, torch.Tensor], scale: float,

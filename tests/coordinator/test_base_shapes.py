@@ -146,3 +146,25 @@ def test_adapter_on_tied_lm_head_unties_it_in_the_merge(tmp_path: Path) -> None:
     assert torch.allclose(_logits(merged, ids), _logits(peft, ids), atol=1e-4)
     original = AutoModelForCausalLM.from_pretrained(base)
     assert torch.equal(merged.get_input_embeddings().weight, original.get_input_embeddings().weight)
+
+
+def test_hub_style_gpt2_checkpoint_without_base_prefix_streams(gpt2_dir: Path, tmp_path: Path,
+                                                               no_base_load: None) -> None:
+    """GPT-2's checkpoint on the Hub names ``h.0.attn.c_attn.weight`` for the module ``transformer.h.0.attn.c_attn``:
+    the streaming merge maps the names instead of falling back to loading the whole base."""
+    from safetensors.torch import load_file, save_file
+
+    base = tmp_path / "hub-gpt2"
+    shutil.copytree(gpt2_dir, base)
+    weights = load_file(base / "model.safetensors")
+    save_file({k.removeprefix("transformer."): v for k, v in weights.items()}, base / "model.safetensors",
+              metadata={"format": "pt"})
+    init = init_adapter(base, LoraSpec(rank=2, alpha=4.0, target_modules=("all-linear",)))
+    state = _random_b(init.state, 5)
+    result = merge_to_dir(base, state, rank=2, alpha=4.0, out_dir=tmp_path / "m")
+    assert "h.0.attn.c_attn.weight" in result.merged_modules
+    merged = load_file(tmp_path / "m" / result.shards[0])
+    key = "base_model.model.transformer.h.0.attn.c_attn"
+    want = weights["transformer.h.0.attn.c_attn.weight"] + 2.0 * (
+        state[f"{key}.lora_B.weight"] @ state[f"{key}.lora_A.weight"]).T
+    assert torch.allclose(merged["h.0.attn.c_attn.weight"], want, atol=1e-6)
