@@ -160,8 +160,9 @@ class SftSiteTrainer:
     def set_base_residual(self, residual: dict[str, torch.Tensor]) -> None:
         """Make the base weights ``W0 + residual`` (FedEx-LoRA's folded correction, already scaled).
 
-        ``residual`` is the federation's cumulative residual, keyed by base weight name; weights it does not name
-        go back to their pristine values.
+        ``residual`` is the federation's cumulative residual, keyed by base weight name and in each weight's own
+        layout (the coordinator transposes it for ``[in, out]`` Conv1D weights); weights it does not name go back
+        to their pristine values.
 
         Raises:
             ValueError: A name that is not a base weight, a shape mismatch, or a non-finite value.
