@@ -20,7 +20,7 @@ from fedcommon import tensors
 from fedcommon.models import load_base, lora_config, lora_config_for
 from protos.fedbridge.v1 import federation_service_pb2 as pb
 
-ADAPTER_DTYPE = torch.float32  # what sites train and upload (a wire dtype, if any, is applied elsewhere)
+ADAPTER_DTYPE = torch.float32  # drawn in float32 (as sites train), then cast to [lora] wire_dtype
 
 
 @dataclass(frozen=True)
