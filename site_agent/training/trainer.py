@@ -80,16 +80,20 @@ class SftSiteTrainer:
             site killed mid-round resumes that round where it stopped; 0: off.
         deepspeed: A DeepSpeed config (ZeRO stage 1 or 2) for training through accelerate/DeepSpeed; on CPU, or
             outside a launcher, it runs single-process on gloo. None: plain PyTorch.
+        world_size: How many ranks train each round together (under torchrun/accelerate: DDP, or DeepSpeed with a
+            config). The task's batch is the site's global batch; each rank takes ``batch / world_size`` of it.
     """
 
     def __init__(self, base_model: Path, train_rows: list[dict[str, Any]], work_dir: Path,
-                 quantize: bool = False, checkpoint_steps: int = 0, deepspeed: dict[str, Any] | None = None) -> None:
+                 quantize: bool = False, checkpoint_steps: int = 0, deepspeed: dict[str, Any] | None = None,
+                 world_size: int = 1) -> None:
         from transformers import AutoTokenizer
 
         self.base_model = Path(base_model)
         self.work_dir = Path(work_dir)
         self.quantized = quantize
         self.checkpoint_steps = checkpoint_steps
+        self.world_size = world_size
         self.deepspeed = check_deepspeed(deepspeed) if deepspeed else None
         self.resumed_from_step = 0  # the step the last round resumed from (0: it started fresh)
         self.tokenizer = AutoTokenizer.from_pretrained(self.base_model)
@@ -184,7 +188,7 @@ class SftSiteTrainer:
         trainable = self._set_trainable(freeze_lora_a=task.hints.freeze_lora_a)
         args = SFTConfig(
             max_steps=t.max_steps,
-            per_device_train_batch_size=t.per_device_batch_size,
+            per_device_train_batch_size=per_rank_batch(t.per_device_batch_size, self.world_size),
             gradient_accumulation_steps=max(1, t.gradient_accumulation_steps), learning_rate=t.learning_rate,
             weight_decay=t.weight_decay, warmup_steps=t.warmup_ratio, lr_scheduler_type=_scheduler(t),
             max_length=t.max_length, seed=t.seed + task.round, data_seed=t.seed + task.round,
@@ -200,6 +204,7 @@ class SftSiteTrainer:
             callbacks=[_Progress(progress)] if progress else None)
         # FedProx (Li et al., MLSys 2020): mu/2 * ||w - w_global||^2 over the trainable adapter weights.
         keep_adapter_dtype(self.model)
+        trainer.order_seed = t.seed + task.round
         trainer.proximal_mu = float(task.hints.proximal_mu)
         trainer.proximal_ref = {n: p.detach().clone() for n, p in trainable.items()} if trainer.proximal_mu > 0 else {}
         from transformers.trainer_callback import PrinterCallback
@@ -286,6 +291,9 @@ class SftSiteTrainer:
 def check_deepspeed(config: dict[str, Any]) -> dict[str, Any]:
     """Check a site's DeepSpeed config and prepare a single-process run when no launcher set one up.
 
+    Under a launcher (``torchrun``/``accelerate launch``) its ranks train together and ZeRO-1/2 shards the optimizer
+    state over them.
+
     ZeRO-3 partitions the parameters themselves, so reading the adapter delta (and reusing the model across rounds)
     needs gathering that this trainer does not do yet: it is refused rather than silently sending wrong tensors.
 
@@ -310,6 +318,19 @@ def check_deepspeed(config: dict[str, Any]) -> dict[str, Any]:
             port = s.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     return config
+
+
+def per_rank_batch(batch: int, world_size: int) -> int:
+    """Each rank's share of the task's batch, which is the whole site's batch however many ranks train it.
+
+    Raises:
+        ValueError: The batch does not split evenly over the ranks (the site would train a different batch than the
+            federation asked for).
+    """
+    if batch % world_size:
+        raise ValueError(f"the task's batch of {batch} does not divide over this site's {world_size} ranks; run "
+                         f"the site on a number of ranks that divides it")
+    return batch // world_size
 
 
 def checkpoint_args(work_dir: Path, task: pb.Task, every: int) -> dict[str, Any]:
@@ -369,6 +390,13 @@ def proximal_trainer_cls(mode: str) -> Any:
     class FedTrainer(Base):  # type: ignore[misc,valid-type]
         proximal_mu: float = 0.0
         proximal_ref: dict[str, torch.Tensor] = {}
+        order_seed: int | None = None  # set: examples come in SeededOrder, the same whatever the number of ranks
+
+        def _get_train_sampler(self, train_dataset=None):  # type: ignore[no-untyped-def]
+            dataset = train_dataset if train_dataset is not None else self.train_dataset
+            if self.order_seed is None or dataset is None:
+                return super()._get_train_sampler(train_dataset)
+            return SeededOrder(len(dataset), self.order_seed)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[no-untyped-def]
             out = super().compute_loss(model, inputs, return_outputs=return_outputs,
@@ -383,6 +411,25 @@ def proximal_trainer_cls(mode: str) -> Any:
 
     FedTrainer.__name__ = f"Fed{Base.__name__}"
     return FedTrainer
+
+
+class SeededOrder(torch.utils.data.Sampler):
+    """A seeded shuffle of ``n`` examples, a fresh one each pass, drawn from its own generator.
+
+    The order depends only on the seed, never on the global RNG or the number of ranks: the ranks' data loaders split
+    each batch of this one order between them, so a site's round trains the same global batches on 1 rank or on N.
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.passes = n, seed, 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        gen = torch.Generator().manual_seed(self.seed + self.passes)
+        self.passes += 1
+        yield from torch.randperm(self.n, generator=gen).tolist()
 
 
 def _as_dataset(rows: list[dict[str, Any]]) -> Any:
