@@ -204,7 +204,6 @@ class SftSiteTrainer:
             callbacks=[_Progress(progress)] if progress else None)
         # FedProx (Li et al., MLSys 2020): mu/2 * ||w - w_global||^2 over the trainable adapter weights.
         keep_adapter_dtype(self.model)
-        trainer.order_seed = t.seed + task.round
         trainer.proximal_mu = float(task.hints.proximal_mu)
         trainer.proximal_ref = {n: p.detach().clone() for n, p in trainable.items()} if trainer.proximal_mu > 0 else {}
         from transformers.trainer_callback import PrinterCallback
@@ -390,13 +389,6 @@ def proximal_trainer_cls(mode: str) -> Any:
     class FedTrainer(Base):  # type: ignore[misc,valid-type]
         proximal_mu: float = 0.0
         proximal_ref: dict[str, torch.Tensor] = {}
-        order_seed: int | None = None  # set: examples come in SeededOrder, the same whatever the number of ranks
-
-        def _get_train_sampler(self, train_dataset=None):  # type: ignore[no-untyped-def]
-            dataset = train_dataset if train_dataset is not None else self.train_dataset
-            if self.order_seed is None or dataset is None:
-                return super()._get_train_sampler(train_dataset)
-            return SeededOrder(len(dataset), self.order_seed)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[no-untyped-def]
             out = super().compute_loss(model, inputs, return_outputs=return_outputs,
@@ -411,25 +403,6 @@ def proximal_trainer_cls(mode: str) -> Any:
 
     FedTrainer.__name__ = f"Fed{Base.__name__}"
     return FedTrainer
-
-
-class SeededOrder(torch.utils.data.Sampler):
-    """A seeded shuffle of ``n`` examples, a fresh one each pass, drawn from its own generator.
-
-    The order depends only on the seed, never on the global RNG or the number of ranks: the ranks' data loaders split
-    each batch of this one order between them, so a site's round trains the same global batches on 1 rank or on N.
-    """
-
-    def __init__(self, n: int, seed: int) -> None:
-        self.n, self.seed, self.passes = n, seed, 0
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self):  # type: ignore[no-untyped-def]
-        gen = torch.Generator().manual_seed(self.seed + self.passes)
-        self.passes += 1
-        yield from torch.randperm(self.n, generator=gen).tolist()
 
 
 def _as_dataset(rows: list[dict[str, Any]]) -> Any:
