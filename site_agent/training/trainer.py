@@ -87,17 +87,21 @@ class SftSiteTrainer:
             hash to it (:func:`fedcommon.chat.apply_pinned_template`), or the trainer refuses to start.
         device_map: On CUDA, a transformers ``device_map`` for the base (``"auto"``: spread over the GPUs);
             empty: one device.
+        world_size: How many ranks train each round together (under torchrun/accelerate: DDP, or DeepSpeed with a
+            config). The task's batch is the site's global batch; each rank takes ``batch / world_size`` of it.
     """
 
     def __init__(self, base_model: Path, train_rows: list[dict[str, Any]], work_dir: Path,
                  quantize: bool = False, checkpoint_steps: int = 0, deepspeed: dict[str, Any] | None = None,
-                 chat_template: str = "", chat_template_sha256: str = "", device_map: str = "") -> None:
+                 chat_template: str = "", chat_template_sha256: str = "", device_map: str = "",
+                 world_size: int = 1) -> None:
         from transformers import AutoTokenizer
 
         self.base_model = Path(base_model)
         self.work_dir = Path(work_dir)
         self.quantized = quantize
         self.checkpoint_steps = checkpoint_steps
+        self.world_size = world_size
         self.deepspeed = check_deepspeed(deepspeed) if deepspeed else None
         self.resumed_from_step = 0  # the step the last round resumed from (0: it started fresh)
         if device_map and (int(os.environ.get("WORLD_SIZE", "1")) > 1 or deepspeed):
@@ -216,7 +220,7 @@ class SftSiteTrainer:
         trainable = self._set_trainable(freeze_lora_a=task.hints.freeze_lora_a)
         args = SFTConfig(
             max_steps=t.max_steps,
-            per_device_train_batch_size=t.per_device_batch_size,
+            per_device_train_batch_size=per_rank_batch(t.per_device_batch_size, self.world_size),
             gradient_accumulation_steps=max(1, t.gradient_accumulation_steps), learning_rate=t.learning_rate,
             weight_decay=t.weight_decay, warmup_steps=t.warmup_ratio, lr_scheduler_type=_scheduler(t),
             max_length=t.max_length, seed=t.seed + task.round, data_seed=t.seed + task.round,
@@ -342,6 +346,9 @@ def data_weight(t: pb.TrainingConfig, num_rows: int, loss_tokens: Callable[[], i
 def check_deepspeed(config: dict[str, Any]) -> dict[str, Any]:
     """Check a site's DeepSpeed config and prepare a single-process run when no launcher set one up.
 
+    Under a launcher (``torchrun``/``accelerate launch``) its ranks train together and ZeRO-1/2 shards the optimizer
+    state over them.
+
     ZeRO-3 partitions the parameters themselves, so reading the adapter delta (and reusing the model across rounds)
     needs gathering that this trainer does not do yet: it is refused rather than silently sending wrong tensors.
 
@@ -385,6 +392,19 @@ def precision_args(deepspeed: dict[str, Any] | None, device: tuple[bool, bool] |
             if enabled:  # one half-precision mode at a time
                 args["fp16" if key == "bf16" else "bf16"] = False
     return args
+
+
+def per_rank_batch(batch: int, world_size: int) -> int:
+    """Each rank's share of the task's batch, which is the whole site's batch however many ranks train it.
+
+    Raises:
+        ValueError: The batch does not split evenly over the ranks (the site would train a different batch than the
+            federation asked for).
+    """
+    if batch % world_size:
+        raise ValueError(f"the task's batch of {batch} does not divide over this site's {world_size} ranks; run "
+                         f"the site on a number of ranks that divides it")
+    return batch // world_size
 
 
 def checkpoint_args(work_dir: Path, task: pb.Task, every: int) -> dict[str, Any]:
