@@ -243,7 +243,7 @@ def _run_method(method: str, cfg: QualityConfig, base_dir: Path, sites: list[Sit
         per_site = {n: _evaluate(trainer, spec, state, rows, cfg.max_length) for n, rows in heldout.items()}
         after = _evaluate(trainer, spec, state, union, cfg.max_length)
         print(f"[quality] {method}: {steps} steps, held-out {before:.3f} -> {after:.3f}", file=sys.stderr, flush=True)
-        return MethodResult(method, (before, after), per_site, examples=res.num_examples,
+        return MethodResult(method, (before, after), per_site, examples=steps * batch,
                             seconds=time.perf_counter() - start)
 
     strategy = build_strategy(method)
@@ -260,8 +260,9 @@ def _run_method(method: str, cfg: QualityConfig, base_dir: Path, sites: list[Sit
         updates = []
         for site, trainer in zip(sites, trainers, strict=True):
             res = trainer.train_round(task, state)
+            # The FedAvg weight is what the site holds (num_examples); the examples it saw are its steps x batch.
             updates.append(ClientUpdate(site.name, res.delta, res.num_examples))
-            examples += res.num_examples
+            examples += cfg.steps * cfg.batch_size
         result = strategy.aggregate(state, updates)
         meter = aggregation_error_from_updates(state, updates, result.state, result.base_residual)
         modules = len(meter)

@@ -22,7 +22,7 @@ class Row:
     ratio: float
     unit: str
     goal: str
-    meets_goal: bool
+    meets_goal: bool | None  # None: an informational row ("goal": "informational"), which cannot fail
 
 
 def write_results(bench: str, rows: list[Row], notes: list[str] | None = None) -> Path:
@@ -32,7 +32,7 @@ def write_results(bench: str, rows: list[Row], notes: list[str] | None = None) -
     print("|---|---:|---:|---:|---|---|---|")
     for r in rows:
         print(f"| {r.case} | {r.ours:.6g} | {r.reference:.6g} | {r.ratio:.4f} | {r.unit} | {r.goal} | "
-              f"{'yes' if r.meets_goal else 'NO'} |")
+              f"{'n/a' if r.meets_goal is None else 'yes' if r.meets_goal else 'NO'} |")
     for n in notes or []:
         print(f"\n{n}")
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ LOSS_TYPES = {
     "simpo": ("simpo",),
 }
 SCHEDULERS = ("constant", "linear", "cosine")
+WEIGHT_BY = ("examples", "tokens")
 # FLoRA's stacked adapter grows in rank each round unless it is folded into the base; sites train one fixed spec,
 # so the engine runs FLoRA only in the paper's fold-every-round form (max_rank = 0).
 def _engine_limits(strategy: Any) -> str:
@@ -39,6 +40,23 @@ def check_strategy(name: str, params: dict[str, Any]) -> None:
         raise ValueError(f"field 'strategy': {limit}")
 
 
+WIRE_DTYPES = ("float32", "bfloat16")  # the adapter's dtype on the wire and in the store ([lora] wire_dtype)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How the federation uses its base model (``[model]``).
+
+    Attributes:
+        chat_template: A Jinja chat template file (relative to federation.toml) for a base that ships none, or to
+            train with instead of the base's own. Unset: the base tokenizer's own template. Either way the template
+            in force is probed at start (the assistant-token mask must come from it) and pinned by SHA-256 in every
+            task; a supplied file travels to the sites with the task.
+    """
+
+    chat_template: Path | None = None
+
+
 @dataclass(frozen=True)
 class LoraSpec:
     """The adapter every site trains.
@@ -47,17 +65,27 @@ class LoraSpec:
         rank: LoRA rank r.
         alpha: LoRA alpha (scaling is alpha / r).
         dropout: LoRA dropout during local training.
-        target_modules: Module names to adapt, or ``["all-linear"]``.
+        target_modules: Module names to adapt (suffixes such as ``q_proj``, matched as PEFT does), or
+            ``["all-linear"]`` (the default: every linear layer but the output layer, which fits any architecture).
+            Resolved against the base model's config at ``fedbridge-admin init`` and at coordinator start; a name
+            that matches nothing is refused with the list of module names the base has.
         seed: Seed of the initial adapter (A is drawn from it; B starts at zero).
+        wire_dtype: The dtype the adapter crosses the wire in, both ways, and is stored in: ``float32`` or
+            ``bfloat16`` (half the bytes). Sites train float32 LoRA weights either way and cast their delta at
+            egress, after clipping and noise; the coordinator aggregates in float32 sums and rounds the new global
+            adapter to this dtype, so with ``bfloat16`` the global adapter is rounded once per round.
     """
 
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    target_modules: tuple[str, ...] = ("all-linear",)
     seed: int = 0
+    wire_dtype: str = "float32"
 
     def __post_init__(self) -> None:
+        if self.wire_dtype not in WIRE_DTYPES:
+            raise ValueError(f"field 'lora.wire_dtype': {self.wire_dtype!r} is not one of {', '.join(WIRE_DTYPES)}")
         if not 1 <= self.rank <= 1024:
             raise ValueError(f"field 'lora.rank': must be in 1..1024, got {self.rank}")
         if self.alpha <= 0:
@@ -79,6 +107,9 @@ class TrainingSpec:
         batch_size: Per-device batch size.
         gradient_accumulation_steps: Micro-batches per optimizer step.
         max_length: Token limit per example.
+        weight_by: What a site's FedAvg weight (its reported ``num_examples``) counts: ``examples``, the training
+            examples it holds, or ``tokens``, the tokens of those examples the loss is computed on (SFT: assistant
+            tokens; preference modes: prompt and answers, as the trainer tokenises them).
         seed: Base seed; each round trains with ``seed + round``.
         weight_decay: AdamW weight decay.
         warmup_ratio: Fraction of steps of linear warm-up.
@@ -101,6 +132,7 @@ class TrainingSpec:
     batch_size: int = 8
     gradient_accumulation_steps: int = 1
     max_length: int = 128
+    weight_by: str = "examples"
     seed: int = 0
     weight_decay: float = 0.0
     warmup_ratio: float = 0.0
@@ -118,6 +150,8 @@ class TrainingSpec:
         self._check_preference()
         if self.lr_scheduler_type not in SCHEDULERS:
             raise ValueError(f"field 'training.lr_scheduler_type': {self.lr_scheduler_type!r} is not one of {SCHEDULERS}")
+        if self.weight_by not in WEIGHT_BY:
+            raise ValueError(f"field 'training.weight_by': {self.weight_by!r} is not one of {WEIGHT_BY}")
         if self.mode not in MODES:
             raise ValueError(f"field 'training.mode': {self.mode!r} is not one of {MODES}")
         for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "max_length"):
@@ -200,6 +234,9 @@ class BenchmarkSpec:
             raise ValueError(f"field 'evaluation.benchmarks.metrics': {bad[0]!r} is not one of {QA_METRICS}")
 
 
+EVAL_MODES = ("local", "endpoint")
+
+
 @dataclass(frozen=True)
 class EvalSpec:
     """Shared evaluation of the merged model with EvalScope after aggregation.
@@ -216,6 +253,18 @@ class EvalSpec:
         punkt_dir: NLTK data folder for BLEU's ``punkt_tab``. If set and it lacks one, a Punkt model is trained on
             the local QA datasets' text and saved there (offline). Unset: BLEU needs ``punkt_tab`` on NLTK's
             search path, else the coordinator refuses to start (offline, EvalScope would silently score BLEU 0).
+        mode: ``local``: EvalScope loads the merged model itself (``llm_ckpt``, on ``device_map``). ``endpoint``:
+            EvalScope scores an OpenAI-compatible server (vLLM, TGI, SGLang...) that serves the merged model.
+            The coordinator writes each merged candidate, starts ``serve_command`` on it, waits until
+            ``api_url``'s ``/models`` lists ``model_id``, scores it, then stops the server.
+        api_url: Endpoint mode: the server's OpenAI base URL, e.g. ``http://127.0.0.1:8000/v1``.
+        api_key_env: Endpoint mode: the name of the environment variable holding the API key (the key itself
+            never goes in the file). Empty: no key (``EMPTY`` is sent, as vLLM expects without ``--api-key``).
+        model_id: Endpoint mode: the model name the server serves the merged model under.
+        serve_command: Endpoint mode: the command that serves a merged model directory at ``api_url``, as an
+            argument list; ``{model_dir}`` is replaced by the merged directory (e.g. ``["vllm", "serve",
+            "{model_dir}", "--served-model-name", "merged", "--port", "8000"]``).
+        ready_timeout_s: Endpoint mode: how long the server may take to list ``model_id``.
     """
 
     enabled: bool = False
@@ -227,8 +276,30 @@ class EvalSpec:
     device_map: str = "cpu"
     precision: str = "float32"
     punkt_dir: Path | None = None
+    mode: str = "local"
+    api_url: str = ""
+    api_key_env: str = ""
+    model_id: str = ""
+    serve_command: tuple[str, ...] = ()
+    ready_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
+        if self.mode not in EVAL_MODES:
+            raise ValueError(f"field 'evaluation.mode': {self.mode!r} is not local or endpoint")
+        if self.mode == "endpoint":
+            if not self.api_url.startswith(("http://", "https://")):
+                raise ValueError(f"field 'evaluation.api_url': endpoint mode needs an http(s) URL, got {self.api_url!r}")
+            if not self.model_id:
+                raise ValueError("field 'evaluation.model_id': endpoint mode needs the served model's name")
+            if not any("{model_dir}" in a for a in self.serve_command):
+                raise ValueError("field 'evaluation.serve_command': endpoint mode needs the command that serves the "
+                                 "merged model, with '{model_dir}' where its directory goes (the merged model of "
+                                 "each round exists only once the coordinator has written it)")
+            if not self.ready_timeout_s > 0:
+                raise ValueError(f"field 'evaluation.ready_timeout_s': must be > 0, got {self.ready_timeout_s}")
+        if self.api_key_env and not self.api_key_env.replace("_", "").isalnum():
+            raise ValueError(f"field 'evaluation.api_key_env': {self.api_key_env!r} is not an environment variable "
+                             "name (put the key in that variable, not in the file)")
         if self.every_k_rounds < 1:
             raise ValueError(f"field 'evaluation.every_k_rounds': must be >= 1, got {self.every_k_rounds}")
         if self.max_new_tokens < 1:
@@ -558,6 +629,7 @@ class FederationConfig:
             deadlines, heartbeats, abandon/retry and late updates).
         strategy: Aggregation strategy name (``strategies.registry.list_strategies()``).
         strategy_params: Parameters of the strategy (plus ``clip_norm`` for norm-bound clipping before the rule).
+        model: The chat template the federation trains with.
         lora: The adapter sites train.
         training: Local training per round.
         listen: ``host:port`` to serve on (port 0 picks a free port, written to ``state_dir/coordinator.port``).
@@ -593,6 +665,7 @@ class FederationConfig:
     min_sites: int = 2
     strategy: str = "fedavg"
     strategy_params: dict[str, Any] = field(default_factory=dict)
+    model: ModelSpec = field(default_factory=ModelSpec)
     lora: LoraSpec = field(default_factory=LoraSpec)
     training: TrainingSpec = field(default_factory=TrainingSpec)
     listen: str = "127.0.0.1:0"

@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 
 from coordinator.admin.servicer import AdminServicer
+from coordinator.basemodel import check_base_model
 from coordinator.config import FederationConfig
 from coordinator.ingress.secagg_servicer import SecAggServicer
 from coordinator.ingress.servicer import FederationServicer
@@ -86,9 +87,11 @@ def server_credentials(cfg: FederationConfig) -> grpc.ServerCredentials:
 async def serve(cfg: FederationConfig, stop: asyncio.Event | None = None) -> None:
     """Serve until stopped (SIGTERM/SIGINT or ``stop``), or until done and drained if ``exit_when_done``."""
     manifest = Manifest.of_dir(cfg.base_model)
+    # Target names and the chat template first: they need no weights, and a bad one is refused in seconds.
+    template = await asyncio.to_thread(check_base_model, cfg)
     adapter = await asyncio.to_thread(init_adapter, cfg.base_model, cfg.lora)
     store = Store(cfg.state_dir)
-    engine = RoundEngine(cfg, store, manifest.sha256, adapter)
+    engine = RoundEngine(cfg, store, manifest.sha256, adapter, template)
     interceptors = [InboundRecorder(cfg.record_inbound)] if cfg.record_inbound else []
     server = grpc.aio.server(interceptors=interceptors, options=[
         ("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)])

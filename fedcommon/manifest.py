@@ -1,4 +1,9 @@
-"""Model manifests: the SHA-256 of every file in a model directory, and one hash that pins them all.
+"""Model manifests: the SHA-256 of every file that makes a model, and one hash that pins them all.
+
+Only the files that decide what the model computes are pinned: weights (``*.safetensors``, ``*.bin`` and their
+index), ``config.json``, ``generation_config.json``, the tokenizer files and chat templates. A hub download also
+holds ``README.md``, ``.gitattributes``, images and licence texts; a site that edits or lacks those still trains the
+same model, so they are ignored rather than turned into a refusal nobody can act on.
 
 The manifest hash travels in every task and every update envelope, so a site can prove it trained on exactly the
 base model the federation agreed on, and the coordinator can refuse an update made against any other.
@@ -6,6 +11,7 @@ base model the federation agreed on, and the coordinator can refuse an update ma
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 from dataclasses import dataclass
@@ -13,6 +19,20 @@ from pathlib import Path
 
 MANIFEST_NAME = "fedbridge-manifest.json"
 _CHUNK = 1 << 20
+# File-name patterns (matched on the name, in any sub-folder) of the files that make a model.
+MODEL_FILE_PATTERNS = (
+    "*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json",  # weights and their shard index
+    "config.json", "generation_config.json",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "vocab.txt", "merges.txt", "*.model", "*.tiktoken",  # BPE/WordPiece/SentencePiece/tiktoken
+    "chat_template.jinja", "chat_template.json", "*.jinja",  # transformers 5 also writes additional_chat_templates/
+)
+
+
+def is_model_file(rel: str) -> bool:
+    """Whether the file at relative POSIX path ``rel`` is one the manifest pins (see ``MODEL_FILE_PATTERNS``)."""
+    name = rel.rsplit("/", 1)[-1]
+    return any(fnmatch.fnmatchcase(name, pat) for pat in MODEL_FILE_PATTERNS)
 
 
 class ManifestMismatch(ValueError):
@@ -30,7 +50,7 @@ def sha256_file(path: Path) -> str:
 
 @dataclass(frozen=True)
 class Manifest:
-    """Hashes of every file of a model directory (the manifest file itself excluded).
+    """Hashes of the model files of a model directory (see ``MODEL_FILE_PATTERNS``; the manifest excluded).
 
     Attributes:
         files: Relative POSIX path -> hex SHA-256.
@@ -48,17 +68,18 @@ class Manifest:
 
     @classmethod
     def of_dir(cls, model_dir: str | Path) -> Manifest:
-        """Hash every regular file under ``model_dir`` (skipping the manifest file and hidden files)."""
+        """Hash every model file under ``model_dir`` (skipping the manifest, hidden files and non-model files)."""
         root = Path(model_dir)
         if not root.is_dir():
             raise ManifestMismatch(f"model directory {root} does not exist")
         files = {}
         for p in sorted(root.rglob("*")):
             rel = p.relative_to(root).as_posix()
-            if p.is_file() and rel != MANIFEST_NAME and not any(part.startswith(".") for part in p.relative_to(root).parts):
+            if p.is_file() and rel != MANIFEST_NAME and is_model_file(rel) and \
+                    not any(part.startswith(".") for part in p.relative_to(root).parts):
                 files[rel] = sha256_file(p)
         if not files:
-            raise ManifestMismatch(f"model directory {root} holds no files")
+            raise ManifestMismatch(f"model directory {root} holds no model files (weights, config.json, tokenizer)")
         return cls(files)
 
     @classmethod
@@ -98,6 +119,6 @@ def verify_model_dir(model_dir: str | Path, expected_sha256: str) -> Manifest:
         changed = sorted(k for k in want.files.keys() & actual.files.keys() if want.files[k] != actual.files[k])
         missing = sorted(want.files.keys() - actual.files.keys())
         extra = sorted(actual.files.keys() - want.files.keys())
-        detail = f" (changed: {changed}, missing: {missing}, unexpected: {extra})"
+        detail = f" (changed: {changed}, missing: {missing}, unexpected model files: {extra})"
     raise ManifestMismatch(f"base model at {model_dir} has manifest hash {actual.sha256[:16]}…, "
                            f"the task pins {expected_sha256[:16]}…{detail}")

@@ -21,14 +21,20 @@ def demo(workdir: Path = typer.Option(Path("demo-run"), help="folder for PKI, da
          rounds: int = typer.Option(4, help="federated rounds"),
          steps: int = typer.Option(30, help="local steps per round"),
          learning_rate: float = typer.Option(2e-3, help="local learning rate"),
-         rank: int = typer.Option(16, help="LoRA rank")) -> None:
+         rank: int = typer.Option(16, help="LoRA rank"),
+         base_model: Path | None = typer.Option(None, "--base-model", help="local HF base model directory to "
+                                                "federate (default: the house tiny Llama, built on the spot)"),
+         chat_template: Path | None = typer.Option(None, "--chat-template", help="Jinja chat template file for a "
+                                                   "base that ships none"),
+         eval_every: int = typer.Option(1, "--eval-every", help="shared EvalScope evaluation every k rounds "
+                                        "(0: off, and no release gate)")) -> None:
     """Run a coordinator and SITES site agents on loopback with mTLS for ROUNDS rounds, then publish."""
     from sandbox.demo import DemoConfig, run_demo
 
     logging.basicConfig(level=logging.WARNING)
     try:
         cfg = DemoConfig(workdir=workdir, sites=sites, rounds=rounds, steps=steps, learning_rate=learning_rate,
-                         rank=rank)
+                         rank=rank, base_model=base_model, chat_template=chat_template, eval_every=eval_every)
     except ValueError as e:
         console.print(f"[bold red]error:[/] {e}")
         raise typer.Exit(2) from None

@@ -40,6 +40,9 @@ class DemoConfig:
         timeout_s: Give up (and stop every process) after this long.
         eval_every: Shared EvalScope evaluation after every k-th round (and always the last); 0 turns it off.
         gate_qa: Release gate: minimum general_qa score (Rouge-L recall) of the final model.
+        base_model: A local Hugging Face base model directory to federate instead of the house tiny model (any
+            causal LM; a ``fedbridge-manifest.json`` is not needed, the coordinator hashes the model files).
+        chat_template: A Jinja chat template file for a base that ships none (``[model] chat_template``).
     """
 
     workdir: Path = Path("demo-run")
@@ -51,8 +54,14 @@ class DemoConfig:
     timeout_s: float = 600.0
     eval_every: int = 1
     gate_qa: float = 0.5
+    base_model: Path | None = None
+    chat_template: Path | None = None
 
     def __post_init__(self) -> None:
+        if self.base_model is not None and not (Path(self.base_model) / "config.json").is_file():
+            raise ValueError(f"--base-model {self.base_model}: not a model directory (no config.json)")
+        if self.chat_template is not None and not Path(self.chat_template).is_file():
+            raise ValueError(f"--chat-template {self.chat_template}: no such file")
         if not 1 <= self.sites <= 5:
             raise ValueError(f"sites must be 1..5, got {self.sites}")
         if self.rounds < 1 or self.steps < 1:
@@ -176,10 +185,15 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> Path:
     workdir = Path(cfg.workdir).resolve()
     shutil.rmtree(workdir, ignore_errors=True)
     console.print(f"[bold]fedbridge demo[/]: {cfg.sites} sites, {cfg.rounds} rounds, {cfg.steps} local steps/round")
-    with console.status("building the tiny base model (cached after the first run)"):
-        base = build_tiny_model()
+    if cfg.base_model is not None:
+        base = Path(cfg.base_model).resolve()
+    else:
+        with console.status("building the tiny base model (cached after the first run)"):
+            base = build_tiny_model()
     evaluate = cfg.eval_every > 0
     fed = localfed.prepare(workdir, base, n_sites=cfg.sites, rounds=cfg.rounds,
+                           chat_template=Path(cfg.chat_template).resolve() if cfg.chat_template else None,
+                           base_model_ref=base.name if cfg.base_model is not None else "fedbridge/tiny-llama",
                            training={"max_steps": cfg.steps, "learning_rate": cfg.learning_rate, "batch_size": 8},
                            lora={"rank": cfg.rank, "alpha": 2.0 * cfg.rank, "target_modules": ["all-linear"]},
                            shared_eval={"every_k_rounds": cfg.eval_every, "max_new_tokens": 8} if evaluate else None,

@@ -145,13 +145,15 @@ def prepare(root: Path, base_model: Path, *, n_sites: int = 3, rounds: int = 3, 
             federation_id: str = "demo", shared_eval: dict[str, Any] | None = None, gate: dict[str, Any] | None = None,
             publish: dict[str, Any] | None = None, strategy: str = "fedavg",
             strategy_params: dict[str, Any] | None = None, privacy: dict[str, Any] | None = None,
-            quorum: dict[str, Any] | None = None) -> LocalFederation:
+            quorum: dict[str, Any] | None = None, chat_template: Path | None = None,
+            base_model_ref: str = "fedbridge/tiny-llama") -> LocalFederation:
     """Lay out a federation under ``root``: PKI, data, and ``federation.toml``.
 
     ``shared_eval`` turns on the coordinator's EvalScope evaluation on a generated shared benchmark covering every
     site's fact family (:mod:`sandbox.benchmarks`); its keys override ``[evaluation]`` settings. ``gate`` and
     ``publish`` become the ``[gate]`` and ``[publish]`` tables, ``privacy`` the ``[privacy]`` table, ``quorum`` the
-    ``[quorum]`` table (deadline, heartbeats, late-update policy).
+    ``[quorum]`` table (deadline, heartbeats, late-update policy). ``chat_template`` becomes ``[model]
+    chat_template`` (a template file for a base that ships none).
     """
     root = Path(root)
     sites = make_site_datasets(root / "data", n_sites=n_sites, seed=seed, marker=marker, n_train=n_train,
@@ -160,7 +162,7 @@ def prepare(root: Path, base_model: Path, *, n_sites: int = 3, rounds: int = 3, 
     state_dir, registry = root / "coordinator" / "state", root / "published"
     record = root / "coordinator" / "inbound.rec" if record_inbound else None
     cfg: dict[str, Any] = {
-        "federation_id": federation_id, "base_model": str(base_model), "base_model_ref": "fedbridge/tiny-llama",
+        "federation_id": federation_id, "base_model": str(base_model), "base_model_ref": base_model_ref,
         "rounds": rounds, "min_sites": min_sites or n_sites, "strategy": strategy,
         "strategy_params": strategy_params or {}, "listen": "127.0.0.1:0",
         "state_dir": str(state_dir), "registry_dir": str(registry), "exit_when_done": True,
@@ -174,6 +176,7 @@ def prepare(root: Path, base_model: Path, *, n_sites: int = 3, rounds: int = 3, 
         cfg["evaluation"] = {"enabled": True, "benchmarks": bench.benchmark_tables(), **shared_eval}
     cfg["gate"], cfg["publish"], cfg["privacy"] = gate or {}, publish or {}, privacy or {}
     cfg["quorum"] = quorum or {}
+    cfg["model"] = {"chat_template": str(chat_template)} if chat_template else {}
     fed_toml = root / "coordinator" / "federation.toml"
     fed_toml.parent.mkdir(parents=True, exist_ok=True)
     fed_toml.write_text(dumps({k: v for k, v in cfg.items() if v != {}}))

@@ -22,6 +22,7 @@ import os
 import random
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Annotated
@@ -242,14 +243,23 @@ def build_tiny_model(config: TinyModelConfig = TinyModelConfig(), cache_dir: str
         when its files still match its manifest; otherwise it is rebuilt.
     """
     root = (Path(cache_dir) if cache_dir is not None else default_cache_root()) / "tiny-models"
-    final = root / config.config_hash()
+    return install_cached(root, config.config_hash(), lambda out: _build_into(config, out))
+
+
+def install_cached(root: Path, key: str, build: Callable[[Path], None]) -> Path:
+    """Return ``root/key``, building it with ``build(tmp_dir)`` and renaming it into place on a cache miss.
+
+    A directory whose files still match its manifest is returned untouched; ``build`` must write the manifest.
+    Parallel builders may race: the first complete rename wins and the others use it.
+    """
+    final = root / key
     if _is_valid(final):
         return final
     root.mkdir(parents=True, exist_ok=True)
-    logger.info("[tiny_model.build] building %s into %s", config.config_hash(), final)
-    tmp = Path(tempfile.mkdtemp(prefix=f".build-{config.config_hash()}-", dir=root))
+    logger.info("[tiny_model.build] building %s into %s", key, final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".build-{key}-", dir=root))
     try:
-        _build_into(config, tmp)
+        build(tmp)
         tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared like any model directory
         for _ in range(3):
             try:
@@ -266,7 +276,6 @@ def build_tiny_model(config: TinyModelConfig = TinyModelConfig(), cache_dir: str
         raise RuntimeError(f"could not install the tiny model at {final}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
 
 app = typer.Typer(help="Build the tiny local model used by the tests and the demo (nothing is downloaded).",
                   no_args_is_help=True)

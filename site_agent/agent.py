@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedcommon import tensors
 from fedcommon.auditlog import AuditLog
+from fedcommon.chat import TemplateError, TemplateMismatch, template_sha256
 from fedcommon.manifest import ManifestMismatch, verify_model_dir
 from protos import codec
 from protos.fedbridge.v1 import federation_service_pb2 as pb
@@ -21,7 +22,7 @@ from site_agent.client import CoordinatorClient, LateUpdateRefused
 from site_agent.config import SiteConfig
 from site_agent.egress import secagg
 from site_agent.egress.dp import LEDGER_NAME, PrivacyLedger, check_budget, resolve
-from site_agent.egress.filters import apply_filters
+from site_agent.egress.filters import CastFilter, apply_filters
 from site_agent.egress.guard import EgressGuard, EgressRefusal
 from site_agent.policy import (
     AuditSink,
@@ -32,6 +33,7 @@ from site_agent.policy import (
     check_upload_size,
     load_policy,
 )
+from site_agent.ranks import Ranks
 from site_agent.training.data import load_for_mode, load_jsonl, load_sft
 from site_agent.training.evaluation import is_mcq, mcq_accuracy
 
@@ -41,6 +43,10 @@ AGENT_VERSION = "fedbridge-site/0.1.0"
 
 class SiteRefusal(RuntimeError):
     """The site refuses a task (the message names the reason); nothing was trained or sent."""
+
+
+class TemplateRefusal(SiteRefusal):
+    """The site refuses the task's chat template: it misses its pin, or no assistant mask comes from it."""
 
 
 @dataclass
@@ -73,11 +79,15 @@ def load_signing_key(path: Path) -> Ed25519PrivateKey:
 
 
 def make_trainer(mode: str, base_model: Path, train_path: Path, work_dir: Path,  # type: ignore[no-untyped-def]
-                 checkpoint_steps: int = 0, deepspeed: Path | None = None):
+                 checkpoint_steps: int = 0, deepspeed: Path | None = None, chat_template: str = "",
+                 chat_template_sha256: str = "", device_map: str = "", world_size: int = 1):
     """The site trainer for ``mode``, on the training file read in the format that mode needs.
 
+    ``chat_template`` / ``chat_template_sha256`` are the task's template and pin (already checked against each
+    other by :func:`check_template_pin`); the trainer checks the tokenizer's template in force against the pin.
+
     Raises:
-        SiteRefusal: The training file is not in the format the mode trains on.
+        SiteRefusal: The training file is not in the format the mode trains on, or the template is refused.
     """
     from site_agent.training.data import DataError
     from site_agent.training.preference import PREFERENCE_MODES, PreferenceSiteTrainer
@@ -90,28 +100,96 @@ def make_trainer(mode: str, base_model: Path, train_path: Path, work_dir: Path, 
     ds = json.loads(Path(deepspeed).read_text()) if deepspeed else None
     if ds and mode != "sft":  # the preference trainers and a 4-bit base under DeepSpeed are not tested yet
         raise SiteRefusal(f"refusing task: this site's DeepSpeed config is wired for mode 'sft' only, not {mode!r}")
-    if mode in PREFERENCE_MODES:
-        return PreferenceSiteTrainer(base_model, rows, work_dir, mode, checkpoint_steps=checkpoint_steps)
-    if mode in ("sft", "qlora"):
-        return SftSiteTrainer(base_model, rows, work_dir, quantize=mode == "qlora", checkpoint_steps=checkpoint_steps,
-                              deepspeed=ds)
+    if world_size > 1 and mode != "sft":  # the preference and 4-bit trainers are not tested on several ranks yet
+        raise SiteRefusal(f"refusing task: a site on {world_size} ranks trains mode 'sft' only, not {mode!r}; run "
+                          f"it as one process")
+    try:
+        if mode in PREFERENCE_MODES:
+            return PreferenceSiteTrainer(base_model, rows, work_dir, mode, checkpoint_steps=checkpoint_steps,
+                                         chat_template=chat_template, chat_template_sha256=chat_template_sha256,
+                                         device_map=device_map)
+        if mode in ("sft", "qlora"):
+            return SftSiteTrainer(base_model, rows, work_dir, quantize=mode == "qlora",
+                                  checkpoint_steps=checkpoint_steps, deepspeed=ds, chat_template=chat_template,
+                                  chat_template_sha256=chat_template_sha256, device_map=device_map,
+                                  world_size=world_size)
+    except (TemplateMismatch, TemplateError) as e:
+        raise TemplateRefusal(f"refusing task: {e}") from None
     raise SiteRefusal(f"refusing task: training mode {mode!r} is not supported by this agent")
 
 
-def run_site(cfg: SiteConfig, show_progress: bool = True, audit: AuditSink | None = None) -> int:
+def check_template_pin(task: pb.Task) -> None:
+    """Refuse a task whose chat template does not hash to the task's own pin (before it reaches any tokenizer).
+
+    The template is data: transformers renders it in its sandboxed Jinja environment, it is never run as code.
+    The pin is checked anyway so a site trains with exactly the template the federation agreed on.
+
+    Raises:
+        TemplateRefusal: The template's SHA-256 is not the pin, or a template comes without a pin.
+    """
+    if not task.chat_template:
+        return
+    got = template_sha256(task.chat_template)
+    if got != task.chat_template_sha256:
+        raise TemplateRefusal(f"refusing task: the chat template it carries hashes to {got[:16]}…, but the task "
+                               f"pins {task.chat_template_sha256[:16] or '(nothing)'}…")
+
+
+def run_site(cfg: SiteConfig, show_progress: bool = True, audit: AuditSink | None = None,
+             ranks: Ranks | None = None) -> int:
     """Serve the federation until it is done. Returns the number of rounds this site trained.
+
+    Under a launcher (``torchrun``, ``accelerate launch``) every rank runs this: rank 0 serves the federation and
+    hands each round to the others, which train it with it (see ``site_agent/ranks.py``).
 
     Raises:
         PolicyRefusal: The coordinator or a task is outside the site's policy (recorded in ``audit`` first).
         SiteRefusal: The task cannot run here (base model mismatch, data unsuitable for the mode).
     """
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    ranks = ranks or Ranks.from_env()
+    try:
+        if not ranks.is_main:
+            return _follow_rounds(cfg, ranks)
+        return _serve(cfg, show_progress, audit, ranks)
+    finally:
+        ranks.close()
+
+
+def _follow_rounds(cfg: SiteConfig, ranks: Ranks) -> int:
+    """A rank other than 0: train every round rank 0 hands over, until it hands over none. Nothing leaves from here.
+
+    Returns:
+        The number of rounds this rank helped train.
+    """
+    base_check = _BaseModelCheck(cfg.base_model)  # each rank checks the weights it loads (ranks may be on other hosts)
+    trainer, trained = None, 0
+    while True:
+        parts = ranks.broadcast_bytes(None)
+        if not parts:  # rank 0 is done (or stopped): leave with it
+            return trained
+        task_bytes, global_bytes, residual_bytes = parts
+        task = pb.Task.FromString(task_bytes)
+        base_check.verify(task.base_model_sha256)
+        if trainer is None:
+            check_template_pin(task)  # every rank trains with the template the task pins, checked where it is used
+            os.makedirs(cfg.work_dir, exist_ok=True)
+            trainer = make_trainer(task.training.mode or "sft", cfg.base_model, cfg.data.train, cfg.work_dir,
+                                   cfg.checkpoint_steps, cfg.deepspeed, task.chat_template, task.chat_template_sha256,
+                                   world_size=ranks.world)
+        trainer.set_base_residual(tensors.decode_state(residual_bytes) if residual_bytes else {})
+        trainer.train_round(task, tensors.decode_state(global_bytes))
+        trained += 1
+
+
+def _serve(cfg: SiteConfig, show_progress: bool, audit: AuditSink | None, ranks: Ranks) -> int:
+    """Rank 0 (the only rank outside a launcher): the task loop that talks to the coordinator."""
     from site_agent.progress import RoundProgress
 
     # Everything that leaves the site, and every policy decision, goes to the site's own hash-chained audit log.
     audit = audit or AuditLog(Path(cfg.work_dir) / "audit.jsonl")
     guard = EgressGuard()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     # 1. Validate all private data and the site's policy before anything else: no training starts on a partly bad
     #    file, and no connection goes to a coordinator the policy does not trust.
     train_rows = load_jsonl(cfg.data.train)
@@ -127,7 +205,7 @@ def run_site(cfg: SiteConfig, show_progress: bool = True, audit: AuditSink | Non
     signing_key = load_signing_key(cfg.tls.signing_key)
     ledger = PrivacyLedger(cfg.dp.ledger or Path(cfg.work_dir) / LEDGER_NAME)  # spent ε survives restarts
     base_check = _BaseModelCheck(cfg.base_model)
-    trainer, trainer_mode = None, ""
+    trainer, trainer_mode, trainer_template = None, "", ""
     client = CoordinatorClient(cfg)
     trained = 0
     try:
@@ -157,36 +235,57 @@ def run_site(cfg: SiteConfig, show_progress: bool = True, audit: AuditSink | Non
                     audit.record("task_refused", {"site": cfg.name, "round": task.round, "rule": e.rule,
                                                   "mode": task.training.mode})
                     raise
+                if task.training.per_device_batch_size % ranks.world:
+                    audit.record("task_refused", {"site": cfg.name, "round": task.round, "rule": "batch_per_rank",
+                                                  "mode": task.training.mode})
+                    raise SiteRefusal(f"refusing task: its batch of {task.training.per_device_batch_size} does not "
+                                      f"divide over this site's {ranks.world} ranks; run the site on a number of "
+                                      "ranks that divides it")
                 audit.record("task_accepted", {"site": cfg.name, "round": task.round, "mode": task.training.mode,
                                                "max_steps": task.training.max_steps,
-                                               "base_model_sha256": task.base_model_sha256})
+                                               "base_model_sha256": task.base_model_sha256,
+                                               "chat_template_sha256": task.chat_template_sha256})
             base_check.verify(task.base_model_sha256)
             mode = task.training.mode or "sft"
-            if trainer is None:
-                os.makedirs(cfg.work_dir, exist_ok=True)
-                trainer = make_trainer(mode, cfg.base_model, cfg.data.train, cfg.work_dir, cfg.checkpoint_steps,
-                                       cfg.deepspeed)
-                trainer_mode = mode
+            try:
+                check_template_pin(task)
+                if trainer is None:
+                    os.makedirs(cfg.work_dir, exist_ok=True)
+                    trainer = make_trainer(mode, cfg.base_model, cfg.data.train, cfg.work_dir, cfg.checkpoint_steps,
+                                           cfg.deepspeed, task.chat_template, task.chat_template_sha256,
+                                           cfg.device_map, world_size=ranks.world)
+                    trainer_mode, trainer_template = mode, task.chat_template_sha256
+                elif task.chat_template_sha256 != trainer_template:
+                    raise TemplateRefusal("refusing task: the federation changed its chat template mid-run; "
+                                          "restart the agent")
+            except TemplateRefusal as e:  # audited like the policy's refusals: which rule, never any data
+                audit.record("task_refused", {"site": cfg.name, "round": task.round, "rule": "chat_template",
+                                              "reason": str(e)[:500]})
+                raise
             global_bytes = client.download_adapter(task.round, task.global_adapter_sha256, task.global_adapter_size)
             global_state = tensors.decode_state(global_bytes)
-            residual = {}
+            residual_bytes = b""
             if task.base_residual_size:  # FedEx-LoRA: the federation folded a correction into the base weights
-                residual = tensors.decode_state(client.download_adapter(
-                    task.round, task.base_residual_sha256, task.base_residual_size, pb.ARTIFACT_KIND_BASE_RESIDUAL))
-            trainer.set_base_residual(residual)
+                residual_bytes = client.download_adapter(
+                    task.round, task.base_residual_sha256, task.base_residual_size, pb.ARTIFACT_KIND_BASE_RESIDUAL)
+            trainer.set_base_residual(tensors.decode_state(residual_bytes) if residual_bytes else {})
             if resp.status == pb.TASK_STATUS_DONE:
                 _report_eval(client, trainer, task, global_state, heldout_rows, guard, audit, cfg.name)
                 log.info("[Site] federation=%s done after %d rounds", task.federation_id, task.total_rounds)
                 return trained
             if mode != trainer_mode:
                 raise SiteRefusal("refusing task: the federation changed its training mode mid-run; restart the agent")
-            # 5. Train locally.
+            # 5. Train locally (on a multi-rank site: every rank trains this round together, from the same bytes).
+            if ranks.world > 1:
+                ranks.broadcast_bytes([task.SerializeToString(), global_bytes, residual_bytes])
             with client.heartbeats(task.round, task.training.max_steps) as beats, \
                     RoundProgress(cfg.name, task.round, task.total_rounds, task.training.max_steps,
                                   enabled=show_progress) as bar:
                 result = trainer.train_round(task, global_state, lambda s, n, loss: (beats.progress(s), bar.update(s, n, loss)))
-            # 6. Only the adapter delta leaves: egress filters (clip -> DP noise), encode, sign, upload.
-            delta = apply_filters(result.delta, dp.filters())
+            # 6. Only the adapter delta leaves: egress filters (clip -> DP noise -> cast to the wire dtype), encode,
+            #    sign, upload.
+            cast = CastFilter.for_spec([t.dtype for t in task.adapter_spec.tensors])
+            delta = apply_filters(result.delta, [*dp.filters(), cast])
             tensors.check_against_spec(delta, task.adapter_spec)
             payload = tensors.encode_state(delta)
             try:
@@ -256,6 +355,8 @@ def run_site(cfg: SiteConfig, show_progress: bool = True, audit: AuditSink | Non
             _report_eval(client, trainer, task, global_state, heldout_rows, guard, audit, cfg.name)
     finally:
         client.close()
+        if ranks.world > 1:  # done, refused or failed: the other ranks leave with rank 0
+            ranks.broadcast_bytes([])
 
 
 def _send_metrics(client: CoordinatorClient, guard: EgressGuard, audit: AuditSink, site: str, round: int, phase: str,

@@ -48,8 +48,19 @@ def run(config: Path = typer.Option(..., "--config", "-c", help="site.toml"),
 @app.command()
 def preflight(config: Path = typer.Option(..., "--config", "-c", help="site.toml"),
               require_gpu: bool = typer.Option(False, "--require-gpu", help="fail when no GPU is visible"),
-              timeout: float = typer.Option(5.0, "--timeout", help="seconds to wait for the coordinator")) -> None:
-    """Check the kit (certificates, coordinator, base model, data, disk, GPU) and run one dry training step."""
+              timeout: float = typer.Option(5.0, "--timeout", help="seconds to wait for the coordinator"),
+              mode: str | None = typer.Option(None, "--mode", help="the federation's training mode (sft, qlora, dpo, "
+                                              "kto, orpo, simpo). Default: the policy's only allowed mode if it allows "
+                                              "one, else sft"),
+              chat_template: Path | None = typer.Option(None, "--chat-template", help="the federation's chat "
+                                                        "template file, if it supplies one ([model] chat_template); "
+                                                        "default: chat_template.jinja beside site.toml (the kit's)")
+              ) -> None:
+    """Check the kit (certificates, coordinator, base model, data, disk, GPU) and run one real training step.
+
+    The step runs the trainer `run` would build for the federation's mode, with its chat template and assistant
+    masks, on this site's own training file (one step; nothing is sent), so it fails where `run` would.
+    """
     from rich.table import Table
 
     from fedcommon.tomlconfig import ConfigError
@@ -65,7 +76,10 @@ def preflight(config: Path = typer.Option(..., "--config", "-c", help="site.toml
     table = Table(title=f"preflight: site {cfg.name}")
     for col in ("check", "result", "detail"):
         table.add_column(col)
-    rows = run_preflight(cfg, connect_timeout_s=timeout, require_gpu=require_gpu)
+    kit_template = Path(config).parent / "chat_template.jinja"  # fedbridge-admin enroll-site puts it in the kit
+    if chat_template is None and kit_template.is_file():
+        chat_template = kit_template
+    rows = run_preflight(cfg, connect_timeout_s=timeout, require_gpu=require_gpu, mode=mode, chat_template=chat_template)
     for row in rows:
         table.add_row(row.name, "[green]PASS[/]" if row.ok else "[bold red]FAIL[/]", row.detail)
     Console().print(table)

@@ -41,6 +41,9 @@ class SiteData:
     heldout: Path | None = None
 
 
+DEVICE_MAPS = ("", "auto", "balanced", "balanced_low_0", "sequential")  # transformers' placement strategies
+
+
 @dataclass(frozen=True)
 class SiteConfig:
     """Everything a site agent needs.
@@ -65,6 +68,9 @@ class SiteConfig:
         deepspeed: A DeepSpeed JSON config (ZeRO stage 1 or 2; mode sft) for training through accelerate/DeepSpeed on a
             multi-GPU site (launch the agent under ``deepspeed``/``torchrun``); without a launcher it runs
             single-process. Unset: plain PyTorch.
+        device_map: On CUDA, how the base is placed: ``"auto"`` (or ``balanced``, ``sequential``...) spreads a base
+            larger than one GPU over the visible GPUs (transformers' ``device_map``); one process only, not with
+            a multi-rank launch. Empty: the whole base on one GPU. Ignored on CPU.
         dp: The site's own differential-privacy settings (noise multiplier, clip bound, ledger file); combined with
             the task's request into the stronger one (see :mod:`site_agent.egress.dp`).
     """
@@ -84,8 +90,12 @@ class SiteConfig:
     checkpoint_steps: int = 0
     deepspeed: Path | None = None
     dp: SiteDpConfig = field(default_factory=SiteDpConfig)
+    device_map: str = ""
 
     def __post_init__(self) -> None:
+        if self.device_map not in DEVICE_MAPS and not self.device_map.startswith("cuda"):
+            raise ValueError(f"field 'device_map': {self.device_map!r} is not one of {', '.join(DEVICE_MAPS[1:])} "
+                             "or a cuda device")
         if ":" not in self.coordinator:
             raise ValueError(f"field 'coordinator': must be host:port, got {self.coordinator!r}")
         if self.lora_rank < 0:

@@ -3,17 +3,21 @@
 Checks, in order: the site policy, the certificates (they chain to the federation CA, are in date, and the key
 matches), the envelope signing key, the coordinator (an mTLS handshake), the base model (against the policy's
 allowed hashes when it names any), the private data files (whole-file validation), free disk in the work
-directory, the GPU (reported; required only when asked), and one dry LoRA training step on synthetic data.
-Nothing leaves the site except the TLS handshake.
+directory, the GPU (reported; required only when asked), and one real training step: the very trainer ``run``
+builds for the federation's mode, with the federation's chat template and the project's assistant masks, on the
+site's own training file, so preflight fails exactly where ``run`` would. Nothing leaves the site except the TLS
+handshake.
 """
 
 from __future__ import annotations
 
 import datetime
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from site_agent.config import SiteConfig
 
@@ -79,7 +83,34 @@ def _coordinator(cfg: SiteConfig, timeout_s: float) -> str:
     return f"{cfg.coordinator}: mTLS handshake ok"
 
 
-def _base_model(cfg: SiteConfig) -> str:
+def preflight_mode(cfg: SiteConfig, mode: str | None) -> str:
+    """The training mode preflight checks: ``mode`` if given, else the policy's only allowed mode, else ``sft``.
+
+    The site learns the federation's mode only from its first task; an operator who knows it passes ``--mode``.
+
+    Raises:
+        ValueError: ``mode`` is one the site's policy does not allow (``run`` would refuse the task).
+    """
+    from site_agent.policy import load_policy
+
+    allowed = load_policy(cfg.policy).allowed_modes
+    if mode is None:
+        return allowed[0] if len(allowed) == 1 else "sft"
+    if mode not in allowed:
+        raise ValueError(f"mode {mode!r} is not one of the policy's allowed_modes {list(allowed)}")
+    return mode
+
+
+def _template_text(chat_template: Path | None) -> str:
+    from site_agent.training.masking import TemplateError, read_template_file
+
+    try:
+        return read_template_file(chat_template) if chat_template is not None else ""
+    except TemplateError as e:
+        raise ValueError(str(e)) from None
+
+
+def _base_model(cfg: SiteConfig, mode: str = "sft", chat_template: Path | None = None) -> str:
     from fedcommon.manifest import Manifest
     from site_agent.policy import load_policy
 
@@ -87,7 +118,20 @@ def _base_model(cfg: SiteConfig) -> str:
     allowed = load_policy(cfg.policy).allowed_base_models
     if allowed and sha not in allowed:
         raise ValueError(f"manifest {sha[:16]}… is not one of the policy's allowed base models")
-    return f"manifest {sha[:16]}…" + (" (allowed by policy)" if allowed else "")
+    from transformers import AutoTokenizer
+
+    from site_agent.training.masking import apply_chat_template_text, check_template
+
+    # Training and scoring mark assistant tokens from the chat template (the federation's, else the base's own):
+    # refuse one they cannot use. Preference modes may train on plain strings, which need none (the step tells).
+    tokenizer = AutoTokenizer.from_pretrained(cfg.base_model)
+    text = _template_text(chat_template)
+    if text:
+        apply_chat_template_text(tokenizer, text)
+    elif mode in ("sft", "qlora"):
+        check_template(tokenizer)
+    return f"manifest {sha[:16]}…" + (" (allowed by policy)" if allowed else "") + \
+        (", chat template ok" if text or mode in ("sft", "qlora") else "")
 
 
 def _data(cfg: SiteConfig) -> str:
@@ -116,44 +160,58 @@ def _gpu(require: bool) -> str:
     return "none (CPU training)"
 
 
-def _dry_step(cfg: SiteConfig) -> str:
-    """One LoRA forward/backward/update on a synthetic chat row: the model, tokenizer and training stack work."""
-    import torch
-    from peft import get_peft_model
-    from transformers import AutoTokenizer
+def _train_step(cfg: SiteConfig, mode: str, chat_template: Path | None) -> str:
+    """One optimizer step of the trainer ``run`` builds for ``mode``, on the site's own training file.
 
-    from fedcommon.models import load_base, lora_config_for
+    Same data loading and format check, same chat template and assistant masks, same TRL trainer; only the task is
+    a local one (one step, batch 1, a fresh rank-4 all-linear adapter). Nothing is sent anywhere.
+    """
+    import math
 
-    tok = AutoTokenizer.from_pretrained(cfg.base_model)
-    # The same loader as training (float32; the task, not site.toml, decides on 4-bit), with a small probe adapter.
-    model = get_peft_model(load_base(cfg.base_model), lora_config_for(4, 8, 0.0, "all-linear"))
-    messages = [{"role": "user", "content": "Preflight: what is two plus two?"}, {"role": "assistant", "content": "4"}]
-    ids = tok.apply_chat_template(messages, tokenize=True, return_dict=True, return_tensors="pt")["input_ids"]
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    start = time.perf_counter()
-    loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    opt.step()
-    if not torch.isfinite(loss):
-        raise ValueError("the dry step's loss is not finite")
-    return f"loss {float(loss):.3f}, {time.perf_counter() - start:.2f} s"
+    from protos.fedbridge.v1 import federation_service_pb2 as pb
+    from site_agent.agent import make_trainer
+    from site_agent.training.masking import template_sha256
+
+    text = _template_text(chat_template)
+    with tempfile.TemporaryDirectory(prefix="preflight-") as work:
+        start = time.perf_counter()
+        # The pin is the supplied template's own hash, or none: the base's own template is pinned by its manifest.
+        trainer = make_trainer(mode, cfg.base_model, cfg.data.train, Path(work), 0, cfg.deepspeed, text,
+                               template_sha256(text))
+        spec, state = trainer.probe_adapter()
+        task = pb.Task(federation_id="preflight", round=1, total_rounds=1, adapter_spec=spec, training=pb.TrainingConfig(
+            mode=mode, max_steps=1, learning_rate=1e-4, per_device_batch_size=1, gradient_accumulation_steps=1,
+            max_length=512))
+        result = trainer.train_round(task, state)
+    if not math.isfinite(result.train_loss):
+        raise ValueError("the training step's loss is not finite")
+    return f"{mode}: loss {result.train_loss:.3f}, {time.perf_counter() - start:.1f} s"
 
 
 def run_preflight(cfg: SiteConfig, connect_timeout_s: float = 5.0, require_gpu: bool = False,
-                  dry_step: bool = True) -> list[Check]:
-    """Run every check, each independently (one failure does not hide the others); return the table rows."""
+                  dry_step: bool = True, mode: str | None = None, chat_template: Path | None = None) -> list[Check]:
+    """Run every check, each independently (one failure does not hide the others); return the table rows.
+
+    Args:
+        mode: The federation's training mode (None: see :func:`preflight_mode`).
+        chat_template: The federation's chat template file, when it supplies one (``[model] chat_template``).
+    """
+    try:
+        mode = preflight_mode(cfg, mode)
+    except Exception as e:  # a bad policy file or a mode it refuses: one failed row, the rest still run
+        return [Check("mode", False, f"{type(e).__name__}: {e}")]
     checks: list[tuple[str, Callable[[], str]]] = [
         ("policy", lambda: _policy(cfg)),
         ("certificates", lambda: _certificates(cfg)),
         ("signing key", lambda: _signing_key(cfg)),
         ("coordinator", lambda: _coordinator(cfg, connect_timeout_s)),
-        ("base model", lambda: _base_model(cfg)),
+        ("base model", lambda: _base_model(cfg, mode, chat_template)),
         ("data", lambda: _data(cfg)),
         ("disk", lambda: _disk(cfg)),
         ("gpu", lambda: _gpu(require_gpu)),
     ]
     if dry_step:
-        checks.append(("dry training step", lambda: _dry_step(cfg)))
+        checks.append(("training step", lambda: _train_step(cfg, mode, chat_template)))
     rows = []
     for name, fn in checks:
         try:

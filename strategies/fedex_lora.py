@@ -10,8 +10,11 @@ With example weights w_i and the sites' FULL factors (global + delta), per LoRA 
 The new global adapter is (B̄, Ā) (FedAvg of the factors, cast to the adapter dtype), and ``residual`` is returned
 as a dense ``[out, in]`` tensor keyed by the BASE weight name (for example ``model.layers.0.self_attn.q_proj.weight``).
 It is UNSCALED: the caller folds ``W_base += (lora_alpha / r) · residual`` and sends the folded base (or the
-residual) to the sites with the next task. The residual is computed against the factors as PUBLISHED (after the
-cast), so B_pub A_pub + residual equals mean(B_i A_i) up to the residual's own float32 rounding.
+residual) to the sites with the next task. The rule stays in the product's layout; a base weight stored
+``[in, out]`` (``Conv1D``, PEFT's ``fan_in_fan_out``, as in GPT-2) takes the transposed residual, which the caller
+applies (square weights such as GPT-2's ``c_proj`` would accept either without a shape error). The residual is
+computed against the factors as PUBLISHED (after the cast), so B_pub A_pub + residual equals mean(B_i A_i) up to
+the residual's own float32 rounding.
 
 Streaming: the accumulator keeps the factor sums and one float64 ``[out, in]`` sum per module, so memory is
 O(adapter + dense adapted weights), independent of the number of sites. Not linear in the uploaded payloads (the

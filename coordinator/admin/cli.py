@@ -30,11 +30,15 @@ def serve(config: Path = typer.Option(..., "--config", "-c", help="federation.to
     except ConfigError as e:
         console.print(f"[bold red]config error:[/] {e}")
         raise typer.Exit(2) from None
+    from coordinator.basemodel import BaseModelError
     from coordinator.dashboard import DashboardError
     from coordinator.server import CoordinatorFailed
 
     try:
         asyncio.run(serve_async(cfg))
+    except BaseModelError as e:
+        console.print(f"[bold red]base model error:[/] {e}")
+        raise typer.Exit(2) from None
     except CoordinatorFailed as e:
         console.print(f"[bold red]coordinator stopped:[/] {e}")
         raise typer.Exit(1) from None

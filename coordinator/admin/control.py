@@ -15,6 +15,7 @@ from coordinator import errors
 from coordinator.config import FederationConfig
 from coordinator.privacy.central_dp import CentralDp
 from coordinator.release import withdraw
+from coordinator.rounds.adapter import base_layout
 from coordinator.rounds.store import Store
 from protos.fedbridge.v1 import federation_service_pb2 as pb
 from strategies.registry import BatchStrategy, StreamingStrategy
@@ -177,10 +178,12 @@ class AdminControl:
                 "its contribution would need the remaining sites to retrain")
         self._audit("admin_action", {"action": "withdraw_site", "actor": actor, "site": site, "reason": reason[:500]})
         async with self._lock:
+            fan_in_fan_out = (await asyncio.to_thread(base_layout, self.cfg.base_model)).fan_in_fan_out
             rb = await asyncio.to_thread(withdraw.rebuild_without, self.store, self.strategy, site,
                                          site_rank=self.site_rank, lora_scale=self.spec.alpha / self.spec.rank,
                                          progress=progress,
-                                         privatize=self.central_dp.privatize if self.central_dp is not None else None)
+                                         privatize=self.central_dp.privatize if self.central_dp is not None else None,
+                                         fan_in_fan_out=fan_in_fan_out)
             log.info("[AdminService.WithdrawSite] site=%s rounds=%d..%d rebuilt actor=%s", site, rb.from_round,
                      rb.to_round, actor)
             out = await asyncio.to_thread(withdraw.publish_rebuild, self.cfg, self.store, rb, base_sha256=self.base_sha256,

@@ -33,7 +33,12 @@ def init(fed_dir: Path = typer.Option(..., "--dir", help="new federation directo
          rounds: int = typer.Option(3, "--rounds"),
          min_sites: int = typer.Option(2, "--min-sites"),
          max_update_norm: float = typer.Option(0.0, "--max-update-norm", help="refuse updates above this L2 norm"),
-         listen: str = typer.Option("", "--listen", help="host:port the coordinator binds (default 0.0.0.0:PORT)")
+         listen: str = typer.Option("", "--listen", help="host:port the coordinator binds (default 0.0.0.0:PORT)"),
+         target_modules: list[str] = typer.Option(["all-linear"], "--target-module",
+                                                  help="LoRA target module name (repeat; default all-linear); checked "
+                                                       "against the base's config"),
+         chat_template: Path | None = typer.Option(None, "--chat-template",
+                                                   help="Jinja chat template file for a base that ships none")
          ) -> None:
     """Create a federation: CA, coordinator and admin certificates, manifest, registry, CRL, federation.toml."""
     from coordinator.trust.enrolment import EnrolmentError, InitOptions, init_federation
@@ -43,7 +48,8 @@ def init(fed_dir: Path = typer.Option(..., "--dir", help="new federation directo
         manifest = init_federation(fed_dir, InitOptions(
             federation_id=federation_id, base_model=base_model, hosts=tuple(host), port=port,
             base_model_ref=base_model_ref, strategy=strategy, rounds=rounds, min_sites=min_sites,
-            max_update_norm=max_update_norm, listen=listen))
+            max_update_norm=max_update_norm, listen=listen, target_modules=tuple(target_modules),
+            chat_template=chat_template))
     except (EnrolmentError, ManifestMismatch) as e:
         raise _fail(str(e)) from None
     console.print(f"[bold green]federation {federation_id!r} created[/] in {fed_dir}")

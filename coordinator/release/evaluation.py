@@ -15,6 +15,7 @@ EvalScope is a heavy optional dependency (the ``eval`` extra) and is imported on
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -22,7 +23,7 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -208,14 +209,38 @@ def _dataset_args(b: BenchmarkSpec) -> dict[str, Any]:
     return args
 
 
+def api_key(spec: EvalSpec) -> str:
+    """The endpoint's API key, read from the environment variable ``spec.api_key_env`` names (``EMPTY``: none).
+
+    Raises:
+        EvaluationError: The variable is named but not set.
+    """
+    if not spec.api_key_env:
+        return "EMPTY"
+    key = os.environ.get(spec.api_key_env, "")
+    if not key:
+        raise EvaluationError(f"evaluation.api_key_env names {spec.api_key_env!r}, which is not set in the "
+                              "coordinator's environment")
+    return key
+
+
 def task_config(spec: EvalSpec, model_dir: Path, work_dir: Path) -> dict[str, Any]:
-    """The keyword arguments of EvalScope's ``TaskConfig`` for ``spec`` on the merged model in ``model_dir``."""
+    """The keyword arguments of EvalScope's ``TaskConfig`` for ``spec`` on the merged model in ``model_dir``.
+
+    Endpoint mode scores the served model through EvalScope's ``openai_api`` model (``api_url``, ``api_key``,
+    ``model`` = the served name); ``model_id`` names the reports either way, so both modes read back the same way.
+    """
+    if spec.mode == "endpoint":
+        target: dict[str, Any] = {"model": spec.model_id, "eval_type": "openai_api", "api_url": spec.api_url,
+                                  "api_key": api_key(spec)}
+    else:
+        target = {"model": str(model_dir), "eval_type": "llm_ckpt",
+                  "model_args": {"device_map": spec.device_map, "precision": f"torch.{spec.precision}"}}
     return {
-        "model": str(model_dir), "model_id": MODEL_ID, "eval_type": "llm_ckpt",
+        **target, "model_id": MODEL_ID,
         "datasets": [b.name for b in spec.benchmarks],
         "dataset_args": {b.name: _dataset_args(b) for b in spec.benchmarks},
         "dataset_hub": spec.dataset_hub,
-        "model_args": {"device_map": spec.device_map, "precision": f"torch.{spec.precision}"},
         "generation_config": {"max_tokens": spec.max_new_tokens, "do_sample": False},
         "limit": spec.limit or None,
         "work_dir": str(work_dir), "no_timestamp": True, "seed": 42,
@@ -300,6 +325,63 @@ def _import_evalscope() -> Any:
     return evalscope
 
 
+@contextlib.contextmanager
+def served(spec: EvalSpec, model_dir: Path) -> Iterator[None]:
+    """Endpoint mode: serve ``model_dir`` with ``spec.serve_command`` until ``api_url`` lists ``model_id``; stop it
+    after the block. Local mode: nothing to do.
+
+    The server runs in its own process group, so stopping it also stops any workers it started (vLLM does).
+
+    Raises:
+        EvaluationError: The command cannot start, exits early, or does not serve ``model_id`` within
+            ``ready_timeout_s``.
+    """
+    if spec.mode != "endpoint":
+        yield
+        return
+    import signal
+    import subprocess
+    import urllib.error
+    import urllib.request
+
+    argv = [a.replace("{model_dir}", str(model_dir)) for a in spec.serve_command]
+    log_path = Path(model_dir).parent / "serve.log"
+    with open(log_path, "wb") as out:
+        try:
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        except OSError as e:
+            raise EvaluationError(f"evaluation.serve_command could not start ({e})") from None
+    try:
+        url = spec.api_url.rstrip("/") + "/models"
+        headers = {"Authorization": f"Bearer {api_key(spec)}"}
+        deadline = time.monotonic() + spec.ready_timeout_s
+        while True:
+            if proc.poll() is not None:
+                raise EvaluationError(f"evaluation.serve_command exited with code {proc.returncode} before serving "
+                                      f"{spec.model_id!r} (its output: {log_path})")
+            try:
+                with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=5) as r:
+                    ids = {m.get("id") for m in json.loads(r.read()).get("data", [])}
+                if spec.model_id in ids:
+                    break
+            except (urllib.error.URLError, OSError, ValueError):
+                pass  # not up yet
+            if time.monotonic() > deadline:
+                raise EvaluationError(f"the endpoint {url} did not list model {spec.model_id!r} within "
+                                      f"{spec.ready_timeout_s:g} s (evaluation.ready_timeout_s; server output: {log_path})")
+            time.sleep(0.25)
+        log.info("[Evaluation] endpoint %s serves %s", spec.api_url, spec.model_id)
+        yield
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
 def run_evalscope(spec: EvalSpec, model_dir: Path, work_dir: Path) -> dict[str, BenchmarkResult]:
     """Run every benchmark of ``spec`` on the HF model in ``model_dir``; return checked scores by benchmark."""
     _import_evalscope()
@@ -307,7 +389,10 @@ def run_evalscope(spec: EvalSpec, model_dir: Path, work_dir: Path) -> dict[str, 
     ensure_punkt(spec)
     named = [b.name for b in spec.benchmarks if b.name not in LOCAL_BENCHMARKS and b.local_path is None]
     try:
-        run_task(task_cfg=TaskConfig(**task_config(spec, model_dir, work_dir)))
+        with served(spec, model_dir):
+            run_task(task_cfg=TaskConfig(**task_config(spec, model_dir, work_dir)))
+    except EvaluationError:
+        raise
     except Exception as e:
         if named and (isinstance(e, (OSError, ConnectionError, TimeoutError)) or "offline" in str(e).lower()):
             raise EvaluationError(f"benchmark(s) {named} could not fetch their dataset from {spec.dataset_hub}: "

@@ -11,10 +11,18 @@ The output is a plain Hugging Face directory (``model-0000i-of-0000n.safetensors
 stock ``AutoModelForCausalLM.from_pretrained`` loads it. Files are read with ordinary reads, not memory maps, so the
 base's pages do not pile up in the process's resident memory either.
 
-LoRA math (PEFT ``Linear``, no ``fan_in_fan_out``, no rsLoRA/DoRA): ``W' = W + (alpha / r) * B @ A`` with
-``A = lora_A.weight`` (r x in) and ``B = lora_B.weight`` (out x r). Adapter keys are PEFT's saved form,
+LoRA math (PEFT ``Linear``, no rsLoRA/DoRA): ``W' = W + (alpha / r) * B @ A`` with ``A = lora_A.weight``
+(r x in) and ``B = lora_B.weight`` (out x r). A ``Conv1D`` weight (GPT-2) is stored ``[in, out]`` (PEFT's
+``fan_in_fan_out``), so its product is transposed first; which weights those are comes from the base's module tree,
+built from ``config.json`` on the meta device. Adapter keys are PEFT's saved form,
 ``base_model.model.<module>.lora_A.weight``; ``<module>.weight`` must name a tensor of the base checkpoint, else
 :class:`MergeError` says which (a model whose checkpoint names differ from its modules needs the in-memory merge).
+
+Tied embeddings: when ``tie_word_embeddings`` shares the output projection with the input embedding, the checkpoint
+holds only the embedding. An adapter on the output projection (``lm_head``) then gets an untied ``lm_head.weight``
+of its own (embedding + product) and the merged ``config.json`` says ``tie_word_embeddings: false``: the embedding
+stays as it was, as in the PEFT model (folding the product into the shared tensor would change the input embedding
+too). Adapters that do not touch the output projection leave the tie, and the checkpoint, as they are.
 """
 
 from __future__ import annotations
@@ -26,10 +34,14 @@ import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from protos.fedbridge.v1 import federation_service_pb2 as pb
+
+if TYPE_CHECKING:
+    from coordinator.rounds.adapter import BaseLayout
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +181,8 @@ def _header_bytes(entries: list[_TensorEntry]) -> bytes:
 
 
 def _merged_tensors(entries: list[_TensorEntry], pairs: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                    scale: float, residual: Mapping[str, torch.Tensor]) -> Iterator[tuple[_TensorEntry, torch.Tensor]]:
+                    scale: float, residual: Mapping[str, torch.Tensor],
+                    fan_in_fan_out: frozenset[str] = frozenset()) -> Iterator[tuple[_TensorEntry, torch.Tensor]]:
     handles: dict[Path, object] = {}
     try:
         for e in entries:
@@ -182,9 +195,11 @@ def _merged_tensors(entries: list[_TensorEntry], pairs: dict[str, tuple[torch.Te
             if e.name in pairs:
                 a, b = pairs[e.name]
                 delta = (b.to(torch.float32) @ a.to(torch.float32)).mul_(scale)
+                if e.name in fan_in_fan_out:  # Conv1D stores [in, out]; the product is [out, in]
+                    delta = delta.T
                 if tuple(delta.shape) != tuple(w.shape):
                     raise MergeError(f"LoRA product for {e.name!r} has shape {tuple(delta.shape)}, the base tensor "
-                                     f"{tuple(w.shape)} (fan_in_fan_out layers are not supported)")
+                                     f"{tuple(w.shape)}")
                 w = (w.to(torch.float32) + delta).to(w.dtype)
                 del delta
             yield e, w
@@ -206,7 +221,8 @@ def copy_side_files(base_dir: Path, out_dir: Path, only_tokenizer: bool = False)
 
 
 def merge_to_dir(base_dir: Path, state: Mapping[str, torch.Tensor], *, rank: int, alpha: float, out_dir: Path,
-                 max_shard_bytes: int = 2 << 30, residual: Mapping[str, torch.Tensor] | None = None) -> MergeResult:
+                 max_shard_bytes: int = 2 << 30, residual: Mapping[str, torch.Tensor] | None = None,
+                 layout: BaseLayout | None = None) -> MergeResult:
     """Write ``base + adapter`` to ``out_dir`` as a sharded safetensors HF model directory, one tensor at a time.
 
     Args:
@@ -216,7 +232,9 @@ def merge_to_dir(base_dir: Path, state: Mapping[str, torch.Tensor], *, rank: int
         alpha: LoRA alpha (the product is scaled by ``alpha / r``).
         out_dir: Where to write (created; must not hold a checkpoint already).
         max_shard_bytes: Largest shard, in bytes of tensor data (a larger single tensor gets a shard of its own).
-        residual: Already-scaled additions to base weights, by base tensor name (FedEx-LoRA's folded residual).
+        residual: Already-scaled additions to base weights, by base tensor name, each in its weight's own layout
+            (FedEx-LoRA's folded residual; ``[in, out]`` for a Conv1D weight).
+        layout: Conv1D weights and tied embeddings of the base; by default read from ``base_dir/config.json``.
 
     Returns:
         What was written.
@@ -226,14 +244,33 @@ def merge_to_dir(base_dir: Path, state: Mapping[str, torch.Tensor], *, rank: int
     """
     if rank <= 0 or max_shard_bytes <= 0:
         raise MergeError("rank and max_shard_bytes must be > 0")
+    from coordinator.rounds.adapter import base_layout
+
     entries = base_tensors(Path(base_dir))
     pairs = lora_pairs(state)
+    layout = layout if layout is not None else base_layout(Path(base_dir))
+    names = {e.name for e in entries}
+
+    def in_checkpoint(name: str) -> str:
+        # Some checkpoints (GPT-2's on the Hub) name tensors without the model's base prefix ("h.0.attn..." for
+        # the module "transformer.h.0.attn..."); transformers loads either, so the merge accepts either.
+        p = layout.base_prefix
+        return name[len(p):] if name not in names and p and name.startswith(p) and name[len(p):] in names else name
+
+    pairs = {in_checkpoint(n): v for n, v in pairs.items()}
+    residual = {in_checkpoint(n): v for n, v in (residual or {}).items()}
+    fan_in_fan_out = frozenset(in_checkpoint(n) for n in layout.fan_in_fan_out)
+    untied = []
+    for out_name, in_name in layout.tied:  # an adapter on a tied output projection unties it (module docstring)
+        src = next((e for e in entries if e.name == in_checkpoint(in_name)), None)
+        if out_name not in names and (out_name in pairs or out_name in residual) and src is not None:
+            entries.append(_TensorEntry(out_name, src.dtype, src.shape, src.file, src.start, src.nbytes))
+            untied.append(out_name)
     names = {e.name for e in entries}
     missing = sorted(set(pairs) - names)
     if missing:
         raise MergeError(f"adapter targets {len(missing)} module(s) the base checkpoint has no tensor for, e.g. "
                          f"{missing[0]!r}")
-    residual = dict(residual or {})
     shapes = {e.name: e.shape for e in entries}
     for name, r in residual.items():
         if shapes.get(name) != tuple(r.shape):
@@ -244,7 +281,12 @@ def merge_to_dir(base_dir: Path, state: Mapping[str, torch.Tensor], *, rank: int
     shards = _plan_shards(entries, max_shard_bytes)
     files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map: dict[str, str] = {}
-    stream = _merged_tensors(entries, pairs, alpha / rank, residual)
+    if untied:
+        config = json.loads((out_dir / "config.json").read_text())
+        config["tie_word_embeddings"] = False
+        (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        log.info("[Merge] the adapter changes the tied output projection: merged model has its own %s", untied[0])
+    stream = _merged_tensors(entries, pairs, alpha / rank, residual, fan_in_fan_out)
     for shard, fname in zip(shards, files, strict=True):
         with open(out_dir / fname, "wb") as out:
             out.write(_header_bytes(shard))
@@ -274,6 +316,9 @@ def merge_adapter(base_dir: Path, spec: pb.AdapterSpec, state: Mapping[str, torc
 
     shutil.rmtree(out_dir, ignore_errors=True)
     merged = peft_model_with(Path(base_dir), spec, dict(state)).merge_and_unload()
+    from fedcommon.models import stored_dtype
+
+    merged = merged.to(stored_dtype(Path(base_dir)) or torch.float32)  # written in the base's own dtype
     params = dict(merged.named_parameters())
     with torch.no_grad():
         for name, r in (residual or {}).items():

@@ -198,11 +198,15 @@ def _write_adapter(out: Path, base_model: Path, spec: pb.AdapterSpec, state: dic
     """PEFT's saved-adapter layout without building a model: adapter_config.json + adapter_model.safetensors."""
     from safetensors.torch import save_file
 
+    from coordinator.rounds.adapter import base_layout
     from fedcommon.models import lora_config
 
     config = lora_config(spec)
     config.base_model_name_or_path = base_model_ref or str(base_model)
     config.inference_mode = True
+    # PEFT switches fan_in_fan_out on by itself for Conv1D targets (GPT-2), with a warning; say it up front.
+    conv1d = base_layout(Path(base_model)).fan_in_fan_out
+    config.fan_in_fan_out = any(f"{t}.weight" in conv1d for t in spec.target_modules)
     config.save_pretrained(str(out))
     save_file({k: v.detach().contiguous() for k, v in sorted(state.items())}, str(out / "adapter_model.safetensors"),
               metadata={"format": "pt"})

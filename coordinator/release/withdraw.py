@@ -70,7 +70,8 @@ class Rebuild:
 
 
 def rebuild_without(store: Store, strategy: Any, site: str, *, site_rank: Callable[[str], int], lora_scale: float,
-                    progress: Progress | None = None, privatize: Privatize | None = None) -> Rebuild:
+                    progress: Progress | None = None, privatize: Privatize | None = None,
+                    fan_in_fan_out: frozenset[str] = frozenset()) -> Rebuild:
     """Re-aggregate every closed round from the first one ``site`` joined, without ``site``'s updates.
 
     Args:
@@ -79,6 +80,7 @@ def rebuild_without(store: Store, strategy: Any, site: str, *, site_rank: Callab
         site: The site to withdraw.
         site_rank: The LoRA rank a site trains (passed to the rule as update metadata, as the engine does).
         lora_scale: alpha / r of the federation's adapter (FedEx-LoRA residuals are scaled by it).
+        fan_in_fan_out: Base weights stored ``[in, out]`` (Conv1D), whose residuals are transposed as the engine's.
         progress: Called with ``(rounds_done, rounds_total)`` after each recomputed round.
         privatize: Central DP's clip-and-noise step, when the federation runs central DP.
 
@@ -118,7 +120,7 @@ def rebuild_without(store: Store, strategy: Any, site: str, *, site_rank: Callab
             result = strategy.aggregate(state, updates, server)
             state, server = result.state, result.server_state
             if result.base_residual:
-                residual = _add_residual(residual, result.base_residual, lora_scale)
+                residual = _add_residual(residual, result.base_residual, lora_scale, fan_in_fan_out)
         record.append({"round": row.round, "sites": [u.site for u in ups],
                        "output_sha256": codec.sha256_hex(tensors.encode_state(state)),
                        "original_output_sha256": row.output_sha256, **({"dp": dp} if dp else {})})
@@ -128,12 +130,13 @@ def rebuild_without(store: Store, strategy: Any, site: str, *, site_rank: Callab
 
 
 def _add_residual(total: dict[str, torch.Tensor] | None, residual: dict[str, torch.Tensor],
-                  scale: float) -> dict[str, torch.Tensor]:
-    """As the engine's ``_carry_residual``: add ``scale * residual`` in float64, store float32."""
+                  scale: float, fan_in_fan_out: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
+    """As the engine's ``_carry_residual``: add ``scale * residual`` in float64, store float32, in weight layout."""
+    from coordinator.rounds.adapter import scaled_residual_in_weight_layout
+
     out = dict(total or {})
-    for name, r in residual.items():
-        add = (scale * r.to(torch.float64)).to(torch.float32)
-        out[name] = out[name] + add if name in out else add.contiguous()
+    for name, add in scaled_residual_in_weight_layout(residual, scale, fan_in_fan_out).items():
+        out[name] = out[name] + add if name in out else add
     return out
 
 

@@ -38,6 +38,7 @@ from coordinator.trust.pki import PeerIdentity
 from fedcommon import tensors
 from fedcommon.auditlog import AuditLog, Head
 from fedcommon.auditlog import verify as verify_log
+from fedcommon.chat import TemplatePin
 from protos import codec
 from strategies import flexlora, hetlora
 from strategies.registry import build_strategy
@@ -83,10 +84,12 @@ class RoundEngine:
         adapter: The initial adapter and its spec.
     """
 
-    def __init__(self, config: FederationConfig, store: Store, base_sha256: str, adapter: AdapterInit) -> None:
+    def __init__(self, config: FederationConfig, store: Store, base_sha256: str, adapter: AdapterInit,
+                 template: TemplatePin | None = None) -> None:
         self.cfg = config
         self.store = store
         self.base_sha256 = base_sha256
+        self.template = template or TemplatePin()  # the chat template every task pins (coordinator.basemodel)
         self.spec = adapter.spec
         self._init_state = adapter.state
         self._changed = asyncio.Event()

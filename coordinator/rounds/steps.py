@@ -18,6 +18,7 @@ from coordinator.privacy.secagg import SecAggCoordinator
 from coordinator.release import evaluation, gate
 from coordinator.release.publish import build_provenance, find_published
 from coordinator.release.publish import publish as publish_to_registry
+from coordinator.rounds.adapter import base_layout, scaled_residual_in_weight_layout
 from coordinator.rounds.adapters import Adapters
 from coordinator.rounds.mapped import map_state
 from coordinator.rounds.store import Store, UpdateRow
@@ -61,6 +62,7 @@ class RoundSteps:
         self.central_dp = central_dp
         self._audit = audit
         self._hold = hold
+        self._fan_in_fan_out: frozenset[str] | None = None
 
     # -- aggregation and publishing (run in a worker thread) ----------------------------------------------------
     def aggregate(self, round: int, ups: list[UpdateRow]) -> None:
@@ -148,10 +150,11 @@ class RoundSteps:
         if not residual and previous is None:
             return
         total = tensors.decode_state(previous) if previous is not None else {}
+        if self._fan_in_fan_out is None:  # read once, from the base's config (no weight is loaded)
+            self._fan_in_fan_out = base_layout(self.cfg.base_model).fan_in_fan_out
         scale = self.spec.alpha / self.spec.rank
-        for name, r in residual.items():
-            add = (scale * r.to(torch.float64)).to(torch.float32)
-            total[name] = total[name] + add if name in total else add.contiguous()
+        for name, add in scaled_residual_in_weight_layout(residual, scale, self._fan_in_fan_out).items():
+            total[name] = total[name] + add if name in total else add
         self.store.put_residual(round + 1, tensors.encode_state(total))
 
     def _server_state(self, round: int) -> ServerState | None:

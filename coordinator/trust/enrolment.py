@@ -46,6 +46,7 @@ from fedcommon.tomlconfig import dumps
 REGISTRY = "enrolment.json"
 CRL = "crl.pem"
 MANIFEST = "manifest.json"
+TEMPLATE = "chat_template.jinja"  # the federation-supplied chat template, if any ([model] chat_template)
 SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -111,6 +112,8 @@ class InitOptions:
     min_sites: int = 2
     max_update_norm: float = 0.0
     listen: str = ""
+    target_modules: tuple[str, ...] = ("all-linear",)
+    chat_template: Path | None = None
 
 
 def init_federation(fed: Path, opt: InitOptions) -> dict[str, Any]:
@@ -129,6 +132,12 @@ def init_federation(fed: Path, opt: InitOptions) -> dict[str, Any]:
     except ValueError as e:
         raise EnrolmentError(str(e)) from None
     base_sha = Manifest.of_dir(opt.base_model).sha256
+    from coordinator.basemodel import BaseModelError, check_target_and_template
+
+    try:  # the adapter's module names and the chat template must fit the base before anything is written
+        pin = check_target_and_template(opt.base_model, opt.target_modules, opt.chat_template)
+    except BaseModelError as e:
+        raise EnrolmentError(str(e)) from None
     fed.mkdir(parents=True, exist_ok=True)
     ca = CertificateAuthority.create(f"{opt.federation_id} federation CA")
     ca.save(fed / "ca.pem", fed / "ca.key")
@@ -142,7 +151,7 @@ def init_federation(fed: Path, opt: InitOptions) -> dict[str, Any]:
     save_registry(fed / REGISTRY, {})
     manifest = {
         "federation_id": opt.federation_id, "base_model_sha256": base_sha, "base_model_ref": opt.base_model_ref,
-        "strategy": opt.strategy, "rounds": opt.rounds, "min_sites": opt.min_sites,
+        "chat_template_sha256": pin.sha256, "strategy": opt.strategy, "rounds": opt.rounds, "min_sites": opt.min_sites,
         "coordinator": f"{opt.hosts[0]}:{opt.port}", "ca_sha256": ca_sha256(ca.cert),
         "privacy": {"max_update_norm": opt.max_update_norm, "transport": "mTLS (TLS 1.2+, client certificates)",
                     "update_signatures": "Ed25519 over round, site, base-model hash, payload SHA-256, nonce",
@@ -150,6 +159,8 @@ def init_federation(fed: Path, opt: InitOptions) -> dict[str, Any]:
         "created_ms": _now_ms(),
     }
     write_durable(fed / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+    if pin.text:  # the federation's copy, which every site kit gets too (preflight trains with it)
+        write_durable(fed / TEMPLATE, pin.text.encode("utf-8"))
     toml = {
         "federation_id": opt.federation_id, "base_model": str(Path(opt.base_model).resolve()),
         "base_model_ref": opt.base_model_ref, "rounds": opt.rounds, "min_sites": opt.min_sites,
@@ -157,6 +168,8 @@ def init_federation(fed: Path, opt: InitOptions) -> dict[str, Any]:
         "registry_dir": "published",
         "enrolment_registry": REGISTRY, "crl": CRL, "max_update_norm": opt.max_update_norm,
         "tls": {"ca": "ca.pem", "cert": "coordinator/server.pem", "key": "coordinator/server.key"},
+        "lora": {"target_modules": list(opt.target_modules)},
+        **({"model": {"chat_template": TEMPLATE}} if pin.text else {}),
         "records": {"controller": "", "purposes": [], "data_categories": [], "recipients": [],
                     "coordinator_region": "", "retention_days": 0},
     }
@@ -197,6 +210,8 @@ def enroll_site(fed: Path, name: str, region: str, out: Path | None = None, arch
     ident = cert_identity(kit_dir / "client.pem")
     address = coordinator or manifest["coordinator"]
     write_durable(kit_dir / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+    if (fed / TEMPLATE).is_file():  # the task carries it too; the kit's copy lets preflight train with it first
+        write_durable(kit_dir / TEMPLATE, (fed / TEMPLATE).read_bytes())
     (kit_dir / "site.toml").write_text(
         "# fedbridge site config for this kit. Point base_model at your copy of the base model and data.train at\n"
         "# your private training file (it never leaves the site); see site_agent/config.py.\n" + dumps({

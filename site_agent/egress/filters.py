@@ -100,8 +100,48 @@ class GaussianNoiseFilter:
         return {k: out[k] for k in delta}
 
 
+WIRE_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class CastFilter:
+    """Cast every tensor of the delta to the wire dtype the adapter spec names (last in the chain).
+
+    Clipping and noise run on the float32 delta; the cast comes after them, so the bound is applied to the values
+    computed in full precision and the rounding to bfloat16 happens once. Rounding is post-processing: it changes
+    no DP guarantee, and it moves each element by at most 2^-8 of its magnitude, so a clipped norm grows by at
+    most that relative amount.
+
+    Attributes:
+        wire_dtype: The safetensors dtype name of the spec's tensors: ``F32`` or ``BF16``.
+    """
+
+    wire_dtype: str
+    name: str = field(default="cast", init=False)
+
+    def __post_init__(self) -> None:
+        if self.wire_dtype not in WIRE_DTYPES:
+            raise ValueError(f"cast filter: wire dtype {self.wire_dtype!r} is not one of {sorted(WIRE_DTYPES)}")
+
+    @classmethod
+    def for_spec(cls, spec_dtypes: Sequence[str]) -> CastFilter:
+        """The cast to the one dtype all of a spec's tensors have (``[t.dtype for t in spec.tensors]``).
+
+        Raises:
+            ValueError: The spec mixes dtypes, or names none.
+        """
+        found = sorted(set(spec_dtypes))
+        if len(found) != 1:
+            raise ValueError(f"cast filter: the adapter spec must name one wire dtype, it names {found}")
+        return cls(found[0])
+
+    def apply(self, delta: Mapping[str, torch.Tensor]) -> Delta:
+        dtype = WIRE_DTYPES[self.wire_dtype]
+        return {k: v.detach().to(dtype).contiguous() for k, v in delta.items()}
+
+
 def check_order(filters: Sequence[EgressFilter]) -> None:
-    """Refuse a pipeline whose noise is not preceded by a clip to the same bound.
+    """Refuse a pipeline whose noise is not preceded by a clip to the same bound, or whose cast is not last.
 
     Raises:
         ValueError: Naming the misplaced filter.
@@ -113,6 +153,9 @@ def check_order(filters: Sequence[EgressFilter]) -> None:
         elif isinstance(f, GaussianNoiseFilter) and (bound is None or bound > f.max_norm):
             raise ValueError(f"egress filter {i} ({f.name}) adds noise calibrated to norm {f.max_norm} but no earlier "
                              "clip filter bounds the update to it (the order must be clip -> noise)")
+        elif isinstance(f, CastFilter) and i != len(filters) - 1:
+            raise ValueError(f"egress filter {i} ({f.name}) must be the last one: a filter after it would compute in "
+                             "the wire dtype and round the update again")
 
 
 def apply_filters(delta: Mapping[str, torch.Tensor], filters: Sequence[EgressFilter]) -> Delta:

@@ -1,6 +1,6 @@
 """Read and validate a site's private training data (jsonl).
 
-Five row formats are understood:
+Eight row formats are understood:
 
 - **chat** SFT: ``{"messages": [{"role": "user", "content": "..."}, ..., {"role": "assistant", ...}]}``
 - **sharegpt** SFT: ``{"conversations": [{"from": "human", "value": "..."}, ..., {"from": "gpt", ...}]}`` (ms-swift's
@@ -10,6 +10,16 @@ Five row formats are understood:
   conversational preference format).
 - **kto** unpaired rows: ``{"prompt", "completion", "label"}`` with a boolean label (desirable or not); prompt and
   completion are both strings or both message lists (TRL's unpaired preference format).
+- **query** SFT (ms-swift's older form): ``{"system": "..." (optional), "history": [["q", "r"], ...] (optional),
+  "query": "...", "response": "..."}``; the history pairs are earlier user/assistant turns.
+- **swift_preference** pairs (ms-swift's DPO/ORPO/SimPO/CPO form): ``{"messages": [..., {"role": "assistant"}],
+  "rejected_response": "..."}``; the last assistant message is the chosen reply. A ``query``/``response`` row with
+  ``rejected_response`` is read the same way.
+- **swift_kto** unpaired rows (ms-swift's KTO form): ``{"messages": [..., {"role": "assistant"}], "label": true}``;
+  the last assistant message is the completion.
+
+ms-swift rows come back in TRL's conversational shapes (``messages``; ``prompt``/``chosen``/``rejected``;
+``prompt``/``completion``/``label``), so the trainers see one internal form whatever the file used.
 
 The WHOLE file is parsed and validated before anything is returned, so training never starts on a partly bad file.
 Every problem raises :class:`DataError`, which names the file, the 1-based line and the field. Privacy rule: an error
@@ -23,7 +33,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-FORMATS = ("chat", "sharegpt", "alpaca", "preference", "kto")
+FORMATS = ("chat", "sharegpt", "alpaca", "preference", "kto", "query", "swift_preference", "swift_kto")
+SFT_FORMATS = ("chat", "sharegpt", "alpaca", "query")
+PREFERENCE_FORMATS = ("preference", "swift_preference")
+KTO_FORMATS = ("kto", "swift_kto")
 ROLES = ("system", "user", "assistant")
 # ShareGPT speaker names (ms-swift / LLaMA-Factory) and the chat role each one maps to.
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
@@ -70,12 +83,16 @@ def _json_type(value: Any) -> str:
 
 
 def detect_format(row: dict[str, Any]) -> str | None:
-    """Guess a row's format from its keys: ``"chat"``, ``"sharegpt"``, ``"preference"``, ``"kto"``, ``"alpaca"``, or
-    None if none fits.
+    """Guess a row's format from its keys: ``"swift_preference"``, ``"swift_kto"``, ``"chat"``, ``"sharegpt"``,
+    ``"preference"``, ``"kto"``, ``"query"``, ``"alpaca"``, or None if none fits.
 
     Detection looks only at which format-defining keys are present; the validators then report what is missing or
     malformed, so a row with ``chosen`` but no ``prompt`` is reported as a preference row missing ``prompt``.
     """
+    if "rejected_response" in row and ("messages" in row or "query" in row or "response" in row):
+        return "swift_preference"
+    if "messages" in row and "label" in row:
+        return "swift_kto"
     if "messages" in row:
         return "chat"
     if "conversations" in row:
@@ -84,6 +101,8 @@ def detect_format(row: dict[str, Any]) -> str | None:
         return "preference"
     if "completion" in row or "label" in row:
         return "kto"
+    if "query" in row or "response" in row:
+        return "query"
     if "instruction" in row or "output" in row:
         return "alpaca"
     return None
@@ -184,8 +203,58 @@ def _check_preference(row: dict[str, Any]) -> dict[str, Any]:
     return {key: _string(row, key, key) for key in ("prompt", "chosen", "rejected")}
 
 
+def _check_query(row: dict[str, Any]) -> dict[str, Any]:
+    out = []
+    if "system" in row:
+        out.append({"role": "system", "content": _string(row, "system", "system")})
+    history = row.get("history", [])
+    if not isinstance(history, list):
+        raise _RowError("history", f"must be a list of [query, response] pairs, got {_json_type(history)}")
+    for i, pair in enumerate(history):
+        if not isinstance(pair, list) or len(pair) != 2:
+            raise _RowError(f"history[{i}]", "must be a [query, response] pair")
+        for j, role in enumerate(("user", "assistant")):
+            if not isinstance(pair[j], str):
+                raise _RowError(f"history[{i}][{j}]", f"must be a string, got {_json_type(pair[j])}")
+            if not pair[j].strip():
+                raise _RowError(f"history[{i}][{j}]", "must not be empty")
+            out.append({"role": role, "content": pair[j]})
+    out.append({"role": "user", "content": _string(row, "query", "query")})
+    out.append({"role": "assistant", "content": _string(row, "response", "response")})
+    return {"messages": out}
+
+
+def _swift_conversation(row: dict[str, Any]) -> list[dict[str, str]]:
+    """An ms-swift row's conversation, ending in its (chosen) assistant reply, with at least one turn before it."""
+    if "messages" in row:
+        messages = _messages(row["messages"], "messages", last_role="assistant")
+        if len(messages) < 2:
+            raise _RowError("messages", "must hold a prompt before the last assistant message")
+        return messages
+    return _check_query(row)["messages"]
+
+
+def _check_swift_preference(row: dict[str, Any]) -> dict[str, Any]:
+    messages = _swift_conversation(row)
+    rejected = _string(row, "rejected_response", "rejected_response")
+    return {"prompt": messages[:-1], "chosen": messages[-1:], "rejected": [{"role": "assistant", "content": rejected}]}
+
+
+def _check_swift_kto(row: dict[str, Any]) -> dict[str, Any]:
+    messages = _swift_conversation(row)
+    if not isinstance(row["label"], bool):
+        raise _RowError("label", f"must be true or false, got {_json_type(row['label'])}")
+    return {"prompt": messages[:-1], "completion": messages[-1:], "label": row["label"]}
+
+
 _CHECKS = {"chat": _check_chat, "sharegpt": _check_sharegpt, "alpaca": _check_alpaca,
-           "preference": _check_preference, "kto": _check_kto}
+           "preference": _check_preference, "kto": _check_kto, "query": _check_query,
+           "swift_preference": _check_swift_preference, "swift_kto": _check_swift_kto}
+
+
+def _kinds(formats: tuple[str, ...]) -> tuple[str, ...]:
+    # ms-swift's preference and KTO forms are the same kinds of row as TRL's; name the kind, once.
+    return tuple(dict.fromkeys({"swift_preference": "preference", "swift_kto": "kto"}.get(f, f) for f in formats))
 
 
 def _one_of(names: tuple[str, ...]) -> str:
@@ -223,10 +292,10 @@ def _load_rows(path: str | Path, fmt: str, allowed: tuple[str, ...]) -> tuple[st
                 if file_fmt is None:
                     if row_fmt is None:
                         raise _RowError(None, "matches no known format (expected 'messages'; 'conversations'; "
-                                              "'instruction' and 'output'; 'prompt', 'chosen' and 'rejected'; or "
-                                              "'prompt', 'completion' and 'label')")
+                                              "'instruction' and 'output'; 'query' and 'response'; 'prompt', "
+                                              "'chosen' and 'rejected'; or 'prompt', 'completion' and 'label')")
                     if row_fmt not in allowed:
-                        raise _RowError(None, f"is a {row_fmt} row, expected {_one_of(allowed)} rows")
+                        raise _RowError(None, f"is a {row_fmt} row, expected {_one_of(_kinds(allowed))} rows")
                     file_fmt, first_line = row_fmt, line_no
                 elif fmt == "auto" and row_fmt != file_fmt:
                     raise _RowError(None, f"is not a {file_fmt} row like line {first_line}; a file holds one format")
@@ -245,12 +314,13 @@ def load_jsonl(path: str | Path, fmt: str = "auto") -> list[dict[str, Any]]:
 
     Args:
         path: The jsonl file.
-        fmt: ``"chat"``, ``"sharegpt"``, ``"alpaca"``, ``"preference"``, ``"kto"``, or ``"auto"`` to detect it
-            from the first row. Every row of a file must have the same format.
+        fmt: One of :data:`FORMATS`, or ``"auto"`` to detect it from the first row. Every row of a file must have
+            the same format.
 
     Returns:
         The validated rows. Message lists keep only ``role`` and ``content``; alpaca rows always have ``input``;
-        sharegpt rows come back as chat rows ``{"messages": [...]}``.
+        sharegpt and query rows come back as chat rows ``{"messages": [...]}``, ms-swift preference and KTO rows as
+        conversational ``prompt``/``chosen``/``rejected`` and ``prompt``/``completion``/``label`` rows.
 
     Raises:
         DataError: On the first problem found; nothing is returned for a file with any bad row.
@@ -266,7 +336,8 @@ def _alpaca_to_chat(row: dict[str, str]) -> dict[str, Any]:
 
 
 def load_sft(path: str | Path) -> list[dict[str, Any]]:
-    """Load a chat, ShareGPT or alpaca SFT file as TRL conversational rows ``{"messages": [...]}``.
+    """Load a chat, ShareGPT, alpaca or ms-swift query/response SFT file as TRL conversational rows
+    ``{"messages": [...]}``.
 
     An alpaca row becomes a user turn (the instruction, then a blank line and the input if there is one) and an
     assistant turn (the output).
@@ -274,26 +345,28 @@ def load_sft(path: str | Path) -> list[dict[str, Any]]:
     Raises:
         DataError: For any bad row, or a file of preference pairs.
     """
-    file_fmt, rows = _load_rows(path, "auto", ("chat", "sharegpt", "alpaca"))
+    file_fmt, rows = _load_rows(path, "auto", SFT_FORMATS)
     return [_alpaca_to_chat(r) for r in rows] if file_fmt == "alpaca" else rows
 
 
 def load_preference(path: str | Path) -> list[dict[str, Any]]:
-    """Load a preference file as TRL rows ``{"prompt", "chosen", "rejected"}`` (strings or message lists).
+    """Load a preference file (TRL's or ms-swift's form) as TRL rows ``{"prompt", "chosen", "rejected"}`` (strings
+    or message lists).
 
     Raises:
         DataError: For any bad row, or a file of SFT rows.
     """
-    return _load_rows(path, "auto", ("preference",))[1]
+    return _load_rows(path, "auto", PREFERENCE_FORMATS)[1]
 
 
 def load_kto(path: str | Path) -> list[dict[str, Any]]:
-    """Load a KTO file as TRL unpaired rows ``{"prompt", "completion", "label"}`` (strings or message lists).
+    """Load a KTO file (TRL's or ms-swift's form) as TRL unpaired rows ``{"prompt", "completion", "label"}``
+    (strings or message lists).
 
     Raises:
         DataError: For any bad row, or a file of another format.
     """
-    return _load_rows(path, "auto", ("kto",))[1]
+    return _load_rows(path, "auto", KTO_FORMATS)[1]
 
 
 def load_for_mode(path: str | Path, mode: str) -> list[dict[str, Any]]:

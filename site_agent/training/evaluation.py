@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from site_agent.training.masking import mask_conversation
+
 LETTERS = "ABCD"
 _OPTION = re.compile(r"^\s*\(?([A-D])[).:]\s*\S", re.MULTILINE)
 
@@ -34,9 +36,7 @@ def is_mcq(rows: list[dict[str, Any]]) -> bool:
 
 def _answer_token(tokenizer: Any, messages: list[dict[str, Any]], letter: str) -> tuple[list[int], int]:
     """The conversation's tokens with ``letter`` as the answer, and the position of the answer's first token."""
-    enc = tokenizer.apply_chat_template([*messages[:-1], {"role": "assistant", "content": letter}], tokenize=True,
-                                        return_dict=True, return_assistant_tokens_mask=True)
-    ids, mask = list(enc["input_ids"]), list(enc["assistant_masks"])
+    ids, mask = mask_conversation(tokenizer, [*messages[:-1], {"role": "assistant", "content": letter}])
     if 1 not in mask:
         raise ValueError("the chat template marks no assistant tokens; cannot score multiple-choice answers")
     return ids, mask.index(1)

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from fedcommon.models import device_precision, trainer_precision_args
 from protos.fedbridge.v1 import federation_service_pb2 as pb
 from site_agent.training.trainer import (
     RoundResult,
@@ -30,6 +31,8 @@ from site_agent.training.trainer import (
     _Progress,
     _scheduler,
     checkpoint_args,
+    data_weight,
+    float32_delta,
     keep_adapter_dtype,
     proximal_trainer_cls,
 )
@@ -41,15 +44,15 @@ REF_ADAPTER = "ref"  # the name TRL 1.16 gives the frozen reference copy of the 
 def _config(mode: str, t: pb.TrainingConfig, seed: int, checkpointing: dict[str, Any]) -> Any:
     """Build the TRL config of ``mode`` from the task's training config, with CPU-safe defaults.
 
-    TRL 1.16 configs default to ``bf16=True``, which fails (or crawls) on CPU; on CPU pass ``use_cpu=True``,
-    ``bf16=False``.
+    TRL 1.16 configs default to ``bf16=True``, which fails (or crawls) on CPU; the precision flags come from the
+    device (:func:`fedcommon.models.trainer_precision_args`: bf16/fp16 autocast on CUDA, fp32 on CPU).
     """
     common: dict[str, Any] = dict(
         **checkpointing, max_steps=t.max_steps, per_device_train_batch_size=t.per_device_batch_size,
         gradient_accumulation_steps=max(1, t.gradient_accumulation_steps), learning_rate=t.learning_rate,
         weight_decay=t.weight_decay, warmup_steps=t.warmup_ratio, lr_scheduler_type=_scheduler(t),
-        max_length=t.max_length, seed=seed, data_seed=seed, use_cpu=not torch.cuda.is_available(), bf16=False,
-        fp16=False, report_to=[], logging_steps=1, disable_tqdm=True,
+        max_length=t.max_length, seed=seed, data_seed=seed, **trainer_precision_args(*device_precision()), report_to=[],
+        logging_steps=1, disable_tqdm=True,
         dataloader_num_workers=0)
     if t.beta:
         common["beta"] = t.beta
@@ -109,10 +112,13 @@ class PreferenceSiteTrainer(SftSiteTrainer):
     """
 
     def __init__(self, base_model: Path, train_rows: list[dict[str, Any]], work_dir: Path, mode: str,
-                 quantize: bool = False, checkpoint_steps: int = 0) -> None:
+                 quantize: bool = False, checkpoint_steps: int = 0, chat_template: str = "",
+                 chat_template_sha256: str = "", device_map: str = "") -> None:
         if mode not in PREFERENCE_MODES:
             raise ValueError(f"mode must be one of {PREFERENCE_MODES}, got {mode!r}")
-        super().__init__(base_model, train_rows, work_dir, quantize=quantize, checkpoint_steps=checkpoint_steps)
+        super().__init__(base_model, train_rows, work_dir, quantize=quantize, checkpoint_steps=checkpoint_steps,
+                         chat_template=chat_template, chat_template_sha256=chat_template_sha256,
+                         device_map=device_map)
         self.mode = mode
 
     def _drop_reference(self) -> None:
@@ -152,8 +158,10 @@ class PreferenceSiteTrainer(SftSiteTrainer):
         finally:
             self._drop_reference()
         local = self.adapter_state()
-        delta = {k: (local[k] - global_state[k]).to(global_state[k].dtype).contiguous() for k in global_state}
+        delta = float32_delta(local, global_state)
         examples = t.max_steps * t.per_device_batch_size * max(1, t.gradient_accumulation_steps)
+        dataset = trainer.train_dataset
+        weight = data_weight(t, len(self._rows), lambda: _answer_tokens(dataset))
         tokens = int(max((h.get("num_tokens", 0) for h in self.last_log_history), default=0)) or _estimate_tokens(
             trainer.train_dataset, examples)
         if self.checkpoint_steps:  # the round is done: its step checkpoints must not resume a later run
@@ -162,8 +170,14 @@ class PreferenceSiteTrainer(SftSiteTrainer):
         # the cyclic collector trains later rounds measurably slower (site_train bench), so free them now.
         del trainer, out
         gc.collect()
-        return RoundResult(delta, examples, train_loss, train_time, tokens,
+        return RoundResult(delta, weight, train_loss, train_time, tokens,
                            time.perf_counter() - round_start)
+
+
+def _answer_tokens(dataset: Any) -> int:
+    """Tokens of the answers the preference loss scores (chosen and rejected, or KTO's completion), as tokenised."""
+    columns = [c for c in ("chosen_input_ids", "rejected_input_ids", "completion_input_ids") if c in dataset.column_names]
+    return sum(len(x) for c in columns for x in dataset[c])
 
 
 def _estimate_tokens(dataset: Any, examples: int) -> int:

@@ -22,8 +22,9 @@ from typing import Any
 import torch
 
 from fedcommon import tensors
-from fedcommon.models import load_base, lora_config
+from fedcommon.models import device_precision, load_base, lora_config, lora_config_for, trainer_precision_args
 from protos.fedbridge.v1 import federation_service_pb2 as pb
+from site_agent.training.masking import apply_pinned_template, check_template, mask_conversation
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +34,10 @@ class RoundResult:
     """What a round of local training produced.
 
     Attributes:
-        delta: Local adapter minus the global adapter, in the spec's keys, shapes and dtypes.
-        num_examples: Examples seen (steps × batch × accumulation): the FedAvg weight.
+        delta: Local adapter minus the global adapter, in the spec's keys and shapes, in float32 (egress casts it to
+            the wire dtype after clipping and noise).
+        num_examples: The FedAvg weight the site reports: the training examples it holds, or (``weight_by =
+            "tokens"``) the tokens of them the loss is computed on; see :func:`data_weight`.
         train_loss: Mean training loss over the round.
         train_time_s: Wall time of the training loop itself.
         tokens: Tokens processed (for tokens/s).
@@ -79,20 +82,40 @@ class SftSiteTrainer:
             site killed mid-round resumes that round where it stopped; 0: off.
         deepspeed: A DeepSpeed config (ZeRO stage 1 or 2) for training through accelerate/DeepSpeed; on CPU, or
             outside a launcher, it runs single-process on gloo. None: plain PyTorch.
+        chat_template: The chat template the task carried (``[model] chat_template``); "" for the base's own.
+        chat_template_sha256: The task's pin of the template in force; "" for none. The tokenizer's template must
+            hash to it (:func:`fedcommon.chat.apply_pinned_template`), or the trainer refuses to start.
+        device_map: On CUDA, a transformers ``device_map`` for the base (``"auto"``: spread over the GPUs);
+            empty: one device.
+        world_size: How many ranks train each round together (under torchrun/accelerate: DDP, or DeepSpeed with a
+            config). The task's batch is the site's global batch; each rank takes ``batch / world_size`` of it.
     """
 
     def __init__(self, base_model: Path, train_rows: list[dict[str, Any]], work_dir: Path,
-                 quantize: bool = False, checkpoint_steps: int = 0, deepspeed: dict[str, Any] | None = None) -> None:
+                 quantize: bool = False, checkpoint_steps: int = 0, deepspeed: dict[str, Any] | None = None,
+                 chat_template: str = "", chat_template_sha256: str = "", device_map: str = "",
+                 world_size: int = 1) -> None:
         from transformers import AutoTokenizer
 
         self.base_model = Path(base_model)
         self.work_dir = Path(work_dir)
         self.quantized = quantize
         self.checkpoint_steps = checkpoint_steps
+        self.world_size = world_size
         self.deepspeed = check_deepspeed(deepspeed) if deepspeed else None
         self.resumed_from_step = 0  # the step the last round resumed from (0: it started fresh)
+        if device_map and (int(os.environ.get("WORLD_SIZE", "1")) > 1 or deepspeed):
+            # Each rank of a data-parallel launch holds a whole replica on its own GPU; a device_map spreading one
+            # model over all GPUs would put every rank on the same devices.
+            raise ValueError("device_map spreads one model over the GPUs of a single process; it cannot be combined "
+                             "with a multi-rank launch or DeepSpeed (leave it empty there)")
         self.tokenizer = AutoTokenizer.from_pretrained(self.base_model)
-        self._base = load_base(self.base_model, quantize)
+        # Before anything is tokenised: the federation's template (checked against its pin) replaces the base's own.
+        apply_pinned_template(self.tokenizer, chat_template, chat_template_sha256)
+        self.template_sha256 = chat_template_sha256
+        if train_rows and "messages" in train_rows[0]:
+            check_template(self.tokenizer)  # refuse a template no assistant mask comes from before loading weights
+        self._base = load_base(self.base_model, quantize, device_map=device_map)
         self._rows = train_rows
         self._dataset: Any = None  # tokenised once by the first SFTTrainer, reused after
         self.model: Any = None
@@ -113,6 +136,19 @@ class SftSiteTrainer:
             raise ValueError("the federation changed its adapter spec mid-run; restart the agent to follow it")
         return self.model
 
+    def probe_adapter(self, rank: int = 4) -> tuple[pb.AdapterSpec, dict[str, torch.Tensor]]:
+        """A fresh all-linear adapter on this trainer's base and its spec, for preflight's one real training step."""
+        from peft import get_peft_model, get_peft_model_state_dict
+
+        if self.model is not None:
+            raise ValueError("probe_adapter is for a trainer that has not trained yet")
+        self.model = get_peft_model(self._base, lora_config_for(rank, 2.0 * rank, 0.0, "all-linear"))
+        state = {k: v.detach().clone().contiguous() for k, v in get_peft_model_state_dict(self.model).items()}
+        spec = tensors.make_adapter_spec(state, rank, 2.0 * rank, 0.0,
+                                         sorted(self.model.peft_config["default"].target_modules))
+        self._spec_sha = spec.sha256
+        return spec, state
+
     def load_adapter(self, spec: pb.AdapterSpec, state: dict[str, torch.Tensor]) -> None:
         """Put ``state`` into the model's LoRA weights (after checking it against the spec)."""
         from peft import get_peft_model_state_dict, set_peft_model_state_dict
@@ -120,14 +156,17 @@ class SftSiteTrainer:
         tensors.check_against_spec(state, spec)
         model = self._ensure_model(spec)
         mine = get_peft_model_state_dict(model)
-        tensors.check_against_spec({k: v.detach() for k, v in mine.items()}, spec)
+        # The LoRA weights train in float32 whatever the wire dtype: compare keys and shapes in the spec's dtype.
+        wire = {t.name: tensors.torch_dtype(t.dtype) for t in spec.tensors}
+        tensors.check_against_spec({k: v.detach().to(wire.get(k, v.dtype)) for k, v in mine.items()}, spec)
         set_peft_model_state_dict(model, state)
 
     def set_base_residual(self, residual: dict[str, torch.Tensor]) -> None:
         """Make the base weights ``W0 + residual`` (FedEx-LoRA's folded correction, already scaled).
 
-        ``residual`` is the federation's cumulative residual, keyed by base weight name; weights it does not name
-        go back to their pristine values.
+        ``residual`` is the federation's cumulative residual, keyed by base weight name and in each weight's own
+        layout (the coordinator transposes it for ``[in, out]`` Conv1D weights); weights it does not name go back
+        to their pristine values.
 
         Raises:
             ValueError: A name that is not a base weight, a shape mismatch, or a non-finite value.
@@ -181,17 +220,19 @@ class SftSiteTrainer:
         trainable = self._set_trainable(freeze_lora_a=task.hints.freeze_lora_a)
         args = SFTConfig(
             max_steps=t.max_steps,
-            per_device_train_batch_size=t.per_device_batch_size,
+            per_device_train_batch_size=per_rank_batch(t.per_device_batch_size, self.world_size),
             gradient_accumulation_steps=max(1, t.gradient_accumulation_steps), learning_rate=t.learning_rate,
             weight_decay=t.weight_decay, warmup_steps=t.warmup_ratio, lr_scheduler_type=_scheduler(t),
             max_length=t.max_length, seed=t.seed + task.round, data_seed=t.seed + task.round,
-            assistant_only_loss=True, use_cpu=not torch.cuda.is_available(), bf16=False, fp16=False,
+            # The dataset arrives tokenised with "assistant_masks" (masked_dataset), from which TRL builds the labels;
+            # its own assistant_only_loss would refuse templates without {% generation %} markers.
+            assistant_only_loss=False, **precision_args(self.deepspeed),
             gradient_checkpointing=False, report_to=[], logging_steps=max(1, t.max_steps // 4), disable_tqdm=True,
             **checkpoint_args(self.work_dir, task, self.checkpoint_steps), deepspeed=self.deepspeed,
             dataloader_num_workers=0, remove_unused_columns=True)
         trainer = proximal_trainer_cls("sft")(
             model=self.model, args=args, processing_class=self.tokenizer,
-            train_dataset=self._dataset if self._dataset is not None else _as_dataset(self._rows),
+            train_dataset=self._dataset if self._dataset is not None else masked_dataset(self.tokenizer, self._rows),
             callbacks=[_Progress(progress)] if progress else None)
         # FedProx (Li et al., MLSys 2020): mu/2 * ||w - w_global||^2 over the trainable adapter weights.
         keep_adapter_dtype(self.model)
@@ -208,8 +249,9 @@ class SftSiteTrainer:
         train_time = time.perf_counter() - start
         self.last_engine = type(trainer.model_wrapped).__name__  # "DeepSpeedEngine" when DeepSpeed trained the round
         local = self.adapter_state()
-        delta = {k: (local[k] - global_state[k]).to(global_state[k].dtype).contiguous() for k in global_state}
+        delta = float32_delta(local, global_state)
         examples = t.max_steps * t.per_device_batch_size * max(1, t.gradient_accumulation_steps)
+        weight = data_weight(t, len(self._rows), lambda: self._loss_tokens(t.max_length))
         tokens = int(getattr(trainer.state, "num_input_tokens_seen", 0) or 0)
         if not tokens:
             lengths = [len(x) for x in self._dataset["input_ids"]]
@@ -220,8 +262,16 @@ class SftSiteTrainer:
         # the cyclic collector trains later rounds measurably slower (site_train bench), so free them now.
         del trainer, out
         gc.collect()
-        return RoundResult(delta, examples, train_loss, train_time, tokens,
+        return RoundResult(delta, weight, train_loss, train_time, tokens,
                            time.perf_counter() - round_start)
+
+    def _loss_tokens(self, max_length: int) -> int:
+        """Assistant tokens of the training rows within ``max_length``: the tokens the SFT loss is computed on."""
+        if self._dataset is not None and "assistant_masks" in self._dataset.column_names:
+            masks = self._dataset["assistant_masks"]
+        else:
+            masks = [mask_conversation(self.tokenizer, row["messages"]).assistant_mask for row in self._rows]
+        return int(sum(sum(m[:max_length]) for m in masks))
 
     def _resume_point(self, output_dir: str, round: int) -> str | None:
         """The last complete step checkpoint of this exact round and task, if a killed run left one.
@@ -253,10 +303,8 @@ class SftSiteTrainer:
             for start in range(0, len(rows), batch_size):
                 ids_list, labels_list = [], []
                 for row in rows[start:start + batch_size]:
-                    enc = self.tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=True,
-                                                             return_assistant_tokens_mask=True)
-                    ids = list(enc["input_ids"][:max_length])
-                    mask = list(enc["assistant_masks"][:max_length])
+                    enc = mask_conversation(self.tokenizer, row["messages"])
+                    ids, mask = enc.input_ids[:max_length], enc.assistant_mask[:max_length]
                     ids_list.append(ids)
                     labels_list.append([t if m else -100 for t, m in zip(ids, mask, strict=True)])
                 width = max(len(x) for x in ids_list)
@@ -280,8 +328,26 @@ class SftSiteTrainer:
         return mean, count
 
 
+def data_weight(t: pb.TrainingConfig, num_rows: int, loss_tokens: Callable[[], int]) -> int:
+    """The FedAvg weight a site reports: what it holds, not what the task made it run.
+
+    Every site runs the same ``max_steps × batch`` per round, so weighting by steps would weigh every site alike
+    whatever its data. ``weight_by = "examples"`` (the default) reports the training examples held;
+    ``"tokens"`` the tokens of them the loss is computed on (``loss_tokens``: SFT counts assistant tokens within
+    ``max_length``), so sites with long answers weigh more.
+    """
+    if t.weight_by == "tokens":
+        return int(loss_tokens())
+    if t.weight_by not in ("", "examples"):
+        raise ValueError(f"unsupported weight_by {t.weight_by!r}")
+    return num_rows
+
+
 def check_deepspeed(config: dict[str, Any]) -> dict[str, Any]:
     """Check a site's DeepSpeed config and prepare a single-process run when no launcher set one up.
+
+    Under a launcher (``torchrun``/``accelerate launch``) its ranks train together and ZeRO-1/2 shards the optimizer
+    state over them.
 
     ZeRO-3 partitions the parameters themselves, so reading the adapter delta (and reusing the model across rounds)
     needs gathering that this trainer does not do yet: it is refused rather than silently sending wrong tensors.
@@ -309,6 +375,38 @@ def check_deepspeed(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
+def precision_args(deepspeed: dict[str, Any] | None, device: tuple[bool, bool] | None = None) -> dict[str, bool]:
+    """The trainer's precision flags: the device's (bf16/fp16 autocast on CUDA, fp32 on CPU), except where a
+    DeepSpeed config sets ``bf16.enabled`` / ``fp16.enabled`` to a boolean: transformers refuses a config that
+    disagrees with the arguments, and the site's explicit DeepSpeed choice wins.
+
+    Args:
+        deepspeed: The site's DeepSpeed config, or None.
+        device: ``(cuda, bf16_supported)``; None: this machine's.
+    """
+    args = trainer_precision_args(*(device or device_precision()))
+    for key in ("bf16", "fp16"):
+        enabled = ((deepspeed or {}).get(key) or {}).get("enabled")
+        if isinstance(enabled, bool):
+            args[key] = enabled
+            if enabled:  # one half-precision mode at a time
+                args["fp16" if key == "bf16" else "bf16"] = False
+    return args
+
+
+def per_rank_batch(batch: int, world_size: int) -> int:
+    """Each rank's share of the task's batch, which is the whole site's batch however many ranks train it.
+
+    Raises:
+        ValueError: The batch does not split evenly over the ranks (the site would train a different batch than the
+            federation asked for).
+    """
+    if batch % world_size:
+        raise ValueError(f"the task's batch of {batch} does not divide over this site's {world_size} ranks; run "
+                         f"the site on a number of ranks that divides it")
+    return batch // world_size
+
+
 def checkpoint_args(work_dir: Path, task: pb.Task, every: int) -> dict[str, Any]:
     """Trainer arguments for step checkpoints of this round, in a folder keyed by everything that shapes the round.
 
@@ -330,6 +428,15 @@ def _scheduler(t: pb.TrainingConfig) -> str:
     if kind not in ("constant", "linear", "cosine"):
         raise ValueError(f"unsupported lr_scheduler_type {kind!r}")
     return "constant_with_warmup" if kind == "constant" and t.warmup_ratio > 0 else kind
+
+
+def float32_delta(local: dict[str, torch.Tensor], global_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``local - global`` in float32, keyed like the global adapter.
+
+    The LoRA weights train in float32; a bfloat16 wire adapter is only cast at egress (after clipping and noise),
+    so the delta is never rounded twice.
+    """
+    return {k: (local[k].to(torch.float32) - global_state[k].to(torch.float32)).contiguous() for k in global_state}
 
 
 def keep_adapter_dtype(model: Any) -> None:
@@ -386,3 +493,16 @@ def _as_dataset(rows: list[dict[str, Any]]) -> Any:
     from datasets import Dataset
 
     return Dataset.from_list(rows)
+
+
+def masked_dataset(tokenizer: Any, rows: list[dict[str, Any]]) -> Any:
+    """Chat rows tokenised with the project's assistant masks (``input_ids``, ``assistant_masks``) for SFTTrainer.
+
+    TRL skips its own tokenisation for a dataset that has ``input_ids`` and turns ``assistant_masks`` into labels
+    (-100 elsewhere), then truncates to ``max_length``; so the template is never asked for generation markers.
+    """
+    from datasets import Dataset
+
+    encoded = [mask_conversation(tokenizer, row["messages"]) for row in rows]
+    return Dataset.from_dict({"input_ids": [e.input_ids for e in encoded],
+                              "assistant_masks": [e.assistant_mask for e in encoded]})

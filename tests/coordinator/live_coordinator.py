@@ -8,6 +8,7 @@ crosses the real TLS handshake, the servicer and the engine.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,6 +32,7 @@ from protos import codec
 from protos.codec import MAX_MESSAGE
 from protos.fedbridge.v1 import federation_service_pb2 as pb
 from protos.fedbridge.v1 import federation_service_pb2_grpc as pb_grpc
+from sandbox.tiny_model import build_tiny_model
 
 T = TypeVar("T")
 FED = "fed"
@@ -50,9 +52,9 @@ class LiveCoordinator:
 
     def __init__(self, root: Path, sites: tuple[str, ...] = ("site-a", "site-b"), **cfg_over: Any) -> None:
         self.root = Path(root)
-        base = self.root / "base"
-        base.mkdir(parents=True)
-        (base / "config.json").write_text('{"model_type": "llama"}')
+        # A real (cached) base: init resolves the LoRA target names and probes the chat template against it.
+        base = build_tiny_model(cache_dir=os.environ.get("FEDBRIDGE_CACHE") or None)
+        self.root.mkdir(parents=True, exist_ok=True)
         self.base_sha = Manifest.of_dir(base).sha256
         self.fed = self.root / "federation"
         init_federation(self.fed, InitOptions(federation_id=FED, base_model=base, hosts=("localhost", "127.0.0.1"),

@@ -29,11 +29,10 @@ def admin(*args: str | Path) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture
-def fed(tmp_path: Path) -> Path:
+def fed(tmp_path: Path, tiny_model_dir: Path) -> Path:
     """A fresh federation directory per test: enrol/revoke tests change it, so none may see another's sites."""
     root = tmp_path
-    (root / "base").mkdir()
-    (root / "base" / "config.json").write_text("{}")
+    shutil.copytree(tiny_model_dir, root / "base")  # init resolves the LoRA targets and the template against it
     r = admin("init", "--dir", root / "fed", "--federation-id", "consortium", "--base-model", root / "base",
               "--host", "fl.example.org", "--host", "127.0.0.1", "--port", "7443", "--max-update-norm", "10")
     assert r.returncode == 0, r.stderr

@@ -12,7 +12,7 @@ def _model(tmp_path: Path) -> Path:
     (d / "sub").mkdir(parents=True)
     (d / "config.json").write_text("{}")
     (d / "model.safetensors").write_bytes(b"\x00" * 100)
-    (d / "sub" / "tok.json").write_text("[]")
+    (d / "sub" / "tokenizer.json").write_text("[]")
     Manifest.of_dir(d).save(d)
     return d
 
@@ -20,15 +20,16 @@ def _model(tmp_path: Path) -> Path:
 def test_manifest_is_stable_and_excludes_itself(tmp_path: Path) -> None:
     d = _model(tmp_path)
     m1 = Manifest.of_dir(d)
-    assert set(m1.files) == {"config.json", "model.safetensors", "sub/tok.json"}
+    assert set(m1.files) == {"config.json", "model.safetensors", "sub/tokenizer.json"}
     assert Manifest.load(d / "fedbridge-manifest.json").sha256 == m1.sha256 == Manifest.of_dir(d).sha256
     verify_model_dir(d, m1.sha256)
 
 
 @pytest.mark.parametrize("tamper,named", [
     (lambda d: (d / "model.safetensors").write_bytes(b"\x01" + b"\x00" * 99), "changed: ['model.safetensors']"),
-    (lambda d: (d / "sub" / "tok.json").unlink(), "missing: ['sub/tok.json']"),
-    (lambda d: (d / "extra.py").write_text("print(1)"), "unexpected: ['extra.py']"),
+    (lambda d: (d / "sub" / "tokenizer.json").unlink(), "missing: ['sub/tokenizer.json']"),
+    (lambda d: (d / "model-00002.safetensors").write_bytes(b"\x00"), "unexpected model files: ['model-00002.safetensors']"),
+    (lambda d: (d / "config.json").write_text('{"n_layer": 2}'), "changed: ['config.json']"),
 ])
 def test_verify_names_what_changed(tmp_path: Path, tamper, named: str) -> None:  # type: ignore[no-untyped-def]
     d = _model(tmp_path)
@@ -37,3 +38,17 @@ def test_verify_names_what_changed(tmp_path: Path, tamper, named: str) -> None: 
     with pytest.raises(ManifestMismatch) as e:
         verify_model_dir(d, want)
     assert named in str(e.value)
+
+
+def test_files_that_do_not_make_the_model_are_ignored(tmp_path: Path) -> None:
+    """A hub download's README, .gitattributes and images change nothing the model computes: still the same pin."""
+    d = _model(tmp_path)
+    want = Manifest.of_dir(d).sha256
+    (d / "README.md").write_text("# a model card\n")
+    (d / ".gitattributes").write_text("*.safetensors filter=lfs\n")
+    (d / "figure.png").write_bytes(b"\x89PNG")
+    (d / "LICENSE").write_text("text")
+    assert verify_model_dir(d, want).files.keys() == {"config.json", "model.safetensors", "sub/tokenizer.json"}
+    (d / "chat_template.jinja").write_text("{{ messages }}")  # a template decides what the model is trained on
+    with pytest.raises(ManifestMismatch, match=r"unexpected model files: \['chat_template.jinja'\]"):
+        verify_model_dir(d, want)

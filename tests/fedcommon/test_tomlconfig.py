@@ -40,6 +40,7 @@ def test_loads_and_resolves_relative_paths(tmp_path: Path) -> None:
     ("[training]\nmax_steps = -1\n", "training.max_steps"),
     ("[training]\nmode = \"rlhf\"\n", "training.mode"),
     ("[lora]\nrank = 1.5\n", "lora.rank"),
+    ("[lora]\nwire_dtype = \"float16\"\n", "lora.wire_dtype"),
     ("strategy = \"nope\"\n", "strategy"),
 ])
 def test_errors_name_file_and_field(tmp_path: Path, extra: str, field: str) -> None:

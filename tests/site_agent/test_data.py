@@ -231,7 +231,7 @@ def test_format_mismatch_with_the_loader_is_an_error(tmp_path: Path) -> None:
 
     # Assert
     assert (sft_as_pref.value.line, sft_as_pref.value.problem) == (1, "is a chat row, expected preference rows")
-    want = "is a preference row, expected chat, sharegpt or alpaca rows"
+    want = "is a preference row, expected chat, sharegpt, alpaca or query rows"
     assert (pref_as_sft.value.line, pref_as_sft.value.problem) == (1, want)
 
 

@@ -117,3 +117,102 @@ def test_a_file_must_match_the_mode(tmp_path: Path) -> None:
         load_jsonl(mixed)
     with pytest.raises(ValueError, match="unknown training mode"):
         load_for_mode(kto, "ppo")
+
+
+# ms-swift's own forms: https://swift.readthedocs.io (custom dataset formats): messages + rejected_response for
+# DPO/ORPO/SimPO/CPO, messages + label for KTO, and the older query/response/history/system rows.
+SWIFT_MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                  {"role": "assistant", "content": "Hello."}]
+
+
+def test_swift_query_response_history_loads_as_chat(tmp_path: Path) -> None:
+    # Prepare
+    path = write(tmp_path / "q.jsonl",
+                 {"system": "Be brief.", "history": [["Q1", "A1"], ["Q2", "A2"]], "query": "Q3", "response": "A3"},
+                 {"query": "Q", "response": "A"})
+
+    # Execute
+    rows = load_for_mode(path, "sft")
+
+    # Assert
+    assert rows == [
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q1"},
+                      {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2"},
+                      {"role": "assistant", "content": "A2"}, {"role": "user", "content": "Q3"},
+                      {"role": "assistant", "content": "A3"}]},
+        {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]}]
+    assert detect_format({"query": "Q", "response": "A"}) == "query"
+
+
+def test_swift_preference_last_assistant_is_chosen(tmp_path: Path) -> None:
+    # Prepare
+    path = write(tmp_path / "p.jsonl", {"messages": SWIFT_MESSAGES, "rejected_response": "Go away."},
+                 {"query": "Q", "response": "good", "rejected_response": "bad"})
+
+    # Execute
+    rows = load_for_mode(path, "dpo")
+
+    # Assert
+    assert rows == [
+        {"prompt": SWIFT_MESSAGES[:2], "chosen": [SWIFT_MESSAGES[2]],
+         "rejected": [{"role": "assistant", "content": "Go away."}]},
+        {"prompt": [{"role": "user", "content": "Q"}], "chosen": [{"role": "assistant", "content": "good"}],
+         "rejected": [{"role": "assistant", "content": "bad"}]}]
+    assert load_for_mode(path, "orpo") == rows == load_for_mode(path, "simpo")
+
+
+def test_swift_kto_messages_and_label(tmp_path: Path) -> None:
+    # Prepare
+    path = write(tmp_path / "k.jsonl", {"messages": SWIFT_MESSAGES, "label": False})
+
+    # Execute
+    rows = load_for_mode(path, "kto")
+
+    # Assert
+    assert rows == [{"prompt": SWIFT_MESSAGES[:2], "completion": [SWIFT_MESSAGES[2]], "label": False}]
+
+
+@pytest.mark.parametrize(("loader", "bad", "field", "problem"), [
+    (load_sft, {"query": SECRET}, "response", "missing"),
+    (load_sft, {"query": SECRET, "response": 3}, "response", "must be a string, got number"),
+    (load_sft, {"query": SECRET, "response": SECRET, "history": SECRET}, "history",
+     "must be a list of [query, response] pairs, got string"),
+    (load_sft, {"query": SECRET, "response": SECRET, "history": [[SECRET]]}, "history[0]",
+     "must be a [query, response] pair"),
+    (load_sft, {"query": SECRET, "response": SECRET, "history": [["ok", SECRET], [SECRET, 7]]}, "history[1][1]",
+     "must be a string, got number"),
+    (load_sft, {"query": SECRET, "response": SECRET, "system": " "}, "system", "must not be empty"),
+    ("dpo", {"messages": SWIFT_MESSAGES, "rejected_response": 1}, "rejected_response", "must be a string, got number"),
+    ("dpo", {"messages": SWIFT_MESSAGES[2:], "rejected_response": SECRET}, "messages",
+     "must hold a prompt before the last assistant message"),
+    ("dpo", {"messages": SWIFT_MESSAGES[:2], "rejected_response": SECRET}, "messages[1].role",
+     "the last message must be from the assistant"),
+    ("kto", {"messages": SWIFT_MESSAGES, "label": "yes"}, "label", "must be true or false, got string"),
+])
+def test_bad_swift_line_names_line_and_field(tmp_path: Path, loader: object, bad: dict, field: str,
+                                             problem: str) -> None:
+    # Prepare: line 1 is a good row of the same format, line 2 blank, the bad row on line 3
+    good = {load_sft: {"query": "Q", "response": "A"}, "dpo": {"messages": SWIFT_MESSAGES, "rejected_response": "x"},
+            "kto": {"messages": SWIFT_MESSAGES, "label": True}}[loader]  # type: ignore[index]
+    path = write(tmp_path / "bad.jsonl", good, "", bad)
+
+    # Execute
+    with pytest.raises(DataError) as err:
+        loader(path) if callable(loader) else load_for_mode(path, loader)  # type: ignore[arg-type]
+
+    # Assert
+    assert (err.value.path, err.value.line, err.value.field, err.value.problem) == (str(path), 3, field, problem)
+    assert SECRET not in str(err.value) and str(err.value).startswith(f"{path}:3: field '{field}'")
+
+
+def test_swift_rows_must_match_the_mode(tmp_path: Path) -> None:
+    # Prepare
+    pref = write(tmp_path / "p.jsonl", {"messages": SWIFT_MESSAGES, "rejected_response": "x"})
+    kto = write(tmp_path / "k.jsonl", {"messages": SWIFT_MESSAGES, "label": True})
+
+    # Execute / Assert
+    with pytest.raises(DataError, match=r"p\.jsonl:1: is a swift_preference row, expected chat, sharegpt, alpaca or "
+                                        r"query rows"):
+        load_for_mode(pref, "sft")
+    with pytest.raises(DataError, match=r"k\.jsonl:1: is a swift_kto row, expected preference rows"):
+        load_for_mode(kto, "dpo")

@@ -97,3 +97,22 @@ def test_no_noise_multiplier_gives_the_clip_alone() -> None:
     assert [f.name for f in dp_filters(0.0, 1.0)] == ["clip"]
     with pytest.raises(ValueError, match="noise_multiplier must be a finite number > 0"):
         GaussianNoiseFilter(0.0, 1.0)
+
+
+def test_cast_filter_rounds_to_the_wire_dtype_last() -> None:
+    from site_agent.egress.filters import CastFilter
+
+    delta = _delta(3, 0.5)
+    out = apply_filters(delta, [ClipFilter(1.0), CastFilter.for_spec(["BF16", "BF16"])])
+    assert {v.dtype for v in out.values()} == {torch.bfloat16}
+    assert {v.dtype for v in delta.values()} == {torch.float32}  # the input is not modified
+    clipped = ClipFilter(1.0).apply(delta)
+    for k in delta:  # one rounding of the clipped float32 values, each within bf16's relative step
+        assert torch.allclose(out[k].float(), clipped[k], rtol=2 ** -8, atol=0)
+    assert CastFilter("F32").apply(delta)["a.lora_A.weight"].dtype == torch.float32
+    with pytest.raises(ValueError, match="must be the last one"):
+        check_order([CastFilter("BF16"), ClipFilter(1.0)])
+    with pytest.raises(ValueError, match="one wire dtype"):
+        CastFilter.for_spec(["F32", "BF16"])
+    with pytest.raises(ValueError, match="wire dtype 'F16'"):
+        CastFilter("F16")

@@ -46,9 +46,9 @@ def test_a_good_kit_passes_every_check(kit) -> None:  # type: ignore[no-untyped-
 
     # Assert
     assert list(rows) == ["policy", "certificates", "signing key", "coordinator", "base model", "data", "disk", "gpu",
-                          "dry training step"]
+                          "training step"]
     assert all(r.ok for r in rows.values()), [r for r in rows.values() if not r.ok]
-    assert "loss" in rows["dry training step"].detail
+    assert rows["training step"].detail.startswith("sft: loss")
 
 
 def test_each_broken_part_fails_its_own_row(kit) -> None:  # type: ignore[no-untyped-def]
@@ -100,3 +100,29 @@ def test_cli_prints_the_table_and_exits_non_zero_on_failure(kit) -> None:  # typ
     # Assert
     assert result.exit_code == 1
     assert "coordinator" in result.output and "FAIL" in result.output and "PASS" in result.output
+
+
+GPT2_TEMPLATE = ("{% for m in messages %}{{ m['role'] + '\\n' + m['content'] + '<|endoftext|>' + '\\n' }}"
+                 "{% endfor %}{% if add_generation_prompt %}{{ 'assistant\\n' }}{% endif %}")
+
+
+def test_training_step_fails_where_run_would(kit) -> None:  # type: ignore[no-untyped-def]
+    """GPT-2 ships no chat template: preflight's step fails with run's own refusal; the federation's file fixes it."""
+    import dataclasses
+    import os
+
+    from sandbox.families import build_family_model
+    from site_agent.agent import SiteRefusal, make_trainer
+
+    cfg, _, tmp = kit
+    gpt2 = build_family_model("gpt2", cache_dir=os.environ.get("FEDBRIDGE_CACHE") or tmp / "cache")
+    cfg = dataclasses.replace(cfg, base_model=gpt2)
+    with pytest.raises(SiteRefusal) as run_error:  # what `run` raises on its first task
+        make_trainer("sft", gpt2, cfg.data.train, tmp / "w")
+    rows = _by_name(run_preflight(cfg, connect_timeout_s=10))
+    assert not rows["training step"].ok and str(run_error.value) in rows["training step"].detail
+    assert not rows["base model"].ok and "has no chat template" in rows["base model"].detail
+    template = tmp / "gpt2.jinja"
+    template.write_text(GPT2_TEMPLATE)
+    rows = _by_name(run_preflight(cfg, connect_timeout_s=10, chat_template=template))
+    assert rows["training step"].ok and rows["base model"].ok, rows

@@ -40,7 +40,8 @@ def test_round_produces_delta_of_the_spec(setup) -> None:  # type: ignore[no-unt
     result = trainer.train_round(_task(init), init.state)
     tensors.check_against_spec(result.delta, init.spec)
     assert _norm(result.delta, "lora_B") > 0 and _norm(result.delta, "lora_A") > 0
-    assert result.num_examples == 12 and result.tokens > 0 and result.train_loss > 0
+    # The FedAvg weight is the 16 examples the site holds, not max_steps x batch (12, the same at every site).
+    assert result.num_examples == 16 and result.tokens > 0 and result.train_loss > 0
     loss, tokens = trainer.evaluate(init.spec, init.state, heldout)
     assert tokens > 0 and 0 < loss < 20
 
@@ -80,3 +81,14 @@ def test_base_residual_is_folded_and_can_be_replaced(setup) -> None:  # type: ig
         with pytest.raises(ValueError, match=msg):
             trainer.set_base_residual(bad)
     assert torch.equal(weight, before)
+
+
+def test_weight_by_tokens_counts_the_tokens_the_loss_sees(setup) -> None:  # type: ignore[no-untyped-def]
+    from site_agent.training.masking import mask_conversation
+
+    trainer, init, _ = setup
+    task = _task(init)
+    task.training.weight_by = "tokens"
+    result = trainer.train_round(task, init.state)
+    masks = [mask_conversation(trainer.tokenizer, r["messages"]).assistant_mask[:64] for r in trainer._rows]
+    assert result.num_examples == sum(sum(m) for m in masks) > 16  # assistant tokens within max_length

@@ -63,7 +63,7 @@ class AdapterSpec(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., alpha: _Optional[float] = ..., dropout: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class TrainingConfig(_message.Message):
-    __slots__ = ("mode", "max_steps", "learning_rate", "per_device_batch_size", "gradient_accumulation_steps", "max_length", "seed", "weight_decay", "warmup_ratio", "lr_scheduler_type", "beta", "loss_type", "rpo_alpha", "simpo_gamma", "cpo_alpha", "desirable_weight", "undesirable_weight", "label_smoothing")
+    __slots__ = ("mode", "max_steps", "learning_rate", "per_device_batch_size", "gradient_accumulation_steps", "max_length", "seed", "weight_decay", "warmup_ratio", "lr_scheduler_type", "beta", "loss_type", "rpo_alpha", "simpo_gamma", "cpo_alpha", "desirable_weight", "undesirable_weight", "label_smoothing", "weight_by")
     MODE_FIELD_NUMBER: _ClassVar[int]
     MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
@@ -82,6 +82,7 @@ class TrainingConfig(_message.Message):
     DESIRABLE_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     UNDESIRABLE_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     LABEL_SMOOTHING_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_BY_FIELD_NUMBER: _ClassVar[int]
     mode: str
     max_steps: int
     learning_rate: float
@@ -100,10 +101,11 @@ class TrainingConfig(_message.Message):
     desirable_weight: float
     undesirable_weight: float
     label_smoothing: float
-    def __init__(self, mode: _Optional[str] = ..., max_steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., per_device_batch_size: _Optional[int] = ..., gradient_accumulation_steps: _Optional[int] = ..., max_length: _Optional[int] = ..., seed: _Optional[int] = ..., weight_decay: _Optional[float] = ..., warmup_ratio: _Optional[float] = ..., lr_scheduler_type: _Optional[str] = ..., beta: _Optional[float] = ..., loss_type: _Optional[str] = ..., rpo_alpha: _Optional[float] = ..., simpo_gamma: _Optional[float] = ..., cpo_alpha: _Optional[float] = ..., desirable_weight: _Optional[float] = ..., undesirable_weight: _Optional[float] = ..., label_smoothing: _Optional[float] = ...) -> None: ...
+    weight_by: str
+    def __init__(self, mode: _Optional[str] = ..., max_steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., per_device_batch_size: _Optional[int] = ..., gradient_accumulation_steps: _Optional[int] = ..., max_length: _Optional[int] = ..., seed: _Optional[int] = ..., weight_decay: _Optional[float] = ..., warmup_ratio: _Optional[float] = ..., lr_scheduler_type: _Optional[str] = ..., beta: _Optional[float] = ..., loss_type: _Optional[str] = ..., rpo_alpha: _Optional[float] = ..., simpo_gamma: _Optional[float] = ..., cpo_alpha: _Optional[float] = ..., desirable_weight: _Optional[float] = ..., undesirable_weight: _Optional[float] = ..., label_smoothing: _Optional[float] = ..., weight_by: _Optional[str] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("federation_id", "round", "total_rounds", "base_model_sha256", "base_model_ref", "training", "adapter_spec", "global_adapter_sha256", "global_adapter_size", "deadline_unix_ms", "hints", "base_residual_sha256", "base_residual_size", "dp")
+    __slots__ = ("federation_id", "round", "total_rounds", "base_model_sha256", "base_model_ref", "training", "adapter_spec", "global_adapter_sha256", "global_adapter_size", "deadline_unix_ms", "hints", "base_residual_sha256", "base_residual_size", "dp", "chat_template", "chat_template_sha256")
     FEDERATION_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
@@ -118,6 +120,8 @@ class Task(_message.Message):
     BASE_RESIDUAL_SHA256_FIELD_NUMBER: _ClassVar[int]
     BASE_RESIDUAL_SIZE_FIELD_NUMBER: _ClassVar[int]
     DP_FIELD_NUMBER: _ClassVar[int]
+    CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    CHAT_TEMPLATE_SHA256_FIELD_NUMBER: _ClassVar[int]
     federation_id: str
     round: int
     total_rounds: int
@@ -132,7 +136,9 @@ class Task(_message.Message):
     base_residual_sha256: str
     base_residual_size: int
     dp: DpRequest
-    def __init__(self, federation_id: _Optional[str] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., base_model_sha256: _Optional[str] = ..., base_model_ref: _Optional[str] = ..., training: _Optional[_Union[TrainingConfig, _Mapping]] = ..., adapter_spec: _Optional[_Union[AdapterSpec, _Mapping]] = ..., global_adapter_sha256: _Optional[str] = ..., global_adapter_size: _Optional[int] = ..., deadline_unix_ms: _Optional[int] = ..., hints: _Optional[_Union[SiteHints, _Mapping]] = ..., base_residual_sha256: _Optional[str] = ..., base_residual_size: _Optional[int] = ..., dp: _Optional[_Union[DpRequest, _Mapping]] = ...) -> None: ...
+    chat_template: str
+    chat_template_sha256: str
+    def __init__(self, federation_id: _Optional[str] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., base_model_sha256: _Optional[str] = ..., base_model_ref: _Optional[str] = ..., training: _Optional[_Union[TrainingConfig, _Mapping]] = ..., adapter_spec: _Optional[_Union[AdapterSpec, _Mapping]] = ..., global_adapter_sha256: _Optional[str] = ..., global_adapter_size: _Optional[int] = ..., deadline_unix_ms: _Optional[int] = ..., hints: _Optional[_Union[SiteHints, _Mapping]] = ..., base_residual_sha256: _Optional[str] = ..., base_residual_size: _Optional[int] = ..., dp: _Optional[_Union[DpRequest, _Mapping]] = ..., chat_template: _Optional[str] = ..., chat_template_sha256: _Optional[str] = ...) -> None: ...
 
 class DpRequest(_message.Message):
     __slots__ = ("noise_multiplier", "clip_norm")

@@ -1,0 +1,46 @@
+"""A site run on 2 ranks under torch's launcher is one site to the coordinator: one Join, one update per round."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from coordinator.rounds.store import Store
+from sandbox import localfed
+
+
+def _events(path: Path) -> list[str]:
+    return [json.loads(line)["event"] for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_two_rank_site_joins_once_and_uploads_once_per_round(tiny_model_dir: Path, tmp_path: Path) -> None:
+    # Prepare: one site, two rounds of 2 steps on a global batch of 4 (2 per rank)
+    fed = localfed.prepare(tmp_path / "fed", tiny_model_dir, n_sites=1, rounds=2, min_sites=1,
+                           training={"max_steps": 2, "batch_size": 4, "learning_rate": 1e-3, "max_length": 48},
+                           lora={"rank": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj"]},
+                           n_train=16, n_heldout=4)
+    site = fed.sites[0]
+    with fed:
+        fed.start_coordinator()
+        config = fed.write_site_config(site)
+
+        # Execute: the agent on 2 gloo ranks, as an operator would start it
+        fed.procs[site.name] = localfed._spawn(
+            [localfed.PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "site_agent",
+             "run", "--config", str(config)], fed.log_path(site.name))
+        codes = fed.wait([site.name, "coordinator"], timeout=240)
+
+    # Assert: both ranks trained both rounds; the coordinator saw one site, once per round
+    log = fed.log_path(site.name).read_text(errors="replace")
+    assert codes == {site.name: 0, "coordinator": 0}, log[-4000:] + localfed._tail(fed.log_path("coordinator"))
+    assert log.count("done: trained 2 round(s)") == 2, log[-3000:]  # rank 0 and rank 1 each trained both rounds
+    assert log.count("[Site.Join]") == 1 and log.count("[Site.UploadUpdate]") == 2, log[-3000:]
+    store = Store(fed.state_dir)
+    ups = store.updates()
+    assert sorted((u.round, u.site, u.num_examples) for u in ups) == [(1, site.name, 8), (2, site.name, 8)]
+    assert [s["name"] for s in store.sites()] == [site.name]
+    store.close()
+    coordinator_events = _events(fed.state_dir / "audit.jsonl")
+    assert coordinator_events.count("site_joined") == 1
+    site_events = _events(fed.root / "sites" / site.name / "work" / "audit.jsonl")  # only rank 0 writes it
+    assert site_events.count("update_uploaded") == 2 and site_events.count("task_accepted") == 2
