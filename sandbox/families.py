@@ -21,7 +21,7 @@ from pathlib import Path
 
 from fedcommon.manifest import Manifest
 from sandbox.synthetic import vocabulary_text
-from sandbox.tiny_model import INIT_STD, _training_text, default_cache_root, install_cached
+from sandbox.tiny_model import INIT_STD, default_cache_root, install_cached, train_bpe
 
 # Bump whenever the built files would change for the same family and shape (templates, tokens, init, save format).
 FAMILIES_VERSION = "1"
@@ -150,17 +150,9 @@ def config_hash(family: Family, shape: FamilyShape) -> str:
 
 
 def _tokenizer(family: Family, shape: FamilyShape):  # -> transformers.PreTrainedTokenizerFast
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)  # offsets feed the assistant-token mask
-    trainer = trainers.BpeTrainer(vocab_size=shape.bpe_vocab_size, min_frequency=2, show_progress=False,
-                                  special_tokens=list(family.special_tokens),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(_training_text(), trainer=trainer)
+    tok = train_bpe(shape.bpe_vocab_size, list(family.special_tokens))
     named = {family.bos, family.eos, family.pad, family.unk}
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=family.bos, eos_token=family.eos, pad_token=family.pad,

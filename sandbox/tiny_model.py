@@ -175,20 +175,28 @@ def _training_text() -> list[str]:
     return lines
 
 
-def _build_tokenizer(config: TinyModelConfig):  # -> transformers.PreTrainedTokenizerFast
+def train_bpe(vocab_size: int, special_tokens: list[str]):  # -> tokenizers.Tokenizer
+    """A ByteLevel BPE trained on the local corpus (no prefix space, untrimmed offsets: they feed the assistant mask).
+
+    Shared by the house tiny model and the tiny real-family bases (:mod:`sandbox.families`).
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)  # offsets feed the assistant-token mask
-    trainer = trainers.BpeTrainer(vocab_size=config.vocab_size, min_frequency=2, show_progress=False,
-                                  special_tokens=list(SPECIAL_TOKENS),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False,
+                                  special_tokens=special_tokens, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(_training_text(), trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=IM_END, pad_token=PAD_TOKEN,
-                                   additional_special_tokens=[IM_START],
+    return tok
+
+
+def _build_tokenizer(config: TinyModelConfig):  # -> transformers.PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
+
+    fast = PreTrainedTokenizerFast(tokenizer_object=train_bpe(config.vocab_size, list(SPECIAL_TOKENS)),
+                                   eos_token=IM_END, pad_token=PAD_TOKEN, additional_special_tokens=[IM_START],
                                    model_max_length=config.max_position_embeddings)
     fast.chat_template = CHAT_TEMPLATE
     return fast
