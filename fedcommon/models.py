@@ -44,18 +44,33 @@ class TargetModuleError(ValueError):
     """``[lora] target_modules`` names a module the base model does not have (the message lists those it has)."""
 
 
+def model_skeleton(base_model: Path) -> Any:
+    """The base's module tree on the ``meta`` device, built from its ``config.json`` (no weight is read).
+
+    Raises:
+        ValueError: ``config.json`` is missing or transformers cannot build a causal LM from it.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if not (Path(base_model) / "config.json").is_file():
+        raise ValueError(f"{base_model} has no config.json: its modules are read from the config")
+    try:
+        cfg = AutoConfig.from_pretrained(base_model)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(cfg)
+    except (ValueError, KeyError, OSError) as e:
+        raise ValueError(f"{base_model}/config.json does not describe a causal LM transformers can build: {e}") from e
+
+
 def linear_module_names(base_model: Path) -> tuple[list[str], str]:
     """The full names of the base's leaf Linear / transformers ``Conv1D`` modules, and its output layer's name.
 
     The model is built on the meta device from ``config.json`` alone: no weight is read, so this costs milliseconds
     even for a 70B base.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
 
-    cfg = AutoConfig.from_pretrained(base_model)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg)
+    model = model_skeleton(base_model)
     names = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D)) and not list(m.children())]
     out = model.get_output_embeddings()
     head = next((n for n, m in model.named_modules() if m is out), "") if out is not None else ""

@@ -17,7 +17,7 @@ import torch
 
 from coordinator.config import LoraSpec
 from fedcommon import tensors
-from fedcommon.models import load_base, lora_config, lora_config_for
+from fedcommon.models import load_base, lora_config, lora_config_for, model_skeleton
 from protos.fedbridge.v1 import federation_service_pb2 as pb
 
 ADAPTER_DTYPE = torch.float32  # drawn in float32 (as sites train), then cast to [lora] wire_dtype
@@ -29,24 +29,6 @@ class AdapterInit:
 
     state: dict[str, torch.Tensor]
     spec: pb.AdapterSpec
-
-
-def model_skeleton(base_model: Path) -> Any:
-    """The base's module tree on the ``meta`` device, built from its ``config.json`` (no weight is read).
-
-    Raises:
-        ValueError: ``config.json`` is missing or transformers cannot build a causal LM from it.
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    if not (Path(base_model) / "config.json").is_file():
-        raise ValueError(f"{base_model} has no config.json: the coordinator builds the adapter from the base's config")
-    try:
-        cfg = AutoConfig.from_pretrained(base_model)
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(cfg)
-    except (ValueError, KeyError, OSError) as e:
-        raise ValueError(f"{base_model}/config.json does not describe a causal LM transformers can build: {e}") from e
 
 
 def fan_in_fan_out_weights(model: Any) -> frozenset[str]:
