@@ -3,8 +3,10 @@
 The usual way, ``PeftModel.merge_and_unload()`` then ``save_pretrained``, holds the whole base model in memory and,
 while saving, more (ms-swift users hit out-of-memory exactly here). This merge never builds a model: it reads the
 base checkpoint's safetensors headers, plans the output shards, then streams each tensor in turn: read it from the
-base file, add ``alpha / r * B @ A`` if LoRA targets it, and write it to its output shard. Peak memory is about the
-largest single tensor plus its LoRA product, whatever the model's size (``bench/merge_memory.py`` measures it).
+base file, add ``alpha / r * B @ A`` if LoRA targets it, and write it to its output shard. A tensor no adapter
+touches is copied as raw bytes, a few MiB at a time; a targeted one is merged a block of rows at a time. Peak memory
+is the adapter plus one such block, whatever the model's size, even for a vocabulary-sized output projection
+(``bench/merge_memory.py`` and ``bench/real_shapes.py`` measure it).
 
 The output is a plain Hugging Face directory (``model-0000i-of-0000n.safetensors`` shards,
 ``model.safetensors.index.json``, and the base's config, generation config, tokenizer and other small files), so
@@ -122,14 +124,14 @@ def base_tensors(base_dir: Path) -> list[_TensorEntry]:
     return [e for name in files for e in _read_header(base_dir / name)]
 
 
-def _read_tensor(f, entry: _TensorEntry) -> torch.Tensor:  # noqa: ANN001 - a binary file object
-    if entry.nbytes == 0:
-        return torch.empty(entry.shape, dtype=_DTYPES[entry.dtype])
-    f.seek(entry.start)
-    buf = bytearray(entry.nbytes)
-    if f.readinto(buf) != entry.nbytes:
+def _read_rows(f, entry: _TensorEntry, r0: int, r1: int) -> torch.Tensor:  # noqa: ANN001 - a binary file object
+    """Rows ``r0:r1`` (along dim 0) of a stored tensor, as a tensor of its own dtype."""
+    row_bytes = entry.nbytes // entry.shape[0]
+    f.seek(entry.start + r0 * row_bytes)
+    buf = bytearray((r1 - r0) * row_bytes)
+    if f.readinto(buf) != len(buf):
         raise MergeError(f"{entry.file}: tensor {entry.name!r} is truncated")
-    return torch.frombuffer(buf, dtype=_DTYPES[entry.dtype]).reshape(entry.shape)
+    return torch.frombuffer(buf, dtype=_DTYPES[entry.dtype]).reshape((r1 - r0, *entry.shape[1:]))
 
 
 def lora_pairs(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -180,30 +182,64 @@ def _header_bytes(entries: list[_TensorEntry]) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
-def _merged_tensors(entries: list[_TensorEntry], pairs: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                    scale: float, residual: Mapping[str, torch.Tensor],
-                    fan_in_fan_out: frozenset[str] = frozenset()) -> Iterator[tuple[_TensorEntry, torch.Tensor]]:
+def _copy_raw(f, entry: _TensorEntry, chunk_bytes: int) -> Iterator[bytes]:  # noqa: ANN001 - a binary file
+    """The stored bytes of a tensor no adapter touches, ``chunk_bytes`` at a time: no tensor is ever built."""
+    f.seek(entry.start)
+    left = entry.nbytes
+    while left:
+        buf = f.read(min(left, chunk_bytes))
+        if not buf:
+            raise MergeError(f"{entry.file}: tensor {entry.name!r} is truncated")
+        left -= len(buf)
+        yield buf
+
+
+def _merged_rows(f, e: _TensorEntry, pair: tuple[torch.Tensor, torch.Tensor] | None,  # noqa: ANN001
+                 residual: torch.Tensor | None, scale: float, fan_in_fan_out: bool, chunk_bytes: int) -> Iterator[bytes]:
+    """``W + residual + scale * B @ A`` for one weight, a block of rows at a time, in the weight's own dtype.
+
+    Working in row blocks bounds memory by ``chunk_bytes`` (of float32 work) whatever the weight's size, which
+    matters for the largest tensors a LoRA can target, such as a tied output projection the size of the vocabulary.
+    Rows of a ``Linear`` weight ``[out, in]`` are output features, so rows ``r0:r1`` of the product are
+    ``B[r0:r1] @ A``; a ``Conv1D`` weight is stored ``[in, out]``, so its rows are ``(B @ A[:, r0:r1]).T``.
+    """
+    if len(e.shape) != 2:
+        raise MergeError(f"{e.name!r} has shape {e.shape}; LoRA and FedEx residuals apply to 2-D weights only")
+    rows, cols = e.shape
+    if pair is not None:
+        a, b = pair[0].to(torch.float32), pair[1].to(torch.float32)
+        product = (a.shape[1], b.shape[0]) if fan_in_fan_out else (b.shape[0], a.shape[1])
+        if a.shape[0] != b.shape[1] or product != (rows, cols):
+            raise MergeError(f"LoRA product for {e.name!r} has shape {product}, the base tensor {e.shape}")
+    step = max(1, chunk_bytes // (4 * cols))
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        stored = _read_rows(f, e, r0, r1)
+        w = stored.to(torch.float32)
+        if residual is not None:  # FedEx-LoRA: the federation's cumulative correction of the base weight
+            w += residual[r0:r1].to(torch.float32)
+        if pair is not None:
+            w += ((a[:, r0:r1].T @ b.T) if fan_in_fan_out else (b[r0:r1] @ a)).mul_(scale)
+        out = w.to(stored.dtype)
+        del w, stored
+        yield out.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def _merged_stream(entries: list[_TensorEntry], pairs: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                   scale: float, residual: Mapping[str, torch.Tensor], fan_in_fan_out: frozenset[str] = frozenset(),
+                   chunk_bytes: int = 32 << 20) -> Iterator[tuple[_TensorEntry, Iterator[bytes]]]:
+    """Each base tensor in turn with an iterator over its merged bytes; the caller drains one before the next."""
     handles: dict[Path, object] = {}
     try:
         for e in entries:
             f = handles.get(e.file)
             if f is None:
                 f = handles[e.file] = open(e.file, "rb")  # noqa: SIM115 - closed in the finally below
-            w = _read_tensor(f, e)
-            if e.name in residual:  # FedEx-LoRA: the federation's cumulative correction of the base weight
-                w = (w.to(torch.float32) + residual[e.name].to(torch.float32)).to(w.dtype)
-            if e.name in pairs:
-                a, b = pairs[e.name]
-                delta = (b.to(torch.float32) @ a.to(torch.float32)).mul_(scale)
-                if e.name in fan_in_fan_out:  # Conv1D stores [in, out]; the product is [out, in]
-                    delta = delta.T
-                if tuple(delta.shape) != tuple(w.shape):
-                    raise MergeError(f"LoRA product for {e.name!r} has shape {tuple(delta.shape)}, the base tensor "
-                                     f"{tuple(w.shape)}")
-                w = (w.to(torch.float32) + delta).to(w.dtype)
-                del delta
-            yield e, w
-            del w  # the caller wrote it: never hold two tensors at once
+            if e.nbytes == 0 or (e.name not in pairs and e.name not in residual):
+                yield e, _copy_raw(f, e, chunk_bytes)
+            else:
+                yield e, _merged_rows(f, e, pairs.get(e.name), residual.get(e.name), scale, e.name in fan_in_fan_out,
+                                      chunk_bytes)
     finally:
         for f in handles.values():
             f.close()  # type: ignore[attr-defined]
@@ -222,7 +258,7 @@ def copy_side_files(base_dir: Path, out_dir: Path, only_tokenizer: bool = False)
 
 def merge_to_dir(base_dir: Path, state: Mapping[str, torch.Tensor], *, rank: int, alpha: float, out_dir: Path,
                  max_shard_bytes: int = 2 << 30, residual: Mapping[str, torch.Tensor] | None = None,
-                 layout: BaseLayout | None = None) -> MergeResult:
+                 layout: BaseLayout | None = None, chunk_bytes: int = 32 << 20) -> MergeResult:
     """Write ``base + adapter`` to ``out_dir`` as a sharded safetensors HF model directory, one tensor at a time.
 
     Args:
@@ -235,6 +271,8 @@ def merge_to_dir(base_dir: Path, state: Mapping[str, torch.Tensor], *, rank: int
         residual: Already-scaled additions to base weights, by base tensor name, each in its weight's own layout
             (FedEx-LoRA's folded residual; ``[in, out]`` for a Conv1D weight).
         layout: Conv1D weights and tied embeddings of the base; by default read from ``base_dir/config.json``.
+        chunk_bytes: The most bytes read, or of float32 work, at a time: untouched tensors are copied in pieces of
+            this size, merged ones in blocks of rows of this size (at least one row).
 
     Returns:
         What was written.
@@ -242,8 +280,8 @@ def merge_to_dir(base_dir: Path, state: Mapping[str, torch.Tensor], *, rank: int
     Raises:
         MergeError: If the adapter names a module the checkpoint lacks, has non-LoRA keys, or shapes disagree.
     """
-    if rank <= 0 or max_shard_bytes <= 0:
-        raise MergeError("rank and max_shard_bytes must be > 0")
+    if rank <= 0 or max_shard_bytes <= 0 or chunk_bytes <= 0:
+        raise MergeError("rank, max_shard_bytes and chunk_bytes must be > 0")
     from coordinator.rounds.adapter import base_layout
 
     entries = base_tensors(Path(base_dir))
@@ -286,16 +324,19 @@ def merge_to_dir(base_dir: Path, state: Mapping[str, torch.Tensor], *, rank: int
         config["tie_word_embeddings"] = False
         (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         log.info("[Merge] the adapter changes the tied output projection: merged model has its own %s", untied[0])
-    stream = _merged_tensors(entries, pairs, alpha / rank, residual, fan_in_fan_out)
+    stream = _merged_stream(entries, pairs, alpha / rank, residual, fan_in_fan_out, chunk_bytes)
     for shard, fname in zip(shards, files, strict=True):
         with open(out_dir / fname, "wb") as out:
             out.write(_header_bytes(shard))
             for want in shard:
-                e, w = next(stream)
+                e, chunks = next(stream)
                 assert e is want
-                if w.numel():  # the buffer itself, no bytes copy
-                    out.write(w.contiguous().reshape(-1).view(torch.uint8).numpy().data)
-                del w
+                written = 0
+                for chunk in chunks:
+                    out.write(chunk)
+                    written += len(chunk)
+                if written != e.nbytes:
+                    raise MergeError(f"{e.name!r}: wrote {written} bytes, the base holds {e.nbytes}")
                 weight_map[e.name] = fname
     total = sum(e.nbytes for e in entries)
     (out_dir / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},

@@ -168,3 +168,39 @@ def test_hub_style_gpt2_checkpoint_without_base_prefix_streams(gpt2_dir: Path, t
     want = weights["transformer.h.0.attn.c_attn.weight"] + 2.0 * (
         state[f"{key}.lora_B.weight"] @ state[f"{key}.lora_A.weight"]).T
     assert torch.allclose(merged["h.0.attn.c_attn.weight"], want, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama3"])
+def test_merge_in_row_blocks_equals_the_whole_tensor_merge(family: str, tmp_path: Path) -> None:
+    """Blocks of a few rows (uneven last block, Conv1D ``[in, out]`` rows, a tied lm_head, a FedEx residual) give the
+    very bytes of a merge that takes every tensor whole, and untouched tensors are copied bit for bit."""
+    from safetensors.torch import load_file
+
+    base = build_family_model(family)
+    modules = ("all-linear",) if family == "gpt2" else ("q_proj", "down_proj")
+    init = init_adapter(base, LoraSpec(rank=2, alpha=4.0, target_modules=modules, seed=3))
+    state = _random_b(init.state, 11)
+    layout = base_layout(base)
+    g = torch.Generator().manual_seed(2)
+    weights = load_file(base / "model.safetensors")
+    if layout.tied and family == "llama3":  # an adapter on the tied, vocabulary-sized output projection too
+        vocab, hidden = weights[layout.tied[0][1]].shape
+        state["base_model.model.lm_head.lora_A.weight"] = torch.randn(2, hidden, generator=g) * 0.1
+        state["base_model.model.lm_head.lora_B.weight"] = torch.randn(vocab, 2, generator=g) * 0.1
+    some = next(k for k in sorted(weights) if weights[k].dim() == 2 and "embed" not in k and "wte" not in k)
+    residual = {some: torch.randn(weights[some].shape, generator=g) * 0.01}
+    whole = merge_to_dir(base, state, rank=2, alpha=4.0, out_dir=tmp_path / "whole", residual=residual, layout=layout)
+    # 200 bytes of float32 work: one or two rows of these widths, so every weight spans many uneven blocks.
+    blocks = merge_to_dir(base, state, rank=2, alpha=4.0, out_dir=tmp_path / "blocks", residual=residual,
+                          layout=layout, chunk_bytes=200)
+    assert whole.shards == blocks.shards and whole.merged_modules == blocks.merged_modules
+    a, b = load_file(tmp_path / "whole" / whole.shards[0]), load_file(tmp_path / "blocks" / whole.shards[0])
+    assert a.keys() == b.keys()
+    # A block's matmul may take another BLAS kernel (FMA or not), so merged weights agree to float32 rounding.
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)
+    untouched = [k for k in weights if k not in whole.merged_modules and k != some]
+    assert untouched and all(torch.equal(b[k], weights[k]) for k in untouched)
+    assert len(whole.merged_modules) > 1 and all(not torch.equal(b[k], weights[k]) for k in whole.merged_modules if k in weights)
+    assert not torch.equal(b[some], weights[some])
+    if family == "llama3":
+        assert "lm_head.weight" in b and not torch.equal(b["lm_head.weight"], weights[layout.tied[0][1]])

@@ -5,30 +5,27 @@ site agents as processes on loopback with mTLS, ``all-linear`` targets, two roun
 each round; then ``AutoModelForCausalLM.from_pretrained(published/merged)`` and
 ``PeftModel.from_pretrained(base, published/adapter)`` from stock transformers/peft must give the same logits.
 
-- SFT with FedEx-LoRA (default run): round 2's sites train on base + round 1's residual (GPT-2's Conv1D weights
-  take it in their ``[in, out]`` layout). Under FedEx-LoRA the published adapter applies to base + residual, so
-  ``adapter/`` on the PLAIN base does not reproduce ``merged/``: the test states that truth (the plain-base logits
-  differ, base + ``base_residual.safetensors`` + adapter reproduce merged).
+- SFT with FedEx-LoRA: round 2's sites train on base + round 1's residual (GPT-2's Conv1D weights take it in their
+  ``[in, out]`` layout). Under FedEx-LoRA the published adapter applies to base + residual, so ``adapter/`` on the
+  PLAIN base does not reproduce ``merged/``: the test states that truth (the plain-base logits differ, base +
+  ``base_residual.safetensors`` + adapter reproduce merged).
 - DPO with FedAvg: ``adapter/`` on the plain base reproduces ``merged/``.
 
-Each federation takes a couple of minutes on two cores: the default run has GPT-2 and Gemma 2 with SFT/FedEx-LoRA;
-the other families and every DPO leg are marked ``slow``.
+All twelve legs run in the default test run (the ``slow`` marker only names them as the long ones).
 
-GPT-2 ships no chat template; until the federation can pin one (``[model] chat_template``), the test gives a copy
-of the GPT-2 base a ChatML template in its tokenizer_config.json (and a fresh manifest).
+GPT-2 ships no chat template: the federation supplies one (``[model] chat_template``, a ChatML file), which reaches
+the sites with the task; the base directory itself is the stock one, untouched.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
 from coordinator.rounds.store import Store
-from fedcommon.manifest import Manifest
 from sandbox import localfed
 from sandbox.families import FAMILIES, build_family_model
 
@@ -37,22 +34,17 @@ CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\
 PROMPT = torch.tensor([[3, 17, 42, 99, 7, 250, 11]])
 
 
-def _base(name: str, tmp: Path) -> Path:
-    base = build_family_model(name)
+def _template(name: str, tmp: Path) -> Path | None:
+    """The federation's template file for a family that ships none (GPT-2), else None (the base's own)."""
     if FAMILIES[name].chat_template is not None:
-        return base
-    copy = tmp / f"{name}-templated"
-    shutil.copytree(base, copy)
-    tc = json.loads((copy / "tokenizer_config.json").read_text())
-    tc["chat_template"] = CHATML
-    (copy / "tokenizer_config.json").write_text(json.dumps(tc, indent=2))
-    (copy / "fedbridge-manifest.json").unlink()
-    Manifest.of_dir(copy).save(copy)
-    return copy
+        return None
+    path = tmp / "chatml.jinja"
+    path.write_text(CHATML)
+    return path
 
 
-def _federate(tmp: Path, base: Path, *, strategy: str, mode: str) -> Store:
-    fed = localfed.prepare(tmp, base, n_sites=2, rounds=2, strategy=strategy,
+def _federate(tmp: Path, base: Path, *, strategy: str, mode: str, chat_template: Path | None) -> Store:
+    fed = localfed.prepare(tmp, base, n_sites=2, rounds=2, strategy=strategy, chat_template=chat_template,
                            training={"mode": mode, "max_steps": 2, "batch_size": 2, "max_length": 64,
                                      "learning_rate": 5e-3},
                            lora={"rank": 2, "alpha": 4.0, "target_modules": ["all-linear"]}, n_train=8, n_heldout=2)
@@ -87,20 +79,16 @@ def _published(store: Store) -> Path:
     return Path(pubs[0]["path"])
 
 
-# GPT-2 (Conv1D) and Gemma 2 (tied embeddings, its own norms) run by default; each federation costs a couple of
-# minutes on two cores, so the other families, covered by the same code paths, run with the slow tests.
-DEFAULT_FAMILIES = ("gemma2", "gpt2")
-SFT_MATRIX = [f if f in DEFAULT_FAMILIES else pytest.param(f, marks=pytest.mark.slow) for f in sorted(FAMILIES)]
-
-
-@pytest.mark.parametrize("family", SFT_MATRIX)
+@pytest.mark.slow
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_sft_fedex_lora(family: str, tmp_path: Path) -> None:
     from peft import PeftModel
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    base = _base(family, tmp_path)
-    store = _federate(tmp_path / "fed", base, strategy="fedex_lora", mode="sft")
+    base = build_family_model(family)
+    store = _federate(tmp_path / "fed", base, strategy="fedex_lora", mode="sft",
+                      chat_template=_template(family, tmp_path))
     for r in store.rounds():
         assert r.info["aggregation_error"]["max"] < 1e-5
     pub = _published(store)
@@ -125,8 +113,9 @@ def test_dpo_fedavg(family: str, tmp_path: Path) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base = _base(family, tmp_path)
-    pub = _published(_federate(tmp_path / "fed", base, strategy="fedavg", mode="dpo"))
+    base = build_family_model(family)
+    pub = _published(_federate(tmp_path / "fed", base, strategy="fedavg", mode="dpo",
+                               chat_template=_template(family, tmp_path)))
     merged = _logits(AutoModelForCausalLM.from_pretrained(pub / "merged"))
     adapter = _logits(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), pub / "adapter"))
     assert torch.allclose(adapter, merged, atol=1e-4)
