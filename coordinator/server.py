@@ -201,6 +201,7 @@ async def serve(cfg: FederationConfig, stop: asyncio.Event | None = None) -> Non
     template = await asyncio.to_thread(check_base_model, cfg)
     adapter = await asyncio.to_thread(init_adapter, cfg.base_model, cfg.lora)
     store = Store(cfg.state_dir)
+    store.sweep_uploads()
     engine = RoundEngine(cfg, store, manifest.sha256, adapter, template)
     server = build_server(cfg, engine)
     dashboard = None

@@ -176,10 +176,10 @@ class Store:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
         self._migrate()
-        self._sweep_uploads()
 
-    def _sweep_uploads(self) -> None:
-        """At start: drop staging files (a crash between write and claim) and partials of rounds already closed."""
+    def sweep_uploads(self) -> None:
+        """At the coordinator's start (never from a second process while it runs): drop staging files (a crash
+        between write and claim) and the partial uploads of rounds already closed."""
         shutil.rmtree(self.uploads / "staging", ignore_errors=True)
         closed = [r[0] for r in self._q("SELECT round FROM rounds WHERE state='closed'")]
         self.remove_partials(max(closed, default=0))

@@ -129,6 +129,8 @@ def test_partials_are_removed_when_their_round_closes_and_at_start(tmp_path: Pat
         p.write_bytes(b"y")
     store.close()
     store = Store(tmp_path / "state")
+    assert late.exists()  # opening the store (e.g. an admin command while the coordinator runs) removes nothing
+    store.sweep_uploads()  # the coordinator's start
     assert not late.exists() and not (store.uploads / "staging" / "x.safetensors").exists()
     assert keep.exists()  # round 2 is open: its partials resume
     store.close()
