@@ -653,6 +653,12 @@ class FederationConfig:
         records: GDPR Art. 30 record-of-processing fields.
         privacy: Differential privacy: none, local (sites noise) or central (the coordinator noises the aggregate).
         quorum: Deadline, minimum at the deadline, heartbeats and the late-update policy of every round.
+        max_partial_uploads_per_site: Unfinished (resumable) uploads kept per site; one more is refused with
+            RESOURCE_EXHAUSTED. Partials of a round are removed when it closes.
+        max_partial_bytes_per_site: Bytes of unfinished uploads kept per site (a stream counts at the size its
+            envelope declares from its first message); must be at least ``max_update_bytes``.
+        envelope_clock_skew_s: How far a signed envelope's ``created_unix_ms`` may lie in the future, or before its
+            round opened, and still be accepted (clock skew between site and coordinator).
     """
 
     federation_id: str
@@ -686,6 +692,10 @@ class FederationConfig:
     records: RecordsSpec = field(default_factory=RecordsSpec)
     privacy: PrivacySpec = field(default_factory=PrivacySpec)
     quorum: QuorumSpec = field(default_factory=QuorumSpec)
+    # Ingress bounds (issue #13).
+    max_partial_uploads_per_site: int = 4
+    max_partial_bytes_per_site: int = 1 << 30
+    envelope_clock_skew_s: float = 3600.0
 
     def __post_init__(self) -> None:
         if not (self.max_update_norm >= 0 and self.max_update_norm != float("inf")):
@@ -707,6 +717,15 @@ class FederationConfig:
         check_secure_aggregation(self.secure_aggregation, self.strategy, self.strategy_params, self.min_sites,
                                  self.privacy.mode, self.quorum.late_policy)
         check_privacy(self.strategy, self.strategy_params, self.privacy)
+        if self.max_partial_uploads_per_site < 1:
+            raise ValueError("field 'max_partial_uploads_per_site': must be >= 1, got "
+                             f"{self.max_partial_uploads_per_site}")
+        if self.max_partial_bytes_per_site < self.max_update_bytes:
+            raise ValueError(f"field 'max_partial_bytes_per_site': {self.max_partial_bytes_per_site} is below "
+                             f"max_update_bytes = {self.max_update_bytes}; the largest update could never upload")
+        if not (0 < self.envelope_clock_skew_s < float("inf")):
+            raise ValueError(f"field 'envelope_clock_skew_s': must be a finite number > 0, got "
+                             f"{self.envelope_clock_skew_s}")
         if ":" not in self.listen:
             raise ValueError(f"field 'listen': must be host:port, got {self.listen!r}")
 

@@ -18,6 +18,11 @@ or streamed past the declared size)
 not a site cert, unenrolled, revoked           PermissionDenied        PERMISSION_DENIED
                                                NotEnrolled / Revoked
 envelope names another site than the cert      PermissionDenied        PERMISSION_DENIED
+created_unix_ms outside the skew window        StaleEnvelope           FAILED_PRECONDITION
+a uint64 field at or above 2**63 (or a round   OutOfRange              OUT_OF_RANGE
+above 2**31-1)
+too many / too large unfinished uploads        PartialQuotaExceeded    RESOURCE_EXHAUSTED
+another stream writes the same partial now     UploadBusy              ABORTED
 =============================================  ======================  ======================
 """
 
@@ -82,6 +87,31 @@ class NormTooLarge(InvalidUpdate):
     """The update's L2 norm is above the federation's ``max_update_norm``."""
 
     status = "OUT_OF_RANGE"
+
+
+class OutOfRange(InvalidUpdate):
+    """A request field is outside the range the coordinator can hold (e.g. a uint64 at or above 2**63)."""
+
+    status = "OUT_OF_RANGE"
+
+
+class StaleEnvelope(InvalidUpdate):
+    """The signed ``created_unix_ms`` is outside the allowed window (before the round opened, or in the future,
+    beyond ``envelope_clock_skew_s``)."""
+
+    status = "FAILED_PRECONDITION"
+
+
+class PartialQuotaExceeded(CoordinatorError):
+    """The site holds as many unfinished uploads (count or bytes) as the coordinator keeps for one site."""
+
+    status = "RESOURCE_EXHAUSTED"
+
+
+class UploadBusy(CoordinatorError):
+    """Another stream is writing the same partial upload now (or it was removed mid-stream): retry."""
+
+    status = "ABORTED"
 
 
 class NotEnrolled(PermissionDenied):

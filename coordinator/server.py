@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from coordinator.admin.servicer import AdminServicer
 from coordinator.basemodel import check_base_model
 from coordinator.config import FederationConfig
+from coordinator.errors import CoordinatorError, OutOfRange
 from coordinator.ingress.secagg_servicer import SecAggServicer
 from coordinator.ingress.servicer import FederationServicer
 from coordinator.rounds.adapter import init_adapter
@@ -65,6 +67,114 @@ class InboundRecorder(grpc.aio.ServerInterceptor):
                                                                 handler.request_deserializer))
 
 
+UINT64_SQL_MAX = (1 << 63) - 1  # SQLite integers are signed 64-bit: a uint64 above this cannot be stored or compared
+
+
+def _out_of_range_field(msg: Any, prefix: str = "") -> str | None:
+    """The first uint64 field (dotted path) of ``msg`` at or above 2**63, else None."""
+    from google.protobuf.descriptor import FieldDescriptor as F
+
+    for fd, value in msg.ListFields():
+        name = f"{prefix}{fd.name}"
+        repeated = fd.is_repeated
+        if fd.type in (F.TYPE_UINT64, F.TYPE_FIXED64):
+            if any(v > UINT64_SQL_MAX for v in (value if repeated else [value])):
+                return name
+        elif fd.type == F.TYPE_MESSAGE:
+            if fd.message_type.GetOptions().map_entry:
+                items = [v for v in value.values()] if hasattr(value, "values") else []
+                subs = [v for v in items if hasattr(v, "ListFields")]
+            else:
+                subs = list(value) if repeated else [value]
+            for sub in subs:
+                found = _out_of_range_field(sub, f"{name}.")
+                if found:
+                    return found
+    return None
+
+
+class RequestGuard(grpc.aio.ServerInterceptor):
+    """Parses every request itself, so a malformed one is refused with a specific status, never UNKNOWN.
+
+    Left to grpc, a request that does not parse (or a servicer error it does not expect) ends as UNKNOWN with a
+    traceback in the log. Here, for every method of every service: a body that is not the declared message is
+    INVALID_ARGUMENT, and a uint64 field at or above 2**63 (which SQLite cannot hold) is OUT_OF_RANGE naming the
+    field. In a client stream the same checks raise inside the servicer's iterator (the upload ingress audits them).
+    """
+
+    async def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        method = handler_call_details.method
+        parse = handler.request_deserializer
+
+        def checked(raw: bytes) -> Any:
+            try:
+                msg = parse(raw)
+            except Exception:  # DecodeError, and anything else a hostile body makes the parser raise
+                raise DecodeError(f"request of {method} is not a valid protobuf message") from None
+            bad = _out_of_range_field(msg)
+            if bad is not None:
+                raise OutOfRange(f"{method}: field {bad!r} must be below 2**63")
+            return msg
+
+        async def refuse(context: grpc.aio.ServicerContext, e: Exception) -> None:
+            status = getattr(e, "status", "INVALID_ARGUMENT")
+            log.warning("[%s] refused %s: %s", method, status, e)
+            await context.abort(getattr(grpc.StatusCode, status), str(e))
+
+        if handler.request_streaming:
+            def stream_wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+                async def behaviour(request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+                    try:
+                        return await fn(request_iterator, context)
+                    except (DecodeError, CoordinatorError) as e:  # raised by ``checked`` past the servicer
+                        await refuse(context, e)
+                return behaviour
+
+            # Stream messages are parsed as the servicer reads them; ``checked`` raises there.
+            if handler.stream_unary is not None:
+                return handler._replace(request_deserializer=checked, stream_unary=stream_wrap(handler.stream_unary))
+            return handler._replace(request_deserializer=checked)
+
+        def unary_wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+            async def behaviour(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+                try:
+                    request = checked(raw)
+                except (DecodeError, CoordinatorError) as e:
+                    await refuse(context, e)
+                return await fn(request, context)
+            return behaviour
+
+        def unary_stream_wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+            async def behaviour(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+                try:
+                    request = checked(raw)
+                except (DecodeError, CoordinatorError) as e:
+                    await refuse(context, e)
+                async for item in fn(request, context):
+                    yield item
+            return behaviour
+
+        if handler.unary_unary is not None:
+            return handler._replace(request_deserializer=None, unary_unary=unary_wrap(handler.unary_unary))
+        return handler._replace(request_deserializer=None, unary_stream=unary_stream_wrap(handler.unary_stream))
+
+
+def build_server(cfg: FederationConfig, engine: RoundEngine) -> grpc.aio.Server:
+    """The coordinator's gRPC server with every service and the request guard (not yet listening)."""
+    interceptors: list[grpc.aio.ServerInterceptor] = [RequestGuard()]
+    if cfg.record_inbound:  # outermost wrapper sees the raw bytes first
+        interceptors.insert(0, InboundRecorder(cfg.record_inbound))
+    server = grpc.aio.server(interceptors=interceptors, options=[
+        ("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)])
+    pb_grpc.add_FederationServiceServicer_to_server(FederationServicer(engine), server)
+    apb_grpc.add_AdminServiceServicer_to_server(AdminServicer(engine), server)
+    secagg_grpc.add_SecAggServiceServicer_to_server(SecAggServicer(engine), server)
+    return server
+
+
 def read_recording(path: Path) -> list[tuple[str, bytes]]:
     """Parse an :class:`InboundRecorder` file into ``(method, raw_bytes)`` pairs."""
     data = Path(path).read_bytes()
@@ -91,13 +201,9 @@ async def serve(cfg: FederationConfig, stop: asyncio.Event | None = None) -> Non
     template = await asyncio.to_thread(check_base_model, cfg)
     adapter = await asyncio.to_thread(init_adapter, cfg.base_model, cfg.lora)
     store = Store(cfg.state_dir)
+    store.sweep_uploads()
     engine = RoundEngine(cfg, store, manifest.sha256, adapter, template)
-    interceptors = [InboundRecorder(cfg.record_inbound)] if cfg.record_inbound else []
-    server = grpc.aio.server(interceptors=interceptors, options=[
-        ("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)])
-    pb_grpc.add_FederationServiceServicer_to_server(FederationServicer(engine), server)
-    apb_grpc.add_AdminServiceServicer_to_server(AdminServicer(engine), server)
-    secagg_grpc.add_SecAggServiceServicer_to_server(SecAggServicer(engine), server)
+    server = build_server(cfg, engine)
     dashboard = None
     if cfg.dashboard.enabled:  # first, so a dashboard that cannot start stops the coordinator before it serves
         from coordinator.dashboard import start_dashboard

@@ -79,11 +79,13 @@ def rounds(engine: RoundEngine) -> list[dict[str, Any]]:
             loss.setdefault(rnd, []).append(v)
     out = []
     for r in store.rounds():
+        # A SecAgg round records its aggregation error as None (not measurable): shown as 0, never a TypeError.
         err = r.info.get("aggregation_error", {})
         out.append({"round": r.round, "state": r.state, "input_sha256": r.input_sha256,
                     "output_sha256": r.output_sha256 or "", "opened_ms": r.opened_ms, "closed_ms": r.closed_ms or 0,
-                    "sites": by_round.get(r.round, []), "aggregation_error_mean": float(err.get("mean", 0.0)),
-                    "aggregation_error_max": float(err.get("max", 0.0)),
+                    "sites": by_round.get(r.round, []),
+                    "aggregation_error_mean": float(err.get("mean") or 0.0),
+                    "aggregation_error_max": float(err.get("max") or 0.0),
                     "train_loss": sum(loss[r.round]) / len(loss[r.round]) if loss.get(r.round) else 0.0})
     return out
 

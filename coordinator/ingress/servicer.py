@@ -10,9 +10,10 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from coordinator import metrics
-from coordinator.errors import CoordinatorError, InvalidUpdate, NotFound, Unauthenticated
+from coordinator.errors import CoordinatorError, InvalidUpdate, NotFound, PermissionDenied, Unauthenticated
 from coordinator.ingress.uploads import Chunk
 from coordinator.rounds.engine import RoundEngine
+from coordinator.rounds.store import SITE_NAME
 from coordinator.trust.pki import PeerIdentity, PKIError, peer_identity
 from protos import codec
 from protos.fedbridge.v1 import federation_service_pb2 as pb
@@ -34,9 +35,13 @@ def peer_of(context: grpc.aio.ServicerContext) -> PeerIdentity:
     if not pems:
         raise Unauthenticated("no client certificate on this connection")
     try:
-        return _identity(pems[0])
+        peer = _identity(pems[0])
     except PKIError as e:
         raise Unauthenticated(str(e)) from None
+    if peer.role == "site" and not SITE_NAME.fullmatch(peer.name):  # the CN names files of the store
+        raise PermissionDenied(f"certificate common name {peer.name[:80]!r} is not a valid site name "
+                               "(letters, digits, '_', '.', '-'; 1-64 characters)")
+    return peer
 
 
 async def _abort(context: grpc.aio.ServicerContext, method: str, err: CoordinatorError) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,15 +24,19 @@ from coordinator.errors import (
     DuplicateUpdate,
     InvalidUpdate,
     NormTooLarge,
+    OutOfRange,
+    PartialQuotaExceeded,
     PayloadMismatch,
     PermissionDenied,
     ReplayedNonce,
+    StaleEnvelope,
     UpdateTooLarge,
+    UploadBusy,
     WrongRound,
 )
 from coordinator.privacy.secagg import SecAggCoordinator
 from coordinator.rounds.quorum import RoundPolicy
-from coordinator.rounds.store import Store, UpdateRow
+from coordinator.rounds.store import Store, UpdateConflict, UpdateRow
 from coordinator.trust.pki import PeerIdentity
 from fedcommon import tensors
 from protos import codec
@@ -44,6 +49,7 @@ Audit = Callable[[str, dict[str, Any]], None]
 RequireSite = Callable[[PeerIdentity], None]  # refuses a non-site, revoked or unenrolled certificate
 WhileAllowed = Callable[[PeerIdentity, AsyncIterator["Chunk"]], AsyncIterator["Chunk"]]  # cut off on revocation
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+MAX_ROUND = (1 << 31) - 1  # rounds are small counters; anything larger is hostile and SQLite must never see it
 
 
 @dataclass(frozen=True)
@@ -69,6 +75,7 @@ class _Upload:
     path: Path
     offset: int
     already_accepted: bool = False
+    registered: bool = False  # holds ``path`` in UploadIngress._active (released when the stream ends)
 
 
 class UploadIngress:
@@ -100,6 +107,9 @@ class UploadIngress:
         self.secagg = secagg
         self._audit = audit
         self._on_accepted = on_accepted
+        # Partial files being written by a stream now -> the size its envelope declares. One stream per partial
+        # (a second would interleave its bytes), and the per-site cap counts a stream's declared size up front.
+        self._active: dict[Path, int] = {}
 
     def _check_envelope(self, peer: PeerIdentity, signed: pb.SignedEnvelope) -> pb.UpdateEnvelope:
         self._require_site(peer)
@@ -115,7 +125,10 @@ class UploadIngress:
             raise PermissionDenied(f"envelope names site {env.site!r} but the certificate is {peer.name!r}")
         if env.federation_id != self.cfg.federation_id:
             raise InvalidUpdate(f"envelope is for federation {env.federation_id!r}, this is {self.cfg.federation_id!r}")
+        if env.round > MAX_ROUND:
+            raise OutOfRange(f"envelope field 'round' = {env.round} is out of range (at most {MAX_ROUND})")
         self.quorum.check(env)
+        self._check_created(env)
         if env.base_model_sha256 != self.base_sha256:
             raise InvalidUpdate(f"update was trained on base model {env.base_model_sha256[:16]}…, "
                                 f"the federation pins {self.base_sha256[:16]}…")
@@ -138,6 +151,41 @@ class UploadIngress:
                                 "update's signed envelope declares none (epsilon_spent and dp_delta must be > 0)")
         return env
 
+    def _check_created(self, env: pb.UpdateEnvelope) -> None:
+        """``created_unix_ms`` (signed) must lie between the opening of the envelope's round and now, each widened
+        by ``envelope_clock_skew_s``: an envelope from before its round opened is stale, one from the future is
+        forged or from a clock far off."""
+        skew_ms = int(self.cfg.envelope_clock_skew_s * 1000)
+        now = int(time.time() * 1000)
+        opened = next((r.opened_ms for r in self.store.rounds() if r.round == env.round), None)
+        created = env.created_unix_ms
+        if created > now + skew_ms:
+            raise StaleEnvelope(f"envelope created_unix_ms={created} is {(created - now) / 1000:.0f} s in the future "
+                                f"(allowed clock skew: {self.cfg.envelope_clock_skew_s:g} s)")
+        if opened is not None and created < opened - skew_ms:
+            raise StaleEnvelope(f"envelope created_unix_ms={created} is {(opened - created) / 1000:.0f} s before round "
+                                f"{env.round} opened (allowed clock skew: {self.cfg.envelope_clock_skew_s:g} s): stale")
+
+    def _check_partial_quota(self, site: str, path: Path, size: int) -> None:
+        """At most ``max_partial_uploads_per_site`` partial uploads and ``max_partial_bytes_per_site`` bytes (each
+        stream in flight counted at its declared size) per site, this one included."""
+        count, used = 1, size
+        for p in self.store.partials_of(site):
+            if p == path:
+                continue
+            try:
+                have = p.stat().st_size
+            except FileNotFoundError:  # removed meanwhile (its round closed)
+                continue
+            count += 1
+            used += max(have, self._active.get(p, 0))
+        if count > self.cfg.max_partial_uploads_per_site:
+            raise PartialQuotaExceeded(f"site {site!r} has {count - 1} unfinished uploads; at most "
+                                       f"{self.cfg.max_partial_uploads_per_site} are kept (max_partial_uploads_per_site)")
+        if used > self.cfg.max_partial_bytes_per_site:
+            raise PartialQuotaExceeded(f"site {site!r} would hold {used} bytes of unfinished uploads; at most "
+                                       f"{self.cfg.max_partial_bytes_per_site} are kept (max_partial_bytes_per_site)")
+
     def _begin(self, peer: PeerIdentity, signed: pb.SignedEnvelope, offset: int) -> _Upload:
         env = self._check_envelope(peer, signed)
         mine = [u for u in [self.store.update_trained_on(peer.name, env.round)] if u is not None]
@@ -148,13 +196,17 @@ class UploadIngress:
             raise DuplicateUpdate(f"site {peer.name!r} already has an accepted update for round {env.round}")
         if self.store.nonce_seen(env.nonce):
             raise ReplayedNonce("envelope nonce was already used (replay)")
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if path in self._active:
+            raise UploadBusy("another stream is uploading this payload now; retry once it has ended")
+        self._check_partial_quota(peer.name, path, env.payload_size)
         have = path.stat().st_size if path.exists() else 0
         if offset > have:
             raise WrongRound(f"upload resumes at offset {offset} but the coordinator holds {have} bytes")
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "ab") as f:
             f.truncate(offset)
-        return _Upload(env, signed, path, offset)
+        self._active[path] = env.payload_size
+        return _Upload(env, signed, path, offset, registered=True)
 
     async def receive_upload(self, peer: PeerIdentity, chunks: AsyncIterator[Chunk]) -> UploadResult:
         """Consume one upload stream; store the update durably before returning ``accepted``.
@@ -198,6 +250,8 @@ class UploadIngress:
             if f is not None:
                 f.flush()
                 f.close()
+            if up is not None and up.registered:
+                self._active.pop(up.path, None)
         if up is None:
             raise InvalidUpdate("empty upload stream")
         update_id = f"{up.env.round}/{peer.name}/{up.env.payload_sha256[:16]}"
@@ -212,7 +266,14 @@ class UploadIngress:
     def _accept(self, peer: PeerIdentity, up: _Upload) -> UpdateRow:
         """Validate the complete payload and store it. No ``await`` here: the round cannot close meanwhile."""
         env = self._check_envelope(peer, up.signed)  # the round may have moved on while bytes streamed in
-        payload = up.path.read_bytes()
+        if self.store.update_trained_on(peer.name, env.round) is not None:  # a concurrent stream won the round
+            up.path.unlink(missing_ok=True)
+            raise DuplicateUpdate(f"site {peer.name!r} already has an accepted update for round {env.round}")
+        try:
+            payload = up.path.read_bytes()
+        except FileNotFoundError:
+            raise UploadBusy("the partial upload was removed while it streamed (its round closed); upload it "
+                             "again") from None
         try:
             try:
                 codec.check_payload(env, payload)
@@ -233,10 +294,15 @@ class UploadIngress:
             log.warning("[FederationService.UploadUpdate] round=%d site=%s refused: %s", env.round, peer.name, e)
             raise (e if isinstance(e, InvalidUpdate) else InvalidUpdate(str(e))) from None
         into, weight, late = self.quorum.route(env)
-        row = self.store.accept_update(round=into, site=peer.name, payload=payload,
-                                       payload_sha256=env.payload_sha256, num_examples=env.num_examples,
-                                       nonce=env.nonce, envelope=up.signed.envelope, signature=up.signed.signature,
-                                       trained_round=env.round, weight=weight, event=late)
+        try:
+            row = self.store.accept_update(round=into, site=peer.name, payload=payload,
+                                           payload_sha256=env.payload_sha256, num_examples=env.num_examples,
+                                           nonce=env.nonce, envelope=up.signed.envelope,
+                                           signature=up.signed.signature, trained_round=env.round, weight=weight,
+                                           event=late)
+        except UpdateConflict as e:  # the store's atomic claim: one accepted update per (round, site), one nonce
+            up.path.unlink(missing_ok=True)
+            raise (DuplicateUpdate(str(e)) if e.kind == "duplicate" else ReplayedNonce(str(e))) from None
         if late is not None:
             self._audit(late[0], {"round": into, "site": peer.name, **late[1]})
         up.path.unlink(missing_ok=True)
@@ -251,6 +317,8 @@ class UploadIngress:
     def upload_status(self, peer: PeerIdentity, round: int, payload_sha256: str) -> tuple[int, bool]:
         """How many bytes of ``payload_sha256`` the coordinator holds, and whether the update was accepted."""
         self._require_site(peer)
+        if round > MAX_ROUND:
+            raise OutOfRange(f"field 'round' = {round} is out of range (at most {MAX_ROUND})")
         if not _HEX64.fullmatch(payload_sha256):
             raise InvalidUpdate("payload_sha256 must be 64 lower-case hex characters")
         self.quorum.touch(peer.name)

@@ -6,6 +6,7 @@ restart repeats at most the step that was cut off. The engine decides when a ste
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -32,6 +33,32 @@ log = logging.getLogger(__name__)
 
 Audit = Callable[[str, dict[str, Any]], None]
 Hold = Callable[[str, int], None]  # test-only hold point: (phase, round), see coordinator.rounds.engine.HOLD_ENV
+
+
+class StoredUpdateMismatch(RuntimeError):
+    """A stored update file no longer hashes to the payload SHA-256 its row (and the provenance) records."""
+
+
+def check_stored_updates(round: int, ups: list[UpdateRow]) -> None:
+    """Refuse to aggregate unless every update file holds exactly the bytes that were accepted and recorded, so the
+    aggregate, the round info and provenance.json can never name different updates.
+
+    Raises:
+        StoredUpdateMismatch: A file is missing, or its SHA-256 or size differs from the accepted one.
+    """
+    for u in ups:
+        h = hashlib.sha256()
+        try:
+            with open(u.path, "rb") as f:
+                while block := f.read(1 << 20):
+                    h.update(block)
+        except FileNotFoundError:
+            raise StoredUpdateMismatch(f"round {round}: the stored update of site {u.site!r} ({u.path}) is "
+                                       "missing; refusing to aggregate") from None
+        if h.hexdigest() != u.payload_sha256:
+            raise StoredUpdateMismatch(f"round {round}: the stored update of site {u.site!r} ({u.path}) hashes to "
+                                       f"{h.hexdigest()[:16]}…, but {u.payload_sha256[:16]}… was accepted and "
+                                       "recorded; refusing to aggregate")
 
 
 class RoundSteps:
@@ -67,6 +94,7 @@ class RoundSteps:
     # -- aggregation and publishing (run in a worker thread) ----------------------------------------------------
     def aggregate(self, round: int, ups: list[UpdateRow]) -> None:
         """Aggregate round ``round``'s stored updates into the next global adapter and close the round."""
+        check_stored_updates(round, ups)
         global_state = tensors.decode_state(self.adapters.adapter_bytes(round))
         if self.secagg is not None:
             self._aggregate_secure(round, ups, self.secagg, global_state)

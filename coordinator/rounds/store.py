@@ -7,9 +7,13 @@ crash at any point loses no accepted update and a restart resumes the same round
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,7 +22,7 @@ from typing import Any
 
 import torch
 
-from fedcommon.durable import write_durable
+from fedcommon.durable import fsync_dir, write_durable
 
 _UPDATES_SQL = """CREATE TABLE updates (
   round INTEGER NOT NULL, site TEXT NOT NULL, payload_sha256 TEXT NOT NULL, size INTEGER NOT NULL,
@@ -104,6 +108,24 @@ DROP TABLE updates_v1;"""),
 )
 
 
+# A site name (the certificate CN) becomes a file name here; anything else is refused before it reaches the disk.
+SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def _safe_name(site: str) -> str:
+    if not SITE_NAME.fullmatch(site):
+        raise ValueError(f"site name {site[:80]!r} is not a valid site name (letters, digits, '_', '.', '-'; 1-64)")
+    return site
+
+
+class UpdateConflict(Exception):
+    """The update could not be claimed: ``kind`` is ``"duplicate"`` (the site has one for the round) or ``"nonce"``."""
+
+    def __init__(self, message: str, kind: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -154,6 +176,13 @@ class Store:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
         self._migrate()
+
+    def sweep_uploads(self) -> None:
+        """At the coordinator's start (never from a second process while it runs): drop staging files (a crash
+        between write and claim) and the partial uploads of rounds already closed."""
+        shutil.rmtree(self.uploads / "staging", ignore_errors=True)
+        closed = [r[0] for r in self._q("SELECT round FROM rounds WHERE state='closed'")]
+        self.remove_partials(max(closed, default=0))
 
     def _migrate(self) -> None:
         with self._lock:
@@ -230,13 +259,26 @@ class Store:
             return rule, {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
 
     def update_path(self, round: int, site: str) -> Path:
-        return self.artifacts / "updates" / f"round-{round:05d}" / f"{site}.safetensors"
+        return self.artifacts / "updates" / f"round-{round:05d}" / f"{_safe_name(site)}.safetensors"
 
     def late_update_path(self, round: int, site: str, trained_round: int) -> Path:
-        return self.artifacts / "updates" / f"round-{round:05d}" / f"{site}-late-from-{trained_round:05d}.safetensors"
+        return (self.artifacts / "updates" / f"round-{round:05d}"
+                / f"{_safe_name(site)}-late-from-{trained_round:05d}.safetensors")
 
     def partial_path(self, round: int, site: str, payload_sha256: str) -> Path:
-        return self.uploads / f"round-{round:05d}" / f"{site}-{payload_sha256}.part"
+        return self.uploads / f"round-{round:05d}" / f"{_safe_name(site)}-{payload_sha256}.part"
+
+    def partials_of(self, site: str) -> list[Path]:
+        """Every partial upload file of ``site``, in any round."""
+        return sorted(self.uploads.glob(f"round-*/{_safe_name(site)}-*.part"))
+
+    def remove_partials(self, up_to_round: int) -> None:
+        """Delete the partial uploads of rounds 1..``up_to_round`` (closed: nothing resumes into them any more).
+        Late uploads into a closed round are caught by the next close."""
+        for d in self.uploads.glob("round-*"):
+            suffix = d.name.removeprefix("round-")
+            if suffix.isdigit() and int(suffix) <= up_to_round:
+                shutil.rmtree(d, ignore_errors=True)
 
     # -- sites --------------------------------------------------------------------------------------------------
     def upsert_site(self, name: str, fingerprint: str, agent_version: str, lora_rank: int) -> None:
@@ -282,6 +324,7 @@ class Store:
                        (output_sha256, now_ms(), json.dumps(info, sort_keys=True), round))
             for table in ("secagg_shares", "secagg_reveals"):
                 db.execute(f"DELETE FROM {table} WHERE round=?", (round,))
+        self.remove_partials(round)
 
     def rounds(self) -> list[RoundRow]:
         rows = self._q("SELECT round, state, input_sha256, output_sha256, opened_ms, closed_ms, info, attempt, "
@@ -316,23 +359,45 @@ class Store:
     def accept_update(self, *, round: int, site: str, payload: bytes, payload_sha256: str, num_examples: int,
                       nonce: bytes, envelope: bytes, signature: bytes, trained_round: int | None = None,
                       weight: float = 1.0, event: tuple[str, dict[str, Any]] | None = None) -> UpdateRow:
-        """Store the payload file durably, then the row, in that order: a row never points at a missing file.
+        """Claim the site's one update of ``trained_round`` and store it: file first, then the row.
+
+        The payload goes to a staging file of its own (one per call, fsynced), and only inside the transaction
+        that finds no update of ``site`` for ``trained_round`` (and no use of ``nonce``) is it renamed into place and
+        the row inserted. So two concurrent uploads of one site for one round can never overwrite the other's
+        accepted file: the second is refused with :class:`UpdateConflict` and its bytes are dropped. A crash leaves
+        at most an unreferenced file; a row never points at a missing file.
 
         ``trained_round`` (default ``round``) is the round the site trained on; a late update carried into a later
         ``round`` has ``weight`` < 1 and is stored with ``event`` (recorded in the same transaction).
+
+        Raises:
+            UpdateConflict: The site already has an update for ``trained_round``, or ``nonce`` was used.
         """
         trained = round if trained_round is None else trained_round
         path = self.update_path(round, site) if trained == round else self.late_update_path(round, site, trained)
-        write_durable(path, payload)
+        staging = self.uploads / "staging" / f"{uuid.uuid4().hex}.safetensors"
+        write_durable(staging, payload)
         t = now_ms()
-        with self.tx() as db:
-            db.execute("INSERT INTO updates(round, site, payload_sha256, size, num_examples, nonce, envelope, signature,"
-                       " path, accepted_ms, trained_round, weight) VALUES(?,?,?,?,?,?,?,?,?,?,?,?)",
-                       (round, site, payload_sha256, len(payload), num_examples, nonce, envelope, signature,
-                        str(path.relative_to(self.dir)), t, trained, float(weight)))
-            if event is not None:
-                attempt = db.execute("SELECT attempt FROM rounds WHERE round=?", (round,)).fetchone()
-                self._event(db, round, attempt[0] if attempt else 1, event[0], site, event[1])
+        try:
+            with self.tx() as db:
+                if db.execute("SELECT 1 FROM updates WHERE site=? AND trained_round=?", (site, trained)).fetchone():
+                    raise UpdateConflict(f"site {site!r} already has an accepted update for round {trained}",
+                                         "duplicate")
+                if db.execute("SELECT 1 FROM updates WHERE nonce=?", (nonce,)).fetchone():
+                    raise UpdateConflict("envelope nonce was already used (replay)", "nonce")
+                # No row names ``path`` (the claim above), so nothing accepted is replaced here.
+                path.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(staging, path)
+                fsync_dir(path.parent)
+                db.execute("INSERT INTO updates(round, site, payload_sha256, size, num_examples, nonce, envelope, "
+                           "signature, path, accepted_ms, trained_round, weight) VALUES(?,?,?,?,?,?,?,?,?,?,?,?)",
+                           (round, site, payload_sha256, len(payload), num_examples, nonce, envelope, signature,
+                            str(path.relative_to(self.dir)), t, trained, float(weight)))
+                if event is not None:
+                    attempt = db.execute("SELECT attempt FROM rounds WHERE round=?", (round,)).fetchone()
+                    self._event(db, round, attempt[0] if attempt else 1, event[0], site, event[1])
+        finally:
+            staging.unlink(missing_ok=True)
         return UpdateRow(round, site, payload_sha256, len(payload), num_examples, nonce, path, t, trained, weight)
 
     _UPDATE_COLS = "round, site, payload_sha256, size, num_examples, nonce, path, accepted_ms, trained_round, weight"

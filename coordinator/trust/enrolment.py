@@ -187,7 +187,7 @@ def enroll_site(fed: Path, name: str, region: str, out: Path | None = None, arch
         The kit directory (or the ``.tar.gz`` when ``archive``).
     """
     fed = Path(fed)
-    if not SITE_NAME.match(name):
+    if not SITE_NAME.fullmatch(name):
         raise EnrolmentError(f"invalid site name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting "
                              "with a letter or digit")
     if not REGION_PATTERN.match(region):

@@ -20,11 +20,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from coordinator.config import FederationConfig, TlsSpec
-from coordinator.ingress.servicer import FederationServicer
 from coordinator.rounds.adapter import AdapterInit
 from coordinator.rounds.engine import RoundEngine
 from coordinator.rounds.store import Store
-from coordinator.server import server_credentials
+from coordinator.server import build_server, server_credentials
 from coordinator.trust.enrolment import InitOptions, enroll_site, init_federation
 from fedcommon import tensors
 from fedcommon.manifest import Manifest
@@ -79,9 +78,7 @@ class LiveCoordinator:
     async def _start(self) -> tuple[RoundEngine, grpc.aio.Server, int]:
         store = Store(self.cfg.state_dir)
         engine = RoundEngine(self.cfg, store, self.base_sha, self.init)
-        server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE),
-                                          ("grpc.max_send_message_length", MAX_MESSAGE)])
-        pb_grpc.add_FederationServiceServicer_to_server(FederationServicer(engine), server)
+        server = build_server(self.cfg, engine)  # every service, behind the same request guard as `serve`
         port = server.add_secure_port("127.0.0.1:0", server_credentials(self.cfg))
         await server.start()
         await engine.start()
