@@ -638,7 +638,8 @@ class FederationConfig:
         tls: mTLS material.
         max_update_bytes: Refuse uploads larger than this.
         long_poll_ms: Longest time a FetchTask call is held when no task is ready.
-        exit_when_done: Stop serving once the federation finished and the sites were told.
+        exit_when_done: Stop serving once the federation finished and every joined, unrevoked site fetched its DONE
+            and sent its last report (at most ``server.DRAIN_TIMEOUT_S`` for a site that never comes back).
         record_inbound: If set, append every inbound request message's raw bytes to this file (a privacy audit tap).
         evaluation: Shared EvalScope evaluation of the merged model (off by default).
         gate: Release gate on the evaluation's scores.

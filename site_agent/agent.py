@@ -376,6 +376,9 @@ def _report_eval(client: CoordinatorClient, trainer, task: pb.Task, state: dict[
                  heldout_rows: list[dict], guard: EgressGuard | None = None, audit: AuditSink | None = None,
                  site: str = "") -> None:
     if not heldout_rows:
+        # Nothing to evaluate: an empty final report still tells a coordinator waiting to exit (exit_when_done) that
+        # this site has its DONE and is leaving, so it need not wait out its drain timeout for a report never coming.
+        _send_metrics(client, guard or EgressGuard(), audit or LogAuditSink(), site, task.round, "eval_global", {}, 0)
         return
     loss, tokens = trainer.evaluate(task.adapter_spec, state, heldout_rows)
     metrics = {"loss": loss, "tokens": float(tokens)}

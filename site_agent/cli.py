@@ -61,6 +61,7 @@ def preflight(config: Path = typer.Option(..., "--config", "-c", help="site.toml
     The step runs the trainer `run` would build for the federation's mode, with its chat template and assistant
     masks, on this site's own training file (one step; nothing is sent), so it fails where `run` would.
     """
+    from rich.markup import escape
     from rich.table import Table
 
     from fedcommon.tomlconfig import ConfigError
@@ -74,17 +75,60 @@ def preflight(config: Path = typer.Option(..., "--config", "-c", help="site.toml
         console.print(f"[bold red]FAIL[/] site config: {e}")
         raise typer.Exit(2) from None
     table = Table(title=f"preflight: site {cfg.name}")
-    for col in ("check", "result", "detail"):
-        table.add_column(col)
+    table.add_column("check", no_wrap=True)
+    table.add_column("result", no_wrap=True)
+    table.add_column("detail", overflow="fold")  # fold, never "…": a cut-off file:line is no use to anyone
     kit_template = Path(config).parent / "chat_template.jinja"  # fedbridge-admin enroll-site puts it in the kit
     if chat_template is None and kit_template.is_file():
         chat_template = kit_template
     rows = run_preflight(cfg, connect_timeout_s=timeout, require_gpu=require_gpu, mode=mode, chat_template=chat_template)
     for row in rows:
-        table.add_row(row.name, "[green]PASS[/]" if row.ok else "[bold red]FAIL[/]", row.detail)
+        first, *rest = row.detail.splitlines() or [""]
+        detail = first + (f" (+{len(rest)} more, listed below)" if rest else "")
+        table.add_row(row.name, "[green]PASS[/]" if row.ok else "[bold red]FAIL[/]", escape(detail))
     Console().print(table)
-    if not all(r.ok for r in rows):
+    failed = [r for r in rows if not r.ok]
+    # Each failure again in full below the table, one problem per line with its file:line first and no wrapping by
+    # rich, so a narrow terminal (or a log) still shows every location whole.
+    for row in failed:
+        typer.echo(f"FAIL {row.name}:")
+        for line in row.detail.splitlines():
+            typer.echo(f"  {line}")
+    if failed:
         raise typer.Exit(1)
+
+
+@app.command("check-data")
+def check_data(path: Path = typer.Argument(..., help="a training or held-out jsonl file"),
+               mode: str | None = typer.Option(None, "--mode", help="the training mode the file is for (sft, qlora, "
+                                               "dpo, kto, orpo, simpo); default: any known format"),
+               heldout: bool = typer.Option(False, "--heldout", help="the file is a held-out set (SFT rows)")) -> None:
+    """Validate one data file as training would read it; list every bad row (file:line: field: problem).
+
+    Needs no kit: no certificates, no coordinator, no base model. Exit 0 when the file is good, 1 when it is not.
+    """
+    from site_agent.training.data import DataError, load_for_mode, load_jsonl, load_sft
+
+    try:
+        if heldout:
+            rows = load_sft(path)
+        elif mode is not None:
+            rows = load_for_mode(path, mode)
+        else:
+            rows = load_jsonl(path)
+    except ValueError as e:  # an unknown mode
+        if isinstance(e, DataError):
+            n = e.bad_rows
+            typer.echo(f"FAIL {path}: {n} bad row{'s' if n != 1 else ''}" if e.line is not None else f"FAIL {path}:")
+            for line in str(e).splitlines():
+                typer.echo(f"  {line}")
+            raise typer.Exit(1) from None
+        console.print(f"[bold red]error:[/] {e}")
+        raise typer.Exit(2) from None
+    except OSError as e:
+        console.print(f"[bold red]error:[/] {path}: cannot read ({e.strerror})")
+        raise typer.Exit(2) from None
+    typer.echo(f"OK {path}: {len(rows)} rows")
 
 
 audit_app = typer.Typer(help="The site's hash-chained audit log of everything that left it.", no_args_is_help=True)

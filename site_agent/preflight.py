@@ -24,6 +24,10 @@ from site_agent.config import SiteConfig
 MIN_FREE_BYTES = 2 * 1024**3
 
 
+class DataProblems(ValueError):
+    """Bad rows in the training file, the held-out file or both: every reported one, one ``file:line`` per line."""
+
+
 @dataclass(frozen=True)
 class Check:
     """One row of the preflight table."""
@@ -134,12 +138,23 @@ def _base_model(cfg: SiteConfig, mode: str = "sft", chat_template: Path | None =
         (", chat template ok" if text or mode in ("sft", "qlora") else "")
 
 
-def _data(cfg: SiteConfig) -> str:
-    from site_agent.training.data import load_jsonl, load_sft
+def _data(cfg: SiteConfig, mode: str = "sft") -> str:
+    """Both files read as ``run`` reads them (the training file in ``mode``'s format); every bad row of both listed."""
+    from site_agent.training.data import DataError, load_for_mode, load_sft
 
-    train = load_jsonl(cfg.data.train)
-    heldout = load_sft(cfg.data.heldout) if cfg.data.heldout else []
-    return f"{len(train)} training rows, {len(heldout)} held-out rows"
+    counts, errors = [], []
+    for what, load in (("training", lambda p: load_for_mode(p, mode)), ("held-out", load_sft)):
+        path = cfg.data.train if what == "training" else cfg.data.heldout
+        if path is None:
+            counts.append(f"0 {what} rows")
+            continue
+        try:
+            counts.append(f"{len(load(path))} {what} rows")
+        except DataError as e:
+            errors.append(str(e))
+    if errors:
+        raise DataProblems("\n".join(errors))
+    return ", ".join(counts)
 
 
 def _disk(cfg: SiteConfig) -> str:
@@ -206,7 +221,7 @@ def run_preflight(cfg: SiteConfig, connect_timeout_s: float = 5.0, require_gpu: 
         ("signing key", lambda: _signing_key(cfg)),
         ("coordinator", lambda: _coordinator(cfg, connect_timeout_s)),
         ("base model", lambda: _base_model(cfg, mode, chat_template)),
-        ("data", lambda: _data(cfg)),
+        ("data", lambda: _data(cfg, mode)),
         ("disk", lambda: _disk(cfg)),
         ("gpu", lambda: _gpu(require_gpu)),
     ]

@@ -123,7 +123,8 @@ def register(app: typer.Typer) -> None:
                    [[r["round"], r["status"] + (f": {r['error'][:60]}" if r["error"] else ""), f"{r['seconds']:.1f}",
                      *[f"{r['scores'][b]:.4f}" if b in r["scores"] else "" for b in names]] for r in rows])
             if not rows:
-                out.print("no evaluation has run (is [evaluation] enabled?)")
+                # markup=False: rich would read "[evaluation]" as a style tag and print "(is  enabled?)".
+                out.print("no evaluation has run (is [evaluation] enabled = true in federation.toml?)", markup=False)
 
         _emit(as_json, data, render)
 

@@ -36,10 +36,13 @@ def status(engine: RoundEngine) -> dict[str, Any]:
 
 
 def sites(engine: RoundEngine) -> list[dict[str, Any]]:
-    """Joined sites: status, region (from its certificate at Join, else the config's ``publish.site_regions``; empty
-    when neither names one), last seen, ε of the latest update. A revoked site's status is ``revoked``."""
+    """Joined sites: status, region (:func:`coordinator.release.records.site_regions`: its certificate's, else its
+    enrolment record's, else the config's ``publish.site_regions``; empty when none names one), last seen, ε of the
+    latest update. A revoked site's status is ``revoked``."""
+    from coordinator.release.records import site_regions
+
     store, cfg = engine.store, engine.cfg
-    regions = {**cfg.publish.site_regions, **{k: v for k, v in store.site_regions().items() if v}}
+    regions = site_regions(cfg, store.site_regions())
     revoked = {r["name"] for r in store.revocations()}
     cur = store.current_round()
     in_round = {u.site for u in store.updates(cur.round)} if cur and cur.state == "open" else set()

@@ -23,8 +23,12 @@ def card_metadata(prov: dict[str, Any]) -> dict[str, Any]:
         meta["license_name"] = lic.get("license_name") or "unspecified"
         if lic.get("license_link"):
             meta["license_link"] = lic["license_link"]
+    base = prov["base_model"]
+    # The Hub's ``base_model`` key must be a hub id: name it only when the operator configured the reference
+    # (base_model_ref); a reference that is only the base directory's name stays under ``fedbridge`` with its hash.
+    if base.get("ref") and base.get("configured", True):
+        meta["base_model"] = base["ref"]
     meta.update({
-        "base_model": prov["base_model"]["ref"] or "unspecified",
         "library_name": "transformers",
         "pipeline_tag": "text-generation",
         "tags": ["fedbridge", "federated-learning", "lora", "peft"],
@@ -38,8 +42,9 @@ def card_metadata(prov: dict[str, Any]) -> dict[str, Any]:
     meta["fedbridge"] = {
         "federation": prov["federation_id"],
         "version": prov["version"],
-        "base_model": {"ref": prov["base_model"]["ref"], "manifest_sha256": prov["base_model"]["manifest_sha256"]},
+        "base_model": {"ref": base["ref"], "manifest_sha256": base["manifest_sha256"]},
         "global_adapter_sha256": prov["global_adapter_sha256"],
+        "adapter_alone_is_the_model": prov.get("adapter", {}).get("reproduces_merged_on_plain_base", True),
         "sites": [{"name": c["name"], "region": c["region"], "rounds": c["rounds"]} for c in prov["contributors"]],
         "rounds": len(prov["rounds"]),
         "strategy": {"name": prov["strategy"]["name"], "params": prov["strategy"]["params"],
@@ -76,7 +81,9 @@ def render_model_card(prov: dict[str, Any]) -> str:
              f"only adapter deltas; the coordinator aggregated them with `{fb['strategy']['name']}` over "
              f"{fb['rounds']} round(s).", "",
              "## Base model", "",
-             f"- reference: `{fb['base_model']['ref'] or 'unspecified'}`",
+             f"- reference: `{fb['base_model']['ref'] or 'unspecified'}`"
+             + ("" if prov["base_model"].get("configured", True) else " (the base directory's name; the federation "
+                "set no base_model_ref)"),
              f"- manifest SHA-256 (every file of the base directory): `{fb['base_model']['manifest_sha256']}`",
              f"- global adapter SHA-256: `{fb['global_adapter_sha256']}`"]
     if prov.get("base_residual"):
@@ -130,8 +137,11 @@ def render_model_card(prov: dict[str, Any]) -> str:
               if gate["thresholds"] else "No release gate was configured.",
               "", "## Use", "", "```python",
               "from transformers import AutoModelForCausalLM, AutoTokenizer",
-              'model = AutoModelForCausalLM.from_pretrained("merged")  # or: PeftModel.from_pretrained(base, "adapter")',
+              'model = AutoModelForCausalLM.from_pretrained("merged")'
+              + ("" if not fb["adapter_alone_is_the_model"] else '  # or: PeftModel.from_pretrained(base, "adapter")'),
               'tokenizer = AutoTokenizer.from_pretrained("merged")', "```", "",
+              *([f"**{prov['adapter']['note']}** See `adapter/README.md`.", ""]
+                if not fb["adapter_alone_is_the_model"] else []),
               "`SHA256SUMS` lists every file (`sha256sum -c SHA256SUMS`); `provenance.json` holds the full record.", "",
               "## Licence", "", f"`{meta['license']}`" + (f" ({meta.get('license_name')})" if "license_name" in meta else "")
               + (f", {meta['license_link']}" if meta.get("license_link") else "") + "."]

@@ -11,7 +11,11 @@ Layout of ``<registry>/<federation_id>/v<N>/``::
     SHA256SUMS        ``sha256sum -c`` format, every file above
     fedbridge-manifest.json   fedbridge's manifest of every file (its hash is recorded in the coordinator's store)
 
-``PeftModel.from_pretrained(base, v<N>/adapter)`` and ``AutoModelForCausalLM.from_pretrained(v<N>/merged)`` load it.
+``AutoModelForCausalLM.from_pretrained(v<N>/merged)`` loads the published model; so does
+``PeftModel.from_pretrained(base, v<N>/adapter)``, except under FedEx-LoRA: there the adapter applies to base +
+``base_residual.safetensors`` (also written, top level), which no LoRA of the agreed rank can carry, so ``adapter/``
+says so in its own ``README.md``, its safetensors metadata, the card and ``provenance.json`` (``adapter``).
+Nothing published names a path of the coordinator's host (``base_model_name_or_path`` is the base's reference).
 The directory is built under a temporary name and renamed, so a crash never leaves a half-written version.
 Pushing (:func:`push_version`) uploads a verified version to the Hugging Face Hub or ModelScope and never modifies
 the local copy.
@@ -33,6 +37,7 @@ from coordinator.config import FederationConfig
 from coordinator.release.gate import GateDecision
 from coordinator.release.merge import copy_side_files, merge_adapter
 from coordinator.release.modelcard import render_model_card
+from coordinator.release.records import base_model_reference, site_regions
 from coordinator.rounds.store import Store, now_ms
 from fedcommon.durable import fsync_dir
 from fedcommon.manifest import MANIFEST_NAME, Manifest, sha256_file
@@ -93,6 +98,7 @@ def build_provenance(cfg: FederationConfig, store: Store, *, base_sha256: str, s
                                  "epsilon_spent": env.epsilon_spent, "dp_delta": env.dp_delta})
         site_rounds.setdefault(u["site"], []).append(u["round"])
     sites = sorted(site_rounds)
+    regions = site_regions(cfg, store.site_regions())  # from the site certificates, as enrolled
     # Each envelope carries the site's CUMULATIVE epsilon (its own ledger), so the latest one is the site's total.
     site_dp = store.site_dp()
     epsilon = {s: site_dp[s]["epsilon"] for s in sites}
@@ -111,12 +117,17 @@ def build_provenance(cfg: FederationConfig, store: Store, *, base_sha256: str, s
             "history": {str(r): {b: kv["score"] for b, kv in sorted(s.items())} for r, s in sorted(scores.items())
                         if runs.get(r, {}).get("status") == "ok"},
             "spec": [{"name": b.name, "subsets": list(b.subsets), "metrics": list(b.metrics),
-                      "local_path": str(b.local_path) if b.local_path else None} for b in cfg.evaluation.benchmarks],
+                      # the data's own name, not where it lies on the coordinator's host
+                      "local_path": Path(b.local_path).name if b.local_path else None}
+                     for b in cfg.evaluation.benchmarks],
         })
     last = rounds[-1] if rounds else {}
     return {
         "federation_id": cfg.federation_id,
-        "base_model": {"ref": cfg.base_model_ref, "manifest_sha256": base_sha256},
+        # A hub id or name, never this host's path; ``configured`` says whether it is the operator's base_model_ref
+        # (a hub id the card's top-level ``base_model`` may name) or only the base directory's own name.
+        "base_model": {"ref": base_model_reference(cfg), "manifest_sha256": base_sha256,
+                       "configured": bool(cfg.base_model_ref)},
         "adapter_spec": {"rank": spec.rank, "alpha": spec.alpha, "target_modules": list(spec.target_modules),
                          "sha256": spec.sha256},
         "strategy": {"name": strategy, "params": dict(cfg.strategy_params),
@@ -127,7 +138,7 @@ def build_provenance(cfg: FederationConfig, store: Store, *, base_sha256: str, s
         "training": {"modes": [cfg.training.mode], "max_steps": cfg.training.max_steps,
                      "learning_rate": cfg.training.learning_rate, "batch_size": cfg.training.batch_size},
         "rounds": rounds, "ledger": [ledger[r] for r in sorted(ledger)], "sites": sites,
-        "contributors": [{"name": s, "region": cfg.publish.site_regions.get(s, "unspecified"),
+        "contributors": [{"name": s, "region": regions.get(s, "unspecified"),
                           "rounds": sorted(site_rounds[s]), "dp_epsilon": epsilon[s],
                           "dp_delta": site_dp[s]["delta"]} for s in sites],
         "privacy": _privacy(cfg, rounds, epsilon, {s: site_dp[s]["delta"] for s in sites}),
@@ -193,24 +204,61 @@ def verify_sha256sums(root: Path) -> list[str]:
     return bad
 
 
+FEDEX_ADAPTER_NOTE = ("adapter/ alone is not the published model under FedEx-LoRA: it applies to base + "
+                      "base_residual.safetensors. Load merged/, or add base_residual.safetensors to the base weights "
+                      "and then load this adapter.")
+
+
+def _fedex_adapter_readme() -> str:
+    return "\n".join([
+        "# adapter/: not the published model on its own", "",
+        "This federation aggregated with FedEx-LoRA, which folds a residual (mean(B_i A_i) - mean(B) mean(A), summed "
+        "over the rounds) into the base weights. The residual is a full-rank matrix per layer, so no LoRA adapter of "
+        "the agreed rank can carry it: this adapter applies to **base + `../base_residual.safetensors`**, not to the "
+        "plain base.", "",
+        "- To use the published model, load `../merged/` (it already includes the residual).",
+        "- To use this adapter, first add each tensor of `../base_residual.safetensors` to the base weight of the "
+        "same name (in that weight's own layout), then `PeftModel.from_pretrained(base, \"adapter\")`:", "",
+        "```python",
+        "import torch",
+        "from peft import PeftModel",
+        "from safetensors.torch import load_file",
+        "from transformers import AutoModelForCausalLM",
+        "base = AutoModelForCausalLM.from_pretrained(BASE)",
+        "params = dict(base.named_parameters())",
+        "with torch.no_grad():",
+        "    for name, value in load_file(\"base_residual.safetensors\").items():",
+        "        params[name].add_(value.to(params[name].dtype))",
+        "model = PeftModel.from_pretrained(base, \"adapter\")",
+        "```", ""])
+
+
 def _write_adapter(out: Path, base_model: Path, spec: pb.AdapterSpec, state: dict[str, torch.Tensor],
-                   base_model_ref: str) -> None:
-    """PEFT's saved-adapter layout without building a model: adapter_config.json + adapter_model.safetensors."""
+                   base_model_ref: str, *, fedex_residual: bool = False) -> None:
+    """PEFT's saved-adapter layout without building a model: adapter_config.json + adapter_model.safetensors.
+
+    ``base_model_ref`` goes into ``base_model_name_or_path`` (a hub id or name, never this host's path). With
+    ``fedex_residual`` the adapter is labelled as not the published model on its own (see :data:`FEDEX_ADAPTER_NOTE`):
+    in its safetensors metadata and in ``adapter/README.md``.
+    """
     from safetensors.torch import save_file
 
     from coordinator.rounds.adapter import base_layout
     from fedcommon.models import lora_config
 
     config = lora_config(spec)
-    config.base_model_name_or_path = base_model_ref or str(base_model)
+    config.base_model_name_or_path = base_model_ref or Path(base_model).name
     config.inference_mode = True
     # PEFT switches fan_in_fan_out on by itself for Conv1D targets (GPT-2), with a warning; say it up front.
     conv1d = base_layout(Path(base_model)).fan_in_fan_out
     config.fan_in_fan_out = any(f"{t}.weight" in conv1d for t in spec.target_modules)
     config.save_pretrained(str(out))
+    metadata = {"format": "pt", **({"fedbridge_note": FEDEX_ADAPTER_NOTE} if fedex_residual else {})}
     save_file({k: v.detach().contiguous() for k, v in sorted(state.items())}, str(out / "adapter_model.safetensors"),
-              metadata={"format": "pt"})
+              metadata=metadata)
     copy_side_files(base_model, out, only_tokenizer=True)
+    if fedex_residual:
+        (out / "README.md").write_text(_fedex_adapter_readme(), encoding="utf-8")
 
 
 def publish(*, base_model: Path, spec: pb.AdapterSpec, state: dict[str, torch.Tensor], registry_dir: Path,
@@ -229,8 +277,11 @@ def publish(*, base_model: Path, spec: pb.AdapterSpec, state: dict[str, torch.Te
     for stale in fed_dir.glob(".v*.tmp-*"):  # left by a publisher killed mid-write; never renamed, never complete
         shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir()
-    prov = {"version": version, **provenance}
-    _write_adapter(tmp / "adapter", Path(base_model), spec, state, base_model_ref)
+    prov = {"version": version, **provenance,
+            "adapter": {"reproduces_merged_on_plain_base": not residual,
+                        **({"note": FEDEX_ADAPTER_NOTE} if residual else {})}}
+    ref = base_model_ref or provenance.get("base_model", {}).get("ref") or Path(base_model).name
+    _write_adapter(tmp / "adapter", Path(base_model), spec, state, ref, fedex_residual=bool(residual))
     merge_adapter(Path(base_model), spec, state, tmp / "merged", max_shard_bytes=max_shard_bytes, residual=residual)
     if residual:
         from safetensors.torch import save_file

@@ -9,6 +9,7 @@ nothing is invented.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,32 @@ WHAT_LEAVES = ("LoRA adapter deltas only: safetensors tensors of the agreed adap
 
 def _unset(field: str) -> str:
     return f"NOT SET (set {field} in federation.toml)"
+
+
+def site_regions(cfg: FederationConfig, joined: Mapping[str, str]) -> dict[str, str]:
+    """Each site's data region as its certificate states it; sites with no known region are left out.
+
+    In order: the region the coordinator read from the site's certificate when it joined (``joined``: the store's
+    ``site_regions()``), else the enrolment registry's record of the certificate issued to it (``enroll-site
+    --region``), else the config's ``publish.site_regions`` (for a federation run without an enrolment registry).
+    One function, so the model card, ``sites`` and the record of processing cannot disagree.
+    """
+    registry = {}
+    if cfg.enrolment_registry is not None:
+        try:
+            registry = load_registry(cfg.enrolment_registry)
+        except EnrolmentError:  # a missing/damaged registry refuses every site elsewhere; here it just names no region
+            registry = {}
+    out = {k: v for k, v in cfg.publish.site_regions.items() if v}
+    out.update({name: e.region for name, e in registry.items() if getattr(e, "region", "")})
+    out.update({k: v for k, v in joined.items() if v})
+    return dict(sorted(out.items()))
+
+
+def base_model_reference(cfg: FederationConfig) -> str:
+    """The base model's reference for anything published: the configured ``base_model_ref`` (hub id or name),
+    else the base directory's own name; never a path of this host."""
+    return cfg.base_model_ref or Path(cfg.base_model).name
 
 
 def build_record(cfg: FederationConfig) -> dict[str, Any]:
@@ -48,12 +75,12 @@ def build_record(cfg: FederationConfig) -> dict[str, Any]:
             epsilon = store.site_epsilon()
         finally:
             store.close()
-    names = sorted(set(registry) | joined | set(joined_regions) | set(cfg.publish.site_regions))
+    regions = site_regions(cfg, joined_regions)
+    names = sorted(set(registry) | joined | set(regions))
     coordinator_region = rec.coordinator_region or _unset("[records].coordinator_region")
     sites, transfers = [], []
     for name in names:
-        region = (joined_regions.get(name) or (registry[name].region if name in registry else "")
-                  or cfg.publish.site_regions.get(name, "")) or "unknown (no region in certificate or registry)"
+        region = regions.get(name) or "unknown (no region in certificate or registry)"
         status = ("revoked" if name in registry and registry[name].revoked_ms
                   else "enrolled" if name in registry else "joined" if name in joined else "listed")
         mine = [row for row in ledger if row["site"] == name]
@@ -76,7 +103,7 @@ def build_record(cfg: FederationConfig) -> dict[str, Any]:
         "data_categories": list(rec.data_categories) or [_unset("[records].data_categories")],
         "data_subjects": list(rec.data_subjects) or [_unset("[records].data_subjects")],
         "recipients": list(rec.recipients) or [_unset("[records].recipients")],
-        "base_model": cfg.base_model_ref or str(cfg.base_model),
+        "base_model": base_model_reference(cfg),
         "transfers": transfers,
         "safeguards": {
             "transport": "gRPC over mutual TLS; every party holds a certificate of the federation CA",

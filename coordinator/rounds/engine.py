@@ -104,7 +104,7 @@ class RoundEngine:
         self.project_to_site = SITE_RANK_RULES.get(self.strategy.name)
         self.adapters = Adapters(store, self.spec, adapter.state, self.project_to_site)
         self._seen: dict[str, float] = {}  # site -> time.time() of its last call (in memory; the store keeps joins)
-        self._told_done: set[str] = set()  # sites told "done" by a stopped federation, and those that then reported
+        self._told_done: set[str] = set()  # sites told "done" (finished or stopped); _final_reports: those that then reported
         self._final_reports: set[str] = set()
         # Secure aggregation: the round's updates arrive masked and only their sum is ever unmasked.
         self.secagg: SecAggCoordinator | None = None
@@ -311,6 +311,7 @@ class RoundEngine:
             return self._held_offer(site)
         if self.finished.is_set():
             final = self.cfg.rounds + 1
+            self._told_done.add(site)
             return TaskOffer("done", final, *self.adapters.adapter_meta(site, final), *self.adapters.residual_meta(final))
         cur = self.store.current_round()
         if cur is None or cur.state != "open" or cur.round in self._closing:
@@ -398,11 +399,17 @@ class RoundEngine:
         self._notify()
 
     def drained(self) -> bool:
-        """Finished, and every joined site reported its evaluation of the final model."""
+        """Finished, and every joined site still in the federation got its DONE and sent its last report: its
+        evaluation of the final model, or an empty one (a site with no held-out data says it is leaving).
+
+        Revoked sites are not waited for: they get no DONE. A site that never comes back is the server's drain
+        timeout's business.
+        """
         if not self.finished.is_set():
             return False
+        expected = {s["name"] for s in self.store.sites()} - {r["name"] for r in self.store.revocations()}
         if self.control.state == "stopped":  # every joined site was told it is done and reported its final evaluation
-            return {s["name"] for s in self.store.sites()} <= self._final_reports
+            return expected <= self._final_reports
         final = self.cfg.rounds + 1
-        reported = {m[1] for m in self.store.metrics(final) if m[2] == "eval_global"}
-        return all(s["name"] in reported for s in self.store.sites())
+        reported = {m[1] for m in self.store.metrics(final) if m[2] == "eval_global"} | self._final_reports
+        return expected <= reported

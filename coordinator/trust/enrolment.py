@@ -170,7 +170,7 @@ def init_federation(fed: Path, opt: InitOptions) -> dict[str, Any]:
         "tls": {"ca": "ca.pem", "cert": "coordinator/server.pem", "key": "coordinator/server.key"},
         "lora": {"target_modules": list(opt.target_modules)},
         **({"model": {"chat_template": TEMPLATE}} if pin.text else {}),
-        "records": {"controller": "", "purposes": [], "data_categories": [], "recipients": [],
+        "records": {"controller": "", "purposes": [], "data_categories": [], "data_subjects": [], "recipients": [],
                     "coordinator_region": "", "retention_days": 0},
     }
     (fed / "federation.toml").write_text(

@@ -22,7 +22,10 @@ ms-swift rows come back in TRL's conversational shapes (``messages``; ``prompt``
 ``prompt``/``completion``/``label``), so the trainers see one internal form whatever the file used.
 
 The WHOLE file is parsed and validated before anything is returned, so training never starts on a partly bad file.
-Every problem raises :class:`DataError`, which names the file, the 1-based line and the field. Privacy rule: an error
+Problems raise one :class:`DataError` that lists every bad row (up to :data:`MAX_REPORTED`, then a count), each with
+the file, the 1-based line and the field. Beyond each row on its own, the file as a whole must be one format and, for
+TRL's preference and KTO forms, one prompt shape (all plain strings or all message lists): a mix passes row by row but
+crashes ``datasets``/Arrow once training starts. Privacy rule: an error
 message never contains a value from the data (no sample text, no keys the data chose), only where the problem is
 and what is wrong, because error messages end up in logs and may be shown to the coordinator's operators.
 """
@@ -45,28 +48,53 @@ _JSON_TYPES = {dict: "object", list: "array", str: "string", bool: "boolean", in
                type(None): "null"}
 
 
+MAX_REPORTED = 20
+"""How many bad rows a :class:`DataError` lists; the rest are counted ("and N more bad rows")."""
+
+
 class DataError(ValueError):
-    """A data file is unusable. The message names file, line and field, and never echoes the data.
+    """A data file is unusable. The message names file, line and field of every bad row, and never echoes the data.
+
+    The first problem is in :attr:`line` / :attr:`field` / :attr:`problem`; :attr:`problems` holds every reported one
+    (the first included, in line order, at most :data:`MAX_REPORTED`), and :attr:`unreported` counts the bad rows
+    beyond those. The message is one ``file:line: field 'f': problem`` line per reported row, then ``and N more bad
+    rows in file`` when some were left out, so the location always comes first on its line.
 
     Attributes:
         path: The file.
-        line: 1-based line number of the offending row, or None for a whole-file problem (an empty file).
+        line: 1-based line number of the (first) offending row, or None for a whole-file problem (an empty file).
         field: Path of the offending field inside the row (``messages[2].role``), or None for the whole row.
         problem: What is wrong, in words.
+        problems: ``(line, field, problem)`` for each reported row.
+        unreported: Bad rows found but not listed.
     """
 
-    def __init__(self, path: str | Path, line: int | None, field: str | None, problem: str) -> None:
+    def __init__(self, path: str | Path, line: int | None, field: str | None, problem: str,
+                 more: tuple[tuple[int | None, str | None, str], ...] = (), unreported: int = 0) -> None:
         self.path = str(path)
         self.line = line
         self.field = field
         self.problem = problem
+        self.problems: tuple[tuple[int | None, str | None, str], ...] = ((line, field, problem), *more)
+        self.unreported = unreported
+        lines = [self._one(*p) for p in self.problems]
+        if unreported:
+            lines.append(f"and {unreported} more bad row{'s' if unreported != 1 else ''} in {self.path}")
+        super().__init__("\n".join(lines))
+
+    def _one(self, line: int | None, field: str | None, problem: str) -> str:
         where = self.path if line is None else f"{self.path}:{line}"
         what = problem if field is None else f"field '{field}': {problem}"
-        super().__init__(f"{where}: {what}")
+        return f"{where}: {what}"
 
-    def __reduce__(self) -> tuple[type[DataError], tuple[str, int | None, str | None, str]]:
+    @property
+    def bad_rows(self) -> int:
+        """Bad rows found in all, listed or not."""
+        return len(self.problems) + self.unreported
+
+    def __reduce__(self) -> tuple[Any, ...]:
         # The default pickling passes only the message back to __init__; keep every attribute instead.
-        return (DataError, (self.path, self.line, self.field, self.problem))
+        return (DataError, (self.path, self.line, self.field, self.problem, self.problems[1:], self.unreported))
 
 
 class _RowError(Exception):
@@ -263,7 +291,7 @@ def _one_of(names: tuple[str, ...]) -> str:
 
 def _parse_line(raw: bytes) -> dict[str, Any]:
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8").rstrip("\r\n")  # else a cut-off row's error points at "column 1" past its end
     except UnicodeDecodeError as e:  # str(e) would quote the offending byte
         raise _RowError(None, f"not valid UTF-8 (at byte {e.start + 1})") from None
     try:
@@ -275,13 +303,37 @@ def _parse_line(raw: bytes) -> dict[str, Any]:
     return row
 
 
+def _prompt_shape(row: dict[str, Any]) -> str:
+    return "a list of messages" if isinstance(row["prompt"], list) else "a plain string"
+
+
+def _shape_problems(rows: list[tuple[int, dict[str, Any]]]) -> list[tuple[int, str | None, str]]:
+    """Rows whose prompt shape differs from the file's majority (plain strings vs message lists).
+
+    Each row may be either shape, but TRL and Arrow need one shape per file: ``Dataset.from_list`` fails with an
+    ``ArrowTypeError`` on a column that holds both strings and lists, once training has started. The majority shape
+    is taken as meant (the first row's on a tie), so the minority rows are the ones listed.
+    """
+    shapes: dict[str, list[int]] = {}
+    for line_no, row in rows:
+        shapes.setdefault(_prompt_shape(row), []).append(line_no)
+    if len(shapes) < 2:
+        return []
+    (meant, lines), (odd, odd_lines) = sorted(shapes.items(), key=lambda kv: (-len(kv[1]), kv[1][0]))
+    return [(n, "prompt", f"is {odd}, but {len(lines)} other rows (first: line {lines[0]}) hold {meant}; every row "
+                          f"of a file must use one shape") for n in odd_lines]
+
+
 def _load_rows(path: str | Path, fmt: str, allowed: tuple[str, ...]) -> tuple[str, list[dict[str, Any]]]:
     if fmt != "auto" and fmt not in allowed:
         raise ValueError(f"fmt must be 'auto' or one of {', '.join(allowed)}, got {fmt!r}")
     path = Path(path)
-    rows: list[dict[str, Any]] = []
+    rows: list[tuple[int, dict[str, Any]]] = []
+    problems: list[tuple[int | None, str | None, str]] = []
     file_fmt = None if fmt == "auto" else fmt
     first_line = 0
+    # Every line is checked, and every bad row reported (up to MAX_REPORTED listed), so an operator fixes the file
+    # in one pass rather than one error per attempt.
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, start=1):
             if not raw.strip():
@@ -299,12 +351,18 @@ def _load_rows(path: str | Path, fmt: str, allowed: tuple[str, ...]) -> tuple[st
                     file_fmt, first_line = row_fmt, line_no
                 elif fmt == "auto" and row_fmt != file_fmt:
                     raise _RowError(None, f"is not a {file_fmt} row like line {first_line}; a file holds one format")
-                rows.append(_CHECKS[file_fmt](row))
+                rows.append((line_no, _CHECKS[file_fmt](row)))
             except _RowError as e:
-                raise DataError(path, line_no, e.field, e.problem) from None
+                problems.append((line_no, e.field, e.problem))
+    if file_fmt in ("preference", "kto"):  # TRL's forms take either shape per row; the ms-swift forms are all lists
+        problems.extend(_shape_problems(rows))
+    if problems:
+        problems.sort(key=lambda p: p[0] or 0)
+        shown = problems[:MAX_REPORTED]
+        raise DataError(path, *shown[0], more=tuple(shown[1:]), unreported=len(problems) - len(shown))
     if file_fmt is None or not rows:
         raise DataError(path, None, None, "file holds no rows")
-    return file_fmt, rows
+    return file_fmt, [row for _, row in rows]
 
 
 def load_jsonl(path: str | Path, fmt: str = "auto") -> list[dict[str, Any]]:
@@ -323,7 +381,8 @@ def load_jsonl(path: str | Path, fmt: str = "auto") -> list[dict[str, Any]]:
         conversational ``prompt``/``chosen``/``rejected`` and ``prompt``/``completion``/``label`` rows.
 
     Raises:
-        DataError: On the first problem found; nothing is returned for a file with any bad row.
+        DataError: Listing every bad row (up to :data:`MAX_REPORTED`, then a count); nothing is returned for a file
+            with any bad row.
         OSError: If the file cannot be read.
         ValueError: If ``fmt`` is not a known format.
     """

@@ -178,3 +178,15 @@ def test_push_refuses_bad_targets_and_damaged_versions(published: tuple[Path, St
     (copy / "README.md").write_text("changed")
     with pytest.raises(PushError, match="does not match its SHA256SUMS"):
         push_version(copy, "hf://org/name")
+
+
+def test_no_host_path_in_a_version_with_local_benchmarks(published: tuple[Path, Store], tiny_model_dir: Path) -> None:
+    """The benchmark data's own name may appear (provenance's eval spec), never where it lies on this host."""
+    path, _ = published
+    tmp = path.parents[2]  # the fixture's folder: state, registry and benchmark data all live under it
+    host_paths = {str(p) for p in (tiny_model_dir, tiny_model_dir.resolve(), tmp, tmp.resolve())}
+    leaks = {(str(p.relative_to(path)), h) for p in path.rglob("*") if p.is_file() for h in host_paths
+             if h.encode() in p.read_bytes()}
+    assert not leaks
+    spec = json.loads((path / "provenance.json").read_text())["evaluation"]["spec"]
+    assert spec and all(s["local_path"] is None or "/" not in s["local_path"] for s in spec)

@@ -189,3 +189,22 @@ def test_canary_holds_in_every_mode(tiny_model_dir: Path, federation, tmp_path: 
     blob_sent = b"".join(sent)
     for form in (marker.encode(), marker.encode("utf-16-le"), marker[:12].encode()):
         assert form not in blob_sent
+
+
+def test_a_site_with_no_heldout_still_sends_its_final_report() -> None:
+    """An empty eval_global report tells a coordinator waiting to exit that this site got its DONE."""
+    from site_agent.agent import _report_eval
+    from site_agent.egress.guard import EgressGuard
+
+    sent: list[tuple[int, str, dict[str, float], int]] = []
+
+    class Client:
+        def report_metrics(self, round: int, phase: str, metrics: dict[str, float], num_examples: int) -> None:
+            sent.append((round, phase, metrics, num_examples))
+
+    class Task:
+        round = 4
+
+    _report_eval(Client(), None, Task(), {}, [], EgressGuard(), None, "s1")  # type: ignore[arg-type]
+
+    assert sent == [(4, "eval_global", {}, 0)]

@@ -67,13 +67,14 @@ def test_preference_rows_load_as_strings_or_conversations(tmp_path: Path) -> Non
             "chosen": [{"role": "assistant", "content": "Blue."}],
             "rejected": [{"role": "assistant", "content": "Green."}]}
     plain = {"prompt": "Sky colour?", "chosen": "Blue.", "rejected": "Green.", "score": 1}
-    path = write(tmp_path / "p.jsonl", json.dumps(plain), json.dumps(conv))
+    plain_file = write(tmp_path / "p.jsonl", json.dumps(plain), json.dumps(plain))
+    conv_file = write(tmp_path / "c.jsonl", json.dumps(conv))
 
     # Execute
-    rows = load_preference(path)
+    rows = load_preference(plain_file) + load_preference(conv_file)
 
     # Assert
-    assert rows == [{"prompt": "Sky colour?", "chosen": "Blue.", "rejected": "Green."}, conv]
+    assert rows == [{"prompt": "Sky colour?", "chosen": "Blue.", "rejected": "Green."}] * 2 + [conv]
 
 
 def test_detect_format_and_explicit_format(tmp_path: Path) -> None:

@@ -126,3 +126,38 @@ def test_training_step_fails_where_run_would(kit) -> None:  # type: ignore[no-un
     template.write_text(GPT2_TEMPLATE)
     rows = _by_name(run_preflight(cfg, connect_timeout_s=10, chat_template=template))
     assert rows["training step"].ok and rows["base model"].ok, rows
+
+
+def test_cli_in_a_narrow_terminal_lists_every_bad_row_whole(kit) -> None:  # type: ignore[no-untyped-def]
+    """Through the real command as a subprocess, 40 columns wide: each bad row's file:line is printed uncut."""
+    import os
+    import subprocess
+    import sys
+
+    # Prepare: a long path and two bad rows (lines 2 and 3)
+    cfg, _, tmp = kit
+    bad = tmp / ("a-long-folder-name-for-the-site-data-" * 2) / "train.jsonl"
+    bad.parent.mkdir()
+    good = json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})
+    bad.write_text(good + "\n" + json.dumps({"messages": [{"role": "robot", "content": SECRET}]}) + "\n"
+                   + json.dumps({"messages": SECRET}) + "\n")
+    site_toml = tmp / "site.toml"
+    site_toml.write_text(f'name = "s1"\ncoordinator = "localhost:1"\nbase_model = "{cfg.base_model}"\n'
+                         f'work_dir = "{cfg.work_dir}"\n[tls]\nca = "{cfg.tls.ca}"\ncert = "{cfg.tls.cert}"\n'
+                         f'key = "{cfg.tls.key}"\nsigning_key = "{cfg.tls.signing_key}"\n[data]\ntrain = "{bad}"\n')
+    root = Path(__file__).resolve().parents[2]
+
+    # Execute
+    r = subprocess.run([sys.executable, "-m", "site_agent", "preflight", "--config", str(site_toml), "--timeout", "1"],
+                       cwd=root, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "COLUMNS": "40", "PYTHONPATH": str(root)})
+
+    # Assert
+    out = r.stdout.splitlines()
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "Traceback" not in r.stdout + r.stderr and "4471" not in r.stdout + r.stderr
+    start = out.index("FAIL data:")
+    assert out[start + 1:start + 3] == [f"  DataProblems: {bad}:2: field 'messages[0].role': must be one of system, "
+                                        f"user, assistant",
+                                        f"  {bad}:3: field 'messages': must be a list of messages, got string"]
+    assert "FAIL training step:" in out
