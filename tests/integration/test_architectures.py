@@ -11,7 +11,7 @@ each round; then ``AutoModelForCausalLM.from_pretrained(published/merged)`` and
   ``base_residual.safetensors`` + adapter reproduce merged).
 - DPO with FedAvg: ``adapter/`` on the plain base reproduces ``merged/``.
 
-All twelve legs run in the default test run (the ``slow`` marker only names them as the long ones).
+All twelve legs run in the default test run.
 
 GPT-2 ships no chat template: the federation supplies one (``[model] chat_template``, a ChatML file), which reaches
 the sites with the task; the base directory itself is the stock one, untouched.
@@ -79,7 +79,6 @@ def _published(store: Store) -> Path:
     return Path(pubs[0]["path"])
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_sft_fedex_lora(family: str, tmp_path: Path) -> None:
     from peft import PeftModel
@@ -107,7 +106,6 @@ def test_sft_fedex_lora(family: str, tmp_path: Path) -> None:
     assert torch.allclose(_logits(PeftModel.from_pretrained(folded, pub / "adapter")), merged, atol=1e-4)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_dpo_fedavg(family: str, tmp_path: Path) -> None:
     from peft import PeftModel
