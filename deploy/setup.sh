@@ -19,8 +19,14 @@ if [[ ",$EXTRAS," == *",dev,"* ]] && [ ! -x /usr/bin/chromium ]; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium
 fi
+# The deployment-kit test verifies the systemd units with systemd-analyze (Debian's systemd package).
+if [[ ",$EXTRAS," == *",dev,"* ]] && ! command -v systemd-analyze >/dev/null; then
+  echo "[setup] installing systemd (Debian package) for systemd-analyze"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends systemd
+fi
 stamp="$VENV/.fedbridge-setup"
-want=$(cat pyproject.toml deploy/setup.sh | sha256sum | cut -c1-32)-$EXTRAS
+want=$(cat pyproject.toml deploy/setup.sh deploy/kit-validators.txt | sha256sum | cut -c1-32)-$EXTRAS
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
@@ -33,6 +39,11 @@ fi
 # 2. the project and its extras. DeepSpeed must not try to compile its CUDA ops.
 echo "[setup] installing fedbridge[$EXTRAS]"
 DS_BUILD_OPS=0 "${pip[@]}" install -q -e ".[$EXTRAS]"
+# 3. the deployment kits' validators (pinned; schemas and binaries ship inside the packages).
+if [[ ",$EXTRAS," == *",dev,"* ]]; then
+  echo "[setup] installing the deployment-kit validators"
+  "${pip[@]}" install -q -r deploy/kit-validators.txt
+fi
 "${pip[@]}" check
 echo "$want" > "$stamp"
 echo "[setup] ready: $VENV"
