@@ -122,6 +122,8 @@ class RoundEngine:
                 raise RuntimeError(f"{self.audit.path}: the audit log does not reach the head kept in the store: "
                                    f"{report.problems[0]}")
         self.gate = SiteGate(config, store, self._audit, self._notify)
+        if self.secagg is not None:  # a revoked site is never waited for; abandoned attempts are audited
+            self.secagg.revoked, self.secagg.audit = (lambda: self.gate.revoked), self._audit
         self._watch: asyncio.Task[None] | None = None
         p = config.privacy  # central DP: clip each update and noise the aggregate (coordinator/privacy/central_dp.py)
         self.central_dp = CentralDp(p.noise_multiplier, p.clip_norm, p.delta) if p.mode == "central" else None
@@ -194,6 +196,8 @@ class RoundEngine:
                     ups = self.store.updates(cur.round)
                     if self.secagg is not None:  # the round closes once its masks can be removed
                         self.secagg.tick(cur.round)
+                        if (why := self.secagg.failure(cur.round)) is not None:  # stop loudly, the state is kept
+                            raise RuntimeError(f"round {cur.round}: secure aggregation failed: {why}")
                         decision = (("quorum_reached", {"updates": len(ups), "secure_aggregation": True})
                                     if self.secagg.ready(cur.round) else None)
                     else:
@@ -317,7 +321,7 @@ class RoundEngine:
             return TaskOffer("wait")
         if self.store.update_trained_on(site, cur.round) is not None:
             return TaskOffer("wait")
-        if self.secagg is not None and self.secagg.roster_closed(cur.round):  # too late to join this round's SecAgg
+        if self.secagg is not None and self.secagg.roster_closed(cur.round, site):  # too late to join this round's SecAgg
             return TaskOffer("wait")
         return TaskOffer("train", cur.round, *self.adapters.adapter_meta(site, cur.round),
                          *self.adapters.residual_meta(cur.round), self.quorum.deadline_ms(cur))

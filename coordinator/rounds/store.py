@@ -495,6 +495,18 @@ class Store:
                        "from_site, about_site", (round,))
         return [(r[0], r[1], r[2], bytes(r[3])) for r in rows]
 
+    def secagg_restart(self, round: int, stage: str, deadline_ms: int, threshold: int,
+                       members: dict[str, Any]) -> None:
+        """Start a new SecAgg attempt of ``round`` in one transaction: its keys, shares, reveals and masked inputs go
+        (they belong to the abandoned attempt's keys and can never be unmasked), the new stage state is written."""
+        with self.tx() as db:
+            for table in ("secagg_keys", "secagg_shares", "secagg_reveals", "updates"):
+                db.execute(f"DELETE FROM {table} WHERE round=?", (round,))
+            db.execute("INSERT INTO secagg_rounds(round, stage, deadline_ms, threshold, members) VALUES(?,?,?,?,?) "
+                       "ON CONFLICT(round) DO UPDATE SET stage=excluded.stage, deadline_ms=excluded.deadline_ms, "
+                       "threshold=excluded.threshold, members=excluded.members",
+                       (round, stage, deadline_ms, threshold, json.dumps(members, sort_keys=True)))
+
     def secagg_forget(self) -> None:
         """Delete routed and revealed shares of every closed round (the masked inputs stay, still masked)."""
         with self.tx() as db:
