@@ -17,10 +17,19 @@ Every stage's state lives in the store (``secagg_*`` tables, masked inputs in ``
 coordinator resumes mid-protocol. What the store keeps: public keys, member sets, masked inputs (never an unmasked
 individual update); routed and revealed shares are deleted once the round closed.
 
-Threat model and limits: honest-but-curious coordinator. Keys are signed, so the coordinator cannot substitute
-them; the effective threshold is always more than half of the roster, so no two disjoint groups of honest sites
-can hand it both secrets of one site. SecAgg's consistency-check round (sites signing the survivor set against a
-coordinator that lies differently to different sites) is not implemented.
+3b. ``consistency`` (Bonawitz et al. §4, active security): each survivor signs (round, attempt, sorted survivors)
+   with its certificate's Ed25519 key; every signer gets all signatures and reveals nothing unless each verifies
+   over the set it signed. The coordinator cannot show different survivor sets to different sites.
+
+Every call passes the engine's access gate (servicer); revoked sites are never expected. Each stage has a deadline
+(``stage_timeout_s``); below the threshold the attempt is abandoned and the round's SecAgg restarts as the next
+attempt without the missing sites (keys, shares and masked inputs of the old attempt are deleted in one
+transaction). The unmasking is computed once before the stage closes: shares that do not fit a dealer's keys drop
+that dealer (audited) and retry, so a round marked closing can always be aggregated after a restart.
+
+Threat model and limits: keys are signed, so the coordinator cannot substitute them; the effective threshold is
+always more than half of the roster, so no two disjoint groups of honest sites can hand it both secrets of one
+site. A revealer that alters a share is blamed on the share's dealer (shares carry no dealer signature).
 """
 
 from __future__ import annotations
