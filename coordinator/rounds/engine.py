@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import math
 import os
@@ -23,7 +24,7 @@ from typing import Any
 
 from coordinator.admin.control import AdminControl
 from coordinator.config import FederationConfig
-from coordinator.errors import CoordinatorError, InvalidUpdate, WrongRound
+from coordinator.errors import CoordinatorError, FederationStopped, InvalidUpdate, WrongRound
 from coordinator.ingress.uploads import UploadIngress
 from coordinator.privacy.central_dp import CentralDp
 from coordinator.privacy.secagg import SecAggCoordinator
@@ -196,8 +197,8 @@ class RoundEngine:
                     ups = self.store.updates(cur.round)
                     if self.secagg is not None:  # the round closes once its masks can be removed
                         self.secagg.tick(cur.round)
-                        if (why := self.secagg.failure(cur.round)) is not None:  # stop loudly, the state is kept
-                            raise RuntimeError(f"round {cur.round}: secure aggregation failed: {why}")
+                        if (why := self.secagg.failure(cur.round)) is not None:  # terminal: kept, reported
+                            raise self._stopped(cur.round, why)
                         decision = (("quorum_reached", {"updates": len(ups), "secure_aggregation": True})
                                     if self.secagg.ready(cur.round) else None)
                     else:
@@ -274,9 +275,20 @@ class RoundEngine:
         # A failed aggregation/evaluation/publication would otherwise leave every site long-polling forever. Stop
         # loudly instead: the store is consistent, so a restarted coordinator resumes from the same point.
         self.fatal = task.exception()
+        if isinstance(self.fatal, FederationStopped):  # a terminal state, not a crash: one line, no traceback
+            log.error("[RoundEngine] %s", self.fatal)
+            self.failed.set()
+            return
         log.error("[RoundEngine] round engine failed; stopping the coordinator (a restart resumes from the store)",
                   exc_info=self.fatal)
         self.failed.set()
+
+    def _stopped(self, round: int, reason: str) -> FederationStopped:
+        """The terminal failure of ``round``; audited once (``federation_stopped``), however often it restarts."""
+        if self.store.get_meta("federation_stopped") is None:
+            self._audit("federation_stopped", {"round": round, "reason": reason[:500]})
+            self.store.set_meta("federation_stopped", json.dumps({"round": round, "reason": reason[:500]}))
+        return FederationStopped(round, reason)
 
     def _notify(self) -> None:
         self._changed.set()
