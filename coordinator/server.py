@@ -18,6 +18,7 @@ from coordinator.admin.servicer import AdminServicer
 from coordinator.basemodel import check_base_model
 from coordinator.config import FederationConfig
 from coordinator.errors import FederationStopped
+from coordinator.ingress.decoding import DecodeGuard
 from coordinator.ingress.secagg_servicer import SecAggServicer
 from coordinator.ingress.servicer import FederationServicer
 from coordinator.rounds.adapter import init_adapter
@@ -93,7 +94,8 @@ async def serve(cfg: FederationConfig, stop: asyncio.Event | None = None) -> Non
     adapter = await asyncio.to_thread(init_adapter, cfg.base_model, cfg.lora)
     store = Store(cfg.state_dir)
     engine = RoundEngine(cfg, store, manifest.sha256, adapter, template)
-    interceptors = [InboundRecorder(cfg.record_inbound)] if cfg.record_inbound else []
+    interceptors: list[grpc.aio.ServerInterceptor] = [InboundRecorder(cfg.record_inbound)] if cfg.record_inbound else []
+    interceptors.append(DecodeGuard())  # a request that does not parse: INVALID_ARGUMENT, not UNKNOWN
     server = grpc.aio.server(interceptors=interceptors, options=[
         ("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)])
     pb_grpc.add_FederationServiceServicer_to_server(FederationServicer(engine), server)

@@ -288,6 +288,8 @@ class SecAggCoordinator:
 
     def _peek(self, round: int) -> dict[str, Any]:
         """The state of ``round`` for a read: the current open round (created on first use) or one that ran."""
+        if not 0 < round < 1 << 63:  # the wire allows any uint64; SQLite keys stop at 2^63 - 1
+            raise WrongRound(f"secure aggregation of round {round} is not running (no such round)")
         st = self.store.secagg_round(round)
         return st if st is not None else self._current(round)
 
