@@ -204,10 +204,13 @@ def test_a_masked_stage_below_threshold_is_abandoned_in_time_and_stale_attempt_m
         lc.close()
 
 
-def test_a_dealer_of_junk_shares_is_dropped_and_named_the_honest_agents_survive_and_a_restart_comes_up(
-        tmp_path: Path, wire: Any) -> None:
+@pytest.mark.parametrize("dealer", ["junk", "other_key"])
+def test_a_dealer_of_bad_shares_is_dropped_and_named_the_honest_agents_survive_and_a_restart_comes_up(
+        tmp_path: Path, wire: Any, dealer: str) -> None:
     # Prepare: honest site agents a and b (the project's site code) and an attacker x that advertises valid signed
-    # keys, then deals junk ciphertexts instead of encrypted shares, and sends no masked input
+    # keys, then deals junk ciphertexts instead of encrypted shares ("junk"), or well-encrypted Shamir shares of a
+    # mask key other than the one it advertised ("other_key"; the site code serves as its crypto toolkit, every
+    # message goes through the wire client), and sends no masked input
     from site_agent.client import CoordinatorClient
     from site_agent.egress.secagg import secure_upload
     from tests.coordinator.live_coordinator import delta
@@ -236,16 +239,34 @@ def test_a_dealer_of_junk_shares_is_dropped_and_named_the_honest_agents_survive_
         ch = _channel(lc, "site-x")
         wire.stub(ch, "FederationService").Join(m["JoinRequest"](agent_version="evil", modes=["sft"]), timeout=10)
         x = wire.stub(ch, "SecAggService")
-        x.AdvertiseKeys(m["AdvertiseKeysRequest"](round=1, keys=_keys(wire, "site-x", lc.signing_key("site-x"))),
-                        timeout=10)
+        kit = None
+        if dealer == "junk":
+            signed_keys = _keys(wire, "site-x", lc.signing_key("site-x"))
+        else:
+            from fedcommon import secagg as sa
+            from site_agent.egress.secagg import SiteSecAgg
+
+            kit = SiteSecAgg(FED, 1, "site-x", lc.signing_key("site-x"), (lc.fed / "ca.pem").read_bytes())
+            signed_keys = m["SignedSecAggKeys"].FromString(kit.advertise().SerializeToString())
+            advertised = kit._keys()
+            kit.mask_key = sa.private_bytes(sa.new_private_key())  # the shares it deals are of another key
+            kit._keys = lambda: advertised  # type: ignore[method-assign]
+        x.AdvertiseKeys(m["AdvertiseKeysRequest"](round=1, keys=signed_keys), timeout=10)
         threads = [threading.Thread(target=honest, args=(s,)) for s in ("site-a", "site-b")]
         for t in threads:
             t.start()
         roster = x.GetRoster(m["GetRosterRequest"](round=1, wait_ms=15_000), timeout=20)
         assert sorted(e.site for e in roster.entries) == ["site-a", "site-b", "site-x"]
-        # Execute: junk "shares" of the right size range for both honest sites
-        x.ShareKeys(m["ShareKeysRequest"](round=1, shares=[m["EncryptedShare"](site=s, ciphertext=os.urandom(120))
-                                                           for s in ("site-a", "site-b")]), timeout=10)
+        # Execute: junk "shares" of the right size range for both honest sites, or shares of the other key
+        if kit is None:
+            shares = [m["EncryptedShare"](site=s, ciphertext=os.urandom(120)) for s in ("site-a", "site-b")]
+        else:
+            from protos.fedbridge.v1 import secagg_service_pb2 as spb  # the toolkit's types, converted as bytes
+
+            made = kit.share([spb.RosterEntry.FromString(e.SerializeToString()) for e in roster.entries],
+                             spb.SecAggParams.FromString(roster.params.SerializeToString()), roster.params.vector_length)
+            shares = [m["EncryptedShare"].FromString(e.SerializeToString()) for e in made]
+        x.ShareKeys(m["ShareKeysRequest"](round=1, shares=shares), timeout=10)
         for t in threads:
             t.join(40)
         # Assert: the honest agents finished their part (masked input sent, shares revealed), no exception
@@ -254,8 +275,8 @@ def test_a_dealer_of_junk_shares_is_dropped_and_named_the_honest_agents_survive_
             assert not isinstance(results[s], BaseException), (s, results[s])
             assert results[s] is not None, s
         # both named the dealer; it was dropped and named; the round goes on as attempt 1 without it
-        assert sorted((u["site"], tuple(u["dealers"])) for u in _audit(lc, "secagg_share_undecryptable")) == [
-            ("site-a", ("site-x",)), ("site-b", ("site-x",))]
+        assert sorted((u["site"], tuple(u["dealers"])) for u in _audit(lc, "secagg_share_undecryptable")) == (
+            [("site-a", ("site-x",)), ("site-b", ("site-x",))] if dealer == "junk" else [])
         assert [d["site"] for d in _audit(lc, "secagg_participant_dropped")] == ["site-x"]
         st = lc.engine.store.secagg_round(1)
         assert st is not None and st["members"]["attempt"] == 1 and st["members"]["excluded"] == ["site-x"]
