@@ -489,7 +489,10 @@ class SecureAggregationSpec:
         clip_range: Largest |value| of a weighted update element (num_examples x delta, and num_examples itself);
             a site refuses to send a larger one rather than clip it.
         bits: Fixed-point bits: step = clip_range / 2^(bits-1); the mean is exact to num_sites * step / 2 / weight.
-        stage_timeout_s: How long a stage waits for missing sites once it has enough to go on (they are dropped).
+        stage_timeout_s: Every stage's deadline (roster, key sharing, masked input, consistency check,
+            unmasking): past it with enough sites the missing ones are dropped; with fewer than the threshold the
+            attempt is abandoned and retried without the missing sites.
+        max_attempts: SecAgg attempts of one round before the coordinator stops it as failed (audited).
     """
 
     enabled: bool = False
@@ -497,6 +500,7 @@ class SecureAggregationSpec:
     clip_range: float = 65536.0
     bits: int = 48
     stage_timeout_s: float = 60.0
+    max_attempts: int = 3
 
     def __post_init__(self) -> None:
         if self.threshold < 2:
@@ -507,6 +511,12 @@ class SecureAggregationSpec:
             raise ValueError(f"field 'secure_aggregation.bits': must be in 8..48 (sums wrap at 2^64), got {self.bits}")
         if self.stage_timeout_s <= 0:
             raise ValueError(f"field 'secure_aggregation.stage_timeout_s': must be > 0, got {self.stage_timeout_s}")
+        if self.max_attempts < 1:
+            raise ValueError(f"field 'secure_aggregation.max_attempts': must be >= 1, got {self.max_attempts}")
+
+    def timeout_for(self, stage: str) -> float:
+        """The deadline of ``stage``, in seconds after the previous stage closed (the same for every stage)."""
+        return self.stage_timeout_s
 
 
 def check_secure_aggregation(spec: SecureAggregationSpec, strategy: str, params: dict[str, Any],

@@ -139,3 +139,18 @@ class RoundBusy(CoordinatorError):
     """The round is closing; a late update to be carried into the next round is to be retried once it opens."""
 
     status = "ABORTED"
+
+
+class FederationStopped(Exception):
+    """The federation reached a terminal failure that the store keeps (a secure round that failed): no restart can
+    get past it, so the coordinator reports it in one line and exits with :data:`EXIT_FEDERATION_STOPPED` on every
+    start instead of crash-looping. Not a refusal of one call (no gRPC status)."""
+
+    def __init__(self, round: int, reason: str) -> None:
+        super().__init__(f"federation stopped: secure round {round} failed: {reason}")
+        self.round, self.reason = round, reason
+
+
+# Exit status of ``fedbridge-admin serve`` for a :class:`FederationStopped` (1 is a crash a restart may cure, 2 a
+# configuration error): a supervisor should not restart on it (systemd ``RestartPreventExitStatus=3``).
+EXIT_FEDERATION_STOPPED = 3

@@ -18,7 +18,7 @@ from google.protobuf.message import DecodeError
 from coordinator.admin.servicer import AdminServicer
 from coordinator.basemodel import check_base_model
 from coordinator.config import FederationConfig
-from coordinator.errors import CoordinatorError, OutOfRange
+from coordinator.errors import CoordinatorError, FederationStopped, OutOfRange
 from coordinator.ingress.secagg_servicer import SecAggServicer
 from coordinator.ingress.servicer import FederationServicer
 from coordinator.rounds.adapter import init_adapter
@@ -211,7 +211,15 @@ async def serve(cfg: FederationConfig, stop: asyncio.Event | None = None) -> Non
         dashboard = await start_dashboard(cfg.dashboard, engine, cfg.tls, cfg.state_dir)
     port = server.add_secure_port(cfg.listen, server_credentials(cfg))
     await server.start()
-    await engine.start()
+    try:
+        await engine.start()
+    except FederationStopped as e:  # the store says the federation ended in failure: report it and exit, no retry
+        log.error("[Coordinator] %s", e)
+        if dashboard is not None:
+            await dashboard.stop()
+        await server.stop(grace=0)
+        store.close()
+        raise
     host = cfg.listen.rsplit(":", 1)[0]
     write_durable(cfg.state_dir / "coordinator.port", f"{port}\n".encode())
     log.info("[Coordinator] federation=%s listening on %s:%d (mTLS) pid=%d", cfg.federation_id, host, port, os.getpid())
@@ -245,6 +253,8 @@ async def serve(cfg: FederationConfig, stop: asyncio.Event | None = None) -> Non
     await server.stop(grace=2)
     store.close()
     log.info("[Coordinator] federation=%s stopped", cfg.federation_id)
+    if isinstance(engine.fatal, FederationStopped):
+        raise engine.fatal
     if engine.fatal is not None:
         raise CoordinatorFailed(f"the round engine failed: {engine.fatal!r}; the state in {cfg.state_dir} is "
                                 "consistent and a restart resumes from it") from engine.fatal

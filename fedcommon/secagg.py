@@ -95,6 +95,50 @@ def shamir_combine(shares: Sequence[bytes], threshold: int) -> bytes:
     return secret.to_bytes(SECRET_BYTES, "big")
 
 
+def shamir_consistent(shares: Sequence[bytes], threshold: int) -> bool:
+    """Whether every share lies on the one polynomial the first ``threshold`` distinct shares define.
+
+    With more than ``threshold`` shares of one secret this detects a dealer that handed out shares of no single
+    secret (or a revealer that altered one); with exactly ``threshold`` it cannot, and returns True.
+
+    Raises:
+        SecAggCryptoError: A malformed share, or fewer than ``threshold`` distinct shares.
+    """
+    points: dict[int, int] = {}
+    for s in shares:
+        x, y = share_x(s), int.from_bytes(s[2:], "big")
+        if points.setdefault(x, y) != y:
+            return False  # two different shares at one x coordinate
+    if len(points) < threshold:
+        raise SecAggCryptoError(f"{len(points)} distinct shares, {threshold} needed to reconstruct")
+    base = sorted(points.items())[:threshold]
+    for x, y in sorted(points.items())[threshold:]:
+        acc = 0
+        for i, (xi, yi) in enumerate(base):
+            num, den = 1, 1
+            for j, (xj, _) in enumerate(base):
+                if i != j:
+                    num = num * (x - xj) % PRIME
+                    den = den * (xi - xj) % PRIME
+            acc = (acc + yi * num * pow(den, -1, PRIME)) % PRIME
+        if acc != y:
+            return False
+    return True
+
+
+def consistency_message(federation_id: str, round: int, attempt: int, survivors: Sequence[str]) -> bytes:
+    """What each survivor signs in the consistency check (Bonawitz et al. CCS 2017, ConsistencyCheck round).
+
+    The round, its attempt and the sorted survivor set: a signature shown to a site proves its signer was shown
+    the same set in the same attempt, so the coordinator cannot give different sites different survivor sets.
+    """
+    names = sorted(survivors)
+    if len(set(names)) != len(names) or any(not n or "\n" in n for n in names):
+        raise SecAggCryptoError("a survivor set lists a site twice or an invalid site name")
+    return "\n".join(["fedbridge-secagg/v1|consistency", federation_id, str(int(round)), str(int(attempt)),
+                      *names]).encode()
+
+
 # -- keys, agreement, encryption, PRG ------------------------------------------------------------------------------
 def new_private_key() -> X25519PrivateKey:
     return X25519PrivateKey.generate()

@@ -32,6 +32,7 @@ def serve(config: Path = typer.Option(..., "--config", "-c", help="federation.to
         raise typer.Exit(2) from None
     from coordinator.basemodel import BaseModelError
     from coordinator.dashboard import DashboardError
+    from coordinator.errors import EXIT_FEDERATION_STOPPED, FederationStopped
     from coordinator.server import CoordinatorFailed
 
     try:
@@ -39,6 +40,9 @@ def serve(config: Path = typer.Option(..., "--config", "-c", help="federation.to
     except BaseModelError as e:
         console.print(f"[bold red]base model error:[/] {e}")
         raise typer.Exit(2) from None
+    except FederationStopped as e:  # terminal (kept in the store): the same line on every start, never a traceback
+        console.print(f"[bold red]{e}[/] (state kept in {cfg.state_dir}; see the audit log)")
+        raise typer.Exit(EXIT_FEDERATION_STOPPED) from None
     except CoordinatorFailed as e:
         console.print(f"[bold red]coordinator stopped:[/] {e}")
         raise typer.Exit(1) from None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import math
 import os
@@ -23,7 +24,7 @@ from typing import Any
 
 from coordinator.admin.control import AdminControl
 from coordinator.config import FederationConfig
-from coordinator.errors import CoordinatorError, InvalidUpdate, WrongRound
+from coordinator.errors import CoordinatorError, FederationStopped, InvalidUpdate, WrongRound
 from coordinator.ingress.uploads import UploadIngress
 from coordinator.privacy.central_dp import CentralDp
 from coordinator.privacy.secagg import SecAggCoordinator
@@ -122,6 +123,8 @@ class RoundEngine:
                 raise RuntimeError(f"{self.audit.path}: the audit log does not reach the head kept in the store: "
                                    f"{report.problems[0]}")
         self.gate = SiteGate(config, store, self._audit, self._notify)
+        if self.secagg is not None:  # a revoked site is never waited for; abandoned attempts are audited
+            self.secagg.revoked, self.secagg.audit = (lambda: self.gate.revoked), self._audit
         self._watch: asyncio.Task[None] | None = None
         p = config.privacy  # central DP: clip each update and noise the aggregate (coordinator/privacy/central_dp.py)
         self.central_dp = CentralDp(p.noise_multiplier, p.clip_norm, p.delta) if p.mode == "central" else None
@@ -194,6 +197,8 @@ class RoundEngine:
                     ups = self.store.updates(cur.round)
                     if self.secagg is not None:  # the round closes once its masks can be removed
                         self.secagg.tick(cur.round)
+                        if (why := self.secagg.failure(cur.round)) is not None:  # terminal: kept, reported
+                            raise self._stopped(cur.round, why)
                         decision = (("quorum_reached", {"updates": len(ups), "secure_aggregation": True})
                                     if self.secagg.ready(cur.round) else None)
                     else:
@@ -270,9 +275,20 @@ class RoundEngine:
         # A failed aggregation/evaluation/publication would otherwise leave every site long-polling forever. Stop
         # loudly instead: the store is consistent, so a restarted coordinator resumes from the same point.
         self.fatal = task.exception()
+        if isinstance(self.fatal, FederationStopped):  # a terminal state, not a crash: one line, no traceback
+            log.error("[RoundEngine] %s", self.fatal)
+            self.failed.set()
+            return
         log.error("[RoundEngine] round engine failed; stopping the coordinator (a restart resumes from the store)",
                   exc_info=self.fatal)
         self.failed.set()
+
+    def _stopped(self, round: int, reason: str) -> FederationStopped:
+        """The terminal failure of ``round``; audited once (``federation_stopped``), however often it restarts."""
+        if self.store.get_meta("federation_stopped") is None:
+            self._audit("federation_stopped", {"round": round, "reason": reason[:500]})
+            self.store.set_meta("federation_stopped", json.dumps({"round": round, "reason": reason[:500]}))
+        return FederationStopped(round, reason)
 
     def _notify(self) -> None:
         self._changed.set()
@@ -318,7 +334,7 @@ class RoundEngine:
             return TaskOffer("wait")
         if self.store.update_trained_on(site, cur.round) is not None:
             return TaskOffer("wait")
-        if self.secagg is not None and self.secagg.roster_closed(cur.round):  # too late to join this round's SecAgg
+        if self.secagg is not None and self.secagg.roster_closed(cur.round, site):  # too late to join this round's SecAgg
             return TaskOffer("wait")
         return TaskOffer("train", cur.round, *self.adapters.adapter_meta(site, cur.round),
                          *self.adapters.residual_meta(cur.round), self.quorum.deadline_ms(cur))

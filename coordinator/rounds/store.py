@@ -64,6 +64,7 @@ CREATE TABLE IF NOT EXISTS blocked_publications (
 # Secure aggregation (coordinator/privacy/secagg.py): per round its stage and member sets, the sites' signed public keys,
 # the encrypted shares it routes (opaque to the coordinator), and the shares revealed for unmasking. The masked
 # inputs themselves are ordinary rows of `updates`. Shares are deleted once the round closed (see secagg_forget).
+# `spent_nonces` keeps the envelope nonces of masked inputs deleted with an abandoned attempt: still never reusable.
 _SCHEMA += """
 CREATE TABLE IF NOT EXISTS secagg_rounds (
   round INTEGER PRIMARY KEY, stage TEXT NOT NULL, deadline_ms INTEGER NOT NULL, threshold INTEGER NOT NULL,
@@ -77,6 +78,7 @@ CREATE TABLE IF NOT EXISTS secagg_shares (
 CREATE TABLE IF NOT EXISTS secagg_reveals (
   round INTEGER NOT NULL, from_site TEXT NOT NULL, about_site TEXT NOT NULL, kind TEXT NOT NULL, share BLOB NOT NULL,
   PRIMARY KEY (round, from_site, about_site));
+CREATE TABLE IF NOT EXISTS spent_nonces (nonce BLOB PRIMARY KEY, round INTEGER NOT NULL);
 """
 
 # Security (issue #5): sites revoked by name (effective at once, kept across restarts) and each site's region as its
@@ -416,7 +418,8 @@ class Store:
         return rows[0] if rows else None
 
     def nonce_seen(self, nonce: bytes) -> bool:
-        return bool(self._q("SELECT 1 FROM updates WHERE nonce=?", (nonce,)))
+        return bool(self._q("SELECT 1 FROM updates WHERE nonce=? UNION ALL SELECT 1 FROM spent_nonces WHERE nonce=?",
+                            (nonce, nonce)))
 
     # -- metrics ------------------------------------------------------------------------------------------------
     def put_metrics(self, round: int, site: str, phase: str, metrics: dict[str, float], num_examples: int) -> None:
@@ -559,6 +562,22 @@ class Store:
         rows = self._q("SELECT from_site, about_site, kind, share FROM secagg_reveals WHERE round=? ORDER BY "
                        "from_site, about_site", (round,))
         return [(r[0], r[1], r[2], bytes(r[3])) for r in rows]
+
+    def secagg_restart(self, round: int, stage: str, deadline_ms: int, threshold: int,
+                       members: dict[str, Any]) -> None:
+        """Start a new SecAgg attempt of ``round`` in one transaction: its keys, shares, reveals and masked inputs go
+        (they belong to the abandoned attempt's keys and can never be unmasked), their nonces are kept spent, the
+        new stage state is written."""
+        with self.tx() as db:
+            # The masked inputs go, their nonces stay spent: a replayed envelope of this attempt is still a replay.
+            db.execute("INSERT OR IGNORE INTO spent_nonces(nonce, round) SELECT nonce, round FROM updates WHERE round=?",
+                       (round,))
+            for table in ("secagg_keys", "secagg_shares", "secagg_reveals", "updates"):
+                db.execute(f"DELETE FROM {table} WHERE round=?", (round,))
+            db.execute("INSERT INTO secagg_rounds(round, stage, deadline_ms, threshold, members) VALUES(?,?,?,?,?) "
+                       "ON CONFLICT(round) DO UPDATE SET stage=excluded.stage, deadline_ms=excluded.deadline_ms, "
+                       "threshold=excluded.threshold, members=excluded.members",
+                       (round, stage, deadline_ms, threshold, json.dumps(members, sort_keys=True)))
 
     def secagg_forget(self) -> None:
         """Delete routed and revealed shares of every closed round (the masked inputs stay, still masked)."""

@@ -1,5 +1,7 @@
 """A real coordinator in-process: a federation directory made by ``init``/``enroll-site``, the round engine and the
-FederationService on a grpc.aio server with mutual TLS on 127.0.0.1, its event loop in a background thread.
+FederationService and SecAggService on a grpc.aio server with mutual TLS on 127.0.0.1, its event loop in a background
+thread. Pass ``secure_aggregation=SecureAggregationSpec(enabled=True, ...)`` to run secure aggregation; ``restart``
+starts a fresh engine and server on the same state directory (a coordinator restart).
 
 Tests talk to it with ordinary synchronous gRPC stubs holding the enrolled sites' kit certificates, so every call
 crosses the real TLS handshake, the servicer and the engine.
@@ -125,13 +127,26 @@ class LiveCoordinator:
         from fedcommon.auditlog import read_records
         return read_records(self.cfg.state_dir / "audit.jsonl")
 
+    async def _stop(self) -> None:
+        await self.server.stop(grace=0.5)
+        tasks = [t for t in (self.engine._watch, *self.engine._tasks) if t is not None]  # SecAgg ticker, advances
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.engine.store.close()
+
+    def _stop_engine(self) -> None:
+        self.run(self._stop())
+
+    def restart(self) -> None:
+        """Stop the engine and server, then start new ones on the same state (the port changes)."""
+        self._stop_engine()
+        self.engine, self.server, self.port = self.run(self._start())
+
     def close(self) -> None:
         for ch in self._channels:
             ch.close()
-        self.run(self.server.stop(grace=0.5))
-        if self.engine._watch is not None:
-            self.call(self.engine._watch.cancel)
-        self.engine.store.close()
+        self._stop_engine()
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
 

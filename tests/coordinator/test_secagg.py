@@ -5,6 +5,7 @@ store holds no individual update."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -101,13 +102,26 @@ async def _run_to_masked(eng: RoundEngine, sites: list[SimSite], senders: list[S
         assert (await eng.ingress.receive_upload(s.peer, _chunks(codec.sign_envelope(env, s.key), payload))).accepted
 
 
-async def _reveal(eng: RoundEngine, revealers: list[SimSite]) -> None:
+async def _reveal(eng: RoundEngine, revealers: list[SimSite], now: list[float] | None = None) -> None:
+    """The consistency check (each revealer signs the survivor set), then each revealer's shares."""
     sec = eng.secagg
     assert sec is not None
+    sets = {}
     for s in revealers:
         status, survivors, dropped = sec.unmask_request(s.peer, 1)
         assert status == "ready"
-        sec.reveal(s.peer, 1, [(r.site, KIND[r.kind], r.share) for r in s.proto.reveal(survivors, dropped)])
+        sets[s.name] = dropped
+        sec.sign_survivors(s.peer, 1, 0, s.proto.sign_survivors(survivors, dropped, 0))
+    if eng.store.secagg_round(1)["stage"] == "consistency":  # type: ignore[index]
+        assert now is not None  # a survivor that never signs is waited for until the stage deadline
+        now[0] += 31
+        sec.tick(1)
+    for s in revealers:
+        status, attempt, survivors, sigs = sec.survivor_signatures(s.peer, 1)
+        assert status == "ready"
+        shown = [spb.SurvivorSignature(site=n, signature=sig) for n, sig in sigs]
+        sec.reveal(s.peer, 1, [(r.site, KIND[r.kind], r.share)
+                               for r in s.proto.reveal(survivors, sets[s.name], attempt, shown)])
 
 
 def _stop(eng: RoundEngine) -> None:
@@ -144,7 +158,7 @@ def test_five_sites_one_dropout_equals_fedavg_and_store_holds_no_individual_upda
             eng.secagg.tick(1)
             with pytest.raises(WrongRound):  # and cannot come back
                 eng.secagg.check_upload("site-e", 1)
-        await _reveal(eng, sites[:4])  # site-e never reveals in either case
+        await _reveal(eng, sites[:4], now)  # site-e never reveals in either case
         now[0] += 31  # the unmask stage closes with 4 of 5 (or 4 of 4) revealers
         eng.secagg.tick(1)
         eng.secagg.on_ready()
@@ -249,10 +263,17 @@ def test_sites_refuse_an_unmask_request_that_asks_for_both_secrets(tmp_path: Pat
         await eng.start()
         await _run_to_masked(eng, sites, sites)
         await asyncio.sleep(0.2)  # the engine's background step closes the masked-input stage
+        assert eng.store.secagg_round(1)["stage"] == "consistency"  # type: ignore[index]
+        for s in sites:
+            sec = eng.secagg
+            assert sec is not None
+            sec.sign_survivors(s.peer, 1, 0, s.proto.sign_survivors([x.name for x in sites], [], 0))
         assert eng.store.secagg_round(1)["stage"] == "unmask"  # type: ignore[index]
         # Execute / Assert
         with pytest.raises(SecAggError, match="survivor and dropped"):
             sites[0].proto.reveal(["site-a", "site-b"], ["site-b"])
+        with pytest.raises(SecAggError, match="survivor and dropped"):
+            sites[0].proto.sign_survivors(["site-a", "site-b"], ["site-b"], 0)
         # and the coordinator refuses a reveal that is not exactly the requested sets
         with pytest.raises(InvalidUpdate, match="exactly"):
             eng.secagg.reveal(sites[0].peer, 1, [("site-a", SEED, b"\0" * sa.SHARE_BYTES)])  # type: ignore[union-attr]
@@ -261,27 +282,40 @@ def test_sites_refuse_an_unmask_request_that_asks_for_both_secrets(tmp_path: Pat
     asyncio.run(main())
 
 
-def test_too_many_dropouts_leave_the_round_open(tmp_path: Path) -> None:
-    # Prepare: 5 sites, threshold 3; only 2 send masked inputs
+def test_a_stage_below_threshold_at_its_deadline_is_abandoned_and_retried_without_the_missing_sites(
+        tmp_path: Path) -> None:
+    # Prepare: 6 sites, threshold 4; only 3 send masked inputs (the old code waited forever in stage 'masked')
     ca = CertificateAuthority.create()
-    sites = [SimSite(ca, f"site-{c}", 10, i) for i, c in enumerate("abcde")]
+    sites = [SimSite(ca, f"site-{c}", 10, i) for i, c in enumerate("abcdef")]
     now = [0.0]
 
     async def main() -> None:
-        eng = _engine(tmp_path / "state", threshold=3, stage_timeout_s=5)
+        eng = _engine(tmp_path / "state", threshold=2, stage_timeout_s=5)
         assert eng.secagg is not None
         eng.secagg.clock = lambda: now[0]
         await eng.start()
-        await _run_to_masked(eng, sites, sites[:2])
-        # Execute: long past the deadline
-        now[0] += 1000
+        await _run_to_masked(eng, sites, sites[:3])
+        assert eng.store.secagg_round(1)["threshold"] == 4  # type: ignore[index]
+        now[0] += 4
         eng.secagg.tick(1)
-        # Assert: 2 < threshold, so no unmasking starts and the round does not close
-        assert eng.store.secagg_round(1)["stage"] == "masked"  # type: ignore[index]
+        assert eng.store.secagg_round(1)["stage"] == "masked"  # type: ignore[index]  # not before the deadline
+        # Execute: the deadline passes with 3 < 4 masked inputs
+        now[0] += 2
+        eng.secagg.tick(1)
+        # Assert: attempt 1 starts at the roster without the 3 missing sites; the masked inputs of attempt 0 are gone
+        st = eng.store.secagg_round(1)
+        assert st is not None and st["stage"] == "advertise" and st["members"]["attempt"] == 1
+        assert st["members"]["excluded"] == ["site-d", "site-e", "site-f"]
+        assert eng.store.updates(1) == [] and eng.store.secagg_keys(1) == []
         assert eng.store.current_round().state == "open"  # type: ignore[union-attr]
+        assert (await eng.fetch_task(sites[0].peer, 0)).status == "train"  # offered the round again
+        assert (await eng.fetch_task(sites[3].peer, 0)).status == "wait"  # left out of this attempt
         _stop(eng)
 
     asyncio.run(main())
+    events = [json.loads(line) for line in (tmp_path / "state" / "audit.jsonl").read_text().splitlines()]
+    abandoned = [e for e in events if e.get("event") == "secagg_attempt_abandoned"]
+    assert abandoned and abandoned[0]["fields"]["missing"] == ["site-d", "site-e", "site-f"]
 
 
 def test_a_late_or_restarted_site_is_left_out_of_the_round(tmp_path: Path) -> None:

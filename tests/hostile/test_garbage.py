@@ -20,7 +20,8 @@ METHODS = [(svc, m) for svc in ("FederationService", "AdminService", "SecAggServ
            for m in ("Join", "FetchTask", "DownloadAdapter", "UploadUpdate", "GetUploadStatus", "ReportMetrics",
                      "Heartbeat", "ListSites", "GetStatus", "ListRounds", "ListEvaluations", "Start", "Pause",
                      "Resume", "Stop", "Publish", "WithdrawSite", "RevokeSite", "GetSettings", "AdvertiseKeys",
-                     "GetRoster", "ShareKeys", "GetShares", "GetUnmaskRequest", "UnmaskShares")]
+                     "GetRoster", "ShareKeys", "GetShares", "GetUnmaskRequest", "UnmaskShares", "SignSurvivors",
+                     "GetSurvivorSignatures")]
 
 
 def _raw_call(ch: grpc.Channel, wire: Wire, service: str, method: str, body: bytes) -> grpc.StatusCode:

@@ -26,14 +26,15 @@ def _race(coord: Coordinator, wire: Wire, task: Any, site: str, n: int) -> tuple
     def messages(i: int) -> Any:
         msgs = list(upload_messages(wire, signed[i], payloads[i], chunk=len(payloads[i]) // 2 + 1))
         yield msgs[0]
-        started.wait(10)  # every stream has begun before any completes
-        go.wait(10)
+        # Generous waits: on two busy cores starting n streams can take seconds; a broken barrier is no race.
+        started.wait(60)  # every stream has begun before any completes
+        go.wait(60)
         yield from msgs[1:]
 
     def run(i: int) -> None:
         stub = wire.stub(coord.channel(coord.site(site)), "FederationService")
         try:
-            results[i] = stub.UploadUpdate(messages(i), timeout=30)
+            results[i] = stub.UploadUpdate(messages(i), timeout=120)
         except grpc.RpcError as e:
             results[i] = e
 
@@ -42,7 +43,7 @@ def _race(coord: Coordinator, wire: Wire, task: Any, site: str, n: int) -> tuple
         t.start()
     go.set()
     for t in threads:
-        t.join(40)
+        t.join(150)
     return results, payloads
 
 

@@ -28,18 +28,20 @@ SECRET_KIND_SELF_MASK_SEED: SecretKind
 SECRET_KIND_MASK_KEY: SecretKind
 
 class SecAggKeys(_message.Message):
-    __slots__ = ("federation_id", "round", "site", "cipher_public_key", "mask_public_key")
+    __slots__ = ("federation_id", "round", "site", "cipher_public_key", "mask_public_key", "attempt")
     FEDERATION_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     SITE_FIELD_NUMBER: _ClassVar[int]
     CIPHER_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     MASK_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     federation_id: str
     round: int
     site: str
     cipher_public_key: bytes
     mask_public_key: bytes
-    def __init__(self, federation_id: _Optional[str] = ..., round: _Optional[int] = ..., site: _Optional[str] = ..., cipher_public_key: _Optional[bytes] = ..., mask_public_key: _Optional[bytes] = ...) -> None: ...
+    attempt: int
+    def __init__(self, federation_id: _Optional[str] = ..., round: _Optional[int] = ..., site: _Optional[str] = ..., cipher_public_key: _Optional[bytes] = ..., mask_public_key: _Optional[bytes] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class SignedSecAggKeys(_message.Message):
     __slots__ = ("keys", "signature")
@@ -104,14 +106,16 @@ class GetRosterRequest(_message.Message):
     def __init__(self, round: _Optional[int] = ..., wait_ms: _Optional[int] = ...) -> None: ...
 
 class GetRosterResponse(_message.Message):
-    __slots__ = ("status", "entries", "params")
+    __slots__ = ("status", "entries", "params", "attempt")
     STATUS_FIELD_NUMBER: _ClassVar[int]
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     status: SecAggStatus
     entries: _containers.RepeatedCompositeFieldContainer[RosterEntry]
     params: SecAggParams
-    def __init__(self, status: _Optional[_Union[SecAggStatus, str]] = ..., entries: _Optional[_Iterable[_Union[RosterEntry, _Mapping]]] = ..., params: _Optional[_Union[SecAggParams, _Mapping]] = ...) -> None: ...
+    attempt: int
+    def __init__(self, status: _Optional[_Union[SecAggStatus, str]] = ..., entries: _Optional[_Iterable[_Union[RosterEntry, _Mapping]]] = ..., params: _Optional[_Union[SecAggParams, _Mapping]] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class EncryptedShare(_message.Message):
     __slots__ = ("site", "ciphertext")
@@ -142,12 +146,14 @@ class GetSharesRequest(_message.Message):
     def __init__(self, round: _Optional[int] = ..., wait_ms: _Optional[int] = ...) -> None: ...
 
 class GetSharesResponse(_message.Message):
-    __slots__ = ("status", "shares")
+    __slots__ = ("status", "shares", "attempt")
     STATUS_FIELD_NUMBER: _ClassVar[int]
     SHARES_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     status: SecAggStatus
     shares: _containers.RepeatedCompositeFieldContainer[EncryptedShare]
-    def __init__(self, status: _Optional[_Union[SecAggStatus, str]] = ..., shares: _Optional[_Iterable[_Union[EncryptedShare, _Mapping]]] = ...) -> None: ...
+    attempt: int
+    def __init__(self, status: _Optional[_Union[SecAggStatus, str]] = ..., shares: _Optional[_Iterable[_Union[EncryptedShare, _Mapping]]] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class GetUnmaskRequestRequest(_message.Message):
     __slots__ = ("round", "wait_ms")
@@ -158,14 +164,16 @@ class GetUnmaskRequestRequest(_message.Message):
     def __init__(self, round: _Optional[int] = ..., wait_ms: _Optional[int] = ...) -> None: ...
 
 class GetUnmaskRequestResponse(_message.Message):
-    __slots__ = ("status", "survivors", "dropped")
+    __slots__ = ("status", "survivors", "dropped", "attempt")
     STATUS_FIELD_NUMBER: _ClassVar[int]
     SURVIVORS_FIELD_NUMBER: _ClassVar[int]
     DROPPED_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     status: SecAggStatus
     survivors: _containers.RepeatedScalarFieldContainer[str]
     dropped: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, status: _Optional[_Union[SecAggStatus, str]] = ..., survivors: _Optional[_Iterable[str]] = ..., dropped: _Optional[_Iterable[str]] = ...) -> None: ...
+    attempt: int
+    def __init__(self, status: _Optional[_Union[SecAggStatus, str]] = ..., survivors: _Optional[_Iterable[str]] = ..., dropped: _Optional[_Iterable[str]] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class RevealedShare(_message.Message):
     __slots__ = ("site", "kind", "share")
@@ -178,13 +186,57 @@ class RevealedShare(_message.Message):
     def __init__(self, site: _Optional[str] = ..., kind: _Optional[_Union[SecretKind, str]] = ..., share: _Optional[bytes] = ...) -> None: ...
 
 class UnmaskSharesRequest(_message.Message):
-    __slots__ = ("round", "shares")
+    __slots__ = ("round", "shares", "undecryptable")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     SHARES_FIELD_NUMBER: _ClassVar[int]
+    UNDECRYPTABLE_FIELD_NUMBER: _ClassVar[int]
     round: int
     shares: _containers.RepeatedCompositeFieldContainer[RevealedShare]
-    def __init__(self, round: _Optional[int] = ..., shares: _Optional[_Iterable[_Union[RevealedShare, _Mapping]]] = ...) -> None: ...
+    undecryptable: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, round: _Optional[int] = ..., shares: _Optional[_Iterable[_Union[RevealedShare, _Mapping]]] = ..., undecryptable: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class UnmaskSharesResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class SignSurvivorsRequest(_message.Message):
+    __slots__ = ("round", "attempt", "signature")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    attempt: int
+    signature: bytes
+    def __init__(self, round: _Optional[int] = ..., attempt: _Optional[int] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class SignSurvivorsResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SurvivorSignature(_message.Message):
+    __slots__ = ("site", "signature")
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    site: str
+    signature: bytes
+    def __init__(self, site: _Optional[str] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class GetSurvivorSignaturesRequest(_message.Message):
+    __slots__ = ("round", "wait_ms")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    WAIT_MS_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    wait_ms: int
+    def __init__(self, round: _Optional[int] = ..., wait_ms: _Optional[int] = ...) -> None: ...
+
+class GetSurvivorSignaturesResponse(_message.Message):
+    __slots__ = ("status", "attempt", "survivors", "signatures")
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    SURVIVORS_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURES_FIELD_NUMBER: _ClassVar[int]
+    status: SecAggStatus
+    attempt: int
+    survivors: _containers.RepeatedScalarFieldContainer[str]
+    signatures: _containers.RepeatedCompositeFieldContainer[SurvivorSignature]
+    def __init__(self, status: _Optional[_Union[SecAggStatus, str]] = ..., attempt: _Optional[int] = ..., survivors: _Optional[_Iterable[str]] = ..., signatures: _Optional[_Iterable[_Union[SurvivorSignature, _Mapping]]] = ...) -> None: ...

@@ -69,6 +69,16 @@ class SecAggServiceStub:
                 request_serializer=protos_dot_fedbridge_dot_v1_dot_secagg__service__pb2.UnmaskSharesRequest.SerializeToString,
                 response_deserializer=protos_dot_fedbridge_dot_v1_dot_secagg__service__pb2.UnmaskSharesResponse.FromString,
                 _registered_method=True)
+        self.SignSurvivors = channel.unary_unary(
+                '/fedbridge.v1.SecAggService/SignSurvivors',
+                request_serializer=protos_dot_fedbridge_dot_v1_dot_secagg__service__pb2.SignSurvivorsRequest.SerializeToString,
+                response_deserializer=protos_dot_fedbridge_dot_v1_dot_secagg__service__pb2.SignSurvivorsResponse.FromString,
+                _registered_method=True)
+        self.GetSurvivorSignatures = channel.unary_unary(
+                '/fedbridge.v1.SecAggService/GetSurvivorSignatures',
+                request_serializer=protos_dot_fedbridge_dot_v1_dot_secagg__service__pb2.GetSurvivorSignaturesRequest.SerializeToString,
+                response_deserializer=protos_dot_fedbridge_dot_v1_dot_secagg__service__pb2.GetSurvivorSignaturesResponse.FromString,
+                _registered_method=True)
 
 
 class SecAggServiceServicer:
@@ -123,6 +133,21 @@ class SecAggServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SignSurvivors(self, request, context):
+        """Consistency check (Bonawitz et al. CCS 2017, active security): after the masked-input stage each survivor signs
+        the round, attempt and sorted survivor set with its certificate's Ed25519 key...
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSurvivorSignatures(self, request, context):
+        """... and long-polls for every survivor's signature; it reveals no share unless all verify over the same set.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SecAggServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -160,6 +185,16 @@ def add_SecAggServiceServicer_to_server(servicer, server):
                     servicer.UnmaskShares,
                     request_deserializer=protos_dot_fedbridge_dot_v1_dot_secagg__service__pb2.UnmaskSharesRequest.FromString,
                     response_serializer=protos_dot_fedbridge_dot_v1_dot_secagg__service__pb2.UnmaskSharesResponse.SerializeToString,
+            ),
+            'SignSurvivors': grpc.unary_unary_rpc_method_handler(
+                    servicer.SignSurvivors,
+                    request_deserializer=protos_dot_fedbridge_dot_v1_dot_secagg__service__pb2.SignSurvivorsRequest.FromString,
+                    response_serializer=protos_dot_fedbridge_dot_v1_dot_secagg__service__pb2.SignSurvivorsResponse.SerializeToString,
+            ),
+            'GetSurvivorSignatures': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSurvivorSignatures,
+                    request_deserializer=protos_dot_fedbridge_dot_v1_dot_secagg__service__pb2.GetSurvivorSignaturesRequest.FromString,
+                    response_serializer=protos_dot_fedbridge_dot_v1_dot_secagg__service__pb2.GetSurvivorSignaturesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -351,6 +386,60 @@ class SecAggService:
             '/fedbridge.v1.SecAggService/UnmaskShares',
             protos_dot_fedbridge_dot_v1_dot_secagg__service__pb2.UnmaskSharesRequest.SerializeToString,
             protos_dot_fedbridge_dot_v1_dot_secagg__service__pb2.UnmaskSharesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SignSurvivors(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedbridge.v1.SecAggService/SignSurvivors',
+            protos_dot_fedbridge_dot_v1_dot_secagg__service__pb2.SignSurvivorsRequest.SerializeToString,
+            protos_dot_fedbridge_dot_v1_dot_secagg__service__pb2.SignSurvivorsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSurvivorSignatures(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedbridge.v1.SecAggService/GetSurvivorSignatures',
+            protos_dot_fedbridge_dot_v1_dot_secagg__service__pb2.GetSurvivorSignaturesRequest.SerializeToString,
+            protos_dot_fedbridge_dot_v1_dot_secagg__service__pb2.GetSurvivorSignaturesResponse.FromString,
             options,
             channel_credentials,
             insecure,
