@@ -25,7 +25,7 @@ from coordinator.rounds.adapter import AdapterInit
 from coordinator.rounds.engine import RoundEngine
 from coordinator.rounds.store import Store
 from coordinator.server import server_credentials
-from coordinator.trust.enrolment import InitOptions, enroll_site, init_federation
+from coordinator.trust.enrolment import InitOptions, default_ca_dir, enroll_csr, init_federation
 from fedcommon import tensors
 from fedcommon.manifest import Manifest
 from protos import codec
@@ -33,6 +33,7 @@ from protos.codec import MAX_MESSAGE
 from protos.fedbridge.v1 import federation_service_pb2 as pb
 from protos.fedbridge.v1 import federation_service_pb2_grpc as pb_grpc
 from sandbox.tiny_model import build_tiny_model
+from site_agent.enrol import init_site, install_bundle
 
 T = TypeVar("T")
 FED = "fed"
@@ -60,7 +61,8 @@ class LiveCoordinator:
         init_federation(self.fed, InitOptions(federation_id=FED, base_model=base, hosts=("localhost", "127.0.0.1"),
                                               port=1, min_sites=2))
         regions = ("EU-DE", "EU-FR", "EU-NL", "US-CA")
-        self.kits = {s: enroll_site(self.fed, s, regions[i % len(regions)]) for i, s in enumerate(sites)}
+        self.ca_dir = default_ca_dir(self.fed)
+        self.kits = {s: self.enrol(s, regions[i % len(regions)]) for i, s in enumerate(sites)}
         opts: dict[str, Any] = dict(federation_id=FED, base_model=base, state_dir=self.root / "state",
                                     registry_dir=self.root / "published", rounds=2, min_sites=2,
                                     tls=TlsSpec(self.fed / "ca.pem", self.fed / "coordinator" / "server.pem",
@@ -75,6 +77,14 @@ class LiveCoordinator:
         self._thread.start()
         self.engine, self.server, self.port = self.run(self._start())
         self._channels: list[grpc.Channel] = []
+
+    def enrol(self, site: str, region: str) -> Path:
+        """The CSR flow: the site makes its keys in its own kit folder, the CA signs its CSR, the site installs."""
+        kit = self.root / "site-kits" / site
+        _, bundle = enroll_csr(self.fed, self.ca_dir, init_site(kit, site).read_bytes(), region=region)
+        (kit / "bundle.json").write_bytes(bundle)
+        install_bundle(kit, kit / "bundle.json")
+        return kit
 
     async def _start(self) -> tuple[RoundEngine, grpc.aio.Server, int]:
         store = Store(self.cfg.state_dir)
