@@ -19,6 +19,7 @@ import torch
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from coordinator.admin.servicer import AdminServicer
 from coordinator.config import FederationConfig, TlsSpec
 from coordinator.ingress.servicer import FederationServicer
 from coordinator.rounds.adapter import AdapterInit
@@ -30,6 +31,7 @@ from fedcommon import tensors
 from fedcommon.manifest import Manifest
 from protos import codec
 from protos.codec import MAX_MESSAGE
+from protos.fedbridge.v1 import admin_service_pb2_grpc as apb_grpc
 from protos.fedbridge.v1 import federation_service_pb2 as pb
 from protos.fedbridge.v1 import federation_service_pb2_grpc as pb_grpc
 from sandbox.tiny_model import build_tiny_model
@@ -92,6 +94,7 @@ class LiveCoordinator:
         server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE),
                                           ("grpc.max_send_message_length", MAX_MESSAGE)])
         pb_grpc.add_FederationServiceServicer_to_server(FederationServicer(engine), server)
+        apb_grpc.add_AdminServiceServicer_to_server(AdminServicer(engine), server)
         port = server.add_secure_port("127.0.0.1:0", server_credentials(self.cfg))
         await server.start()
         await engine.start()
@@ -114,6 +117,15 @@ class LiveCoordinator:
                                  options=[("grpc.max_send_message_length", MAX_MESSAGE)])
         self._channels.append(ch)
         return pb_grpc.FederationServiceStub(ch)
+
+    def admin_stub(self, kit: Path) -> apb_grpc.AdminServiceStub:
+        """An AdminService stub with the admin kit in ``kit`` (``client.pem`` / ``client.key``)."""
+        creds = grpc.ssl_channel_credentials(root_certificates=(self.fed / "ca.pem").read_bytes(),
+                                             private_key=(kit / "client.key").read_bytes(),
+                                             certificate_chain=(kit / "client.pem").read_bytes())
+        ch = grpc.secure_channel(f"127.0.0.1:{self.port}", creds)
+        self._channels.append(ch)
+        return apb_grpc.AdminServiceStub(ch)
 
     def site_stub(self, site: str) -> pb_grpc.FederationServiceStub:
         kit = self.kits[site]
