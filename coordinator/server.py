@@ -39,6 +39,28 @@ class CoordinatorFailed(RuntimeError):
     """The round engine hit an error it cannot recover from by itself (details in the log)."""
 
 
+class CAKeyPresent(RuntimeError):
+    """The coordinator can read the federation CA's private key, so whoever runs it could issue any certificate."""
+
+
+def refuse_ca_key(cfg: FederationConfig) -> None:
+    """Refuse to serve where the CA key lies next to the coordinator's files (the CA lives in its own folder).
+
+    Raises:
+        CAKeyPresent: Naming the file.
+    """
+    from cryptography import x509
+
+    from coordinator.trust.pki import find_ca_key
+
+    dirs = [cfg.tls.ca.parent, cfg.tls.cert.parent, cfg.tls.key.parent, cfg.state_dir]
+    dirs += [p.parent for p in (cfg.enrolment_registry, cfg.crl) if p is not None]
+    found = find_ca_key(tuple(dirs), x509.load_pem_x509_certificate(cfg.tls.ca.read_bytes()))
+    if found is not None:
+        raise CAKeyPresent(f"{found}: the federation CA's private key is in a folder the coordinator reads; move it "
+                           "to the CA folder (or offline) -- the coordinator needs only ca.pem, the CRL and its own key")
+
+
 class InboundRecorder(grpc.aio.ServerInterceptor):
     """Appends the raw bytes of every inbound request message to a file (length-prefixed).
 
@@ -196,6 +218,7 @@ def server_credentials(cfg: FederationConfig) -> grpc.ServerCredentials:
 
 async def serve(cfg: FederationConfig, stop: asyncio.Event | None = None) -> None:
     """Serve until stopped (SIGTERM/SIGINT or ``stop``), or until done and drained if ``exit_when_done``."""
+    refuse_ca_key(cfg)
     manifest = Manifest.of_dir(cfg.base_model)
     # Target names and the chat template first: they need no weights, and a bad one is refused in seconds.
     template = await asyncio.to_thread(check_base_model, cfg)

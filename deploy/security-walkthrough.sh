@@ -5,19 +5,23 @@ set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash deploy/setup.sh >/dev/null
 PY=.venv/bin/python
-A=${1:-$(mktemp -d -t fedbridge-walkthrough-XXXX)}; rm -rf "$A/fed"; mkdir -p "$A"; echo "# work dir: $A"
+A=${1:-$(mktemp -d -t fedbridge-walkthrough-XXXX)}; rm -rf "$A/fed" "$A/fed-ca" "$A/kit"; mkdir -p "$A"; echo "# work dir: $A"
 BASE=$($PY -c "from sandbox.tiny_model import build_tiny_model; print(build_tiny_model())")
 echo "\$ fedbridge-admin init --dir FED --federation-id acceptance --base-model TINY --host localhost --host 127.0.0.1 --listen 127.0.0.1:0"
 $PY -m coordinator init --dir $A/fed --federation-id acceptance --base-model $BASE --host localhost --host 127.0.0.1 --listen 127.0.0.1:0 2>&1 | tail -4
-echo "\$ fedbridge-admin enroll-site hospital-a --region EU-DE --fed-dir FED"
-$PY -m coordinator enroll-site hospital-a --region EU-DE --fed-dir $A/fed 2>&1 | tail -2
+echo "\$ fedbridge-site init --dir KIT --name hospital-a        # on the site: its keys never leave it"
+$PY -m site_agent init --dir $A/kit --name hospital-a 2>&1 | tail -2
+echo "\$ fedbridge-admin enroll-site --csr KIT/client.csr --region EU-DE --fed-dir FED --out BUNDLE"
+$PY -m coordinator enroll-site --csr $A/kit/client.csr --region EU-DE --fed-dir $A/fed --out $A/bundle.json 2>&1 | tail -2
+echo "\$ fedbridge-site install-bundle --dir KIT --bundle BUNDLE"
+$PY -m site_agent install-bundle --dir $A/kit --bundle $A/bundle.json 2>&1 | tail -2
 $PY -m coordinator serve -c $A/fed/federation.toml > $A/coord.log 2>&1 &
 CP=$!
 trap 'kill -TERM $CP 2>/dev/null' EXIT
 while [ ! -f $A/fed/state/coordinator.port ]; do sleep 0.2; done
 PORT=$(cat $A/fed/state/coordinator.port)
 join() {
-$PY - "$A/fed/sites/hospital-a" "$PORT" <<'PYEOF'
+$PY - "$A/kit" "$PORT" <<'PYEOF'
 import sys, grpc
 from pathlib import Path
 from protos.fedbridge.v1 import federation_service_pb2 as pb, federation_service_pb2_grpc as g

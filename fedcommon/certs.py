@@ -4,23 +4,38 @@ Certificates are issued by the coordinator's federation CA (:mod:`coordinator.tr
 the coordinator to learn who is on the other end of an mTLS connection, a site to check the other sites'
 secure-aggregation keys. A site certificate carries the site's name as CN, its role as OU, its Ed25519
 envelope-signing public key in :data:`SIGNING_KEY_OID` and its data region in :data:`REGION_OID`.
+
+Enrolment is by certificate signing request (:func:`build_csr` on the site or admin host, :func:`read_csr` on the
+CA host), so private keys never leave the host that made them. A CSR proves possession of the TLS key by its own
+signature, and of the Ed25519 signing key by the :data:`SIGNING_POP_OID` extension: the raw 32-byte public key
+followed by its 64-byte Ed25519 signature over :data:`POP_CONTEXT` + the CN (UTF-8) + a zero byte + the DER
+SubjectPublicKeyInfo of the CSR's TLS key, so the proof cannot be lifted onto another name or TLS key.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import NameOID
 
 # Private arc for fedbridge extensions: the raw Ed25519 public key that signs a site's update envelopes.
 SIGNING_KEY_OID = x509.ObjectIdentifier("1.3.6.1.4.1.59862.1.1")
 # The site's data region (e.g. ``EU-DE``), UTF-8: the coordinator learns a site's region from its certificate only.
 REGION_OID = x509.ObjectIdentifier("1.3.6.1.4.1.59862.1.2")
+# In a CSR only: the signing public key and the proof that the requester holds its private half (module docstring).
+SIGNING_POP_OID = x509.ObjectIdentifier("1.3.6.1.4.1.59862.1.3")
+POP_CONTEXT = b"fedbridge signing-key possession v1\x00"
+# Site and admin names (the certificate CN). A name becomes a file name on the coordinator, so it is checked with
+# ``fullmatch`` everywhere (``match`` with ``$`` would let a trailing newline through).
+SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 class CertificateError(ValueError):
@@ -98,3 +113,86 @@ def ca_sha256(cert: x509.Certificate | bytes) -> str:
     """
     loaded = load_pem(cert) if isinstance(cert, bytes) else cert
     return hashlib.sha256(loaded.public_bytes(Encoding.DER)).hexdigest()
+
+
+def _pop_message(name: str, tls_public: ec.EllipticCurvePublicKey) -> bytes:
+    return POP_CONTEXT + name.encode() + b"\x00" + tls_public.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+
+
+def build_csr(name: str, role: str, tls_key: ec.EllipticCurvePrivateKey,
+              signing_key: Ed25519PrivateKey | None = None) -> bytes:
+    """A PEM CSR for ``name`` (CN) and ``role`` (OU), signed by ``tls_key``, carrying ``signing_key``'s proof.
+
+    Raises:
+        ValueError: ``name`` is not a valid site or admin name (:data:`SITE_NAME`), so the CA holder would refuse it.
+    """
+    from cryptography.x509.oid import NameOID as N
+
+    if not SITE_NAME.fullmatch(name):
+        raise ValueError(f"invalid name {name[:80]!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a "
+                         "letter or digit")
+
+    b = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([
+        x509.NameAttribute(N.COMMON_NAME, name), x509.NameAttribute(N.ORGANIZATIONAL_UNIT_NAME, role)]))
+    if signing_key is not None:
+        raw = signing_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        pop = signing_key.sign(_pop_message(name, tls_key.public_key()))
+        b = b.add_extension(x509.UnrecognizedExtension(SIGNING_POP_OID, raw + pop), critical=False)
+    return b.sign(tls_key, hashes.SHA256()).public_bytes(Encoding.PEM)
+
+
+@dataclass(frozen=True)
+class CsrRequest:
+    """What a checked CSR asks for: the name, the role, and the keys whose possession it proved."""
+
+    name: str
+    role: str
+    tls_public_key: ec.EllipticCurvePublicKey
+    signing_key: Ed25519PublicKey | None
+
+
+def tls_key_sha256(key: ec.EllipticCurvePublicKey) -> str:
+    """SHA-256 (hex) over the DER SubjectPublicKeyInfo of a TLS public key (how renewal recognises the same key)."""
+    return hashlib.sha256(key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)).hexdigest()
+
+
+def signing_key_hex(key: Ed25519PublicKey | None) -> str:
+    """The raw Ed25519 public key as hex ("" for none)."""
+    return key.public_bytes(Encoding.Raw, PublicFormat.Raw).hex() if key is not None else ""
+
+
+def read_csr(csr_pem: bytes, where: str = "CSR") -> CsrRequest:
+    """Parse and check a CSR: PEM, its own signature (possession of the TLS key), one CN and one OU, a P-256 key,
+    and the signing-key proof when present.
+
+    Raises:
+        CertificateError: Naming ``where`` and what is wrong.
+    """
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem)
+    except ValueError as e:
+        raise CertificateError(f"{where}: not a PEM certificate signing request ({e})") from None
+    if not csr.is_signature_valid:
+        raise CertificateError(f"{where}: the CSR's signature does not verify (no proof of the TLS key)")
+    public = csr.public_key()
+    if not isinstance(public, ec.EllipticCurvePublicKey) or public.curve.name != "secp256r1":
+        raise CertificateError(f"{where}: the TLS key must be an ECDSA P-256 key")
+    cns = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    ous = csr.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
+    if len(cns) != 1 or len(ous) != 1:
+        raise CertificateError(f"{where}: the subject must have exactly one CN and one OU")
+    name, role = str(cns[0].value), str(ous[0].value)
+    signing: Ed25519PublicKey | None = None
+    try:
+        blob = csr.extensions.get_extension_for_oid(SIGNING_POP_OID).value.value  # type: ignore[attr-defined]
+    except x509.ExtensionNotFound:
+        blob = None
+    if blob is not None:
+        if len(blob) != 96:
+            raise CertificateError(f"{where}: the signing-key extension must be 32 key bytes + a 64-byte signature")
+        signing = Ed25519PublicKey.from_public_bytes(blob[:32])
+        try:
+            signing.verify(blob[32:], _pop_message(name, public))
+        except InvalidSignature:
+            raise CertificateError(f"{where}: the signing-key proof of possession does not verify") from None
+    return CsrRequest(name=name, role=role, tls_public_key=public, signing_key=signing)

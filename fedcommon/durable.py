@@ -30,3 +30,20 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Create ``path`` holding a secret (a private key): mode 0600 from the first byte, never overwriting, fsynced.
+
+    ``O_CREAT | O_EXCL`` with mode 0o600 creates the file readable by its owner only, so there is no moment in which
+    another user could open it (write-then-chmod leaves one); an existing file (or a planted link) is refused
+    with :class:`FileExistsError` rather than overwritten or followed.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    fsync_dir(path.parent)

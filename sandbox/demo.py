@@ -206,6 +206,9 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> Path:
     with fed:
         port = fed.start_coordinator()
         console.print(f"coordinator on 127.0.0.1:{port} (mutual TLS, dev CA at {fed.root / 'pki' / 'ca.pem'})")
+        from coordinator.trust.pki import DEV_PKI_WARNING
+
+        console.print(f"[bold yellow]WARNING[/]: {DEV_PKI_WARNING}")
         dash = fed.state_dir / "dashboard.port"
         for _ in range(50):  # the dashboard comes up right after the gRPC port
             if dash.exists():

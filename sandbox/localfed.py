@@ -146,7 +146,7 @@ def prepare(root: Path, base_model: Path, *, n_sites: int = 3, rounds: int = 3, 
             publish: dict[str, Any] | None = None, strategy: str = "fedavg",
             strategy_params: dict[str, Any] | None = None, privacy: dict[str, Any] | None = None,
             quorum: dict[str, Any] | None = None, chat_template: Path | None = None,
-            base_model_ref: str = "fedbridge/tiny-llama") -> LocalFederation:
+            base_model_ref: str = "fedbridge/tiny-llama", csr_enrolment: bool = False) -> LocalFederation:
     """Lay out a federation under ``root``: PKI, data, and ``federation.toml``.
 
     ``shared_eval`` turns on the coordinator's EvalScope evaluation on a generated shared benchmark covering every
@@ -154,19 +154,30 @@ def prepare(root: Path, base_model: Path, *, n_sites: int = 3, rounds: int = 3, 
     ``publish`` become the ``[gate]`` and ``[publish]`` tables, ``privacy`` the ``[privacy]`` table, ``quorum`` the
     ``[quorum]`` table (deadline, heartbeats, late-update policy). ``chat_template`` becomes ``[model]
     chat_template`` (a template file for a base that ships none).
+
+    ``csr_enrolment`` enrols the sites the way a real federation does instead of with the dev PKI: each site makes
+    its keys in its own kit folder, the CA (in ``root/ca``, apart from the coordinator's ``root/pki``) signs their
+    CSRs, the sites install the bundles, and the coordinator enforces the enrolment registry and the CRL.
     """
     root = Path(root)
     sites = make_site_datasets(root / "data", n_sites=n_sites, seed=seed, marker=marker, n_train=n_train,
                                n_heldout=n_heldout)
-    pki = create_dev_pki(root / "pki", [s.name for s in sites])
     state_dir, registry = root / "coordinator" / "state", root / "published"
+    access: dict[str, Any] = {}
+    if csr_enrolment:
+        tls, kits = _csr_enrol(root, base_model, [s.name for s in sites])
+        access = {"enrolment_registry": str(root / "pki" / "enrolment.json"), "crl": str(root / "pki" / "crl.pem")}
+    else:
+        pki = create_dev_pki(root / "pki", [s.name for s in sites])
+        tls = {"ca": str(pki.ca_cert), "cert": str(pki.server_cert), "key": str(pki.server_key)}
+        kits = {n: k.dir for n, k in pki.sites.items()}
     record = root / "coordinator" / "inbound.rec" if record_inbound else None
     cfg: dict[str, Any] = {
         "federation_id": federation_id, "base_model": str(base_model), "base_model_ref": base_model_ref,
         "rounds": rounds, "min_sites": min_sites or n_sites, "strategy": strategy,
         "strategy_params": strategy_params or {}, "listen": "127.0.0.1:0",
         "state_dir": str(state_dir), "registry_dir": str(registry), "exit_when_done": True,
-        "tls": {"ca": str(pki.ca_cert), "cert": str(pki.server_cert), "key": str(pki.server_key)},
+        "tls": tls, **access,
         "lora": lora or {}, "training": training or {},
     }
     if record:
@@ -180,5 +191,40 @@ def prepare(root: Path, base_model: Path, *, n_sites: int = 3, rounds: int = 3, 
     fed_toml = root / "coordinator" / "federation.toml"
     fed_toml.parent.mkdir(parents=True, exist_ok=True)
     fed_toml.write_text(dumps({k: v for k, v in cfg.items() if v != {}}))
-    return LocalFederation(root, fed_toml, state_dir, registry, sites, {n: k.dir for n, k in pki.sites.items()},
-                           Path(base_model), record)
+    return LocalFederation(root, fed_toml, state_dir, registry, sites, kits, Path(base_model), record)
+
+
+def _csr_enrol(root: Path, base_model: Path, names: list[str]) -> tuple[dict[str, str], dict[str, Path]]:
+    """CA in ``root/ca``; the coordinator's folder ``root/pki``; one site-made kit per site (see :func:`prepare`)."""
+    import json
+
+    from coordinator.trust.enrolment import enroll_csr, save_registry
+    from coordinator.trust.pki import CertificateAuthority, write_crl
+    from fedcommon.certs import ca_sha256
+    from fedcommon.manifest import Manifest
+    from site_agent.enrol import init_site, install_bundle
+
+    fed, ca_dir = root / "pki", root / "ca"
+    ca = CertificateAuthority.create("local federation CA")
+    ca.save(ca_dir / "ca.pem", ca_dir / "ca.key")
+    (fed / "coordinator").mkdir(parents=True, exist_ok=True)
+    (fed / "ca.pem").write_bytes(ca.cert_pem)
+    cert, key = ca.issue("localhost", "coordinator", hosts=("localhost", "127.0.0.1"))
+    (fed / "coordinator" / "server.pem").write_bytes(cert)
+    from fedcommon.durable import write_private
+
+    write_private(fed / "coordinator" / "server.key", key)
+    (fed / "manifest.json").write_text(json.dumps({"coordinator": "127.0.0.1:0", "ca_sha256": ca_sha256(ca.cert),
+                                                   "base_model_sha256": Manifest.of_dir(base_model).sha256}))
+    save_registry(fed / "enrolment.json", {}, {})
+    write_crl(ca, {}, fed / "crl.pem")
+    kits: dict[str, Path] = {}
+    for i, name in enumerate(names):
+        kit = root / "site-kits" / name
+        _, bundle = enroll_csr(fed, ca_dir, init_site(kit, name).read_bytes(), region=("EU-DE", "EU-FR", "EU-NL")[i % 3])
+        (kit / "bundle.json").write_bytes(bundle)
+        install_bundle(kit, kit / "bundle.json")
+        kits[name] = kit
+    tls = {"ca": str(fed / "ca.pem"), "cert": str(fed / "coordinator" / "server.pem"),
+           "key": str(fed / "coordinator" / "server.key")}
+    return tls, kits

@@ -131,6 +131,56 @@ def check_data(path: Path = typer.Argument(..., help="a training or held-out jso
     typer.echo(f"OK {path}: {len(rows)} rows")
 
 
+@app.command("init")
+def init_cmd(kit: Path = typer.Option(..., "--dir", help="this site's kit folder (created; its keys stay here)"),
+             name: str = typer.Option(..., "--name", help="the site's name, agreed with the federation (its CN)")) -> None:
+    """Create this site's TLS and signing keys (0600) and a CSR to send to the federation's CA holder."""
+    from fedcommon.csr import EnrolmentRequestError
+    from site_agent.enrol import init_site
+
+    try:
+        csr = init_site(kit, name)
+    except (EnrolmentRequestError, ValueError) as e:
+        console.print(f"[bold red]refused:[/] {e}")
+        raise typer.Exit(2) from None
+    console.print(f"[bold green]keys created[/] in {kit} (client.key, signing.key: they never leave this host)")
+    console.print(f"  send {csr} to the CA holder (`fedbridge-admin enroll-site --csr`), then run "
+                  f"`fedbridge-site install-bundle --dir {kit} --bundle FILE` with the bundle you get back")
+
+
+@app.command("install-bundle")
+def install_bundle_cmd(kit: Path = typer.Option(..., "--dir", help="this site's kit folder (from init)"),
+                       bundle: Path = typer.Option(..., "--bundle", help="the bundle from enroll-site / renew-site")
+                       ) -> None:
+    """Check the CA holder's bundle against this kit's keys and install the certificate (enrolment or renewal)."""
+    from fedcommon.csr import EnrolmentRequestError
+    from site_agent.enrol import install_bundle
+
+    try:
+        got = install_bundle(kit, bundle)
+    except EnrolmentRequestError as e:
+        console.print(f"[bold red]refused:[/] {e}")
+        raise typer.Exit(2) from None
+    console.print(f"[bold green]installed[/] the certificate of site {got.name!r} (valid until "
+                  f"{got.not_after:%Y-%m-%d %H:%M} UTC) in {kit}")
+    console.print(f"  federation CA sha256: {got.ca_sha256} -- compare it with the one the federation published")
+
+
+@app.command("renew")
+def renew_cmd(kit: Path = typer.Option(..., "--dir", help="this site's kit folder")) -> None:
+    """Make a renewal CSR (KIT/renew.csr) from this site's current keys, before its certificate expires."""
+    from fedcommon.csr import EnrolmentRequestError
+    from site_agent.enrol import renew_site
+
+    try:
+        csr = renew_site(kit)
+    except EnrolmentRequestError as e:
+        console.print(f"[bold red]refused:[/] {e}")
+        raise typer.Exit(2) from None
+    console.print(f"renewal request: {csr} -- send it to the CA holder (`fedbridge-admin renew-site --csr`), then "
+                  "install the bundle you get back with `fedbridge-site install-bundle`")
+
+
 audit_app = typer.Typer(help="The site's hash-chained audit log of everything that left it.", no_args_is_help=True)
 app.add_typer(audit_app, name="audit")
 

@@ -33,7 +33,7 @@ def serve(config: Path = typer.Option(..., "--config", "-c", help="federation.to
     from coordinator.basemodel import BaseModelError
     from coordinator.dashboard import DashboardError
     from coordinator.errors import EXIT_FEDERATION_STOPPED, FederationStopped
-    from coordinator.server import CoordinatorFailed
+    from coordinator.server import CAKeyPresent, CoordinatorFailed
 
     try:
         asyncio.run(serve_async(cfg))
@@ -49,16 +49,21 @@ def serve(config: Path = typer.Option(..., "--config", "-c", help="federation.to
     except DashboardError as e:
         console.print(f"[bold red]dashboard error:[/] {e}")
         raise typer.Exit(2) from None
+    except CAKeyPresent as e:
+        console.print(f"[bold red]refused:[/] {e}")
+        raise typer.Exit(2) from None
 
 
 @app.command("dev-pki")
 def dev_pki(out: Path = typer.Option(..., "--out", help="folder to write the CA, coordinator and site kits to"),
             site: list[str] = typer.Option(..., "--site", help="site name (repeat)"),
             host: list[str] = typer.Option(["localhost", "127.0.0.1"], "--host", help="coordinator host name/IP")) -> None:
-    """Create a development PKI: a fresh CA, the coordinator's certificate and one kit per site."""
-    from coordinator.trust.pki import create_dev_pki
+    """Create a DEVELOPMENT PKI: a fresh CA, the coordinator's certificate and one kit per site, every private key
+    in one folder (tests and demos only; a real federation enrols by CSR)."""
+    from coordinator.trust.pki import DEV_PKI_WARNING, create_dev_pki
 
     pki = create_dev_pki(out, list(site), tuple(host))
+    print(f"WARNING: {DEV_PKI_WARNING}")  # stdout, loudly: this is not how a real federation enrols
     console.print(f"CA: {pki.ca_cert}")
     for name, kit in pki.sites.items():
         console.print(f"site kit {name}: {kit.dir}")

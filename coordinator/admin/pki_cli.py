@@ -1,6 +1,8 @@
 """``fedbridge-admin`` commands for the federation PKI, revocation, audit verification and the record of processing.
 
-``register(app)`` adds ``init``, ``enroll-site``, ``revoke-site``, ``export-records`` and ``audit verify``.
+``register(app)`` adds ``init``, ``enroll-site``, ``renew-site``, ``revoke-site``, ``admin-csr``, ``install-bundle``,
+``enroll-admin``, ``renew-admin``, ``revoke-admin``, ``list-certs``, ``export-records`` and ``audit verify``. Every
+enrolment is by CSR: the CA holder never sees a site's or an admin's private key.
 """
 
 from __future__ import annotations
@@ -38,10 +40,14 @@ def init(fed_dir: Path = typer.Option(..., "--dir", help="new federation directo
                                                   help="LoRA target module name (repeat; default all-linear); checked "
                                                        "against the base's config"),
          chat_template: Path | None = typer.Option(None, "--chat-template",
-                                                   help="Jinja chat template file for a base that ships none")
+                                                   help="Jinja chat template file for a base that ships none"),
+         ca_dir: Path | None = typer.Option(None, "--ca-dir", help="the CA folder (CA key + first admin kit), outside "
+                                            "--dir; default: DIR-ca beside it. Keep it on the CA host or offline"),
+         admin_name: str = typer.Option("admin", "--admin-name", help="name (CN) of the first admin certificate"),
+         days: int = typer.Option(365, "--days", help="validity of the coordinator and admin certificates")
          ) -> None:
     """Create a federation: CA, coordinator and admin certificates, manifest, registry, CRL, federation.toml."""
-    from coordinator.trust.enrolment import EnrolmentError, InitOptions, init_federation
+    from coordinator.trust.enrolment import EnrolmentError, InitOptions, default_ca_dir, init_federation
     from fedcommon.manifest import ManifestMismatch
 
     try:
@@ -49,42 +55,152 @@ def init(fed_dir: Path = typer.Option(..., "--dir", help="new federation directo
             federation_id=federation_id, base_model=base_model, hosts=tuple(host), port=port,
             base_model_ref=base_model_ref, strategy=strategy, rounds=rounds, min_sites=min_sites,
             max_update_norm=max_update_norm, listen=listen, target_modules=tuple(target_modules),
-            chat_template=chat_template))
+            chat_template=chat_template, ca_dir=ca_dir, admin_name=admin_name, days=days))
     except (EnrolmentError, ManifestMismatch) as e:
         raise _fail(str(e)) from None
     console.print(f"[bold green]federation {federation_id!r} created[/] in {fed_dir}")
     console.print(f"  base model sha256: {manifest['base_model_sha256']}")
-    console.print(f"  coordinator: {manifest['coordinator']}   admin certificate: {fed_dir / 'admin' / 'admin.pem'}")
-    console.print(f"  next: fedbridge-admin enroll-site NAME --region EU-DE --fed-dir {fed_dir}")
+    ca = ca_dir or default_ca_dir(fed_dir)
+    console.print(f"  coordinator: {manifest['coordinator']}   admin kit: {ca / 'admin'}")
+    console.print(f"  CA key: {ca / 'ca.key'} -- the coordinator runs from {fed_dir} and must never see it; move the "
+                  "CA folder offline")
+    console.print(f"  next: a site runs `fedbridge-site init`; you run `fedbridge-admin enroll-site --csr FILE --region "
+                  f"EU-DE --fed-dir {fed_dir} --ca-dir {ca}`")
 
 
-def enroll_site(name: str = typer.Argument(..., help="site name (its certificate CN)"),
+CsrOpt = typer.Option(..., "--csr", help="the CSR file the site (fedbridge-site init/renew) or admin made")
+FedOpt = typer.Option(..., "--fed-dir", help="federation directory (from init): registry, manifest, CRL")
+CaDirOpt = typer.Option(None, "--ca-dir", help="the CA folder (ca.key); default: FED-ca beside --fed-dir")
+DaysOpt = typer.Option(365, "--days", help="certificate validity in days")
+OutOpt = typer.Option(None, "--out", help="bundle file to write (default FED/bundles/NAME.bundle.json)")
+
+
+def _sign(kind: str, csr: Path, fed_dir: Path, ca_dir: Path | None, out_path: Path | None, **kw: object) -> None:
+    from coordinator.trust import enrolment as en
+    from fedcommon.durable import write_durable
+
+    role = kw.pop("role")
+    try:
+        data = csr.read_bytes()
+    except OSError as e:
+        raise _fail(f"{csr}: cannot read the CSR ({e.strerror})") from None
+    fn = en.renew_csr if kind == "renew" else en.enroll_csr
+    try:
+        entry, bundle = fn(fed_dir, ca_dir or en.default_ca_dir(fed_dir), data, role=role, where=str(csr), **kw)  # type: ignore[arg-type]
+    except (en.EnrolmentError, OSError) as e:
+        raise _fail(str(e)) from None
+    path = out_path or fed_dir / "bundles" / f"{entry.name}.bundle.json"
+    write_durable(path, bundle)
+    what = "renewed" if kind == "renew" else "enrolled"
+    region = f" (region {entry.region})" if entry.region else ""
+    console.print(f"[bold green]{role} {entry.name!r} {what}[/]{region}; bundle (certificates only, no private key): "
+                  f"{path}")
+    console.print(f"  send it to the {role}; they run `{'fedbridge-site' if role == 'site' else 'fedbridge-admin'} "
+                  "install-bundle`")
+
+
+def enroll_site(csr: Path = CsrOpt,
                 region: str = typer.Option(..., "--region", help="data region, e.g. EU-DE"),
-                fed_dir: Path = typer.Option(..., "--fed-dir", help="federation directory (from init)"),
-                out_dir: Path | None = typer.Option(None, "--out", help="kit directory (default FED/sites/NAME)"),
-                archive: bool = typer.Option(False, "--archive", help="also pack the kit as NAME.tar.gz"),
+                fed_dir: Path = FedOpt, ca_dir: Path | None = CaDirOpt, out_path: Path | None = OutOpt,
+                days: int = DaysOpt,
+                re_enroll: bool = typer.Option(False, "--re-enroll", help="replace an enrolled site's keys (its old "
+                                               "certificates are revoked)"),
                 coordinator: str = typer.Option("", "--coordinator", help="host:port the site dials (default: "
                                                                           "the manifest's)")) -> None:
-    """Enrol a site: issue its certificate (region inside), record it, and write its site kit."""
-    from coordinator.trust.enrolment import EnrolmentError
-    from coordinator.trust.enrolment import enroll_site as do_enroll
-    from coordinator.trust.pki import PKIError
+    """Enrol a site from its CSR: check it, sign it (region inside), record it, and write its bundle."""
+    _sign("enroll", csr, fed_dir, ca_dir, out_path, role="site", region=region, days=days, re_enroll=re_enroll,
+          coordinator=coordinator)
+
+
+def renew_site(csr: Path = CsrOpt, fed_dir: Path = FedOpt, ca_dir: Path | None = CaDirOpt,
+               out_path: Path | None = OutOpt, days: int = DaysOpt) -> None:
+    """Renew a site's certificate from a CSR made with its enrolled keys (before it expires); no restart needed."""
+    _sign("renew", csr, fed_dir, ca_dir, out_path, role="site", days=days)
+
+
+def enroll_admin(csr: Path = CsrOpt, fed_dir: Path = FedOpt, ca_dir: Path | None = CaDirOpt,
+                 out_path: Path | None = OutOpt, days: int = DaysOpt,
+                 re_enroll: bool = typer.Option(False, "--re-enroll", help="replace an enrolled admin's key")) -> None:
+    """Enrol an administrator from their CSR (`fedbridge-admin admin-csr`)."""
+    _sign("enroll", csr, fed_dir, ca_dir, out_path, role="admin", days=days, re_enroll=re_enroll)
+
+
+def renew_admin(csr: Path = CsrOpt, fed_dir: Path = FedOpt, ca_dir: Path | None = CaDirOpt,
+                out_path: Path | None = OutOpt, days: int = DaysOpt) -> None:
+    """Renew an administrator's certificate from a CSR made with the enrolled key."""
+    _sign("renew", csr, fed_dir, ca_dir, out_path, role="admin", days=days)
+
+
+def admin_csr(kit: Path = typer.Option(..., "--dir", help="your admin kit folder (created; the key stays here)"),
+              name: str = typer.Option(..., "--name", help="your admin name (CN)"),
+              renew: bool = typer.Option(False, "--renew", help="a renewal CSR from the kit's current key")) -> None:
+    """Create an administrator's TLS key (0600) and CSR here, for the CA holder's `enroll-admin --csr`."""
+    from fedcommon.csr import EnrolmentRequestError, make_request, renewal_request
 
     try:
-        path = do_enroll(fed_dir, name, region, out_dir, archive, coordinator)
-    except (EnrolmentError, PKIError) as e:
+        csr = renewal_request(kit) if renew else make_request(kit, name, "admin", signing=False)
+    except (EnrolmentRequestError, ValueError) as e:
         raise _fail(str(e)) from None
-    console.print(f"[bold green]site {name!r} enrolled[/] (region {region}); kit: {path}")
-    if archive:
-        console.print("  the archive holds the site's private keys: hand it over on a trusted channel")
+    console.print(f"CSR: {csr} -- send it to the CA holder; install the bundle with `fedbridge-admin install-bundle`")
+
+
+def install_bundle(kit: Path = typer.Option(..., "--dir", help="your admin kit folder"),
+                   bundle: Path = typer.Option(..., "--bundle", help="the bundle from enroll-admin / renew-admin")
+                   ) -> None:
+    """Check an admin bundle against this kit's key and install the certificate (use the kit with --kit)."""
+    from fedcommon.csr import EnrolmentRequestError, install_certificate
+
+    try:
+        got = install_certificate(kit, bundle)
+    except EnrolmentRequestError as e:
+        raise _fail(str(e)) from None
+    console.print(f"[bold green]installed[/] the {got.role} certificate of {got.name!r} (valid until "
+                  f"{got.not_after:%Y-%m-%d %H:%M} UTC); CA sha256 {got.ca_sha256}")
+
+
+def revoke_admin(name: str = typer.Argument(..., help="admin name"), fed_dir: Path = FedOpt,
+                 ca_dir: Path | None = CaDirOpt, reason: str = typer.Option("revoked", "--reason")) -> None:
+    """Revoke an administrator's certificate (registry + CRL); AdminService and the dashboard refuse it within a second."""
+    from coordinator.trust import enrolment as en
+
+    try:
+        entry = en.revoke(fed_dir, ca_dir or en.default_ca_dir(fed_dir), name, reason, role="admin")
+    except en.EnrolmentError as e:
+        raise _fail(str(e)) from None
+    console.print(f"[bold yellow]admin {name!r} revoked[/] (serial {entry.serial:x}); CRL: {fed_dir / 'crl.pem'}")
+
+
+def list_certs(fed_dir: Path = FedOpt, as_json: bool = JsonOpt) -> None:
+    """List enrolled sites and admins: state (valid / expired / revoked), serial, expiry."""
+    import datetime as dt
+
+    from rich.table import Table
+
+    from coordinator.trust.enrolment import EnrolmentError, list_certificates
+
+    try:
+        rows = list_certificates(fed_dir)
+    except EnrolmentError as e:
+        raise _fail(str(e)) from None
+    if as_json:
+        print(json.dumps(rows, sort_keys=True))
+        return
+    table = Table(title=f"certificates enrolled in {fed_dir}", title_justify="left")
+    for c in ("role", "name", "region", "state", "serial", "expires (UTC)"):
+        table.add_column(c)
+    for r in rows:
+        exp = dt.datetime.fromtimestamp(r["not_after_ms"] / 1000, dt.timezone.utc).strftime("%Y-%m-%d") \
+            if r["not_after_ms"] else "?"
+        table.add_row(r["role"], r["name"], r["region"], r["state"], r["serial"], exp)
+    out.print(table)
 
 
 def revoke_site(name: str = typer.Argument(..., help="site name"),
                 fed_dir: Path | None = typer.Option(None, "--fed-dir", help="federation directory: re-sign its CRL "
                                                     "and mark the site in its enrolment registry"),
                 reason: str = typer.Option("revoked by the administrator", "--reason"),
-                coordinator: str = CoordOpt, kit: Path | None = KitOpt, cert: Path | None = CertOpt,
-                key: Path | None = KeyOpt, ca: Path | None = CaOpt, server_name: str = NameOpt,
+                ca_dir: Path | None = CaDirOpt, coordinator: str = CoordOpt, kit: Path | None = KitOpt,
+                cert: Path | None = CertOpt, key: Path | None = KeyOpt, ca: Path | None = CaOpt, server_name: str = NameOpt,
                 as_json: bool = JsonOpt) -> None:
     """Revoke a site: in the federation directory (CRL + registry) and/or on the running coordinator (AdminService).
 
@@ -102,7 +218,7 @@ def revoke_site(name: str = typer.Argument(..., help="site name"),
     result: dict[str, object] = {"site": name}
     if fed_dir is not None:
         try:
-            entry = do_revoke(fed_dir, name, reason)
+            entry = do_revoke(fed_dir, name, reason, ca_dir=ca_dir)
         except EnrolmentError as e:
             raise _fail(str(e)) from None
         result.update(crl=str(fed_dir / "crl.pem"), serial=f"{entry.serial:x}")
@@ -181,6 +297,13 @@ def register(app: typer.Typer) -> None:
     """Add the PKI, revocation, records and audit commands to ``fedbridge-admin``."""
     app.command("init")(init)
     app.command("enroll-site")(enroll_site)
+    app.command("renew-site")(renew_site)
     app.command("revoke-site")(revoke_site)
+    app.command("admin-csr")(admin_csr)
+    app.command("install-bundle")(install_bundle)
+    app.command("enroll-admin")(enroll_admin)
+    app.command("renew-admin")(renew_admin)
+    app.command("revoke-admin")(revoke_admin)
+    app.command("list-certs")(list_certs)
     app.command("export-records")(export_records)
     app.add_typer(audit_app, name="audit")

@@ -50,6 +50,7 @@ class AdminServicer(apb_grpc.AdminServiceServicer):
         """Authorise, run ``fn(peer)`` (sync or async), count it, map domain errors to statuses."""
         try:
             peer = admin_of(context)
+            self.engine.gate.require_admin(peer)  # revoked / unenrolled admin certificates (CRL + registry)
             out = fn(peer)
             if asyncio.iscoroutine(out):
                 out = await out

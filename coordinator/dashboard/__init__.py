@@ -1,9 +1,11 @@
 """The coordinator's web dashboard and Prometheus ``/metrics``: FastAPI served by uvicorn on the coordinator's own
 asyncio loop (next to grpc.aio), so every view reads the live engine and store.
 
-Loopback by default. Any other address needs a bearer token (``dashboard.token_env``) or admin client certificates
-(``dashboard.require_admin_cert``: HTTPS with the coordinator's certificate, and a connection whose client
-certificate is not an ``admin`` one of the federation CA is closed before any request is read).
+Loopback by default. Any other address needs a token (``dashboard.token_env``: sent as ``Authorization: Bearer`` or
+as the HttpOnly cookie the ``/login`` form sets; never in the URL, where it would land in browser history, proxy logs
+and Referer headers) or admin client certificates (``dashboard.require_admin_cert``: HTTPS with the coordinator's
+certificate, and a connection whose client certificate is not an enrolled, unrevoked ``admin`` one of the federation
+CA is closed before any request is read).
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from coordinator.config import DashboardSpec, TlsSpec
 from coordinator.dashboard.app import create_app
+from coordinator.errors import PermissionDenied
 from coordinator.rounds.engine import RoundEngine
+from coordinator.trust.access import SiteGate
 from coordinator.trust.pki import PKIError, peer_identity
 from fedcommon.durable import write_durable
 
@@ -46,20 +50,31 @@ class _Server(uvicorn.Server):
 
 
 class AdminCertProtocol(H11Protocol):
-    """HTTP/1.1 over TLS that closes any connection whose client certificate is not an ``admin`` certificate."""
+    """HTTP/1.1 over TLS that closes any connection whose client certificate is not an ``admin`` certificate, or
+    is one the CRL revokes or the enrolment registry does not list (:attr:`gate`, set by :func:`start_dashboard`)."""
+
+    gate: SiteGate | None = None
 
     def connection_made(self, transport):  # type: ignore[no-untyped-def, override]
         sslobj = transport.get_extra_info("ssl_object")
         der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
         try:
-            role = peer_identity(x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM)).role \
-                if der else ""
+            peer = peer_identity(x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM)) \
+                if der else None
         except (PKIError, ValueError):
-            role = ""
-        if role != "admin":
+            peer = None
+        role = peer.role if peer else ""
+        if peer is None or role != "admin":
             log.warning("[Dashboard] refused a connection without an admin certificate (role %r)", role)
             transport.close()
             return
+        if self.gate is not None:
+            try:
+                self.gate.require_admin(peer)
+            except PermissionDenied as e:
+                log.warning("[Dashboard] refused admin %r: %s", peer.name, e)
+                transport.close()
+                return
         super().connection_made(transport)
 
 
@@ -110,8 +125,9 @@ async def start_dashboard(spec: DashboardSpec, engine: RoundEngine, tls: TlsSpec
     sock = _bind(spec.listen)
     kwargs: dict[str, object] = {}
     if spec.require_admin_cert:
+        protocol = type("GatedAdminCertProtocol", (AdminCertProtocol,), {"gate": engine.gate})
         kwargs = {"ssl_keyfile": str(tls.key), "ssl_certfile": str(tls.cert), "ssl_ca_certs": str(tls.ca),
-                  "ssl_cert_reqs": ssl.CERT_REQUIRED, "http": AdminCertProtocol}
+                  "ssl_cert_reqs": ssl.CERT_REQUIRED, "http": protocol}
     config = uvicorn.Config(create_app(engine, token), log_level="warning", access_log=False, lifespan="off",
                             timeout_graceful_shutdown=1, **kwargs)  # type: ignore[arg-type]
     server = _Server(config)

@@ -1,7 +1,9 @@
 """The dashboard's HTTP routes: one static page, JSON views under ``/api/``, live updates as SSE, and ``/metrics``.
 
 Every response is built from :mod:`coordinator.admin.views` (names, hashes, counts, reported scalars). No route returns a
-tensor, a payload, a key or a token, and the access log is off, so a token passed as ``?token=`` is never logged.
+tensor, a payload, a key or a token. With a token, it is taken from ``Authorization: Bearer`` or from the HttpOnly,
+SameSite=Strict cookie that ``POST /login`` sets; a request carrying ``?token=`` in its URL is refused (400) whatever
+the token, because URLs end up in browser history, proxy logs and Referer headers.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib import resources
 from typing import Any
+from urllib.parse import parse_qs
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -25,11 +28,20 @@ KEEPALIVE_S = 15.0
 CHECK_S = 2.0
 
 
-def _token_ok(request: Request, token: str) -> bool:
-    given = request.query_params.get("token", "")
+COOKIE = "fedbridge_dashboard"
+LOGIN_PAGE = b"""<!doctype html><html><head><meta charset="utf-8"><title>fedbridge dashboard</title></head><body>
+<form method="post" action="/login"><label>dashboard token <input type="password" name="token" autofocus
+autocomplete="current-password"></label> <button type="submit">sign in</button></form></body></html>"""
+
+
+def _given_token(request: Request) -> str:
     auth = request.headers.get("authorization", "")
     if auth.lower().startswith("bearer "):
-        given = auth[7:].strip()
+        return auth[7:].strip()
+    return request.cookies.get(COOKIE, "")
+
+
+def _token_ok(given: str, token: str) -> bool:
     return hmac.compare_digest(given.encode(), token.encode())
 
 
@@ -41,11 +53,32 @@ def create_app(engine: RoundEngine, token: str = "") -> FastAPI:
     if token:
         @app.middleware("http")
         async def require_token(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-            # The shipped page code (static/) is public; the page passes its ?token= on to every API call.
-            if not request.url.path.startswith("/static/") and not _token_ok(request, token):
-                return JSONResponse({"error": "missing or wrong dashboard token"}, status_code=401,
-                                    headers={"WWW-Authenticate": "Bearer"})
-            return await call_next(request)
+            if "token" in request.query_params:
+                return JSONResponse({"error": "the dashboard token is not accepted in the URL; send it as "
+                                              "'Authorization: Bearer <token>' or sign in at /login"}, status_code=400)
+            # The shipped page code (static/) and the login form are public; the page's API calls carry the cookie.
+            path = request.url.path
+            if path.startswith("/static/") or path == "/login" or _token_ok(_given_token(request), token):
+                return await call_next(request)
+            if path == "/" and "text/html" in request.headers.get("accept", ""):
+                return Response(status_code=303, headers={"Location": "/login"})
+            return JSONResponse({"error": "missing or wrong dashboard token"}, status_code=401,
+                                headers={"WWW-Authenticate": "Bearer"})
+
+        @app.get("/login")
+        async def login_form() -> Response:
+            return Response(LOGIN_PAGE, media_type="text/html; charset=utf-8", headers={"Cache-Control": "no-store"})
+
+        @app.post("/login")
+        async def login(request: Request) -> Response:
+            body = (await request.body())[:4096].decode("utf-8", "replace")
+            given = (parse_qs(body).get("token") or [""])[0]
+            if not _token_ok(given, token):
+                return Response(b"wrong dashboard token", status_code=401, media_type="text/plain")
+            resp = Response(status_code=303, headers={"Location": "/", "Cache-Control": "no-store"})
+            resp.set_cookie(COOKIE, token, httponly=True, samesite="strict", secure=request.url.scheme == "https",
+                            path="/")
+            return resp
 
     @app.get("/")
     async def index() -> Response:

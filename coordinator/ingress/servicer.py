@@ -13,8 +13,8 @@ from coordinator import metrics
 from coordinator.errors import CoordinatorError, InvalidUpdate, NotFound, PermissionDenied, Unauthenticated
 from coordinator.ingress.uploads import Chunk
 from coordinator.rounds.engine import RoundEngine
-from coordinator.rounds.store import SITE_NAME
 from coordinator.trust.pki import PeerIdentity, PKIError, peer_identity
+from fedcommon.certs import SITE_NAME
 from protos import codec
 from protos.fedbridge.v1 import federation_service_pb2 as pb
 from protos.fedbridge.v1 import federation_service_pb2_grpc as pb_grpc

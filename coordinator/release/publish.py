@@ -39,7 +39,7 @@ from coordinator.release.merge import copy_side_files, merge_adapter
 from coordinator.release.modelcard import render_model_card
 from coordinator.release.records import base_model_reference, site_regions
 from coordinator.rounds.store import Store, now_ms
-from fedcommon.durable import fsync_dir
+from fedcommon.durable import fsync_dir, write_durable
 from fedcommon.manifest import MANIFEST_NAME, Manifest, sha256_file
 from protos.fedbridge.v1 import federation_service_pb2 as pb
 
@@ -186,8 +186,21 @@ def write_sha256sums(root: Path) -> Path:
     lines = [f"{sha256_file(p)}  {p.relative_to(root).as_posix()}\n" for p in sorted(root.rglob("*"))
              if p.is_file() and p.name != SUMS_NAME and p.relative_to(root).as_posix() != SUMS_NAME]
     path = root / SUMS_NAME
-    path.write_text("".join(lines))
+    write_durable(path, "".join(lines).encode())
     return path
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file and folder under ``root`` (files written by libraries that do not fsync themselves)."""
+    for p in sorted(Path(root).rglob("*")):
+        if p.is_file() and not p.is_symlink():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    for d in sorted({p.parent for p in Path(root).rglob("*")} | {Path(root)}, key=lambda x: -len(x.parts)):
+        fsync_dir(d)
 
 
 def verify_sha256sums(root: Path) -> list[str]:
@@ -290,11 +303,12 @@ def publish(*, base_model: Path, spec: pb.AdapterSpec, state: dict[str, torch.Te
                   metadata={"format": "pt"})
         prov["base_residual"] = {"file": "base_residual.safetensors", "sha256": sha256_file(tmp / "base_residual.safetensors"),
                                  "note": "the adapter applies to base + this residual; merged/ already includes it"}
-    (tmp / "provenance.json").write_text(json.dumps(prov, indent=1, sort_keys=True) + "\n")
-    (tmp / "README.md").write_text(render_model_card(prov), encoding="utf-8")
+    write_durable(tmp / "provenance.json", (json.dumps(prov, indent=1, sort_keys=True) + "\n").encode())
+    write_durable(tmp / "README.md", render_model_card(prov).encode("utf-8"))
     write_sha256sums(tmp)
     manifest = Manifest.of_dir(tmp)
     manifest.save(tmp)
+    fsync_tree(tmp)  # the weights and the manifest too: after the rename below, a power cut must not leave holes
     os.replace(tmp, final)
     fsync_dir(fed_dir)
     log.info("[Publish] federation=%s version=%d path=%s", federation_id, version, final)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import sqlite3
 import threading
@@ -22,6 +21,7 @@ from typing import Any
 
 import torch
 
+from fedcommon.certs import SITE_NAME
 from fedcommon.durable import fsync_dir, write_durable
 
 _UPDATES_SQL = """CREATE TABLE updates (
@@ -111,7 +111,6 @@ DROP TABLE updates_v1;"""),
 
 
 # A site name (the certificate CN) becomes a file name here; anything else is refused before it reaches the disk.
-SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 def _safe_name(site: str) -> str:

@@ -63,6 +63,21 @@ class SiteGate:
                                                "reason": str(e)[:500]})
             raise
 
+    def require_admin(self, peer: PeerIdentity) -> None:
+        """Refuse (PERMISSION_DENIED) an admin certificate the CRL revokes or the registry does not list."""
+        if self.access is None:
+            return
+        try:
+            self.refresh()
+            self.access.check_admin(peer)
+        except PermissionDenied as e:
+            key = (peer.name, peer.fingerprint, type(e).__name__)
+            if key not in self._refusals_seen:
+                self._refusals_seen.add(key)
+                self._audit("admin_refused", {"admin": peer.name, "cert_sha256": peer.fingerprint,
+                                              "reason": str(e)[:500]})
+            raise
+
     def region(self, peer: PeerIdentity) -> str:
         """The site's region: from its certificate, else from the enrolment registry."""
         return peer.region or (self.access.region(peer.name) if self.access else "")

@@ -21,10 +21,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedcommon import certs
-from fedcommon.certs import REGION_OID, SIGNING_KEY_OID, CertIdentity
+from fedcommon.certs import REGION_OID, SIGNING_KEY_OID, CertIdentity, CsrRequest
+from fedcommon.durable import write_durable, write_private
 
 REGION_PATTERN = re.compile(r"^[A-Z]{2,8}(-[A-Z0-9]{2,8}){0,2}$")
 ROLES = ("site", "admin", "coordinator")
+LEAF_DAYS = 365  # default validity of site, admin and coordinator certificates (renew with the same keys)
 
 
 class PKIError(ValueError):
@@ -46,10 +48,44 @@ def _pem_key(key: ec.EllipticCurvePrivateKey | Ed25519PrivateKey) -> bytes:
 
 
 def _write(path: Path, data: bytes, private: bool = False) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
+    """Write a certificate (durably) or a private key (0600 from creation, never over an existing file)."""
     if private:
-        path.chmod(0o600)
+        write_private(path, data)
+    else:
+        write_durable(path, data)
+
+
+def find_ca_key(dirs: tuple[Path, ...], ca_cert: x509.Certificate) -> Path | None:
+    """The first file directly in ``dirs`` that holds the private key of ``ca_cert`` (or is named ``ca.key``).
+
+    The coordinator calls this at start: it must run with the CA certificate, the CRL and its own key only, so that
+    whoever runs it cannot issue certificates.
+    """
+    ca_pub = ca_cert.public_key().public_bytes(serialization.Encoding.DER,
+                                               serialization.PublicFormat.SubjectPublicKeyInfo)
+    for d in dict.fromkeys(Path(x) for x in dirs):
+        if not d.is_dir():
+            continue
+        for f in sorted(d.iterdir()):
+            if f.name == "ca.key":
+                return f
+            if not f.is_file() or f.suffix not in (".key", ".pem") or f.stat().st_size > 64 * 1024:
+                continue
+            try:
+                data = f.read_bytes()
+            except OSError:
+                continue
+            if b"PRIVATE KEY-----" not in data:
+                continue
+            try:
+                key = serialization.load_pem_private_key(data, password=None)
+            except (ValueError, TypeError):
+                continue
+            pub = key.public_key().public_bytes(serialization.Encoding.DER,
+                                                serialization.PublicFormat.SubjectPublicKeyInfo)
+            if pub == ca_pub:
+                return f
+    return None
 
 
 @dataclass(frozen=True)
@@ -91,8 +127,11 @@ class CertificateAuthority:
         return self.cert.public_bytes(serialization.Encoding.PEM)
 
     def issue(self, name: str, role: str, *, hosts: tuple[str, ...] = (), signing_key: Ed25519PublicKey | None = None,
-              days: int = 825, region: str = "") -> tuple[bytes, bytes]:
-        """Issue a leaf certificate; returns ``(cert_pem, key_pem)``.
+              days: int = LEAF_DAYS, region: str = "") -> tuple[bytes, bytes]:
+        """Issue a leaf certificate with a fresh key made here; returns ``(cert_pem, key_pem)``.
+
+        Only for the coordinator's own certificate and for ``dev-pki``/demo kits: a site or an admin makes its own
+        keys and sends a CSR (:meth:`sign_csr`).
 
         Args:
             name: CN: the site name, the admin's name, or the coordinator's host name.
@@ -102,19 +141,35 @@ class CertificateAuthority:
             days: Validity.
             region: For a site, its data region (``EU-DE``), embedded in an extension.
         """
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = self.certificate(name, role, key.public_key(), hosts=hosts, signing_key=signing_key, days=days,
+                                region=region)
+        return cert, _pem_key(key)
+
+    def sign_csr(self, req: CsrRequest, *, region: str = "", days: int = LEAF_DAYS) -> bytes:
+        """Issue the certificate a checked CSR (:func:`fedcommon.certs.read_csr`) asks for; returns its PEM."""
+        return self.certificate(req.name, req.role, req.tls_public_key, signing_key=req.signing_key, days=days,
+                                region=region)
+
+    def certificate(self, name: str, role: str, public_key: ec.EllipticCurvePublicKey, *, hosts: tuple[str, ...] = (),
+                    signing_key: Ed25519PublicKey | None = None, days: int = LEAF_DAYS, region: str = "",
+                    not_before: dt.datetime | None = None) -> bytes:
+        """A CA-signed leaf certificate (PEM) for ``public_key``; the arguments are :meth:`issue`'s."""
         if role not in ROLES:
             raise PKIError(f"unknown certificate role {role!r}; expected one of {ROLES}")
         if not name or any(c in name for c in "/\\\n\r\t,=+<>#;\"") or len(name) > 64:
             raise PKIError(f"invalid certificate name {name!r}: use 1-64 letters, digits, '-', '_' or '.'")
         if region and not REGION_PATTERN.match(region):
             raise PKIError(f"invalid region {region!r}: use upper-case codes like EU-DE or US-CA")
-        key = ec.generate_private_key(ec.SECP256R1())
+        if not 1 <= days <= 3650:
+            raise PKIError(f"certificate validity must be 1..3650 days, got {days}")
+        start = not_before or (_now() - dt.timedelta(minutes=5))
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name),
                              x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role)])
         server = role == "coordinator"
         b = (x509.CertificateBuilder().subject_name(subject).issuer_name(self.cert.subject)
-             .public_key(key.public_key()).serial_number(x509.random_serial_number())
-             .not_valid_before(_now() - dt.timedelta(minutes=5)).not_valid_after(_now() + dt.timedelta(days=days))
+             .public_key(public_key).serial_number(x509.random_serial_number())
+             .not_valid_before(start).not_valid_after(start + dt.timedelta(days=days))
              .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
              .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if server
                                                    else ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
@@ -132,8 +187,7 @@ class CertificateAuthority:
             b = b.add_extension(x509.UnrecognizedExtension(SIGNING_KEY_OID, raw), critical=False)
         if region:
             b = b.add_extension(x509.UnrecognizedExtension(REGION_OID, region.encode()), critical=False)
-        cert = b.sign(self.key, hashes.SHA256())
-        return cert.public_bytes(serialization.Encoding.PEM), _pem_key(key)
+        return b.sign(self.key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
 
 
 def peer_identity(cert_pem: bytes) -> PeerIdentity:
@@ -155,17 +209,14 @@ def cert_identity(path: Path) -> PeerIdentity:
 
 # -- revocation: an X.509 CRL signed by the federation CA ------------------------------------------------------------
 def write_crl(ca: CertificateAuthority, revoked: dict[int, dt.datetime], path: Path, days: int = 3650) -> None:
-    """Sign a CRL listing ``revoked`` (serial -> revocation time) and write it atomically (PEM)."""
+    """Sign a CRL listing ``revoked`` (serial -> revocation time) and write it atomically and durably (PEM)."""
     b = (x509.CertificateRevocationListBuilder().issuer_name(ca.cert.subject).last_update(_now())
          .next_update(_now() + dt.timedelta(days=days)))
     for serial, when in sorted(revoked.items()):
         b = b.add_revoked_certificate(x509.RevokedCertificateBuilder().serial_number(serial)
                                       .revocation_date(when).build())
     crl = b.sign(ca.key, hashes.SHA256())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
-    tmp.replace(path)
+    write_durable(Path(path), crl.public_bytes(serialization.Encoding.PEM))  # a power cut leaves the old or the new
 
 
 def load_crl(path: Path, ca_cert: x509.Certificate) -> set[int]:
@@ -219,11 +270,21 @@ class DevPKI:
     admin_key: Path
 
 
+DEV_PKI_WARNING = ("DEVELOPMENT PKI: this folder holds the private keys of the CA, the coordinator, the admin and "
+                   "EVERY site. Whoever can read it can act as any of them. Use it for local tests and demos only; "
+                   "a real federation enrols sites by CSR (fedbridge-site init, fedbridge-admin enroll-site --csr).")
+
+
 def create_dev_pki(out_dir: Path, sites: list[str], hosts: tuple[str, ...] = ("localhost", "127.0.0.1")) -> DevPKI:
-    """Generate a fresh CA, a coordinator certificate for ``hosts``, an admin certificate, and site kits."""
+    """Generate a fresh CA, a coordinator certificate for ``hosts``, an admin certificate, and site kits.
+
+    Every private key is made here, in one folder (:data:`DEV_PKI_WARNING`, also written as ``README.txt``). The CA key
+    goes to ``out_dir/ca/`` so that the coordinator, which refuses to start next to a CA key, can use ``ca.pem``.
+    """
     out_dir = Path(out_dir)
     ca = CertificateAuthority.create()
-    ca.save(out_dir / "ca.pem", out_dir / "ca.key")
+    ca.save(out_dir / "ca.pem", out_dir / "ca" / "ca.key")
+    _write(out_dir / "README.txt", (DEV_PKI_WARNING + "\n").encode())
     server_pem, server_key = ca.issue(hosts[0], "coordinator", hosts=hosts)
     _write(out_dir / "coordinator" / "server.pem", server_pem)
     _write(out_dir / "coordinator" / "server.key", server_key, private=True)

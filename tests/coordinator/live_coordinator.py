@@ -26,14 +26,16 @@ from coordinator.rounds.adapter import AdapterInit
 from coordinator.rounds.engine import RoundEngine
 from coordinator.rounds.store import Store
 from coordinator.server import build_server, server_credentials
-from coordinator.trust.enrolment import InitOptions, enroll_site, init_federation
+from coordinator.trust.enrolment import InitOptions, default_ca_dir, enroll_csr, init_federation
 from fedcommon import tensors
 from fedcommon.manifest import Manifest
 from protos import codec
 from protos.codec import MAX_MESSAGE
+from protos.fedbridge.v1 import admin_service_pb2_grpc as apb_grpc
 from protos.fedbridge.v1 import federation_service_pb2 as pb
 from protos.fedbridge.v1 import federation_service_pb2_grpc as pb_grpc
 from sandbox.tiny_model import build_tiny_model
+from site_agent.enrol import init_site, install_bundle
 
 T = TypeVar("T")
 FED = "fed"
@@ -61,7 +63,8 @@ class LiveCoordinator:
         init_federation(self.fed, InitOptions(federation_id=FED, base_model=base, hosts=("localhost", "127.0.0.1"),
                                               port=1, min_sites=2))
         regions = ("EU-DE", "EU-FR", "EU-NL", "US-CA")
-        self.kits = {s: enroll_site(self.fed, s, regions[i % len(regions)]) for i, s in enumerate(sites)}
+        self.ca_dir = default_ca_dir(self.fed)
+        self.kits = {s: self.enrol(s, regions[i % len(regions)]) for i, s in enumerate(sites)}
         opts: dict[str, Any] = dict(federation_id=FED, base_model=base, state_dir=self.root / "state",
                                     registry_dir=self.root / "published", rounds=2, min_sites=2,
                                     tls=TlsSpec(self.fed / "ca.pem", self.fed / "coordinator" / "server.pem",
@@ -76,6 +79,14 @@ class LiveCoordinator:
         self._thread.start()
         self.engine, self.server, self.port = self.run(self._start())
         self._channels: list[grpc.Channel] = []
+
+    def enrol(self, site: str, region: str) -> Path:
+        """The CSR flow: the site makes its keys in its own kit folder, the CA signs its CSR, the site installs."""
+        kit = self.root / "site-kits" / site
+        _, bundle = enroll_csr(self.fed, self.ca_dir, init_site(kit, site).read_bytes(), region=region)
+        (kit / "bundle.json").write_bytes(bundle)
+        install_bundle(kit, kit / "bundle.json")
+        return kit
 
     async def _start(self) -> tuple[RoundEngine, grpc.aio.Server, int]:
         store = Store(self.cfg.state_dir)
@@ -103,6 +114,15 @@ class LiveCoordinator:
                                  options=[("grpc.max_send_message_length", MAX_MESSAGE)])
         self._channels.append(ch)
         return pb_grpc.FederationServiceStub(ch)
+
+    def admin_stub(self, kit: Path) -> apb_grpc.AdminServiceStub:
+        """An AdminService stub with the admin kit in ``kit`` (``client.pem`` / ``client.key``)."""
+        creds = grpc.ssl_channel_credentials(root_certificates=(self.fed / "ca.pem").read_bytes(),
+                                             private_key=(kit / "client.key").read_bytes(),
+                                             certificate_chain=(kit / "client.pem").read_bytes())
+        ch = grpc.secure_channel(f"127.0.0.1:{self.port}", creds)
+        self._channels.append(ch)
+        return apb_grpc.AdminServiceStub(ch)
 
     def site_stub(self, site: str) -> pb_grpc.FederationServiceStub:
         kit = self.kits[site]

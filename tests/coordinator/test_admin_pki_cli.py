@@ -6,7 +6,6 @@ import json
 import shutil
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ from cryptography import x509
 from live_coordinator import LiveCoordinator, delta, upload_messages
 
 from coordinator.config import load_federation_config
+from coordinator.trust.enrolment import EnrolmentError, InitOptions, enroll_csr, init_federation
 from coordinator.trust.pki import cert_identity, load_crl
 from fedcommon.certs import ca_sha256
 from protos.fedbridge.v1 import federation_service_pb2 as pb
@@ -39,10 +39,32 @@ def fed(tmp_path: Path, tiny_model_dir: Path) -> Path:
     return root / "fed"
 
 
+@pytest.fixture(scope="module")
+def fed_inproc(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """A federation made in-process (fast): for the CSR-refusal cases, which must leave it unchanged."""
+    root = tmp_path_factory.mktemp("inproc")
+    init_federation(root / "fed", InitOptions(federation_id="c", base_model=tiny_model_dir, hosts=("127.0.0.1",)))
+    return root / "fed"
+
+
+def site(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "site_agent", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"})
+
+
+def csr_of(tmp: Path, name: str) -> Path:
+    """A site's own kit and CSR, made in-process (the CLI is covered by test_site_init_enrol_install_by_cli)."""
+    from site_agent.enrol import init_site
+
+    return init_site(tmp / "site-kits" / name, name)
+
+
 def test_init_writes_ca_certificates_manifest_and_a_loadable_config(fed: Path) -> None:
-    assert (fed / "ca.key").stat().st_mode & 0o777 == 0o600
+    ca = fed.with_name("fed-ca")
+    assert not (fed / "ca.key").exists() and (ca / "ca.key").stat().st_mode & 0o777 == 0o600
     assert (fed / "coordinator" / "server.key").stat().st_mode & 0o777 == 0o600
-    assert cert_identity(fed / "admin" / "admin.pem").role == "admin"
+    assert cert_identity(ca / "admin" / "client.pem").role == "admin"
+    assert (ca / "admin" / "client.key").stat().st_mode & 0o777 == 0o600
     server = x509.load_pem_x509_certificate((fed / "coordinator" / "server.pem").read_bytes())
     sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert "fl.example.org" in sans.get_values_for_type(x509.DNSName)
@@ -52,49 +74,112 @@ def test_init_writes_ca_certificates_manifest_and_a_loadable_config(fed: Path) -
     cfg = load_federation_config(fed / "federation.toml")
     assert cfg.crl == fed / "crl.pem" and cfg.enrolment_registry == fed / "enrolment.json"
     assert cfg.tls.ca == fed / "ca.pem" and cfg.max_update_norm == 10.0
+    assert json.loads((fed / "enrolment.json").read_text())["admins"]["admin"]["fingerprint"]
     again = admin("init", "--dir", fed, "--federation-id", "x", "--base-model", fed.parent / "base")
     assert again.returncode == 2 and "already holds a federation" in again.stderr
+    inside = admin("init", "--dir", fed.parent / "f2", "--federation-id", "x", "--base-model", fed.parent / "base",
+                   "--ca-dir", fed.parent / "f2" / "ca")
+    assert inside.returncode == 2 and "inside the federation directory" in " ".join(inside.stderr.split())
 
 
-def test_enroll_site_writes_a_kit_with_region_pinned_policy_and_archive(fed: Path) -> None:
-    r = admin("enroll-site", "hospital-a", "--region", "EU-DE", "--fed-dir", fed, "--archive")
+def test_site_init_enrol_install_by_cli_keeps_every_site_key_on_the_site(fed: Path, tmp_path: Path) -> None:
+    # Execute: the whole operator sequence, as the real CLIs
+    kit = tmp_path / "hospital-a-kit"
+    r = site("init", "--dir", kit, "--name", "hospital-a")
     assert r.returncode == 0, r.stderr
-    kit = fed / "sites" / "hospital-a"
+    assert (kit / "client.key").stat().st_mode & 0o777 == 0o600 and (kit / "signing.key").stat().st_mode & 0o777 == 0o600
+    r = admin("enroll-site", "--csr", kit / "client.csr", "--region", "EU-DE", "--fed-dir", fed, "--out",
+              tmp_path / "a.bundle.json")
+    assert r.returncode == 0, r.stderr
+    r = site("install-bundle", "--dir", kit, "--bundle", tmp_path / "a.bundle.json")
+    assert r.returncode == 0, r.stderr
+    # Assert: a working kit, and no private key of the site anywhere but its own folder
     ident = cert_identity(kit / "client.pem")
     assert (ident.name, ident.role, ident.region) == ("hospital-a", "site", "EU-DE") and ident.signing_key
-    assert (kit / "client.key").stat().st_mode & 0o777 == 0o600
-    site = load_site_config(kit / "site.toml")
-    assert site.coordinator == "fl.example.org:7443" and site.tls.signing_key == kit / "signing.key"
+    site_cfg = load_site_config(kit / "site.toml")
+    assert site_cfg.coordinator == "fl.example.org:7443" and site_cfg.tls.signing_key == kit / "signing.key"
     policy = load_policy(kit / "policy.toml")
     manifest = json.loads((fed / "manifest.json").read_text())
     assert policy.allowed_base_models == (manifest["base_model_sha256"],)
     assert policy.trusted_ca_sha256 == (ca_sha256((fed / "ca.pem").read_bytes()),)
     registry = json.loads((fed / "enrolment.json").read_text())["sites"]
     assert registry["hospital-a"]["region"] == "EU-DE" and registry["hospital-a"]["serial"] == ident.serial
-    with tarfile.open(fed / "sites" / "hospital-a.tar.gz") as tar:
-        names = tar.getnames()
-    assert "hospital-a/signing.key" in names and "hospital-a/policy.toml" in names
+    site_keys = {(kit / "client.key").read_bytes().strip(), (kit / "signing.key").read_bytes().strip()}
+    for folder in (fed, fed.with_name("fed-ca"), tmp_path / "a.bundle.json"):
+        for f in ([folder] if folder.is_file() else folder.rglob("*")):
+            if f.is_file():
+                data = f.read_bytes()
+                assert not any(k in data for k in site_keys), f
+                if b"PRIVATE KEY" in data:  # the only private keys there: the CA's, the coordinator's, the admin's
+                    assert f.name in ("ca.key", "server.key", "client.key") and "sites" not in f.parts, f
+    assert b"PRIVATE KEY" not in (tmp_path / "a.bundle.json").read_bytes()
 
 
-@pytest.mark.parametrize("args,message", [
-    (("hospital-a", "--region", "EU-DE"), "already enrolled"),
-    (("clinic", "--region", "eu-de"), "invalid region"),
-    (("clinic", "--region", "Germany"), "invalid region"),
-    (("bad/name", "--region", "EU-DE"), "invalid site name"),
+@pytest.mark.parametrize("case,message", [
+    ("already", "already enrolled"),
+    ("region-lower", "invalid region"),
+    ("region-word", "invalid region"),
+    ("bad-name", "invalid site name"),
+    ("admin-csr", "role 'admin'"),
+    ("no-signing-key", "must carry its Ed25519 signing key"),
+    ("bad-pop", "proof of possession does not verify"),
+    ("garbage", "not a PEM certificate signing request"),
 ])
-def test_enroll_site_refuses_bad_input_clearly(fed: Path, args: tuple[str, ...], message: str) -> None:
+def test_enroll_site_refuses_bad_csrs_clearly(fed_inproc: Path, tmp_path: Path, case: str, message: str) -> None:
     # Prepare
-    if "already" in message:
-        assert admin("enroll-site", "hospital-a", "--region", "EU-DE", "--fed-dir", fed).returncode == 0
-    # Execute
-    r = admin("enroll-site", *args, "--fed-dir", fed)
-    # Assert
-    assert r.returncode == 2 and message in " ".join(r.stderr.split()), r.stderr
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from fedcommon.certs import SIGNING_POP_OID, build_csr
+
+    region = {"region-lower": "eu-de", "region-word": "Germany"}.get(case, "EU-DE")
+    csr = tmp_path / "x.csr"
+    tls = ec.generate_private_key(ec.SECP256R1())
+    fed = fed_inproc
+    if case == "already":
+        first = csr_of(tmp_path, "hospital-a")
+        enroll_csr(fed, fed.with_name("fed-ca"), first.read_bytes(), region="EU-DE")
+        csr = csr_of(tmp_path / "again", "hospital-a")
+    elif case == "bad-name":
+        csr.write_bytes(build_csr("bad/name", "site", tls, Ed25519PrivateKey.generate()))
+    elif case == "admin-csr":
+        csr.write_bytes(build_csr("mallory", "admin", tls))
+    elif case == "no-signing-key":
+        csr.write_bytes(build_csr("clinic", "site", tls))
+    elif case == "bad-pop":  # someone else's signing public key, with a proof made by a different key
+        victim, mine = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+        from cryptography import x509 as x
+        from cryptography.hazmat.primitives import hashes, serialization
+
+        real = x.load_pem_x509_csr(build_csr("clinic", "site", tls, mine))
+        blob = real.extensions.get_extension_for_oid(SIGNING_POP_OID).value.value
+        raw = victim.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        forged = (x.CertificateSigningRequestBuilder().subject_name(real.subject)
+                  .add_extension(x.UnrecognizedExtension(SIGNING_POP_OID, raw + blob[32:]), critical=False)
+                  .sign(tls, hashes.SHA256()))
+        csr.write_bytes(forged.public_bytes(serialization.Encoding.PEM))
+    elif case == "garbage":
+        csr.write_bytes(b"-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n")
+    else:
+        csr = csr_of(tmp_path, "clinic")
+    # Execute / Assert: one clear message naming the CSR file; the registry is unchanged
+    before = (fed / "enrolment.json").read_bytes()
+    with pytest.raises(EnrolmentError) as e:
+        enroll_csr(fed, fed.with_name("fed-ca"), csr.read_bytes(), region=region, where=str(csr))
+    assert message in str(e.value), e.value
+    assert (fed / "enrolment.json").read_bytes() == before
 
 
-def test_revoke_site_signs_a_crl_with_the_serial(fed: Path) -> None:
-    admin("enroll-site", "lab-b", "--region", "EU-FR", "--fed-dir", fed)
-    serial = cert_identity(fed / "sites" / "lab-b" / "client.pem").serial
+def test_enroll_site_cli_refusal_is_one_line_without_traceback(fed: Path, tmp_path: Path) -> None:
+    csr = csr_of(tmp_path, "clinic")
+    r = admin("enroll-site", "--csr", csr, "--region", "Germany", "--fed-dir", fed)
+    assert r.returncode == 2 and "invalid region" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_revoke_site_signs_a_crl_with_the_serial(fed: Path, tmp_path: Path) -> None:
+    r = admin("enroll-site", "--csr", csr_of(tmp_path, "lab-b"), "--region", "EU-FR", "--fed-dir", fed)
+    assert r.returncode == 0, r.stderr
+    serial = json.loads((fed / "enrolment.json").read_text())["sites"]["lab-b"]["serial"]
 
     r = admin("revoke-site", "lab-b", "--fed-dir", fed, "--reason", "left the consortium")
 
@@ -106,6 +191,22 @@ def test_revoke_site_signs_a_crl_with_the_serial(fed: Path) -> None:
     assert again.returncode == 2 and "already revoked" in again.stderr
     unknown = admin("revoke-site", "nobody", "--fed-dir", fed)
     assert unknown.returncode == 2 and "not enrolled" in unknown.stderr
+    listed = json.loads(admin("list-certs", "--fed-dir", fed, "--json").stdout)
+    assert {(r["role"], r["name"], r["state"]) for r in listed} == {("site", "lab-b", "revoked"),
+                                                                    ("admin", "admin", "valid")}
+
+
+def test_admin_enrolled_by_csr_then_revoked_lands_in_the_crl(fed: Path, tmp_path: Path) -> None:
+    kit = tmp_path / "ops-kit"
+    assert admin("admin-csr", "--dir", kit, "--name", "ops").returncode == 0
+    r = admin("enroll-admin", "--csr", kit / "client.csr", "--fed-dir", fed, "--out", tmp_path / "ops.json")
+    assert r.returncode == 0, r.stderr
+    assert admin("install-bundle", "--dir", kit, "--bundle", tmp_path / "ops.json").returncode == 0
+    assert cert_identity(kit / "client.pem").role == "admin"
+    r = admin("revoke-admin", "ops", "--fed-dir", fed, "--reason", "left")
+    assert r.returncode == 0, r.stderr
+    ca = x509.load_pem_x509_certificate((fed / "ca.pem").read_bytes())
+    assert cert_identity(kit / "client.pem").serial in load_crl(fed / "crl.pem", ca)
 
 
 # -- a real coordinator's audit log and record of processing --------------------------------------------------------

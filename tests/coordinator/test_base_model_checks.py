@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 
 from coordinator.basemodel import BaseModelError, template_pin
-from coordinator.trust.enrolment import enroll_site
+from coordinator.trust.enrolment import enroll_csr
 from fedcommon.chat import template_sha256
 from fedcommon.models import TargetModuleError, check_target_modules
 from fedcommon.tomlconfig import dumps
 from sandbox.families import build_family_model
+from site_agent.enrol import init_site, install_bundle
 
 ROOT = Path(__file__).resolve().parents[2]
 # What a federation would ship for GPT-2 (which has none): turns ended by its only special token.
@@ -75,7 +76,7 @@ def test_init_pins_the_supplied_template_and_serve_refuses_a_base_without_one(
     r = _cli("init", "--dir", tmp_path / "nofed", "--federation-id", "x", "--base-model", gpt2)
     assert r.returncode == 2 and "Traceback" not in r.stdout + r.stderr
     assert "has no chat template" in " ".join((r.stdout + r.stderr).split())
-    assert not (tmp_path / "nofed" / "ca.key").exists()  # refused before anything was written
+    assert not (tmp_path / "nofed-ca" / "ca.key").exists()  # refused before anything was written
     template = tmp_path / "gpt2.jinja"
     template.write_text(GPT2_TEMPLATE)
     r = _cli("init", "--dir", tmp_path / "fed", "--federation-id", "x", "--base-model", gpt2,
@@ -86,7 +87,10 @@ def test_init_pins_the_supplied_template_and_serve_refuses_a_base_without_one(
     toml = (tmp_path / "fed" / "federation.toml").read_text()
     assert 'chat_template = "chat_template.jinja"' in toml and '"all-linear"' in toml
     assert (tmp_path / "fed" / "chat_template.jinja").read_text() == GPT2_TEMPLATE  # the federation's own copy
-    kit = enroll_site(tmp_path / "fed", "s1", "EU-DE")
+    kit = tmp_path / "s1-kit"
+    _, bundle = enroll_csr(tmp_path / "fed", tmp_path / "fed-ca", init_site(kit, "s1").read_bytes(), region="EU-DE")
+    (kit / "bundle.json").write_bytes(bundle)
+    install_bundle(kit, kit / "bundle.json")
     assert (kit / "chat_template.jinja").read_text() == GPT2_TEMPLATE  # preflight's default template
 
 

@@ -51,9 +51,26 @@ def test_token_is_required_on_every_route(engine: RoundEngine) -> None:
         assert client.get(path).status_code == 401, path
         assert client.get(path, headers={"Authorization": "Bearer wrong"}).status_code == 401, path
         assert client.get(path, headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200, path
-    assert client.get(f"/api/status?token={TOKEN}").json()["federation_id"] == "fed"
     assert client.get("/static/app.js").status_code == 200  # the page's own code loads without the token
-    assert TOKEN not in client.get(f"/api/snapshot?token={TOKEN}").text
+    assert TOKEN not in client.get("/api/snapshot", headers={"Authorization": f"Bearer {TOKEN}"}).text
+
+
+def test_token_in_the_url_is_refused_and_the_login_form_sets_an_httponly_cookie(engine: RoundEngine) -> None:
+    # Prepare
+    from starlette.testclient import TestClient
+
+    client = TestClient(create_app(engine, TOKEN))
+    # Execute / Assert: the right token in the query string is refused (URLs are logged and leak via Referer) ...
+    r = client.get(f"/api/status?token={TOKEN}")
+    assert r.status_code == 400 and "not accepted in the URL" in r.json()["error"]
+    assert client.get(f"/?token={TOKEN}", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 400
+    # ... a wrong login sets nothing; the right one sets an HttpOnly, SameSite=Strict cookie that then authorises
+    assert client.post("/login", data={"token": "wrong"}).status_code == 401
+    assert client.get("/api/status").status_code == 401
+    r = client.post("/login", data={"token": TOKEN}, follow_redirects=False)
+    cookie = r.headers["set-cookie"].lower()
+    assert r.status_code == 303 and "httponly" in cookie and "samesite=strict" in cookie
+    assert client.get("/api/status").json()["federation_id"] == "fed"
 
 
 def test_missing_token_variable_refuses_to_start(engine: RoundEngine, monkeypatch: pytest.MonkeyPatch,

@@ -160,7 +160,7 @@ def test_replayed_nonce_and_old_round(live: LiveCoordinator) -> None:
 
 def test_unenrolled_certificate_of_the_same_ca_is_refused(live: LiveCoordinator, tmp_path: Path) -> None:
     # Prepare: a certificate the CA signed but the registry never listed (e.g. issued outside enroll-site)
-    ca = CertificateAuthority.load(live.fed / "ca.pem", live.fed / "ca.key")
+    ca = CertificateAuthority.load(live.ca_dir / "ca.pem", live.ca_dir / "ca.key")
     signing = Ed25519PrivateKey.generate()
     cert, key = ca.issue("rogue", "site", signing_key=signing.public_key(), region="EU-DE")
     (tmp_path / "rogue.pem").write_bytes(cert)

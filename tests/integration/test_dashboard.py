@@ -28,6 +28,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 SCREENSHOT = ROOT / "test-artifacts" / "dashboard.png"
+TOKEN = "dashboard-token-for-the-browser-test"
 
 
 @pytest.fixture
@@ -43,10 +44,17 @@ def fed(tiny_model_dir: Path, tmp_path: Path) -> Iterator[localfed.LocalFederati
                            shared_eval={"every_k_rounds": 2, "max_new_tokens": 4, "limit": 2})
     cfg = load_toml(fed.federation_toml)
     cfg["exit_when_done"] = False
+    cfg["dashboard"] = {"token_env": "FEDBRIDGE_DASH_TOKEN"}  # the browser signs in through /login (cookie)
     fed.federation_toml.write_text(dumps(cfg))
     with fed:
-        fed.start_coordinator()
+        fed.start_coordinator(env={"FEDBRIDGE_DASH_TOKEN": TOKEN})
         yield fed
+
+
+def get(fed: localfed.LocalFederation, path: str) -> bytes:
+    req = urllib.request.Request(dashboard_url(fed) + path, headers={"Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return bytes(resp.read())
 
 
 def dashboard_url(fed: localfed.LocalFederation) -> str:
@@ -56,8 +64,7 @@ def dashboard_url(fed: localfed.LocalFederation) -> str:
 def scrape(fed: localfed.LocalFederation) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     from prometheus_client.parser import text_string_to_metric_families
 
-    with urllib.request.urlopen(dashboard_url(fed) + "/metrics", timeout=10) as resp:
-        text = resp.read().decode()
+    text = get(fed, "/metrics").decode()
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for fam in text_string_to_metric_families(text) for s in fam.samples}
 
@@ -78,8 +85,14 @@ def test_dashboard_in_a_real_browser(fed: localfed.LocalFederation) -> None:
             page = browser.new_page(viewport={"width": 1400, "height": 1500})
             requests: list[str] = []
             page.on("request", lambda r: requests.append(r.url))
-            # Execute: open the page before any site runs, then start the sites.
+            # The token in the URL is refused; the page sends the operator to the login form, which sets the cookie.
+            assert page.goto(url + f"/?token={TOKEN}").status == 400
             page.goto(url + "/", wait_until="domcontentloaded")
+            expect(page).to_have_url(url + "/login")
+            page.fill("input[name=token]", TOKEN)
+            page.click("button[type=submit]")
+            # Execute: open the page (signed in) before any site runs, then start the sites.
+            page.wait_for_url(url + "/")
             expect(page.locator("#round-number")).to_have_text("1", timeout=30_000)
             expect(page.locator("#federation-id")).to_have_text("demo")
             for s in fed.sites:
@@ -109,6 +122,7 @@ def test_dashboard_in_a_real_browser(fed: localfed.LocalFederation) -> None:
             browser.close()
     # Nothing outside the coordinator was requested (no CDN).
     assert requests and all(r.startswith(url + "/") for r in requests), requests
+    assert not any("token=" in r for r in requests[1:]), requests  # after the refused probe, never in a URL
     assert SCREENSHOT.stat().st_size > 10_000
     # /metrics mid-federation: round 2 or later, both sites connected, updates and bytes counted.
     assert during[("fedbridge_round", ())] >= 2
@@ -122,7 +136,7 @@ def test_metrics_count_accepted_and_refused_updates(fed: localfed.LocalFederatio
     for s in fed.sites:
         fed.start_site(s)
     deadline = time.monotonic() + 600
-    while json.loads(urllib.request.urlopen(dashboard_url(fed) + "/api/status").read())["state"] != "finished":
+    while json.loads(get(fed, "/api/status"))["state"] != "finished":
         assert time.monotonic() < deadline, localfed._tail(fed.log_path("coordinator"))
         time.sleep(1)
     before = scrape(fed)

@@ -1,10 +1,12 @@
-"""The acceptance sequence with real processes: init -> enroll-site -> serve -> join -> revoke-site -> refused, then
-audit verify OK -> tamper -> audit verify fails, and the record of processing."""
+"""The acceptance sequence with real processes: init -> site init (keys + CSR on the site) -> enroll-site --csr ->
+install-bundle -> serve with the CA folder gone (offline) -> join -> revoke-site -> refused, then audit verify OK ->
+tamper -> audit verify fails, and the record of processing."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,8 +27,13 @@ def admin(*args: str | Path) -> subprocess.CompletedProcess[str]:
     return r
 
 
+def site_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "site_agent", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "COLUMNS": "200"})
+
+
 def _join(fed: Path, port: int, site: str) -> pb.JoinResponse:
-    kit = fed / "sites" / site
+    kit = fed.parent / "site-kits" / site
     creds = grpc.ssl_channel_credentials((kit / "ca.pem").read_bytes(), (kit / "client.key").read_bytes(),
                                          (kit / "client.pem").read_bytes())
     with grpc.secure_channel(f"127.0.0.1:{port}", creds) as ch:
@@ -38,8 +45,17 @@ def test_enrol_join_revoke_refused_then_tamper_verify_fails(tiny_model_dir: Path
     assert admin("init", "--dir", fed, "--federation-id", "acceptance", "--base-model", tiny_model_dir,
                  "--host", "localhost", "--host", "127.0.0.1", "--listen", "127.0.0.1:0").returncode == 0
     for name, region in (("hospital-a", "EU-DE"), ("lab-b", "EU-FR")):
-        r = admin("enroll-site", name, "--region", region, "--fed-dir", fed)
+        kit = tmp_path / "site-kits" / name
+        assert site_cli("init", "--dir", kit, "--name", name).returncode == 0
+        r = admin("enroll-site", "--csr", kit / "client.csr", "--region", region, "--fed-dir", fed, "--out",
+                  kit / "bundle.json")
         assert r.returncode == 0, r.stderr
+        assert site_cli("install-bundle", "--dir", kit, "--bundle", kit / "bundle.json").returncode == 0
+    # The CA goes offline: the coordinator must start and serve with no CA key anywhere on the machine.
+    ca_dir = tmp_path / "fed-ca"
+    offline = {p.relative_to(ca_dir): p.read_bytes() for p in ca_dir.rglob("*") if p.is_file()}
+    shutil.rmtree(ca_dir)
+    assert not [p for p in tmp_path.rglob("*") if p.is_file() and p.name == "ca.key"]
     log = open(tmp_path / "coordinator.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen([sys.executable, "-m", "coordinator", "serve", "--config", str(fed / "federation.toml")],
                             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -56,7 +72,10 @@ def test_enrol_join_revoke_refused_then_tamper_verify_fails(tiny_model_dir: Path
         # enrol -> join: the coordinator learns identity and region from the certificate
         assert _join(fed, port, "hospital-a").site == "hospital-a"
 
-        # revoke (CLI: registry + signed CRL) -> the next call is refused
+        # the CA comes back from offline to revoke (CLI: registry + signed CRL) -> the next call is refused
+        for rel, data in offline.items():
+            (ca_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+            (ca_dir / rel).write_bytes(data)
         assert admin("revoke-site", "hospital-a", "--fed-dir", fed, "--reason", "key leaked").returncode == 0
         deadline = time.monotonic() + 5
         while True:

@@ -4,8 +4,8 @@
 
 const COLORS = ["#2563eb", "#16a34a", "#d97706", "#dc2626", "#7c3aed", "#0891b2", "#db2777", "#65a30d"];
 const SVG = "http://www.w3.org/2000/svg";
-const token = new URLSearchParams(location.search).get("token");
-const withToken = (path) => token ? `${path}?token=${encodeURIComponent(token)}` : path;
+// A dashboard token travels as the HttpOnly cookie /login sets (same-origin fetch and EventSource send it), never
+// in the URL.
 
 const $ = (id) => document.getElementById(id);
 function text(id, value) { $(id).textContent = value; }
@@ -144,7 +144,7 @@ function render(snap) {
 
 async function poll() {
   try {
-    const resp = await fetch(withToken("api/snapshot"), { cache: "no-store" });
+    const resp = await fetch("api/snapshot", { cache: "no-store", credentials: "same-origin" });
     if (resp.ok) render(await resp.json());
   } catch (e) { /* the coordinator may be restarting; try again */ }
   setTimeout(poll, 2000);
@@ -152,7 +152,7 @@ async function poll() {
 
 function follow() {
   if (!window.EventSource) { poll(); return; }
-  const es = new EventSource(withToken("api/events"));
+  const es = new EventSource("api/events");
   es.addEventListener("snapshot", (ev) => { $("live").classList.add("on"); render(JSON.parse(ev.data)); });
   es.onerror = () => { $("live").classList.remove("on"); };  // EventSource reconnects by itself
 }
