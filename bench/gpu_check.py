@@ -15,8 +15,9 @@ Without CUDA it prints why it skipped and exits 0. With CUDA it trains the tiny 
   tokens and tokens/s differs only by training time.
 * ``zero2``: ZeRO-2 through accelerate/DeepSpeed, one process per visible GPU under ``torchrun``; tokens/s summed
   over ranks.
-* ZeRO-3: the site trainer refuses it (partitioned parameters would need gathering to read the adapter delta);
-  the check records the refusal message instead of a number.
+* ZeRO-3: the site trainer accepts it (gathering the LoRA tensors to read the delta, rebuilding the model each
+  round; tested on CPU by ``tests/site_agent/test_deepspeed.py`` and ``test_launchers.py``); this check records
+  the trainer's answer, not a number.
 
 Every case also checks that its delta matches the adapter spec (keys, shapes, float32, finite).
 """

@@ -65,8 +65,8 @@ class SiteConfig:
             still pin the base model by the task's manifest hash and trust only the kit's CA; the agent warns.
         checkpoint_steps: Save a step checkpoint every this many local steps, so an agent killed mid-round resumes
             the round there on restart (0: off).
-        deepspeed: A DeepSpeed JSON config (ZeRO stage 1 or 2; mode sft) for training through accelerate/DeepSpeed on a
-            multi-GPU site (launch the agent under ``deepspeed``/``torchrun``); without a launcher it runs
+        deepspeed: A DeepSpeed JSON config (ZeRO stage 1, 2 or 3; mode sft) for training through accelerate/DeepSpeed
+            on a multi-GPU site (launch the agent under ``torchrun``/``accelerate launch``); without a launcher it runs
             single-process. Unset: plain PyTorch.
         device_map: On CUDA, how the base is placed: ``"auto"`` (or ``balanced``, ``sequential``...) spreads a base
             larger than one GPU over the visible GPUs (transformers' ``device_map``); one process only, not with

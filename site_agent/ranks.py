@@ -3,8 +3,8 @@
 ``torchrun --nproc_per_node N -m site_agent run -c site.toml`` (or ``accelerate launch``) starts N agents. Rank 0
 alone talks to the coordinator (join, fetch, download, sign, upload, heartbeats) and writes the audit log and privacy
 ledger; it hands each round's task to the other ranks as bytes over ``torch.distributed``, and all ranks then train
-that round together (DDP, or DeepSpeed ZeRO-1/2, under the Trainer). Outside a launcher there is one rank and no
-process group, and every call here is free.
+that round together (DDP, or DeepSpeed ZeRO-1/2/3, under the Trainer; FSDP is refused). Outside a launcher there
+is one rank and no process group, and every call here is free.
 """
 
 from __future__ import annotations

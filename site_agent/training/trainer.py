@@ -27,6 +27,9 @@ from protos.fedbridge.v1 import federation_service_pb2 as pb
 from site_agent.training.masking import apply_pinned_template, check_template, mask_conversation
 
 log = logging.getLogger(__name__)
+# What the launcher asked for, as the process started: the Trainer's Accelerator sets ACCELERATE_USE_DEEPSPEED itself
+# once a DeepSpeed trainer ran, which must not read as a launcher flag for the next trainer (see check_launch_env).
+_LAUNCH_ENV = {k: v for k, v in os.environ.items() if k.startswith("ACCELERATE_USE_")}
 
 
 @dataclass(frozen=True)
@@ -80,8 +83,9 @@ class SftSiteTrainer:
             weights, and so the delta, stay float32.
         checkpoint_steps: Save a step checkpoint (adapter, optimizer, scheduler, RNG) every this many steps, so a
             site killed mid-round resumes that round where it stopped; 0: off.
-        deepspeed: A DeepSpeed config (ZeRO stage 1 or 2) for training through accelerate/DeepSpeed; on CPU, or
-            outside a launcher, it runs single-process on gloo. None: plain PyTorch.
+        deepspeed: A DeepSpeed config (ZeRO stage 1, 2 or 3) for training through accelerate/DeepSpeed; on CPU,
+            or outside a launcher, it runs single-process on gloo. None: plain PyTorch. Under ZeRO-3 the model is
+            rebuilt from the base each round (see :meth:`train_round`).
         chat_template: The chat template the task carried (``[model] chat_template``); "" for the base's own.
         chat_template_sha256: The task's pin of the template in force; "" for none. The tokenizer's template must
             hash to it (:func:`fedcommon.chat.apply_pinned_template`), or the trainer refuses to start.
@@ -102,7 +106,9 @@ class SftSiteTrainer:
         self.quantized = quantize
         self.checkpoint_steps = checkpoint_steps
         self.world_size = world_size
+        check_launch_env(deepspeed)
         self.deepspeed = check_deepspeed(deepspeed) if deepspeed else None
+        self.zero3 = zero_stage(self.deepspeed) == 3
         self.resumed_from_step = 0  # the step the last round resumed from (0: it started fresh)
         if device_map and (int(os.environ.get("WORLD_SIZE", "1")) > 1 or deepspeed):
             # Each rank of a data-parallel launch holds a whole replica on its own GPU; a device_map spreading one
@@ -115,7 +121,8 @@ class SftSiteTrainer:
         self.template_sha256 = chat_template_sha256
         if train_rows and "messages" in train_rows[0]:
             check_template(self.tokenizer)  # refuse a template no assistant mask comes from before loading weights
-        self._base = load_base(self.base_model, quantize, device_map=device_map)
+        self._device_map = device_map
+        self._base: Any = load_base(self.base_model, quantize, device_map=device_map)
         self._rows = train_rows
         self._dataset: Any = None  # tokenised once by the first SFTTrainer, reused after
         self.model: Any = None
@@ -126,11 +133,24 @@ class SftSiteTrainer:
         gc.collect()
         gc.freeze()
 
+    def _base_model(self) -> Any:
+        """The base model, loaded again when the last ZeRO-3 round left it partitioned (and dropped it)."""
+        if self._base is None:
+            # Whole on every rank, as in the first round: a live ZeRO-3 config would make from_pretrained load it
+            # already partitioned (zero.Init), and the residual and adapter could then not be written into it.
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+            unset_hf_deepspeed_config()
+            self._base = load_base(self.base_model, self.quantized, device_map=self._device_map)
+        return self._base
+
     def _ensure_model(self, spec: pb.AdapterSpec) -> Any:
         from peft import get_peft_model
 
         if self.model is None:
-            self.model = get_peft_model(self._base, lora_config(spec))
+            if self._spec_sha and self._spec_sha != spec.sha256:
+                raise ValueError("the federation changed its adapter spec mid-run; restart the agent to follow it")
+            self.model = get_peft_model(self._base_model(), lora_config(spec))
             self._spec_sha = spec.sha256
         elif self._spec_sha != spec.sha256:
             raise ValueError("the federation changed its adapter spec mid-run; restart the agent to follow it")
@@ -142,7 +162,7 @@ class SftSiteTrainer:
 
         if self.model is not None:
             raise ValueError("probe_adapter is for a trainer that has not trained yet")
-        self.model = get_peft_model(self._base, lora_config_for(rank, 2.0 * rank, 0.0, "all-linear"))
+        self.model = get_peft_model(self._base_model(), lora_config_for(rank, 2.0 * rank, 0.0, "all-linear"))
         state = {k: v.detach().clone().contiguous() for k, v in get_peft_model_state_dict(self.model).items()}
         spec = tensors.make_adapter_spec(state, rank, 2.0 * rank, 0.0,
                                          sorted(self.model.peft_config["default"].target_modules))
@@ -173,7 +193,7 @@ class SftSiteTrainer:
         """
         if residual and self.quantized:
             raise ValueError("a base residual cannot be folded into a 4-bit (qlora) base model")
-        params = dict(self._base.named_parameters())
+        params = dict(self._base_model().named_parameters())
         for name, value in residual.items():
             target = name if name in params else name.replace(".weight", ".base_layer.weight")
             if not name.endswith(".weight") or target not in params:
@@ -209,6 +229,34 @@ class SftSiteTrainer:
         # On CPU so the delta is computed and encoded where the global state lives, whatever device trained.
         return {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(self.model).items()}
 
+    def _partitioned_adapter_state(self) -> dict[str, torch.Tensor]:
+        """The whole LoRA tensors of a model ZeRO-3 partitioned over the ranks (a collective: every rank calls it).
+
+        Each rank holds a slice of every parameter after ZeRO-3 training (the rest of the tensor is empty); the
+        LoRA parameters, which are small, are gathered whole for the copy and partitioned again afterwards.
+        """
+        import deepspeed
+
+        lora = [p for n, p in self.model.named_parameters() if "lora_" in n]
+        with deepspeed.zero.GatheredParameters(lora, modifier_rank=None):
+            return self.adapter_state()
+
+    def _drop_partitioned_model(self, trainer: Any) -> None:
+        """Forget a model ZeRO-3 partitioned, so the next round starts again from a whole base.
+
+        Its parameters are slices tied to this round's engine and hooks; a new engine cannot be built over them,
+        and the next round's adapter (or a FedEx residual) could not simply be copied in. Loading the base again
+        costs a read of the weights per round, and nothing else in the round changes.
+        """
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        engine = trainer.model_wrapped
+        if hasattr(engine, "destroy"):
+            engine.destroy()  # removes ZeRO-3's module hooks and frees its partitions
+        trainer.model = trainer.model_wrapped = trainer.deepspeed = None
+        self.model = self._base = None
+        unset_hf_deepspeed_config()
+
     def train_round(self, task: pb.Task, global_state: dict[str, torch.Tensor],
                     progress: Callable[[int, int, float | None], None] | None = None) -> RoundResult:
         """Train one round from ``global_state`` and return the delta."""
@@ -216,6 +264,11 @@ class SftSiteTrainer:
 
         t = task.training
         round_start = time.perf_counter()
+        if self.zero3 and task.hints.proximal_mu > 0:
+            # The proximal term reads whole adapter weights in the loss; ZeRO-3 only holds them whole inside the
+            # forward pass of their own module.
+            raise ValueError("FedProx (hints.proximal_mu > 0) is not supported under DeepSpeed ZeRO-3 (use ZeRO-2, "
+                             "or a strategy without a proximal term)")
         self.load_adapter(task.adapter_spec, global_state)
         trainable = self._set_trainable(freeze_lora_a=task.hints.freeze_lora_a)
         args = SFTConfig(
@@ -248,7 +301,7 @@ class SftSiteTrainer:
         train_loss = float(out.training_loss)
         train_time = time.perf_counter() - start
         self.last_engine = type(trainer.model_wrapped).__name__  # "DeepSpeedEngine" when DeepSpeed trained the round
-        local = self.adapter_state()
+        local = self._partitioned_adapter_state() if self.zero3 else self.adapter_state()
         delta = float32_delta(local, global_state)
         examples = t.max_steps * t.per_device_batch_size * max(1, t.gradient_accumulation_steps)
         weight = data_weight(t, len(self._rows), lambda: self._loss_tokens(t.max_length))
@@ -258,10 +311,16 @@ class SftSiteTrainer:
             tokens = int(sum(lengths) / max(1, len(lengths)) * examples)
         if self.checkpoint_steps:  # the round is done: its step checkpoints must not resume a later run
             shutil.rmtree(args.output_dir, ignore_errors=True)
+        if self.zero3:
+            self._drop_partitioned_model(trainer)
         # The TRL trainer sits in reference cycles with its optimizer state; a long-lived agent that leaves them to
         # the cyclic collector trains later rounds measurably slower (site_train bench), so free them now.
         del trainer, out
         gc.collect()
+        if self.zero3:  # the dropped model was frozen out of collection with the rest at start-up: let it go
+            gc.unfreeze()
+            gc.collect()
+            gc.freeze()
         return RoundResult(delta, weight, train_loss, train_time, tokens,
                            time.perf_counter() - round_start)
 
@@ -347,23 +406,22 @@ def check_deepspeed(config: dict[str, Any]) -> dict[str, Any]:
     """Check a site's DeepSpeed config and prepare a single-process run when no launcher set one up.
 
     Under a launcher (``torchrun``/``accelerate launch``) its ranks train together and ZeRO-1/2 shards the optimizer
-    state over them.
-
-    ZeRO-3 partitions the parameters themselves, so reading the adapter delta (and reusing the model across rounds)
-    needs gathering that this trainer does not do yet: it is refused rather than silently sending wrong tensors.
+    state over them; ZeRO-3 partitions the parameters too. The base is loaded whole on each rank (no
+    ``zero.Init``) and partitioned when the round's engine starts; the trainer gathers the LoRA tensors to read
+    the delta and rebuilds the model from the base for the next round.
 
     Raises:
         ImportError: deepspeed is not installed (the ``site`` extra).
-        ValueError: ZeRO stage 3, or an unknown stage.
+        ValueError: An unknown ZeRO stage.
     """
     try:
         import deepspeed  # noqa: F401
     except ImportError as e:
         raise ImportError("a DeepSpeed config needs deepspeed: install the 'site' extra (pip install "
                           "'fedbridge[site]')") from e
-    stage = int(config.get("zero_optimization", {}).get("stage", 0))
-    if stage not in (0, 1, 2):
-        raise ValueError(f"DeepSpeed ZeRO stage {stage} is not supported by the site trainer yet (use 1 or 2)")
+    stage = zero_stage(config)
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"DeepSpeed ZeRO stage {stage} does not exist (use 0, 1, 2 or 3)")
     # No torchrun/deepspeed launcher set up a process group: run as a single process on gloo (DeepSpeed needs one).
     if "RANK" not in os.environ:
         import socket
@@ -373,6 +431,45 @@ def check_deepspeed(config: dict[str, Any]) -> dict[str, Any]:
             port = s.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     return config
+
+
+def check_launch_env(deepspeed: dict[str, Any] | None, env: dict[str, str] | None = None) -> None:
+    """Refuse what ``accelerate launch`` can switch on behind the trainer's back, where the delta would be wrong.
+
+    ``accelerate launch`` starts the ranks like ``torchrun`` (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) and also
+    leaves flags the Trainer's Accelerator reads. FSDP (``--use_fsdp``) shards the parameters into DTensors this
+    trainer does not gather, so the adapter it read would be a shard; DeepSpeed from the launcher's own config
+    (``--use_deepspeed`` without the site's ``deepspeed``) may be ZeRO-3 without the trainer knowing; and ``--cpu``
+    turns DeepSpeed off while the site's config still says it is on.
+
+    Raises:
+        ValueError: One of those, naming the flag and what to do instead.
+    """
+    env = _LAUNCH_ENV if env is None else env
+
+    def flag(name: str) -> bool:
+        return env.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+    if flag("ACCELERATE_USE_FSDP"):
+        raise ValueError("FSDP (accelerate launch --use_fsdp) is not supported by the site trainer: it would read a "
+                         "shard of the adapter, not the adapter; use DeepSpeed ZeRO-3 (site.toml deepspeed) to "
+                         "partition a base that does not fit one GPU")
+    if flag("ACCELERATE_USE_DEEPSPEED") and not deepspeed:
+        raise ValueError("accelerate launch --use_deepspeed without the site's own DeepSpeed config: set "
+                         "'deepspeed' in site.toml (the trainer must know the ZeRO stage) and launch with "
+                         "--multi_gpu, or with torchrun")
+    if flag("ACCELERATE_USE_CPU") and deepspeed:
+        raise ValueError("accelerate launch --cpu turns DeepSpeed off, but site.toml sets 'deepspeed': launch "
+                         "with --multi_gpu (it runs on CPU too) or leave 'deepspeed' unset")
+
+
+def zero_stage(config: dict[str, Any] | None) -> int:
+    """The ZeRO stage a DeepSpeed config asks for (0: none, and without a config)."""
+    try:
+        return int(((config or {}).get("zero_optimization") or {}).get("stage", 0))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"DeepSpeed config: zero_optimization.stage must be an integer, got "
+                         f"{(config or {}).get('zero_optimization', {}).get('stage')!r}") from e
 
 
 def precision_args(deepspeed: dict[str, Any] | None, device: tuple[bool, bool] | None = None) -> dict[str, bool]:
