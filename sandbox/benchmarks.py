@@ -51,14 +51,24 @@ class SharedBenchmark:
     n_mcq: int
     n_qa: int
 
-    def benchmark_tables(self) -> list[dict[str, Any]]:
-        """The ``[[evaluation.benchmarks]]`` entries of ``federation.toml`` that run this benchmark."""
-        return [
-            {"name": "general_mcq", "local_path": str(self.mcq_dir), "subsets": list(self.subsets),
-             "prompt_template": MCQ_PROMPT},
-            {"name": "general_qa", "local_path": str(self.qa_dir), "subsets": list(self.subsets),
-             "prompt_template": QA_PROMPT, "metrics": ["Rouge"]},
-        ]
+    def benchmark_tables(self, names: tuple[str, ...] = ("general_mcq", "general_qa")) -> list[dict[str, Any]]:
+        """The ``[[evaluation.benchmarks]]`` entries of ``federation.toml`` that run this benchmark.
+
+        Args:
+            names: Which formats to run. The sandbox's sites train only the open-question form, so the demo runs
+                ``general_qa`` alone: no site ever learns to answer ``ANSWER: <letter>``, and ``general_mcq`` would
+                read 0 after every round whatever the sites learned.
+        """
+        tables = {
+            "general_mcq": {"name": "general_mcq", "local_path": str(self.mcq_dir), "subsets": list(self.subsets),
+                            "prompt_template": MCQ_PROMPT},
+            "general_qa": {"name": "general_qa", "local_path": str(self.qa_dir), "subsets": list(self.subsets),
+                           "prompt_template": QA_PROMPT, "metrics": ["Rouge"]},
+        }
+        unknown = [n for n in names if n not in tables]
+        if unknown:
+            raise ValueError(f"unknown shared benchmark(s) {unknown}; there are {sorted(tables)}")
+        return [tables[n] for n in names]
 
 
 def _families(n_sites: int) -> list[Any]:

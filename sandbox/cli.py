@@ -27,14 +27,17 @@ def demo(workdir: Path = typer.Option(Path("demo-run"), help="folder for PKI, da
          chat_template: Path | None = typer.Option(None, "--chat-template", help="Jinja chat template file for a "
                                                    "base that ships none"),
          eval_every: int = typer.Option(1, "--eval-every", help="shared EvalScope evaluation every k rounds "
-                                        "(0: off, and no release gate)")) -> None:
+                                        "(0: off, and no release gate)"),
+         baseline: bool = typer.Option(True, "--baseline/--no-baseline", help="also train each site alone (same "
+                                       "task, its data only) and compare it with the federated model")) -> None:
     """Run a coordinator and SITES site agents on loopback with mTLS for ROUNDS rounds, then publish."""
     from sandbox.demo import DemoConfig, run_demo
 
     logging.basicConfig(level=logging.WARNING)
     try:
         cfg = DemoConfig(workdir=workdir, sites=sites, rounds=rounds, steps=steps, learning_rate=learning_rate,
-                         rank=rank, base_model=base_model, chat_template=chat_template, eval_every=eval_every)
+                         rank=rank, base_model=base_model, chat_template=chat_template, eval_every=eval_every,
+                         baseline=baseline)
     except ValueError as e:
         console.print(f"[bold red]error:[/] {e}")
         raise typer.Exit(2) from None

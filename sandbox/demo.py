@@ -6,6 +6,12 @@ the published model's path and model card. Sites report only aggregate metrics; 
 token-weighted mean of the sites' held-out losses of the round's global adapter. The coordinator also scores each
 round's merged model with EvalScope on a generated shared benchmark that asks about every site's facts
 (:mod:`sandbox.benchmarks`), and publishes only if the release gate passes.
+
+What federation buys is shown against a baseline: beside the federation, each site's data also trains a local-only
+model (:mod:`sandbox.local_only`: the same task, rounds x local steps, LoRA spec, learning rate and seed, through the
+site agent's own trainer, on that site's data alone). The final table scores the federated model and every
+local-only one on each site's held-out task and on their union; ``results.json`` in the work folder holds the same
+numbers.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from coordinator.release.evaluation import is_due
+from fedcommon.durable import write_durable
 from sandbox import localfed
 from sandbox.tiny_model import build_tiny_model
 
@@ -43,6 +50,8 @@ class DemoConfig:
         base_model: A local Hugging Face base model directory to federate instead of the house tiny model (any
             causal LM; a ``fedbridge-manifest.json`` is not needed, the coordinator hashes the model files).
         chat_template: A Jinja chat template file for a base that ships none (``[model] chat_template``).
+        baseline: Also train each site's local-only model (the same task on its own data alone) beside the
+            federation and compare; it doubles the training work (off: today's federated-only run).
     """
 
     workdir: Path = Path("demo-run")
@@ -56,6 +65,7 @@ class DemoConfig:
     gate_qa: float = 0.5
     base_model: Path | None = None
     chat_template: Path | None = None
+    baseline: bool = True
 
     def __post_init__(self) -> None:
         if self.base_model is not None and not (Path(self.base_model) / "config.json").is_file():
@@ -147,6 +157,62 @@ def decision_line(attempt: int, event: str, site: str, detail: dict) -> str:
     return words
 
 
+def federated_steps(db: Path) -> dict[str, int]:
+    """Optimizer steps each site's trainer reported over all rounds (its ``train`` metric ``steps``)."""
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+    try:
+        rows = con.execute("SELECT site, SUM(value) FROM metrics WHERE phase = 'train' AND key = 'steps' "
+                           "GROUP BY site").fetchall()
+    finally:
+        con.close()
+    return {s: int(v) for s, v in rows}
+
+
+def comparison(views: list[RoundView], initial: dict[str, tuple[float, float]], steps: dict[str, int],
+               local: dict[str, dict]) -> list[dict]:
+    """The final table's rows: the initial adapter, the federated model, and each site's local-only model.
+
+    Each row holds ``model``, ``trained_on``, ``steps`` (site -> optimizer steps its trainer reported),
+    ``heldout`` (site -> [loss, tokens] on that site's held-out task) and ``union_heldout_loss``.
+    """
+    final = views[-1].heldout if views else {}
+    rows = [{"model": "initial adapter", "trained_on": "", "steps": {}, "heldout": {s: list(v) for s, v in initial.items()},
+             "union_heldout_loss": union_loss(initial)},
+            {"model": "federated", "trained_on": "all sites", "steps": dict(steps),
+             "heldout": {s: list(v) for s, v in final.items()}, "union_heldout_loss": union_loss(final)}]
+    for site, r in local.items():
+        heldout = {s: (float(v[0]), float(v[1])) for s, v in r["heldout"].items()}
+        rows.append({"model": f"local-only {site}", "trained_on": site, "steps": {site: int(r["steps"])},
+                     "heldout": {s: list(v) for s, v in heldout.items()}, "union_heldout_loss": union_loss(heldout)})
+    return rows
+
+
+def constant_zero_columns(views: list[RoundView]) -> list[str]:
+    """Shared-benchmark columns that read 0 in every evaluated round (a format no site trains, or a broken eval)."""
+    benches = sorted({b for v in views for b in v.shared})
+    return [b for b in benches if all(v.shared.get(b, 0.0) == 0.0 for v in views if b in v.shared)]
+
+
+def comparison_table(rows: list[dict], sites: list[str]) -> Table:
+    t = Table(title="what federation buys: held-out loss on each site's task and on their union (lower is better; "
+                    "optimizer steps as each trainer reported them)",
+              title_justify="left")
+    t.add_column("model")
+    t.add_column("optimizer steps", justify="right")
+    for s in sites:
+        t.add_column(s, justify="right")
+    t.add_column("union", justify="right")
+    best = min(r["union_heldout_loss"] for r in rows[1:])
+    for r in rows:
+        counts = sorted(set(r["steps"].values()))
+        steps = (f"{counts[0]} per site" if len(r["steps"]) > 1 else str(counts[0])) if len(counts) == 1 else \
+            ", ".join(f"{s} {n}" for s, n in sorted(r["steps"].items())) or "0"
+        union = f"{r['union_heldout_loss']:.4f}"
+        t.add_row(r["model"], steps, *[f"{r['heldout'][s][0]:.4f}" if s in r["heldout"] else "" for s in sites],
+                  f"[bold]{union}[/]" if r["union_heldout_loss"] == best else union)
+    return t
+
+
 def union_loss(heldout: dict[str, tuple[float, float]]) -> float:
     tokens = sum(t for _, t in heldout.values())
     return sum(loss * t for loss, t in heldout.values()) / tokens if tokens else float("nan")
@@ -200,6 +266,7 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> Path:
                            gate={"thresholds": {"general_qa": cfg.gate_qa}, "max_regression": 0.05} if evaluate else None,
                            publish={"license": "apache-2.0"})
     names = [s.name for s in fed.sites]
+    local_out = {n: workdir / "local-only" / f"{n}.json" for n in names} if cfg.baseline else {}
     for s in fed.sites:
         console.print(f"  {s.name}: {s.skill}  (private data: {s.train_path.relative_to(workdir)})")
     db = fed.state_dir / "coordinator.db"
@@ -218,13 +285,23 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> Path:
             time.sleep(0.1)
         for s in fed.sites:
             fed.start_site(s, threads=1)
+        # The baselines train beside the federation, each in its own process, on 1 thread.
+        for s in fed.sites if cfg.baseline else []:
+            fed.procs[f"local-only-{s.name}"] = localfed._spawn(
+                [localfed.PY, "-m", "sandbox.local_only", "--federation", str(fed.federation_toml),
+                 "--base-model", str(fed.base_model), "--train", str(s.train_path),
+                 *[a for o in fed.sites for a in ("--heldout", f"{o.name}={o.heldout_path}")],
+                 "--work-dir", str(workdir / "local-only" / s.name), "--out", str(local_out[s.name])],
+                fed.log_path(f"local-only-{s.name}"))
         shown = 0
         releases = Releases([], [])
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=console) as bars:
             overall = bars.add_task("rounds aggregated", total=cfg.rounds)
             per_site = {n: bars.add_task(f"  {n} updates sent", total=cfg.rounds) for n in names}
+            baselines = bars.add_task("local-only baselines done", total=len(local_out), visible=cfg.baseline)
             while True:
+                bars.update(baselines, completed=sum(1 for p in local_out.values() if p.exists()))
                 views, initial, releases = read_store(db, cfg.rounds)
                 for n in names:
                     bars.update(per_site[n], completed=sum(1 for v in views if n in v.uploaded))
@@ -244,6 +321,11 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> Path:
                     raise TimeoutError(f"demo did not finish within {cfg.timeout_s}s; logs in {fed.root / 'logs'}")
                 time.sleep(0.3)
         fed.wait(names + ["coordinator"], timeout=120)
+        left = max(30.0, cfg.timeout_s - (time.monotonic() - start))
+        with console.status("waiting for the local-only baselines"):
+            codes = fed.wait([f"local-only-{n}" for n in local_out], timeout=left)
+        if any(codes.values()):
+            raise RuntimeError(f"local-only baseline(s) failed: {codes}; logs in {fed.root / 'logs'}")
     views, initial, releases = read_store(db, cfg.rounds)
     benches = sorted({b for v in views for b in v.shared})
     summary = Table(title="the union of the sites' tasks, global model after each round: held-out loss (sites) and "
@@ -257,6 +339,23 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> Path:
         summary.add_row(str(v.round), f"{union_loss(v.heldout):.4f}",
                         *[f"{v.shared[b]:.3f}" if b in v.shared else "" for b in benches])
     console.print(summary)
+    rows = comparison(views, initial, federated_steps(db),
+                      {n: json.loads(p.read_text()) for n, p in local_out.items()})
+    console.print(comparison_table(rows, names))
+    if local_out:
+        fed_union, best_local = rows[1]["union_heldout_loss"], min(r["union_heldout_loss"] for r in rows[2:])
+        console.print(f"federated vs the best site alone on the union of the tasks: {fed_union:.4f} vs "
+                      f"{best_local:.4f}" + (" [bold green](federation wins)[/]" if fed_union < best_local
+                                             else " [bold red](federation does not win here)[/]"))
+    results = workdir / "results.json"
+    write_durable(results, json.dumps({
+        "config": {"sites": cfg.sites, "rounds": cfg.rounds, "steps": cfg.steps, "learning_rate": cfg.learning_rate,
+                   "rank": cfg.rank, "eval_every": cfg.eval_every, "baseline": cfg.baseline},
+        "rounds": [{"round": 0, "union_heldout_loss": union_loss(initial), "shared": {}}]
+        + [{"round": v.round, "union_heldout_loss": union_loss(v.heldout), "shared": v.shared} for v in views],
+        "comparison": rows, "constant_zero_columns": constant_zero_columns(views),
+        "seconds": time.monotonic() - start}, indent=2).encode())
+    console.print(f"results: {results}")
     if not releases.published:
         for reason in releases.blocked:
             console.print(f"[bold red]publication blocked by the release gate[/]: {reason}")

@@ -146,14 +146,16 @@ def prepare(root: Path, base_model: Path, *, n_sites: int = 3, rounds: int = 3, 
             publish: dict[str, Any] | None = None, strategy: str = "fedavg",
             strategy_params: dict[str, Any] | None = None, privacy: dict[str, Any] | None = None,
             quorum: dict[str, Any] | None = None, chat_template: Path | None = None,
-            base_model_ref: str = "fedbridge/tiny-llama", csr_enrolment: bool = False) -> LocalFederation:
+            base_model_ref: str = "fedbridge/tiny-llama", csr_enrolment: bool = False,
+            shared_benchmarks: tuple[str, ...] = ("general_qa",)) -> LocalFederation:
     """Lay out a federation under ``root``: PKI, data, and ``federation.toml``.
 
     ``shared_eval`` turns on the coordinator's EvalScope evaluation on a generated shared benchmark covering every
     site's fact family (:mod:`sandbox.benchmarks`); its keys override ``[evaluation]`` settings. ``gate`` and
     ``publish`` become the ``[gate]`` and ``[publish]`` tables, ``privacy`` the ``[privacy]`` table, ``quorum`` the
     ``[quorum]`` table (deadline, heartbeats, late-update policy). ``chat_template`` becomes ``[model]
-    chat_template`` (a template file for a base that ships none).
+    chat_template`` (a template file for a base that ships none). ``shared_benchmarks`` names the formats of the
+    shared benchmark to run (by default only ``general_qa``, the open-question form the sites' data trains).
 
     ``csr_enrolment`` enrols the sites the way a real federation does instead of with the dev PKI: each site makes
     its keys in its own kit folder, the CA (in ``root/ca``, apart from the coordinator's ``root/pki``) signs their
@@ -184,7 +186,7 @@ def prepare(root: Path, base_model: Path, *, n_sites: int = 3, rounds: int = 3, 
         cfg["record_inbound"] = str(record)
     if shared_eval is not None:
         bench = make_shared_benchmark(root / "benchmark", n_sites=n_sites, seed=seed)
-        cfg["evaluation"] = {"enabled": True, "benchmarks": bench.benchmark_tables(), **shared_eval}
+        cfg["evaluation"] = {"enabled": True, "benchmarks": bench.benchmark_tables(shared_benchmarks), **shared_eval}
     cfg["gate"], cfg["publish"], cfg["privacy"] = gate or {}, publish or {}, privacy or {}
     cfg["quorum"] = quorum or {}
     cfg["model"] = {"chat_template": str(chat_template)} if chat_template else {}

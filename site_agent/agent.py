@@ -348,6 +348,7 @@ def _serve(cfg: SiteConfig, show_progress: bool, audit: AuditSink | None, ranks:
                 "loss": result.train_loss, "train_time_s": result.train_time_s, "round_time_s": result.round_time_s,
                 "tokens": float(result.tokens),
                 "tokens_per_s": result.tokens / max(result.train_time_s, 1e-9), "upload_bytes": float(len(payload)),
+                "steps": float(result.steps),
             }, result.num_examples)
             trained += 1
             last_round = task.round

@@ -16,7 +16,7 @@ from protos.fedbridge.v1 import federation_service_pb2 as pb
 
 # Aggregate numbers a site may report. A new metric must be added here on purpose: a free-form name could carry data.
 ALLOWED_METRICS: frozenset[str] = frozenset({
-    "loss", "accuracy", "tokens", "tokens_per_s", "train_time_s", "round_time_s", "upload_bytes",
+    "loss", "accuracy", "tokens", "tokens_per_s", "train_time_s", "round_time_s", "upload_bytes", "steps",
     "epsilon", "epsilon_spent", "clip_fraction",
 })
 MAX_METRICS = 32

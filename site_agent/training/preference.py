@@ -154,6 +154,7 @@ class PreferenceSiteTrainer(SftSiteTrainer):
             out = trainer.train(resume_from_checkpoint=self._resume_point(trainer.args.output_dir, task.round))
             train_loss = float(out.training_loss)
             train_time = time.perf_counter() - start
+            steps = int(trainer.state.global_step)
             self.last_log_history = [dict(h) for h in trainer.state.log_history]
         finally:
             self._drop_reference()
@@ -171,7 +172,7 @@ class PreferenceSiteTrainer(SftSiteTrainer):
         del trainer, out
         gc.collect()
         return RoundResult(delta, weight, train_loss, train_time, tokens,
-                           time.perf_counter() - round_start)
+                           time.perf_counter() - round_start, steps)
 
 
 def _answer_tokens(dataset: Any) -> int:

@@ -46,6 +46,8 @@ class RoundResult:
         tokens: Tokens processed (for tokens/s).
         round_time_s: Wall time of the whole local round: loading the global adapter, trainer set-up, training,
             and computing the delta.
+        steps: Optimizer steps the trainer reports it took this round (``global_step``; a resumed round counts
+            the steps before the restart too), so a comparison can check the work done, not the work asked for.
     """
 
     delta: dict[str, torch.Tensor]
@@ -54,6 +56,7 @@ class RoundResult:
     train_time_s: float
     tokens: int
     round_time_s: float
+    steps: int = 0
 
 
 class _Progress:
@@ -300,6 +303,7 @@ class SftSiteTrainer:
         out = trainer.train(resume_from_checkpoint=self._resume_point(args.output_dir, task.round))
         train_loss = float(out.training_loss)
         train_time = time.perf_counter() - start
+        steps = int(trainer.state.global_step)
         self.last_engine = type(trainer.model_wrapped).__name__  # "DeepSpeedEngine" when DeepSpeed trained the round
         local = self._partitioned_adapter_state() if self.zero3 else self.adapter_state()
         delta = float32_delta(local, global_state)
@@ -322,7 +326,7 @@ class SftSiteTrainer:
             gc.collect()
             gc.freeze()
         return RoundResult(delta, weight, train_loss, train_time, tokens,
-                           time.perf_counter() - round_start)
+                           time.perf_counter() - round_start, steps)
 
     def _loss_tokens(self, max_length: int) -> int:
         """Assistant tokens of the training rows within ``max_length``: the tokens the SFT loss is computed on."""
