@@ -15,6 +15,13 @@ Values are ids, hashes, counts and short strings only: never tensors, samples, k
 refuses bytes and anything that is not a JSON scalar, list or string-keyed dict of those.
 
 Every append is fsynced before it returns, so an action recorded "before" it happens is on disk first.
+
+Crashes: an append writes the head file naming the record about to be written (``pending``: its hash), the record's
+line, then the head file naming it as the head, each durable before the next. So a kill at any point leaves a torn
+last line, or the pending record whole beyond the head, or a pending record not written at all, or nothing amiss.
+:func:`verify` names those CRASH (not tampering), and opening the log for appending repairs them and records the
+repair (``audit_recovered``: the bytes cut, their offset and SHA-256, the head completed). A head ahead of the log or
+behind it by more than its pending record, or any bad line before the last, is TAMPERED.
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from fedcommon.durable import write_durable
 
 log = logging.getLogger(__name__)
 
@@ -96,43 +105,65 @@ def _utc_now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def _read_head_file(hp: Path) -> tuple[Head, str | None, bool]:
+    """The head file's head, its pending record hash (None when no append is in progress) and whether it is in the
+    older format that had no ``pending`` key."""
+    d = json.loads(hp.read_text())
+    pending = d.get("pending")
+    if pending is not None and not isinstance(pending, str):
+        raise ValueError("pending is not a hash")
+    return Head(int(d["seq"]), str(d["hash"])), pending, "pending" not in d
+
+
 class AuditLog:
     """A hash-chained log file open for appending (one writer process; thread-safe inside it).
+
+    An append writes, in this order, each step durable before the next: the head file naming the record about to
+    be written (``pending``: its hash); the record's line; the head file with the record as the head. So a kill at
+    any point leaves a head with a pending record and either no line for it, a torn prefix of it, or the whole of it;
+    or a clean log. Opening the log repairs any of these (cuts the torn bytes, completes the head) and records the
+    repair as a record of its own (``audit_recovered``). See :func:`verify` for what is a crash and what tampering.
 
     Args:
         path: The log file (created with its folder if missing).
 
     Raises:
-        AuditError: The existing file does not verify (it is never appended to then, so nothing is hidden).
+        AuditError: The existing file is tampered with (it is never appended to then, so nothing is hidden).
     """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._drop_torn_tail()
         report = verify(self.path)
-        if not report.ok:
+        if report.tampered:
             raise AuditError(f"{self.path}: the audit log does not verify, refusing to append to it: "
                              f"{report.problems[0]}")
         self.head = Head(report.records, report.head)
+        if report.crashed:
+            self._recover(report)
 
-    def _drop_torn_tail(self) -> None:
-        """A crash in the middle of a write leaves a last line without its newline: that record never completed."""
-        if not self.path.exists():
-            return
-        data = self.path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            keep = data.rfind(b"\n") + 1
-            log.warning("[AuditLog] %s: dropping a torn last line (%d bytes) left by a crash", self.path,
-                        len(data) - keep)
-            with open(self.path, "r+b") as f:
-                f.truncate(keep)
-                f.flush()
-                os.fsync(f.fileno())
+    def _recover(self, report: VerifyReport) -> None:
+        """Cut a torn tail and complete the head, recording both in one ``audit_recovered`` record.
+
+        The record is written *over* the torn bytes before the file is shortened, so the torn bytes are never gone
+        without a record of the cut: a kill in between leaves a torn tail again (or the recovery record whole with
+        the rest of the torn bytes after it), which the next open repairs and records the same way.
+        """
+        for finding in report.crash:
+            log.warning("[AuditLog] %s: repairing what a crash left: %s", self.path, finding)
+        fields: dict[str, Any] = {"findings": report.crash}
+        if report.head_file_seq is not None and report.head_file_seq < report.records:
+            fields["head_completed"] = {"from_seq": report.head_file_seq, "to_seq": report.records}
+        if report.torn_bytes:
+            fields["cut"] = {"bytes": report.torn_bytes, "offset": report.valid_bytes, "sha256": report.torn_sha256}
+        self._append(event="audit_recovered", fields=fields, offset=report.valid_bytes if report.torn_bytes else None)
 
     def append(self, event: str, fields: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Append one record and fsync it (and the head file) before returning the record."""
+        return self._append(event, fields, offset=None)
+
+    def _append(self, event: str, fields: Mapping[str, Any] | None, offset: int | None) -> dict[str, Any]:
         if not event or not isinstance(event, str) or len(event) > 64:
             raise AuditError("audit event must be a non-empty string of at most 64 characters")
         fields = dict(fields or {})
@@ -142,19 +173,28 @@ class AuditLog:
                                    "prev": self.head.hash}
             rec["hash"] = record_hash(rec)
             line = _canonical(rec) + b"\n"
-            with open(self.path, "ab") as f:
-                f.write(line)
-                f.flush()
-                os.fsync(f.fileno())
+            self._write_head(pending=rec["hash"])
+            with open(self.path, "r+b" if offset is not None else "ab") as f:
+                start = f.seek(0, os.SEEK_END) if offset is None else f.seek(offset)
+                try:
+                    f.write(line)
+                    # Over torn bytes (recovery), the rest of them goes only after the record is written.
+                    f.truncate(start + len(line))
+                    f.flush()
+                    os.fsync(f.fileno())
+                except OSError:
+                    # A failed write (disk full) must not leave a prefix that the next append would follow.
+                    f.truncate(start)
+                    raise
             self.head = Head(rec["seq"], rec["hash"])
-            hp = head_path(self.path)
-            tmp = hp.with_name(hp.name + ".tmp")
-            with open(tmp, "w") as f:
-                f.write(self.head.to_json())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, hp)
+            self._write_head(pending=None)
         return rec
+
+    def _write_head(self, pending: str | None) -> None:
+        # Atomic and durable (the folder too): a head rename lost to a power cut would let the head fall more than
+        # one record behind, which verify rightly calls tampering.
+        write_durable(head_path(self.path), json.dumps({"seq": self.head.seq, "hash": self.head.hash,
+                                                         "pending": pending}).encode())
 
     def record(self, event: str, fields: Mapping[str, Any]) -> None:
         """The site's ``AuditSink`` protocol."""
@@ -163,47 +203,93 @@ class AuditLog:
 
 @dataclass
 class VerifyReport:
-    """What :func:`verify` found. ``problems`` name the line number (1-based) and what is wrong."""
+    """What :func:`verify` found.
+
+    ``problems`` are tampering (each names the line, 1-based, and what is wrong); ``crash`` are what a crash of the
+    writer leaves mid-append, repaired and recorded when the writer next opens the log. ``records`` and ``head`` are
+    the whole, valid records (a torn tail excluded).
+    """
 
     path: Path
     records: int = 0
     head: str = GENESIS
     problems: list[str] = field(default_factory=list)
+    crash: list[str] = field(default_factory=list)
+    valid_bytes: int = 0
+    torn_bytes: int = 0
+    torn_sha256: str = ""
+    head_file_seq: int | None = None
+
+    @property
+    def tampered(self) -> bool:
+        return bool(self.problems)
+
+    @property
+    def crashed(self) -> bool:
+        """Not tampered, but left by a crash mid-append (recoverable)."""
+        return not self.problems and bool(self.crash)
 
     @property
     def ok(self) -> bool:
-        return not self.problems
+        """Clean: neither tampered nor left mid-append by a crash."""
+        return not self.problems and not self.crash
+
+    @property
+    def verdict(self) -> str:
+        """``OK``, ``CRASH`` (recoverable, not tampering) or ``TAMPERED``."""
+        return "TAMPERED" if self.problems else "CRASH" if self.crash else "OK"
+
+
+def _parse(raw: bytes) -> dict[str, Any] | None:
+    try:
+        rec = json.loads(raw)
+    except ValueError:
+        return None
+    return rec if isinstance(rec, dict) else None
 
 
 def verify(path: str | Path, expected_head: Head | None = None, check_head_file: bool = True) -> VerifyReport:
-    """Check every line of the log at ``path``: its hash, its ``seq`` and its link to the line before.
+    """Check every line of the log at ``path`` (its hash, its ``seq``, its link to the line before) and the head
+    file, telling what a crash of the writer leaves from tampering.
+
+    CRASH (a kill or power cut at any point of an append): a torn last line (bytes after the last newline, or a last
+    line that is not JSON and not yet in the head), and/or the head file naming a pending record that the log has
+    whole or not at all. TAMPERED: any bad line before that; a line that is JSON but does not chain; a head file
+    ahead of the log, or behind it by more than its pending record; a log that does not contain ``expected_head``.
 
     Args:
         path: The log. A missing file is an empty log.
-        expected_head: A head kept elsewhere; the log must contain it as its last record.
-        check_head_file: Also require the log to end at the head recorded in ``<log>.head`` (when that exists).
+        expected_head: A head kept elsewhere; the log must contain it (it may lag, as it is written after the log).
+        check_head_file: Also check the log against the head file ``<log>.head`` (when that exists).
 
     Returns:
-        The report; ``ok`` is False with one message per problem (edited, removed, reordered or cut-off lines).
+        The report: ``verdict`` is OK, CRASH (``crash`` says what) or TAMPERED (``problems`` say what and where).
     """
     path = Path(path)
     report = VerifyReport(path)
-    if not path.exists():
-        lines: list[bytes] = []
-    else:
-        lines = path.read_bytes().split(b"\n")
-        if lines and lines[-1] == b"":
-            lines.pop()
-        elif lines:
-            report.problems.append(f"line {len(lines)}: no newline at the end (torn write or edit)")
-    prev, seq = GENESIS, 0
-    for i, raw in enumerate(lines, start=1):
+    data = path.read_bytes() if path.exists() else b""
+    cut = data.rfind(b"\n") + 1
+    lines, tail = (data[:cut].split(b"\n")[:-1] if cut else []), data[cut:]
+    file_head: Head | None = None
+    pending: str | None = None
+    legacy = False
+    hp = head_path(path)
+    if check_head_file and hp.exists():
         try:
-            rec = json.loads(raw)
-            if not isinstance(rec, dict):
-                raise ValueError("not an object")
-        except ValueError as e:
-            report.problems.append(f"line {i}: not a JSON record ({e})")
+            file_head, pending, legacy = _read_head_file(hp)
+            report.head_file_seq = file_head.seq
+        except (ValueError, KeyError, TypeError) as e:
+            report.problems.append(f"{hp}: unreadable head file ({e})")
+    # A last whole line that is not JSON and not yet in the head is a torn write too (a power cut can leave a block
+    # of zeros before the newline); a JSON line that does not chain is never torn: someone wrote it.
+    if lines and _parse(lines[-1]) is None and (file_head is None or file_head.seq < len(lines)):
+        tail = lines.pop() + b"\n" + tail
+    prev, seq, offset = GENESIS, 0, 0
+    hashes: list[str] = []
+    for i, raw in enumerate(lines, start=1):
+        rec = _parse(raw)
+        if rec is None:
+            report.problems.append(f"line {i}: not a JSON record")
             break
         if rec.get("hash") != record_hash(rec):
             report.problems.append(f"line {i}: hash does not match its content (the line was edited)")
@@ -213,35 +299,44 @@ def verify(path: str | Path, expected_head: Head | None = None, check_head_file:
             report.problems.append(f"line {i}: prev does not link to line {i - 1}'s hash (a line was removed, "
                                    "inserted or reordered)")
         prev = str(rec.get("hash"))
+        hashes.append(prev)
         s = rec.get("seq")
         seq = s if isinstance(s, int) else seq + 1
-    report.records, report.head = len(lines), prev
-    heads: list[tuple[str, Head]] = []
-    hp = head_path(path)
-    if check_head_file and hp.exists():
-        try:
-            heads.append((str(hp), Head.parse(hp.read_text())))
-        except (ValueError, KeyError) as e:
-            report.problems.append(f"{hp}: unreadable head file ({e})")
-    if expected_head is not None:
-        heads.append(("expected head", expected_head))
-    for where, h in heads:
-        if h.seq > len(lines):
-            report.problems.append(f"{where} says the log has {h.seq} records but it has {len(lines)} "
+        offset += len(raw) + 1
+    n = len(lines)
+    report.records, report.head, report.valid_bytes = n, prev, offset
+    if tail:
+        report.torn_bytes, report.torn_sha256 = len(tail), hashlib.sha256(tail).hexdigest()
+        report.crash.append(f"line {n + 1}: a torn last line ({len(tail)} bytes at offset {offset}), left by a crash "
+                            "mid-write")
+
+    def _has(h: Head) -> bool:
+        return h.seq == 0 or (h.seq <= len(hashes) and hashes[h.seq - 1] == h.hash)
+
+    if file_head is not None:
+        if file_head.seq > n:
+            report.problems.append(f"{hp} says the log has {file_head.seq} records but it has {n} "
                                    "(lines were cut off the end)")
-        elif h.seq > 0 and _hash_at(lines, h.seq) != h.hash:
-            report.problems.append(f"{where}: record {h.seq} is not the one the head recorded")
-        elif h.seq < len(lines) and where != "expected head":
-            report.problems.append(f"{where} says {h.seq} records but the log has {len(lines)} "
+        elif not _has(file_head):
+            report.problems.append(f"{hp}: record {file_head.seq} is not the one the head recorded")
+        elif file_head.seq == n - 1 and (hashes[-1] == pending or legacy):
+            # Killed after the pending record's line and before the head naming it (the older head format, with
+            # no pending hash, is taken on trust here, as the older writer could leave this).
+            report.crash.append(f"{hp} says {file_head.seq} records and the log has one more, whole: the record the "
+                                "head names as pending (a crash between writing a record and its head)")
+        elif file_head.seq < n:
+            report.problems.append(f"{hp} says {file_head.seq} records but the log has {n} "
                                    "(lines were appended without the log's writer)")
+        elif pending is not None and not report.crash:
+            report.crash.append(f"{hp} names a pending record {file_head.seq + 1} that was never written (a crash "
+                                "before writing it)")
+    if expected_head is not None:
+        if expected_head.seq > n:
+            report.problems.append(f"expected head says the log has {expected_head.seq} records but it has {n} "
+                                   "(lines were cut off the end)")
+        elif not _has(expected_head):
+            report.problems.append(f"expected head: record {expected_head.seq} is not the one the head recorded")
     return report
-
-
-def _hash_at(lines: list[bytes], seq: int) -> str | None:
-    try:
-        return str(json.loads(lines[seq - 1]).get("hash"))
-    except (ValueError, IndexError, AttributeError):
-        return None
 
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:

@@ -189,7 +189,8 @@ app.add_typer(audit_app, name="audit")
 def audit_verify(log_path: Path | None = typer.Option(None, "--log", help="audit log file"),
                  config: Path | None = typer.Option(None, "--config", "-c",
                                                     help="site.toml (the log is work_dir/audit.jsonl)")) -> None:
-    """Check every line of the site's audit log (edited, removed, reordered or cut-off lines); exit 1 if tampered."""
+    """Check every line of the site's audit log (edited, removed, reordered or cut-off lines); exit 1 if tampered,
+    3 if a crash left it mid-append (repaired on the agent's next start)."""
     from fedcommon.auditlog import verify
     from fedcommon.tomlconfig import ConfigError
     from site_agent.config import load_site_config
@@ -211,6 +212,12 @@ def audit_verify(log_path: Path | None = typer.Option(None, "--log", help="audit
     if report.ok:
         out.print(f"OK {log_path}: {report.records} records, head {report.head[:16]}…")
         return
+    if report.crashed:  # left mid-append by a kill or power cut: not tampering, repaired on the next start
+        out.print(f"[bold yellow]CRASH[/] {log_path}: left mid-append by a crash (not tampering); the site agent "
+                  "repairs it and records the repair (audit_recovered) when it next starts:")
+        for p in report.crash:
+            out.print(f"  {p}")
+        raise typer.Exit(3)
     out.print(f"[bold red]TAMPERED[/] {log_path}:")
     for p in report.problems:
         out.print(f"  {p}")

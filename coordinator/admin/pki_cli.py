@@ -265,7 +265,10 @@ audit_app = typer.Typer(help="The coordinator's hash-chained audit log.", no_arg
 
 @audit_app.command("verify")
 def audit_verify(state_dir: Path = typer.Option(..., "--state-dir", help="the coordinator's state_dir")) -> None:
-    """Check every line of the coordinator's audit log and that it reaches the head kept in the store."""
+    """Check every line of the coordinator's audit log and that it reaches the head kept in the store.
+
+    Exit 0 when intact, 1 when tampered with, 3 when a crash left it mid-append (repaired on the next start).
+    """
     from fedcommon.auditlog import Head, verify
 
     log_path = state_dir / "audit.jsonl"
@@ -287,6 +290,12 @@ def audit_verify(state_dir: Path = typer.Option(..., "--state-dir", help="the co
         out.print(f"OK {log_path}: {report.records} records, head {report.head[:16]}…"
                   + (" (matches the store)" if expected else " (no head in the store)"))
         return
+    if report.crashed:  # left mid-append by a kill or power cut: not tampering, repaired on the next start
+        out.print(f"[bold yellow]CRASH[/] {log_path}: left mid-append by a crash (not tampering); the coordinator "
+                  "repairs it and records the repair (audit_recovered) when it next starts:")
+        for p in report.crash:
+            out.print(f"  {p}")
+        raise typer.Exit(3)
     out.print(f"[bold red]TAMPERED[/] {log_path}:")
     for p in report.problems:
         out.print(f"  {p}")
