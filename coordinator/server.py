@@ -39,8 +39,33 @@ class CoordinatorFailed(RuntimeError):
     """The round engine hit an error it cannot recover from by itself (details in the log)."""
 
 
-class CAKeyPresent(RuntimeError):
+class StartRefused(RuntimeError):
+    """The coordinator refuses to start; the message names the setting or file and why."""
+
+
+class CAKeyPresent(StartRefused):
     """The coordinator can read the federation CA's private key, so whoever runs it could issue any certificate."""
+
+
+def check_tls_files(cfg: FederationConfig) -> None:
+    """Each ``[tls]`` file exists and parses: one clear line naming the field, never a traceback at the handshake.
+
+    Raises:
+        StartRefused: Naming the field, the file and what is wrong with it.
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    for field_name, path, parse in (("tls.ca", cfg.tls.ca, x509.load_pem_x509_certificates),
+                                    ("tls.cert", cfg.tls.cert, x509.load_pem_x509_certificates),
+                                    ("tls.key", cfg.tls.key, lambda b: load_pem_private_key(b, password=None))):
+        try:
+            parse(Path(path).read_bytes())
+        except OSError as e:
+            raise StartRefused(f"field '{field_name}': {path}: cannot read it ({e.strerror})") from None
+        except (ValueError, TypeError) as e:
+            what = "a PEM private key" if field_name == "tls.key" else "PEM certificates"
+            raise StartRefused(f"field '{field_name}': {path} does not hold {what} ({e})") from None
 
 
 def refuse_ca_key(cfg: FederationConfig) -> None:
@@ -218,10 +243,11 @@ def server_credentials(cfg: FederationConfig) -> grpc.ServerCredentials:
 
 async def serve(cfg: FederationConfig, stop: asyncio.Event | None = None) -> None:
     """Serve until stopped (SIGTERM/SIGINT or ``stop``), or until done and drained if ``exit_when_done``."""
-    refuse_ca_key(cfg)
     manifest = Manifest.of_dir(cfg.base_model)
     # Target names and the chat template first: they need no weights, and a bad one is refused in seconds.
     template = await asyncio.to_thread(check_base_model, cfg)
+    check_tls_files(cfg)
+    refuse_ca_key(cfg)
     adapter = await asyncio.to_thread(init_adapter, cfg.base_model, cfg.lora)
     store = Store(cfg.state_dir)
     store.sweep_uploads()

@@ -33,7 +33,7 @@ def serve(config: Path = typer.Option(..., "--config", "-c", help="federation.to
     from coordinator.basemodel import BaseModelError
     from coordinator.dashboard import DashboardError
     from coordinator.errors import EXIT_FEDERATION_STOPPED, FederationStopped
-    from coordinator.server import CAKeyPresent, CoordinatorFailed
+    from coordinator.server import CoordinatorFailed, StartRefused
 
     try:
         asyncio.run(serve_async(cfg))
@@ -49,7 +49,7 @@ def serve(config: Path = typer.Option(..., "--config", "-c", help="federation.to
     except DashboardError as e:
         console.print(f"[bold red]dashboard error:[/] {e}")
         raise typer.Exit(2) from None
-    except CAKeyPresent as e:
+    except StartRefused as e:  # a CA key beside the coordinator, unreadable [tls] files
         console.print(f"[bold red]refused:[/] {e}")
         raise typer.Exit(2) from None
 

@@ -151,7 +151,7 @@ def test_a_ca_signed_certificate_whose_cn_is_no_site_name_is_refused(tmp_path: P
     # no file name of a site ("*" globs every site's files, ".." and a space are no names)
     live = LiveCoordinator(tmp_path, enrolment_registry=None, crl=None)
     try:
-        ca = CertificateAuthority.load(live.fed / "ca.pem", live.fed / "ca.key")
+        ca = CertificateAuthority.load(live.ca_dir / "ca.pem", live.ca_dir / "ca.key")
         for i, cn in enumerate(("*", "..", "site a")):
             signing = Ed25519PrivateKey.generate()
             cert, key = ca.issue(cn, "site", signing_key=signing.public_key(), region="EU-DE")
