@@ -424,13 +424,17 @@ class QuorumSpec:
 
     Attributes:
         deadline_s: Seconds after a round (attempt) opens at which it closes with what it has (0: no deadline; the
-            round waits for k updates).
+            round waits for k updates). Default 24 h: a backstop for a site that is alive but never finishes, far
+            above any one round of real local training; size it to a few times the slowest site's round time.
         min_at_deadline: Fewest accepted updates a round may close with at its deadline or by heartbeat drops;
             below it the attempt is abandoned and retried (0: k, i.e. never close short).
         max_attempts: Give up (stop the coordinator loudly, state kept) after this many abandoned attempts of one
             round (0: retry forever).
         heartbeat_timeout_s: A site whose last call (heartbeat, poll, upload) is older than this counts as dropped
-            for the open round (0: heartbeats are not used to drop sites).
+            for the open round and is shown ``silent`` (0: heartbeats are not used to drop sites). Default 300 s:
+            an agent beats every third of it from a background thread for as long as it runs, so only a dead,
+            frozen or cut-off site goes silent. A site that reports its own crash (ReportError) counts as dropped
+            at once, whatever this is.
         late_policy: What happens to an update for a round that already closed: ``drop`` refuses it
             (FAILED_PRECONDITION) and records the refusal; ``next_round`` accepts it into the open round's aggregate
             with its FedAvg weight scaled by the staleness factor ``(1 + s) ** -staleness_exponent``, where ``s`` is
@@ -439,10 +443,10 @@ class QuorumSpec:
         staleness_exponent: The ``a`` of the staleness factor (``>= 0``; 0 weighs late updates like fresh ones).
     """
 
-    deadline_s: float = 0.0
+    deadline_s: float = 86400.0
     min_at_deadline: int = 0
     max_attempts: int = 0
-    heartbeat_timeout_s: float = 0.0
+    heartbeat_timeout_s: float = 300.0
     late_policy: str = "drop"
     staleness_exponent: float = 0.5
 

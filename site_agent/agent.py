@@ -18,7 +18,7 @@ from fedcommon.chat import TemplateError, TemplateMismatch, template_sha256
 from fedcommon.manifest import ManifestMismatch, verify_model_dir
 from protos import codec
 from protos.fedbridge.v1 import federation_service_pb2 as pb
-from site_agent.client import CoordinatorClient, LateUpdateRefused
+from site_agent.client import CoordinatorClient, LateUpdateRefused, error_summary
 from site_agent.config import SiteConfig
 from site_agent.egress import secagg
 from site_agent.egress.dp import LEDGER_NAME, PrivacyLedger, check_budget, resolve
@@ -39,6 +39,16 @@ from site_agent.training.evaluation import is_mcq, mcq_accuracy
 
 log = logging.getLogger(__name__)
 AGENT_VERSION = "fedbridge-site/0.1.0"
+# Test-only fault: ``<round>`` makes the agent fail at the first training step of that round (as a data or training
+# error would), so a test sees the site report its own crash. The message holds a path and a quoted value on
+# purpose: neither may reach the coordinator.
+FAIL_ENV = "FEDBRIDGE_TEST_SITE_FAIL"
+
+
+def _test_fault(round: int, step: int) -> None:
+    if step >= 1 and os.environ.get(FAIL_ENV) == str(round):
+        raise RuntimeError(f"injected training failure at step {step} reading /data/private/train.jsonl row "
+                           "'patient 17: diagnosis'")
 
 
 class SiteRefusal(RuntimeError):
@@ -208,10 +218,12 @@ def _serve(cfg: SiteConfig, show_progress: bool, audit: AuditSink | None, ranks:
     trainer, trainer_mode, trainer_template = None, "", ""
     client = CoordinatorClient(cfg)
     trained = 0
+    beats = client.heartbeats(0, 0, "idle")  # alive for as long as the agent serves (see Heartbeats)
     try:
         # 2. Join: the coordinator reads our identity from the certificate.
         joined = client.join(AGENT_VERSION, cfg.lora_rank)
         log.info("[Site.Join] site=%s federation=%s", joined.site, joined.federation_id)
+        beats.__enter__()
         last_round = 0
         while True:
             # 3. Long-poll for a task.
@@ -221,6 +233,7 @@ def _serve(cfg: SiteConfig, show_progress: bool, audit: AuditSink | None, ranks:
             task = resp.task
             if resp.status == pb.TASK_STATUS_TRAIN and task.round <= last_round:
                 continue
+            beats.working(task.round, "prepare")  # policy checks, loading the model, downloading the adapter
             # 4. Check the task against the site's policy (nothing trains on a refused task), then the base model:
             #    it must be exactly the one pinned by hash.
             if resp.status == pb.TASK_STATUS_TRAIN:
@@ -278,10 +291,12 @@ def _serve(cfg: SiteConfig, show_progress: bool, audit: AuditSink | None, ranks:
             # 5. Train locally (on a multi-rank site: every rank trains this round together, from the same bytes).
             if ranks.world > 1:
                 ranks.broadcast_bytes([task.SerializeToString(), global_bytes, residual_bytes])
-            with client.heartbeats(task.round, task.training.max_steps) as beats, \
-                    RoundProgress(cfg.name, task.round, task.total_rounds, task.training.max_steps,
-                                  enabled=show_progress) as bar:
-                result = trainer.train_round(task, global_state, lambda s, n, loss: (beats.progress(s), bar.update(s, n, loss)))
+            beats.working(task.round, "train", task.training.max_steps)
+            with RoundProgress(cfg.name, task.round, task.total_rounds, task.training.max_steps,
+                               enabled=show_progress) as bar:
+                result = trainer.train_round(task, global_state, lambda s, n, loss: (
+                    beats.progress(s), bar.update(s, n, loss), _test_fault(beats.round, s)))
+            beats.working(task.round, "upload")
             # 6. Only the adapter delta leaves: egress filters (clip -> DP noise -> cast to the wire dtype), encode,
             #    sign, upload.
             cast = CastFilter.for_spec([t.dtype for t in task.adapter_spec.tensors])
@@ -353,8 +368,18 @@ def _serve(cfg: SiteConfig, show_progress: bool, audit: AuditSink | None, ranks:
             trained += 1
             last_round = task.round
             # 7. Off the critical path: score the round's incoming global adapter on our held-out split.
+            beats.working(task.round, "eval")
             _report_eval(client, trainer, task, global_state, heldout_rows, guard, audit, cfg.name)
+            beats.working(task.round, "idle")
+    except Exception as e:
+        # A site that fails tells the coordinator (one sanitized line, no data), so the admin sees it failed and
+        # the round does not wait for it; the site's own audit log records exactly what was sent.
+        if client.report_error(beats.round, beats.phase, e):
+            audit.record("error_reported", {"site": cfg.name, "round": beats.round, "phase": beats.phase,
+                                            "error": ": ".join(x for x in error_summary(e) if x)})
+        raise
     finally:
+        beats.__exit__(None, None, None)
         client.close()
         if ranks.world > 1:  # done, refused or failed: the other ranks leave with rank 0
             ranks.broadcast_bytes([])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,15 +24,35 @@ RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grp
              grpc.StatusCode.ABORTED}
 
 
+MAX_ERROR_MESSAGE = 200  # what the coordinator takes in ReportError.message
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"|`[^`]*`")
+_PATH = re.compile(r"(?:[A-Za-z]:)?[\\/][^\s:,;]*|~[^\s:,;]*")
+_ERROR_TYPE = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,63}")
+
+
+def error_summary(exc: BaseException) -> tuple[str, str]:
+    """``(class name, one sanitized line)`` of an exception, for ReportError: the first line of its message only
+    (never the traceback), quoted text (which may be a sample or a value) replaced by ``'…'`` and paths by
+    ``<path>``, control characters dropped, cut to fit. What is left names the failure, not the data."""
+    name = type(exc).__name__
+    name = name if _ERROR_TYPE.fullmatch(name) else "Exception"
+    lines = str(exc).strip().splitlines()
+    line = _PATH.sub("<path>", _QUOTED.sub("'…'", lines[0] if lines else ""))
+    line = "".join(c for c in line if c.isprintable()).strip()
+    return name, line if len(line) <= MAX_ERROR_MESSAGE else line[:MAX_ERROR_MESSAGE - 1] + "…"
+
+
 class LateUpdateRefused(RuntimeError):
     """The coordinator refused an update because its round closed (FAILED_PRECONDITION under the drop policy)."""
 
 
 class Heartbeats:
-    """Sends Heartbeat calls from a background thread while a round trains (``with client.heartbeats(...)``).
+    """Sends Heartbeat calls from a background thread while its block runs (``with client.heartbeats(...)``).
 
-    The first goes out at once; the coordinator's answer sets the interval. Failures are logged and never stop
-    training: a coordinator that restarts simply sees the next beat. A coordinator without the RPC
+    The agent keeps one running for as long as it serves (loading the model, training, uploading, evaluating,
+    waiting), so the coordinator marks it silent only when it is dead, frozen or cut off; :meth:`working` says what
+    it is doing now. The first beat goes out at once; the coordinator's answer sets the interval. Failures are logged
+    and never stop training: a coordinator that restarts simply sees the next beat. A coordinator without the RPC
     (UNIMPLEMENTED) is not asked again.
     """
 
@@ -44,6 +65,10 @@ class Heartbeats:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-r{round}", daemon=True)
 
+    def working(self, round: int, phase: str, total_steps: int = 0) -> None:
+        """What the site does now (e.g. ``train`` of round 3); the step count starts again at 0."""
+        self.round, self.phase, self.total_steps, self.step, self.round_open = round, phase, total_steps, 0, True
+
     def progress(self, step: int, total: int | None = None, loss: float | None = None) -> None:
         """The trainer's per-step callback (same signature as the progress bar's ``update``)."""
         self.step = int(step)
@@ -55,7 +80,7 @@ class Heartbeats:
                 resp = self.client.stub.Heartbeat(req, timeout=10)
                 self.sent += 1
                 self.interval_s = max(0.2, resp.interval_ms / 1000) if resp.interval_ms else self.interval_s
-                if self.round_open and not resp.round_open:
+                if self.round_open and not resp.round_open and self.phase == "train":
                     log.warning("[Site.Heartbeat] round=%d closed at the coordinator (now round %d); the update "
                                 "will meet the federation's late-update policy", self.round, resp.current_round)
                 self.round_open = resp.round_open
@@ -97,9 +122,21 @@ class CoordinatorClient:
     def close(self) -> None:
         self.channel.close()
 
-    def heartbeats(self, round: int, total_steps: int) -> Heartbeats:
+    def heartbeats(self, round: int, total_steps: int, phase: str = "train") -> Heartbeats:
         """A context manager that sends heartbeats for ``round`` while its block runs."""
-        return Heartbeats(self, round, total_steps)
+        return Heartbeats(self, round, total_steps, phase)
+
+    def report_error(self, round: int, phase: str, exc: BaseException) -> bool:
+        """Tell the coordinator this site failed (one sanitized line, see :func:`error_summary`), once, briefly:
+        a failing site must not hang on a coordinator that is gone. Returns whether it was delivered."""
+        error_type, message = error_summary(exc)
+        req = pb.ReportErrorRequest(round=round, phase=phase, error_type=error_type, message=message)
+        try:
+            self.stub.ReportError(req, timeout=5)
+            return True
+        except grpc.RpcError as e:
+            log.info("[Site.ReportError] not delivered (%s)", e.code().name)  # type: ignore[attr-defined]
+            return False
 
     def _retry(self, what: str, fn: Callable[[], T]) -> T:
         deadline = time.monotonic() + self.cfg.retry_for_s

@@ -80,7 +80,8 @@ def register(app: typer.Typer) -> None:
         data = _run(as_json, coordinator, kit, cert, key, ca, server_name, lambda c: c.call("ListSites"))["sites"]
         _emit(as_json, data, lambda rows: _table("sites", ["site", "status", "region", "last seen", "ε spent", "updates",
                                                            "rank", "agent"],
-                                                 [[s["name"], s["status"], s["region"] or "—", _ago(int(s["last_seen_ms"])),
+                                                 [[s["name"], s.get("problem") or s["status"], s["region"] or "—",
+                                                   _ago(int(s["last_seen_ms"])),
                                                    f"{s['epsilon_spent']:g}", s["updates"], s["lora_rank"],
                                                    s["agent_version"]] for s in rows]))
 
@@ -94,7 +95,8 @@ def register(app: typer.Typer) -> None:
                   "latest_version"):
             data[k] = int(data[k])
         _emit(as_json, data, lambda d: _table(f"federation {d['federation_id']}", ["field", "value"],
-                                              [[k, v] for k, v in d.items() if k != "federation_id"]))
+                                              [[k, "\n".join(v) or "none" if isinstance(v, list) else v]
+                                               for k, v in d.items() if k != "federation_id"]))
 
     @app.command()
     def rounds(coordinator: str = CoordOpt, kit: Path | None = KitOpt, cert: Path | None = CertOpt,

@@ -23,6 +23,12 @@ def status(engine: RoundEngine) -> dict[str, Any]:
     pubs = store.publications()
     sites = store.sites()
     now = time.time()
+    revoked = {r["name"] for r in store.revocations()}
+    problems = []
+    for s in sites:
+        kind, why = engine.quorum.problem(s["name"])
+        if kind and s["name"] not in revoked:
+            problems.append(f"{s['name']} {kind}: {why}")
     return {
         "federation_id": cfg.federation_id, "state": engine.control.control_state(),
         "current_round": cur.round if cur else 0, "round_state": cur.state if cur else "",
@@ -32,13 +38,15 @@ def status(engine: RoundEngine) -> dict[str, Any]:
         "sites_joined": len(sites),
         "sites_connected": sum(1 for s in sites if now - engine.last_seen(s["name"]) < SEEN_RECENTLY_S),
         "strategy": engine.strategy.name, "latest_version": pubs[-1]["version"] if pubs else 0,
+        "site_problems": problems,
     }
 
 
 def sites(engine: RoundEngine) -> list[dict[str, Any]]:
     """Joined sites: status, region (:func:`coordinator.release.records.site_regions`: its certificate's, else its
     enrolment record's, else the config's ``publish.site_regions``; empty when none names one), last seen, ε of the
-    latest update. A revoked site's status is ``revoked``."""
+    latest update. A revoked site's status is ``revoked``; one that reported its crash is ``failed`` and one silent
+    past the heartbeat timeout ``silent``, with the reason in ``problem``."""
     from coordinator.release.records import site_regions
 
     store, cfg = engine.store, engine.cfg
@@ -53,11 +61,14 @@ def sites(engine: RoundEngine) -> list[dict[str, Any]]:
     for s in store.sites():
         seen = engine.last_seen(s["name"])
         state = "uploaded" if s["name"] in in_round else ("active" if now - seen < SEEN_RECENTLY_S else "offline")
-        state = "revoked" if s["name"] in revoked else state
+        kind, why = engine.quorum.problem(s["name"])  # a dead site is dead, even after it uploaded
+        state, problem = (kind, f"{kind}: {why}") if kind else (state, "")
+        state, problem = ("revoked", "") if s["name"] in revoked else (state, problem)
         out.append({"name": s["name"], "fingerprint": s["fingerprint"], "agent_version": s["agent_version"] or "",
                     "lora_rank": int(s["lora_rank"] or 0), "region": regions.get(s["name"], ""),
                     "joined_ms": int(s["joined_ms"]), "last_seen_ms": int(seen * 1000), "status": state,
-                    "epsilon_spent": latest_eps.get(s["name"], 0.0), "updates": counts.get(s["name"], 0)})
+                    "epsilon_spent": latest_eps.get(s["name"], 0.0), "updates": counts.get(s["name"], 0),
+                    "problem": problem})
     return out
 
 

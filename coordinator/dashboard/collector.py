@@ -46,6 +46,12 @@ class EngineCollector(Collector):
         yield GaugeMetricFamily("fedbridge_sites_connected",
                                 f"Sites that called the coordinator in the last {SEEN_RECENTLY_S:.0f} s.",
                                 value=sum(1 for s in sites if time.time() - eng.last_seen(s["name"]) < SEEN_RECENTLY_S))
+        problems = GaugeMetricFamily("fedbridge_sites_down", "Sites that reported their own crash (failed) or are "
+                                     "silent past the heartbeat timeout.", labels=["state"])
+        kinds = [eng.quorum.problem(s["name"])[0] for s in sites]
+        for k in ("failed", "silent"):
+            problems.add_metric([k], float(kinds.count(k)))
+        yield problems
 
 
 def render(engine: RoundEngine) -> bytes:

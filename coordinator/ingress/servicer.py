@@ -158,3 +158,12 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
             await _abort(context, "Heartbeat", e)
         return pb.HeartbeatResponse(current_round=ack.current_round, round_open=ack.round_open,
                                     deadline_unix_ms=ack.deadline_ms, interval_ms=ack.interval_ms)
+
+    async def ReportError(self, request: pb.ReportErrorRequest,
+                          context: grpc.aio.ServicerContext) -> pb.ReportErrorResponse:
+        try:
+            self.engine.report_error(peer_of(context), request.round, request.phase, request.error_type,
+                                     request.message)
+        except CoordinatorError as e:
+            await _abort(context, "ReportError", e)
+        return pb.ReportErrorResponse()

@@ -50,6 +50,10 @@ PHASES = ("train", "eval_global")
 # Rules under which sites train at their own rank, and how the global adapter is projected to a site's rank.
 SITE_RANK_RULES = {"hetlora": hetlora.for_site, "flexlora": flexlora.for_site}
 _METRIC_NAME = re.compile(r"^[a-z][a-z0-9_.]{0,63}$")
+# ReportError's bounds: a class name, a phase word, and one printable line (no data: the site sanitizes, this checks).
+_ERROR_TYPE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]{0,63}$")
+_ERROR_PHASE = re.compile(r"^[a-z_]{1,32}$")
+MAX_ERROR_MESSAGE = 200
 # Test-only hold point: ``<phase>:<round>`` makes the coordinator write ``state_dir/hold-<phase>-<round>`` and block
 # there (collecting, aggregating, evaluating, publishing), so a crash test can SIGKILL it in exactly that phase.
 HOLD_ENV = "FEDBRIDGE_TEST_HOLD"
@@ -239,12 +243,38 @@ class RoundEngine:
 
     # -- quorum, deadline, heartbeats -----------------------------------------------------------------------------
     async def _tick(self) -> None:
-        """Check deadlines and heartbeat timeouts while rounds are open."""
+        """Mark silent sites, and check deadlines and heartbeat timeouts while rounds are open."""
         while not self.finished.is_set():
             await asyncio.sleep(TICK_S)
+            self.quorum.sweep(self._watched_sites())
             cur = self.store.current_round()
             if cur is not None and cur.state == "open":
                 await self._advance()
+
+    def _watched_sites(self) -> list[str]:
+        """Joined sites whose silence matters: not revoked, not told the federation is done (they leave)."""
+        revoked = {r["name"] for r in self.store.revocations()}
+        return [s["name"] for s in self.store.sites() if s["name"] not in revoked and s["name"] not in self._told_done]
+
+    def report_error(self, peer: PeerIdentity, round: int, phase: str, error_type: str, message: str) -> None:
+        """A site reports its own crash: shown as failed, not waited for in the open round (see
+        :meth:`RoundPolicy.failed`). Only a class name and one short printable line are taken; anything else is
+        refused whole (INVALID_ARGUMENT), never stored cut or cleaned."""
+        self.require_site(peer)
+        if not _ERROR_TYPE.match(error_type):
+            raise InvalidUpdate("ReportError.error_type must be a class name ([A-Za-z_][A-Za-z0-9_.]{0,63})")
+        if not _ERROR_PHASE.match(phase):
+            raise InvalidUpdate("ReportError.phase must match [a-z_]{1,32}")
+        if len(message) > MAX_ERROR_MESSAGE:
+            raise InvalidUpdate(f"ReportError.message is {len(message)} characters; at most {MAX_ERROR_MESSAGE}")
+        if not message.isprintable():
+            raise InvalidUpdate("ReportError.message must be one printable line (no line breaks or control characters)")
+        if round > self.cfg.rounds + 1:
+            raise InvalidUpdate(f"ReportError.round {round} is outside 0..{self.cfg.rounds + 1}")
+        line = f"{error_type}: {message}" if message else error_type
+        if self.quorum.failed(peer.name, round, phase, line):
+            self._notify()
+            self._advance_in_background()  # the open round may close now without it
 
     def heartbeat(self, peer: PeerIdentity, round: int, phase: str, step: int, total_steps: int) -> HeartbeatAck:
         """A site says it is alive and how far it trained; see :meth:`RoundPolicy.heartbeat`."""
@@ -319,7 +349,7 @@ class RoundEngine:
         self.store.set_site_region(peer.name, region)
         self._audit("site_joined", {"site": peer.name, "region": region, "cert_sha256": peer.fingerprint,
                                     "serial": str(peer.serial), "agent_version": agent_version[:64], "lora_rank": rank})
-        self.quorum.touch(peer.name)
+        self.quorum.joined(peer.name)
         log.info("[FederationService.Join] site=%s agent=%s", peer.name, agent_version[:64])
 
     def _offer(self, site: str) -> TaskOffer:
@@ -367,6 +397,7 @@ class RoundEngine:
         """Refuse (PERMISSION_DENIED) a non-site, revoked or unenrolled certificate; identity is the certificate's."""
         self.gate.require_site(peer)
         self._seen[peer.name] = time.time()
+        self.quorum.touch(peer.name)  # any call: alive (a silent site is back)
 
     def last_seen(self, site: str) -> float:
         """``time.time()`` of the site's last call (its join time from the store before any call in this process)."""

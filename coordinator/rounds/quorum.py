@@ -2,8 +2,9 @@
 late-update policy (drop, or carry into the next round with FedAsync staleness weighting).
 
 :class:`RoundPolicy` makes these decisions for the round engine and records each one in the store (``round_events``)
-and the audit log before it takes effect. Liveness (last call per site) is the only thing it keeps in memory; a
-restarted coordinator counts every site as heard from at its start, so nobody is dropped at once after a restart.
+and the audit log before it takes effect. Liveness (last call per site, which sites are silent, which reported their
+own crash) is the only thing it keeps in memory; a restarted coordinator counts every site as heard from at its start,
+so nobody is dropped at once after a restart (a failed site that stays down is then marked silent instead).
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ class RoundPolicy:
         self._started = time.time()
         self._seen: dict[str, float] = {}  # site -> last call (wall seconds)
         self._progress: dict[str, tuple[int, str, int, int]] = {}  # site -> (round, phase, step, total_steps)
+        self._silent: set[str] = set()  # sites silent for longer than the heartbeat timeout (audited once each time)
+        self._failed: dict[str, str] = {}  # site -> the one line it reported with ReportError, until it joins again
 
     def decide(self, cur: RoundRow, ups: list[UpdateRow]) -> Decision | None:
         """Whether the open round closes now, and why: ``quorum_reached``, ``deadline_passed``,
@@ -71,22 +74,24 @@ class RoundPolicy:
         if q.deadline_s and time.time() * 1000 >= cur.attempt_opened_ms + q.deadline_s * 1000:
             enough = len(answered) >= self.cfg.min_to_close
             return ("deadline_passed" if enough else "round_abandoned"), {**detail, "deadline_s": q.deadline_s}
-        if q.heartbeat_timeout_s and missing:
+        if missing and (q.heartbeat_timeout_s or self._failed):
             dropped = self._dropped(cur, missing)
             if len(dropped) == len(missing) and len(answered) >= self.cfg.min_to_close:
-                return "all_remaining_answered", {**detail, "dropped": dropped}
+                failed = sorted(set(dropped) & set(self._failed))
+                return "all_remaining_answered", {**detail, "dropped": dropped, **({"failed": failed} if failed else {})}
         return None
 
     def _dropped(self, cur: RoundRow, missing: list[str]) -> list[str]:
-        """Sites of ``missing`` silent for longer than the heartbeat timeout (each recorded once per round)."""
+        """Sites of ``missing`` that reported a crash, or are silent for longer than the heartbeat timeout (each
+        recorded once per round)."""
         timeout, now = self.cfg.quorum.heartbeat_timeout_s, time.time()
         known = {e["site"] for e in self.store.events(cur.round) if e["event"] == "site_dropped"}
         out = []
         for site in missing:
             silent = now - max(self._seen.get(site, self._started), self._started)
-            if site in known:
+            if site in known or site in self._failed:  # a failed site's own report is its record (site_failed)
                 out.append(site)
-            elif silent > timeout:
+            elif timeout and silent > timeout:
                 detail = {"silent_s": round(silent, 1), "heartbeat_timeout_s": timeout,
                           "last_progress": list(self._progress.get(site, ()))}
                 self.store.add_event(cur.round, cur.attempt, "site_dropped", site, detail)
@@ -114,7 +119,68 @@ class RoundPolicy:
         return int(cur.attempt_opened_ms + q.deadline_s * 1000) if q.deadline_s else 0
 
     def touch(self, site: str) -> None:
+        """The site called (any RPC): it is alive; a silent site is back (audited)."""
         self._seen[site] = time.time()
+        if site in self._silent:
+            self._silent.discard(site)
+            self._audit("site_back", {"site": site, "was": "silent"})
+            log.info("[RoundEngine] site=%s is back after being silent", site)
+
+    def joined(self, site: str) -> None:
+        """The site joined (again): alive, and no longer failed (audited when it was)."""
+        self.touch(site)
+        if self._failed.pop(site, None) is not None:
+            self._audit("site_back", {"site": site, "was": "failed"})
+            log.info("[RoundEngine] site=%s joined again after it failed", site)
+
+    def failed(self, site: str, round: int, phase: str, error: str) -> bool:
+        """The site reported its own crash (ReportError): show it failed and stop waiting for it in the open round.
+
+        One record per failure (a repeated report before the site joins again changes nothing), so a site cannot
+        fill the audit log by reporting in a loop.
+
+        Returns:
+            False when the site was already failed.
+        """
+        self.touch(site)
+        if site in self._failed:
+            return False
+        self._failed[site] = error
+        cur = self.store.current_round()
+        detail = {"trained_round": int(round), "phase": phase, "error": error}
+        if cur is not None and cur.state == "open":
+            self.store.add_event(cur.round, cur.attempt, "site_failed", site, detail)
+        self._audit("site_failed", {"round": cur.round if cur else 0, "site": site, **detail})
+        log.warning("[FederationService.ReportError] site=%s failed (round %d, %s): %s", site, round, phase, error)
+        return True
+
+    def sweep(self, sites: list[str]) -> list[str]:
+        """Mark the sites of ``sites`` silent for longer than the heartbeat timeout (audited once, until they call
+        again); returns the sites that went silent now."""
+        timeout, now = self.cfg.quorum.heartbeat_timeout_s, time.time()
+        if not timeout:
+            return []
+        out = []
+        for site in sites:
+            if site in self._silent or site in self._failed:
+                continue
+            silent = now - max(self._seen.get(site, self._started), self._started)
+            if silent > timeout:
+                self._silent.add(site)
+                self._audit("site_silent", {"site": site, "silent_s": round(silent, 1), "heartbeat_timeout_s": timeout,
+                                            "last_progress": list(self._progress.get(site, ()))})
+                log.warning("[RoundEngine] site=%s silent for %.1fs (heartbeat timeout %.0fs)", site, silent, timeout)
+                out.append(site)
+        return out
+
+    def problem(self, site: str) -> tuple[str, str]:
+        """``("failed", its line)``, ``("silent", "silent for N s")`` or ``("", "")`` for a site that is fine."""
+        if site in self._failed:
+            return "failed", self._failed[site]
+        if site in self._silent:
+            silent = time.time() - max(self._seen.get(site, self._started), self._started)
+            return "silent", f"no call for {silent:.0f} s (heartbeat timeout {self.cfg.quorum.heartbeat_timeout_s:g} s)"
+        return "", ""
 
     def heartbeat(self, site: str, round: int, phase: str, step: int, total_steps: int) -> HeartbeatAck:
         """A site says it is alive and where its training is; answers whether its round still takes its update."""

@@ -243,6 +243,9 @@ def init_federation(fed: Path, opt: InitOptions) -> dict[str, Any]:
         "enrolment_registry": REGISTRY, "crl": CRL, "max_update_norm": opt.max_update_norm,
         "tls": {"ca": "ca.pem", "cert": "coordinator/server.pem", "key": "coordinator/server.key"},
         "lora": {"target_modules": list(opt.target_modules)},
+        # Safe defaults: a dead site is noticed within 5 min and a round closes without it once one fewer site
+        # answered; 24 h from the round's opening is the backstop (docs/operate/operate-a-running-federation.md).
+        "quorum": {"heartbeat_timeout_s": 300.0, "deadline_s": 86400.0, "min_at_deadline": max(1, opt.min_sites - 1)},
         **({"model": {"chat_template": TEMPLATE}} if pin.text else {}),
         "records": {"controller": "", "purposes": [], "data_categories": [], "data_subjects": [], "recipients": [],
                     "coordinator_region": "", "retention_days": 0},

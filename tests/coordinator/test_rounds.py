@@ -271,7 +271,8 @@ def test_state_dir_from_before_quorum_is_migrated(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("quorum", "min_sites", "message"), [
     ({"late_policy": "later"}, 2, r"quorum.late_policy.*'later' is not one of \('drop', 'next_round'\)"),
     ({"deadline_s": 10, "min_at_deadline": 3}, 2, r"quorum.min_at_deadline.*3 is more than the quorum k \(min_sites = 2\)"),
-    ({"min_at_deadline": 1}, 2, r"quorum.min_at_deadline.*only with quorum.deadline_s or quorum.heartbeat_timeout_s"),
+    ({"min_at_deadline": 1, "deadline_s": 0, "heartbeat_timeout_s": 0}, 2,
+     r"quorum.min_at_deadline.*only with quorum.deadline_s or quorum.heartbeat_timeout_s"),
     ({"deadline_s": -1}, 2, r"quorum.deadline_s.*finite number >= 0"),
     ({"max_attempts": -2}, 2, r"quorum.max_attempts.*>= 0"),
 ])

@@ -28,7 +28,7 @@ from proto_client import Wire, compile_protos  # noqa: E402
 REPO = Path(__file__).resolve().parents[2]
 # One site per concern, so every test passes alone and in any order on the shared coordinator; the quorum is
 # above their number, so round 1 stays open for the whole session.
-SITES = ("site-a", "site-b", "site-d", "site-e", "site-f", "site-g", "site-h", "site-c")
+SITES = ("site-a", "site-b", "site-d", "site-e", "site-f", "site-g", "site-h", "site-i", "site-c")
 REVOKED = "site-c"
 
 

@@ -18,7 +18,7 @@ TRUNCATED = b"\x0a\xff\xff\xff\xff\x7f" + b"x" * 8
 BAD_VARINT = b"\x08" + b"\xff" * 11
 METHODS = [(svc, m) for svc in ("FederationService", "AdminService", "SecAggService")
            for m in ("Join", "FetchTask", "DownloadAdapter", "UploadUpdate", "GetUploadStatus", "ReportMetrics",
-                     "Heartbeat", "ListSites", "GetStatus", "ListRounds", "ListEvaluations", "Start", "Pause",
+                     "Heartbeat", "ReportError", "ListSites", "GetStatus", "ListRounds", "ListEvaluations", "Start", "Pause",
                      "Resume", "Stop", "Publish", "WithdrawSite", "RevokeSite", "GetSettings", "AdvertiseKeys",
                      "GetRoster", "ShareKeys", "GetShares", "GetUnmaskRequest", "UnmaskShares", "SignSurvivors",
                      "GetSurvivorSignatures")]
@@ -86,6 +86,8 @@ def test_uint64_of_2_63_or_more_is_out_of_range(coord: Coordinator, wire: Wire) 
              "ReportMetrics.num_examples": (stub.ReportMetrics, wire.msg["ReportMetricsRequest"](
                  round=1, phase="train", num_examples=huge)),
              "Heartbeat.round": (stub.Heartbeat, wire.msg["HeartbeatRequest"](round=huge)),
+             "ReportError.round": (stub.ReportError, wire.msg["ReportErrorRequest"](round=huge, phase="train",
+                                                                                    error_type="RuntimeError")),
              "DownloadAdapter.offset": (stub.DownloadAdapter, wire.msg["DownloadAdapterRequest"](round=1, offset=huge))}
     for name, (fn, req) in calls.items():
         with pytest.raises(grpc.RpcError) as e:

@@ -57,8 +57,11 @@ def _fake_client(task: pb.Task, global_bytes: bytes, uploads: list[bytes]):  # t
         def report_metrics(self, *a, **kw) -> None:  # type: ignore[no-untyped-def]
             pass
 
-        def heartbeats(self, round: int, total_steps: int):  # type: ignore[no-untyped-def]
+        def heartbeats(self, round: int, total_steps: int, phase: str = "train"):  # type: ignore[no-untyped-def]
             return _NoHeartbeats()
+
+        def report_error(self, round: int, phase: str, exc: BaseException) -> bool:
+            return False
 
         def close(self) -> None:
             pass
@@ -69,8 +72,13 @@ def _fake_client(task: pb.Task, global_bytes: bytes, uploads: list[bytes]):  # t
 class _NoHeartbeats:
     """The agent's heartbeat context without a coordinator to send to."""
 
+    round, phase = 0, "idle"
+
     def __enter__(self) -> _NoHeartbeats:
         return self
+
+    def working(self, round: int, phase: str, total_steps: int = 0) -> None:
+        self.round, self.phase = round, phase
 
     def __exit__(self, *exc: object) -> None:
         pass

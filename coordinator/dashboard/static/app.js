@@ -108,9 +108,10 @@ function render(snap) {
   text("sites-connected", st.sites_connected);
   text("sites-joined", st.sites_joined);
   text("latest-version", st.latest_version ? `v${st.latest_version}` : "none");
+  text("site-problems", (st.site_problems || []).join("; "));
 
   $("sites").tBodies[0].innerHTML = snap.sites.map((s) => `<tr><td>${esc(s.name)}</td>
-    <td class="status-${esc(s.status)}">${esc(s.status)}</td><td>${s.region ? esc(s.region) : "—"}</td>
+    <td class="status-${esc(s.status)}" title="${esc(s.problem || "")}">${esc(s.problem || s.status)}</td><td>${s.region ? esc(s.region) : "—"}</td>
     <td>${ago(s.last_seen_ms)}</td><td class="num">${fmt(s.epsilon_spent, 3)}</td><td class="num">${s.updates}</td>
     <td class="num">${s.lora_rank}</td></tr>`).join("");
 

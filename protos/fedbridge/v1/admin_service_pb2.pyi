@@ -23,7 +23,7 @@ FEDERATION_STATE_STOPPED: FederationState
 FEDERATION_STATE_FINISHED: FederationState
 
 class SiteInfo(_message.Message):
-    __slots__ = ("name", "fingerprint", "agent_version", "lora_rank", "region", "joined_ms", "last_seen_ms", "status", "epsilon_spent", "updates")
+    __slots__ = ("name", "fingerprint", "agent_version", "lora_rank", "region", "joined_ms", "last_seen_ms", "status", "epsilon_spent", "updates", "problem")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +34,7 @@ class SiteInfo(_message.Message):
     STATUS_FIELD_NUMBER: _ClassVar[int]
     EPSILON_SPENT_FIELD_NUMBER: _ClassVar[int]
     UPDATES_FIELD_NUMBER: _ClassVar[int]
+    PROBLEM_FIELD_NUMBER: _ClassVar[int]
     name: str
     fingerprint: str
     agent_version: str
@@ -44,7 +45,8 @@ class SiteInfo(_message.Message):
     status: str
     epsilon_spent: float
     updates: int
-    def __init__(self, name: _Optional[str] = ..., fingerprint: _Optional[str] = ..., agent_version: _Optional[str] = ..., lora_rank: _Optional[int] = ..., region: _Optional[str] = ..., joined_ms: _Optional[int] = ..., last_seen_ms: _Optional[int] = ..., status: _Optional[str] = ..., epsilon_spent: _Optional[float] = ..., updates: _Optional[int] = ...) -> None: ...
+    problem: str
+    def __init__(self, name: _Optional[str] = ..., fingerprint: _Optional[str] = ..., agent_version: _Optional[str] = ..., lora_rank: _Optional[int] = ..., region: _Optional[str] = ..., joined_ms: _Optional[int] = ..., last_seen_ms: _Optional[int] = ..., status: _Optional[str] = ..., epsilon_spent: _Optional[float] = ..., updates: _Optional[int] = ..., problem: _Optional[str] = ...) -> None: ...
 
 class ListSitesRequest(_message.Message):
     __slots__ = ()
@@ -61,7 +63,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("federation_id", "state", "current_round", "round_state", "total_rounds", "min_sites", "round_updates", "sites_joined", "sites_connected", "strategy", "latest_version")
+    __slots__ = ("federation_id", "state", "current_round", "round_state", "total_rounds", "min_sites", "round_updates", "sites_joined", "sites_connected", "strategy", "latest_version", "site_problems")
     FEDERATION_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     CURRENT_ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -73,6 +75,7 @@ class GetStatusResponse(_message.Message):
     SITES_CONNECTED_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     LATEST_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SITE_PROBLEMS_FIELD_NUMBER: _ClassVar[int]
     federation_id: str
     state: FederationState
     current_round: int
@@ -84,7 +87,8 @@ class GetStatusResponse(_message.Message):
     sites_connected: int
     strategy: str
     latest_version: int
-    def __init__(self, federation_id: _Optional[str] = ..., state: _Optional[_Union[FederationState, str]] = ..., current_round: _Optional[int] = ..., round_state: _Optional[str] = ..., total_rounds: _Optional[int] = ..., min_sites: _Optional[int] = ..., round_updates: _Optional[int] = ..., sites_joined: _Optional[int] = ..., sites_connected: _Optional[int] = ..., strategy: _Optional[str] = ..., latest_version: _Optional[int] = ...) -> None: ...
+    site_problems: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, federation_id: _Optional[str] = ..., state: _Optional[_Union[FederationState, str]] = ..., current_round: _Optional[int] = ..., round_state: _Optional[str] = ..., total_rounds: _Optional[int] = ..., min_sites: _Optional[int] = ..., round_updates: _Optional[int] = ..., sites_joined: _Optional[int] = ..., sites_connected: _Optional[int] = ..., strategy: _Optional[str] = ..., latest_version: _Optional[int] = ..., site_problems: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RoundInfo(_message.Message):
     __slots__ = ("round", "state", "input_sha256", "output_sha256", "opened_ms", "closed_ms", "sites", "aggregation_error_mean", "aggregation_error_max", "train_loss")

@@ -328,3 +328,19 @@ class HeartbeatResponse(_message.Message):
     deadline_unix_ms: int
     interval_ms: int
     def __init__(self, current_round: _Optional[int] = ..., round_open: _Optional[bool] = ..., deadline_unix_ms: _Optional[int] = ..., interval_ms: _Optional[int] = ...) -> None: ...
+
+class ReportErrorRequest(_message.Message):
+    __slots__ = ("round", "phase", "error_type", "message")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_TYPE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    phase: str
+    error_type: str
+    message: str
+    def __init__(self, round: _Optional[int] = ..., phase: _Optional[str] = ..., error_type: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
+class ReportErrorResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

@@ -69,6 +69,11 @@ class FederationServiceStub:
                 request_serializer=protos_dot_fedbridge_dot_v1_dot_federation__service__pb2.HeartbeatRequest.SerializeToString,
                 response_deserializer=protos_dot_fedbridge_dot_v1_dot_federation__service__pb2.HeartbeatResponse.FromString,
                 _registered_method=True)
+        self.ReportError = channel.unary_unary(
+                '/fedbridge.v1.FederationService/ReportError',
+                request_serializer=protos_dot_fedbridge_dot_v1_dot_federation__service__pb2.ReportErrorRequest.SerializeToString,
+                response_deserializer=protos_dot_fedbridge_dot_v1_dot_federation__service__pb2.ReportErrorResponse.FromString,
+                _registered_method=True)
 
 
 class FederationServiceServicer:
@@ -126,6 +131,15 @@ class FederationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportError(self, request, context):
+        """The site failed and is stopping: one line naming the exception type and a short sanitized reason, never data,
+        paths or a traceback. The coordinator shows the site as failed and stops waiting for it in the open round; the
+        site is active again once it joins again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FederationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -163,6 +177,11 @@ def add_FederationServiceServicer_to_server(servicer, server):
                     servicer.Heartbeat,
                     request_deserializer=protos_dot_fedbridge_dot_v1_dot_federation__service__pb2.HeartbeatRequest.FromString,
                     response_serializer=protos_dot_fedbridge_dot_v1_dot_federation__service__pb2.HeartbeatResponse.SerializeToString,
+            ),
+            'ReportError': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportError,
+                    request_deserializer=protos_dot_fedbridge_dot_v1_dot_federation__service__pb2.ReportErrorRequest.FromString,
+                    response_serializer=protos_dot_fedbridge_dot_v1_dot_federation__service__pb2.ReportErrorResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -354,6 +373,33 @@ class FederationService:
             '/fedbridge.v1.FederationService/Heartbeat',
             protos_dot_fedbridge_dot_v1_dot_federation__service__pb2.HeartbeatRequest.SerializeToString,
             protos_dot_fedbridge_dot_v1_dot_federation__service__pb2.HeartbeatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportError(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedbridge.v1.FederationService/ReportError',
+            protos_dot_fedbridge_dot_v1_dot_federation__service__pb2.ReportErrorRequest.SerializeToString,
+            protos_dot_fedbridge_dot_v1_dot_federation__service__pb2.ReportErrorResponse.FromString,
             options,
             channel_credentials,
             insecure,
