@@ -37,7 +37,7 @@ def run(config: Path = typer.Option(..., "--config", "-c", help="site.toml"),
 
     setup_logging(verbose)
     try:
-        cfg = load_site_config(config)
+        cfg = load_site_config(config, ready=True)
         rounds = run_site(cfg)
     except (ConfigError, DataError, SiteRefusal, AuditError) as e:
         console.print(f"[bold red]refused:[/] {e}")
@@ -70,7 +70,7 @@ def preflight(config: Path = typer.Option(..., "--config", "-c", help="site.toml
 
     setup_logging(False)
     try:
-        cfg = load_site_config(config)
+        cfg = load_site_config(config, ready=True)
     except ConfigError as e:
         console.print(f"[bold red]FAIL[/] site config: {e}")
         raise typer.Exit(2) from None
@@ -183,6 +183,32 @@ def renew_cmd(kit: Path = typer.Option(..., "--dir", help="this site's kit folde
 
 audit_app = typer.Typer(help="The site's hash-chained audit log of everything that left it.", no_args_is_help=True)
 app.add_typer(audit_app, name="audit")
+
+config_app = typer.Typer(help="The site's config files (site.toml, policy.toml).", no_args_is_help=True)
+
+
+@config_app.command("check")
+def config_check(path: Path = typer.Argument(..., help="the site.toml (or, with --policy, policy.toml) to check"),
+                 policy: bool = typer.Option(False, "--policy", help="the file is a policy.toml")) -> None:
+    """Validate a config file and print every setting with its resolved value (marked file or default).
+
+    Exit 0 when the file is good; 2, with one line naming the file and the field, when it is not (a site.toml
+    that still holds a <FILL IN: ...> placeholder is not good: the agent would refuse to start on it).
+    """
+    from fedcommon.configdoc import check_report
+    from fedcommon.tomlconfig import ConfigError
+    from site_agent.config import load_site_config
+    from site_agent.policy import load_policy
+
+    try:
+        obj = load_policy(path) if policy else load_site_config(path, ready=True)
+    except ConfigError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(check_report(obj, path), nl=False)
+
+
+app.add_typer(config_app, name="config")
 
 
 @audit_app.command("verify")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedcommon.tomlconfig import load_config
+from fedcommon.tomlconfig import ConfigError, load_config, load_toml
 from site_agent.egress.dp import SiteDpConfig
 
 
@@ -106,6 +106,30 @@ class SiteConfig:
             raise ValueError(f"field 'threads': must be >= 0, got {self.threads}")
 
 
-def load_site_config(path: str | Path) -> SiteConfig:
-    """Read and check ``site.toml`` (relative paths resolve against its folder)."""
+def load_site_config(path: str | Path, ready: bool = False) -> SiteConfig:
+    """Read and check ``site.toml`` (relative paths resolve against its folder).
+
+    Args:
+        path: The file.
+        ready: Also refuse a file that still holds a ``<FILL IN: ...>`` placeholder (the kit's, written by
+            ``install-bundle``): the agent must not start on one.
+    """
+    if ready:
+        from fedcommon.configdoc import find_placeholders
+
+        raw = load_toml(path)
+        left = find_placeholders(raw)
+        if left:
+            more = f" (and {', '.join(left[1:])})" if left[1:] else ""
+            raise ConfigError(f"{path}: field '{left[0]}': still holds its placeholder; fill it in{more}: "
+                              f"{_lookup(raw, left[0])}")
     return load_config(SiteConfig, path)
+
+
+def _lookup(raw: dict, dotted: str) -> object:
+    value: object = raw
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return "<FILL IN: ...>"
+        value = value[part]
+    return value

@@ -21,6 +21,26 @@ from fedcommon.tomlconfig import dumps
 MANIFEST, TEMPLATE = "manifest.json", "chat_template.jinja"
 
 
+SITE_HEADER = """\
+fedbridge site config for this kit, written by `fedbridge-site install-bundle`. Replace every <FILL IN: ...>
+below (`fedbridge-site run` and `preflight` refuse to start while one remains): base_model, your copy of the base
+model, and data.train, your private training file (it never leaves the site). data.heldout, a held-out file scored
+against each global model (only the metrics leave), is optional. docs/reference/site-toml.md has every setting;
+`fedbridge-site config check site.toml` shows what this file resolves to."""
+
+
+def kit_site_toml(name: str, coordinator: str) -> str:
+    """The kit's commented ``site.toml``: the kit's own files filled in, placeholders for what only the site knows."""
+    from fedcommon.configdoc import placeholder
+    from site_agent.configdoc import site_starter
+
+    return site_starter({
+        "name": name, "coordinator": coordinator, "work_dir": "work", "policy": "policy.toml",
+        "base_model": placeholder("path to your copy of the base model folder (the one the manifest pins)"),
+        "tls": {"ca": "ca.pem", "cert": "client.pem", "key": "client.key", "signing_key": SIGNING_KEY},
+        "data": {"train": placeholder("path to your private training jsonl")}}, SITE_HEADER)
+
+
 def init_site(kit: Path, name: str) -> Path:
     """Create the site's keys and CSR in ``kit``; returns the CSR path (see the module docstring)."""
     return make_request(Path(kit), name, "site", signing=True)
@@ -42,13 +62,7 @@ def install_bundle(kit: Path, bundle: Path) -> InstalledCertificate:
         write_durable(kit / TEMPLATE, str(doc["chat_template"]).encode("utf-8"))
     address = str(doc.get("coordinator", ""))
     if not (kit / "site.toml").exists() and address:
-        write_durable(kit / "site.toml", (
-            "# fedbridge site config for this kit. Point base_model at your copy of the base model and data.train at\n"
-            "# your private training file (it never leaves the site); see site_agent/config.py.\n" + dumps({
-                "name": got.name, "coordinator": address, "base_model": "base-model", "work_dir": "work",
-                "policy": "policy.toml",
-                "tls": {"ca": "ca.pem", "cert": "client.pem", "key": "client.key", "signing_key": SIGNING_KEY},
-                "data": {"train": "data/train.jsonl"}})).encode())
+        write_durable(kit / "site.toml", kit_site_toml(got.name, address).encode())
     manifest = doc.get("manifest") or {}
     if not (kit / "policy.toml").exists() and manifest.get("base_model_sha256") and address:
         write_durable(kit / "policy.toml", (

@@ -51,7 +51,6 @@ from fedcommon.certs import SITE_NAME, ca_sha256
 from fedcommon.csr import BUNDLE_FORMAT
 from fedcommon.durable import write_durable
 from fedcommon.manifest import Manifest
-from fedcommon.tomlconfig import dumps
 
 REGISTRY = "enrolment.json"
 CRL = "crl.pem"
@@ -178,6 +177,13 @@ class InitOptions:
     days: int = LEAF_DAYS
 
 
+STARTER_HEADER = """\
+fedbridge federation config, written by `fedbridge-admin init`: every setting, each with what it means; the
+values not chosen at init are the defaults. docs/reference/federation-toml.md has the full reference, and
+`fedbridge-admin config check federation.toml` shows what a file resolves to. Fill in [records] (GDPR Art. 30)
+before `fedbridge-admin export-records`, and check `listen` below."""
+
+
 def init_federation(fed: Path, opt: InitOptions) -> dict[str, Any]:
     """Create the federation directory ``fed``; returns the federation manifest."""
     fed = Path(fed)
@@ -250,9 +256,9 @@ def init_federation(fed: Path, opt: InitOptions) -> dict[str, Any]:
         "records": {"controller": "", "purposes": [], "data_categories": [], "data_subjects": [], "recipients": [],
                     "coordinator_region": "", "retention_days": 0},
     }
-    (fed / "federation.toml").write_text(
-        "# fedbridge federation config, written by `fedbridge-admin init`. Fill in [records] (GDPR Art. 30) before\n"
-        "# `fedbridge-admin export-records`; see coordinator/config.py for every field.\n" + dumps(toml))
+    from coordinator.configdoc import starter
+
+    write_durable(fed / "federation.toml", starter(toml, STARTER_HEADER).encode())
     _, bundle = enroll_csr(fed, ca_dir, csr, role="admin", days=opt.days, where=str(admin_kit / "client.csr"))
     write_durable(admin_kit / f"{opt.admin_name}.bundle.json", bundle)
     install_certificate(admin_kit, admin_kit / f"{opt.admin_name}.bundle.json")
