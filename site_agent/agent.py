@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fedcommon import tensors
 from fedcommon.auditlog import AuditLog
 from fedcommon.chat import TemplateError, TemplateMismatch, template_sha256
+from fedcommon.durable import write_durable
 from fedcommon.manifest import ManifestMismatch, verify_model_dir
 from protos import codec
 from protos.fedbridge.v1 import federation_service_pb2 as pb
@@ -37,6 +38,8 @@ from site_agent.ranks import Ranks
 from site_agent.training.data import load_for_mode, load_jsonl, load_sft
 from site_agent.training.evaluation import is_mcq, mcq_accuracy
 
+# Written when the coordinator says the federation is DONE: a later start of this agent exits 0 at once.
+DONE_MARKER = "federation-done.json"
 log = logging.getLogger(__name__)
 AGENT_VERSION = "fedbridge-site/0.1.0"
 # Test-only fault: ``<round>`` makes the agent fail at the first training step of that round (as a data or training
@@ -216,6 +219,11 @@ def _serve(cfg: SiteConfig, show_progress: bool, audit: AuditSink | None, ranks:
     ledger = PrivacyLedger(cfg.dp.ledger or Path(cfg.work_dir) / LEDGER_NAME)  # spent ε survives restarts
     base_check = _BaseModelCheck(cfg.base_model)
     trainer, trainer_mode, trainer_template = None, "", ""
+    done = Path(cfg.work_dir) / DONE_MARKER
+    if done.is_file():  # told DONE before a kill or a restart: the federation is over, nothing to join
+        log.info("[Site] federation already done (%s); nothing to do -- remove that file to join a new federation "
+                 "with this work_dir", done)
+        return 0
     client = CoordinatorClient(cfg)
     trained = 0
     beats = client.heartbeats(0, 0, "idle")  # alive for as long as the agent serves (see Heartbeats)
@@ -283,6 +291,10 @@ def _serve(cfg: SiteConfig, show_progress: bool, audit: AuditSink | None, ranks:
                     task.round, task.base_residual_sha256, task.base_residual_size, pb.ARTIFACT_KIND_BASE_RESIDUAL)
             trainer.set_base_residual(tensors.decode_state(residual_bytes) if residual_bytes else {})
             if resp.status == pb.TASK_STATUS_DONE:
+                # Durably first: once the final report is in, the coordinator may drain and exit, and a site killed
+                # after that point must not restart into a Join that can never succeed (a restart loop).
+                write_durable(Path(cfg.work_dir) / DONE_MARKER, json.dumps(
+                    {"federation_id": task.federation_id, "rounds": task.total_rounds}).encode())
                 _report_eval(client, trainer, task, global_state, heldout_rows, guard, audit, cfg.name)
                 log.info("[Site] federation=%s done after %d rounds", task.federation_id, task.total_rounds)
                 return trained

@@ -97,7 +97,8 @@ class Heartbeats:
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
         self._stop.set()
-        self._thread.join(timeout=15)
+        if self._thread.is_alive():  # never started (Join failed first): nothing to join, and the real error stands
+            self._thread.join(timeout=15)
 
 
 class CoordinatorClient:
