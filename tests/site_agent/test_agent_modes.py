@@ -216,3 +216,26 @@ def test_a_site_with_no_heldout_still_sends_its_final_report() -> None:
     _report_eval(Client(), None, Task(), {}, [], EgressGuard(), None, "s1")  # type: ignore[arg-type]
 
     assert sent == [(4, "eval_global", {}, 0)]
+
+
+def test_a_site_told_done_exits_at_once_on_its_next_start(tiny_model_dir: Path, federation, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A site killed after DONE (the coordinator may have drained and exited) must not restart into a Join that can
+    never succeed: the DONE is recorded in work_dir before the final report, and a later start returns 0 at once."""
+    # Prepare: one federation round, then DONE
+    init, blob, base_sha = federation
+    rows = [{"prompt": f"{i} plus three?", "completion": str(i + 3), "label": bool(i % 2)} for i in range(8)]
+    cfg = _kit(tmp_path, rows, policy='allowed_modes = ["kto"]\nmax_steps = 2\n')
+    cfg = SiteConfig(**{**cfg.__dict__, "base_model": tiny_model_dir})
+    monkeypatch.setattr(agent, "CoordinatorClient", _fake_client(_task(init, base_sha, blob, "kto"), blob, []))
+    assert agent.run_site(cfg, show_progress=False) == 1
+    assert json.loads((cfg.work_dir / agent.DONE_MARKER).read_text())["federation_id"] == "f"
+
+    def no_coordinator(*_a: object, **_k: object) -> None:
+        raise AssertionError("a site whose federation is done contacted the coordinator")
+
+    # Execute: the next start
+    monkeypatch.setattr(agent, "CoordinatorClient", no_coordinator)
+
+    # Assert
+    assert agent.run_site(cfg, show_progress=False) == 0
