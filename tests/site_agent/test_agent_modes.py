@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from site_fakes import NoHeartbeats as _NoHeartbeats
 
 from coordinator.config import LoraSpec
 from coordinator.rounds.adapter import init_adapter
@@ -67,24 +68,6 @@ def _fake_client(task: pb.Task, global_bytes: bytes, uploads: list[bytes]):  # t
             pass
 
     return Client
-
-
-class _NoHeartbeats:
-    """The agent's heartbeat context without a coordinator to send to."""
-
-    round, phase = 0, "idle"
-
-    def __enter__(self) -> _NoHeartbeats:
-        return self
-
-    def working(self, round: int, phase: str, total_steps: int = 0) -> None:
-        self.round, self.phase = round, phase
-
-    def __exit__(self, *exc: object) -> None:
-        pass
-
-    def progress(self, *a: object) -> None:
-        pass
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import NameOID
+from site_fakes import NoHeartbeats
 
 from fedcommon.certs import ca_sha256
 from fedcommon.tomlconfig import ConfigError
@@ -131,6 +132,12 @@ class _FakeClient:
 
     def fetch_task(self, wait_ms: int) -> pb.FetchTaskResponse:
         return pb.FetchTaskResponse(status=pb.TASK_STATUS_TRAIN, task=_task(mode="dpo", steps=10))
+
+    def heartbeats(self, round: int, total_steps: int, phase: str = "train") -> NoHeartbeats:
+        return NoHeartbeats()
+
+    def report_error(self, round: int, phase: str, exc: BaseException) -> bool:
+        return False
 
     def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
         def record(*a, **kw):  # type: ignore[no-untyped-def]
