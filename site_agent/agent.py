@@ -223,6 +223,8 @@ def _serve(cfg: SiteConfig, show_progress: bool, audit: AuditSink | None, ranks:
     if done.is_file():  # told DONE before a kill or a restart: the federation is over, nothing to join
         log.info("[Site] federation already done (%s); nothing to do -- remove that file to join a new federation "
                  "with this work_dir", done)
+        if ranks.world > 1:  # the other ranks wait for rank 0's first round: tell them to leave too
+            ranks.broadcast_bytes([])
         return 0
     client = CoordinatorClient(cfg)
     trained = 0
