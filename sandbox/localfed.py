@@ -196,15 +196,27 @@ def prepare(root: Path, base_model: Path, *, n_sites: int = 3, rounds: int = 3, 
     return LocalFederation(root, fed_toml, state_dir, registry, sites, kits, Path(base_model), record)
 
 
+
+def enrol_by_csr(fed: Path, ca_dir: Path, kit: Path, name: str, region: str) -> Path:
+    """The real enrolment path for one site: ``fedbridge-site init`` makes its keys and CSR in ``kit``, the CA holder
+    signs it (``enroll-site --csr``), the site installs the bundle (``install-bundle``). Returns ``kit``."""
+    from coordinator.trust.enrolment import enroll_csr
+    from site_agent.enrol import init_site, install_bundle
+
+    _, bundle = enroll_csr(fed, ca_dir, init_site(kit, name).read_bytes(), region=region)
+    (kit / "bundle.json").write_bytes(bundle)
+    install_bundle(kit, kit / "bundle.json")
+    return kit
+
+
 def _csr_enrol(root: Path, base_model: Path, names: list[str]) -> tuple[dict[str, str], dict[str, Path]]:
     """CA in ``root/ca``; the coordinator's folder ``root/pki``; one site-made kit per site (see :func:`prepare`)."""
     import json
 
-    from coordinator.trust.enrolment import enroll_csr, save_registry
+    from coordinator.trust.enrolment import save_registry
     from coordinator.trust.pki import CertificateAuthority, write_crl
     from fedcommon.certs import ca_sha256
     from fedcommon.manifest import Manifest
-    from site_agent.enrol import init_site, install_bundle
 
     fed, ca_dir = root / "pki", root / "ca"
     ca = CertificateAuthority.create("local federation CA")
@@ -222,11 +234,7 @@ def _csr_enrol(root: Path, base_model: Path, names: list[str]) -> tuple[dict[str
     write_crl(ca, {}, fed / "crl.pem")
     kits: dict[str, Path] = {}
     for i, name in enumerate(names):
-        kit = root / "site-kits" / name
-        _, bundle = enroll_csr(fed, ca_dir, init_site(kit, name).read_bytes(), region=("EU-DE", "EU-FR", "EU-NL")[i % 3])
-        (kit / "bundle.json").write_bytes(bundle)
-        install_bundle(kit, kit / "bundle.json")
-        kits[name] = kit
+        kits[name] = enrol_by_csr(fed, ca_dir, root / "site-kits" / name, name, ("EU-DE", "EU-FR", "EU-NL")[i % 3])
     tls = {"ca": str(fed / "ca.pem"), "cert": str(fed / "coordinator" / "server.pem"),
            "key": str(fed / "coordinator" / "server.key")}
     return tls, kits

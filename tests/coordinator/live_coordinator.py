@@ -26,7 +26,7 @@ from coordinator.rounds.adapter import AdapterInit
 from coordinator.rounds.engine import RoundEngine
 from coordinator.rounds.store import Store
 from coordinator.server import build_server, server_credentials
-from coordinator.trust.enrolment import InitOptions, default_ca_dir, enroll_csr, init_federation
+from coordinator.trust.enrolment import InitOptions, default_ca_dir, init_federation
 from fedcommon import tensors
 from fedcommon.manifest import Manifest
 from protos import codec
@@ -34,8 +34,8 @@ from protos.codec import MAX_MESSAGE
 from protos.fedbridge.v1 import admin_service_pb2_grpc as apb_grpc
 from protos.fedbridge.v1 import federation_service_pb2 as pb
 from protos.fedbridge.v1 import federation_service_pb2_grpc as pb_grpc
+from sandbox.localfed import enrol_by_csr
 from sandbox.tiny_model import build_tiny_model
-from site_agent.enrol import init_site, install_bundle
 
 T = TypeVar("T")
 FED = "fed"
@@ -82,11 +82,7 @@ class LiveCoordinator:
 
     def enrol(self, site: str, region: str) -> Path:
         """The CSR flow: the site makes its keys in its own kit folder, the CA signs its CSR, the site installs."""
-        kit = self.root / "site-kits" / site
-        _, bundle = enroll_csr(self.fed, self.ca_dir, init_site(kit, site).read_bytes(), region=region)
-        (kit / "bundle.json").write_bytes(bundle)
-        install_bundle(kit, kit / "bundle.json")
-        return kit
+        return enrol_by_csr(self.fed, self.ca_dir, self.root / "site-kits" / site, site, region)
 
     async def _start(self) -> tuple[RoundEngine, grpc.aio.Server, int]:
         store = Store(self.cfg.state_dir)

@@ -13,12 +13,11 @@ from pathlib import Path
 import pytest
 
 from coordinator.basemodel import BaseModelError, template_pin
-from coordinator.trust.enrolment import enroll_csr
 from fedcommon.chat import template_sha256
 from fedcommon.models import TargetModuleError, check_target_modules
 from fedcommon.tomlconfig import dumps
 from sandbox.families import build_family_model
-from site_agent.enrol import init_site, install_bundle
+from sandbox.localfed import enrol_by_csr
 
 ROOT = Path(__file__).resolve().parents[2]
 # What a federation would ship for GPT-2 (which has none): turns ended by its only special token.
@@ -87,10 +86,7 @@ def test_init_pins_the_supplied_template_and_serve_refuses_a_base_without_one(
     toml = (tmp_path / "fed" / "federation.toml").read_text()
     assert 'chat_template = "chat_template.jinja"' in toml and '"all-linear"' in toml
     assert (tmp_path / "fed" / "chat_template.jinja").read_text() == GPT2_TEMPLATE  # the federation's own copy
-    kit = tmp_path / "s1-kit"
-    _, bundle = enroll_csr(tmp_path / "fed", tmp_path / "fed-ca", init_site(kit, "s1").read_bytes(), region="EU-DE")
-    (kit / "bundle.json").write_bytes(bundle)
-    install_bundle(kit, kit / "bundle.json")
+    kit = enrol_by_csr(tmp_path / "fed", tmp_path / "fed-ca", tmp_path / "s1-kit", "s1", "EU-DE")
     assert (kit / "chat_template.jinja").read_text() == GPT2_TEMPLATE  # preflight's default template
 
 

@@ -90,23 +90,17 @@ class Coordinator:
 def start_coordinator(root: Path, base_model: Path, *, sites: tuple[str, ...] = SITES, revoked: tuple[str, ...] = (),
                       min_sites: int | None = None, **toml_over: Any) -> Coordinator:
     """``init`` a federation under ``root``, enrol ``sites``, revoke ``revoked``, and serve it as a process."""
-    from coordinator.trust.enrolment import InitOptions, default_ca_dir, enroll_csr, init_federation, revoke_site
+    from coordinator.trust.enrolment import InitOptions, default_ca_dir, init_federation, revoke_site
     from fedcommon.tomlconfig import dumps, load_toml
-    from site_agent.enrol import init_site, install_bundle
+    from sandbox.localfed import enrol_by_csr
 
     fed = root / "federation"
     init_federation(fed, InitOptions(federation_id="hostile", base_model=base_model, hosts=("localhost", "127.0.0.1"),
                                      port=1, rounds=2, min_sites=min_sites or len(sites) + 1))
     ca_dir = default_ca_dir(fed)
 
-    def enrol(site: str) -> Path:  # the CSR flow: keys made in the site's own kit, never by the CA
-        kit = root / "site-kits" / site
-        _, bundle = enroll_csr(fed, ca_dir, init_site(kit, site).read_bytes(), region="EU-DE")
-        (kit / "bundle.json").write_bytes(bundle)
-        install_bundle(kit, kit / "bundle.json")
-        return kit
-
-    kits = {s: enrol(s) for s in sites}
+    # The CSR flow: keys made in each site's own kit, never by the CA.
+    kits = {s: enrol_by_csr(fed, ca_dir, root / "site-kits" / s, s, "EU-DE") for s in sites}
     for s in revoked:
         revoke_site(fed, s, "compromised")
     cfg = load_toml(fed / "federation.toml")
