@@ -1,6 +1,6 @@
 """A multi-host federation on one machine: a coordinator VPC and institution VPCs in Linux network namespaces.
 
-Topology (one run; ``X`` is picked per run, ``P`` the run's prefix ``fbnet<pid>``)::
+Topology (one run; ``X`` is picked per run, ``P`` the run's prefix ``fbnet<pid>-<n>``)::
 
                         P-rtr  ("the internet": forwards between the VPCs, no firewall)
           r0 10.X.0.1/24   r1 10.X.1.1/24   r2 10.X.2.1/24   r3 10.X.3.1/24
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -51,6 +52,7 @@ PROBE_PORT = 50052  # a stand-in for any other service on the coordinator's host
 SITE_SERVICE_PORT = 8080  # a stand-in service inside an institution, that another institution must not reach
 OPEN = "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n"  # firewall off
 _STALE = re.compile(rf"^{PREFIX}(\d+)-")
+_SERIAL = itertools.count()
 
 # Run with `python -S -c`: stdlib only, so a probe starts in tens of milliseconds.
 _CONNECT = """
@@ -181,7 +183,8 @@ class Topology:
 
     sites: Sequence[str] = ("site-a", "site-b", "site-c")
     port: int = GRPC_PORT
-    prefix: str = field(default_factory=lambda: f"{PREFIX}{os.getpid()}")
+    # Unique per topology: the pid keeps parallel runs apart, the counter two topologies of one process.
+    prefix: str = field(default_factory=lambda: f"{PREFIX}{os.getpid()}-{next(_SERIAL)}")
     octet: int = field(default_factory=lambda: 16 + os.getpid() % 200)
     vpcs: dict[str, Vpc] = field(default_factory=dict, init=False)
     _made: list[str] = field(default_factory=list, init=False)
