@@ -79,3 +79,19 @@ def test_a_failing_run_leaves_no_namespace_and_a_dead_runs_namespaces_go(can_net
         for ns in (stale, live):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
     assert mine() == []
+
+
+def test_without_root_it_says_why_and_exits_2(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from typer.testing import CliRunner
+
+    from sandbox.cli import app
+
+    monkeypatch.setattr(netns.sys, "platform", "linux")
+    monkeypatch.setattr(netns.os, "geteuid", lambda: 1000)
+    assert netns.unavailable_reason() == "network namespaces need root (ip netns add)"
+    assert netns.main(["--workdir", "unused"]) == 2
+    assert "error: cannot run the multi-host federation here: network namespaces need root" in capsys.readouterr().err
+    r = CliRunner().invoke(app, ["netns-demo"])
+    assert r.exit_code == 2 and "need root" in r.output and "Traceback" not in r.output
+    with pytest.raises(netns.NetnsUnavailable, match="need root"):
+        netns.Topology().up()
