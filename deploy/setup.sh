@@ -25,6 +25,12 @@ if [[ ",$EXTRAS," == *",dev,"* ]] && ! command -v systemd-analyze >/dev/null; th
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends systemd
 fi
+# The multi-host test (tests/deploy/test_netns.py) firewalls its network namespaces with iptables. Only as root with
+# apt-get: elsewhere that test skips, saying why.
+if [[ ",$EXTRAS," == *",dev,"* ]] && ! command -v iptables >/dev/null && [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+  echo "[setup] installing iptables (Debian package) for the network-namespace test"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends iptables >/dev/null
+fi
 stamp="$VENV/.fedbridge-setup"
 want=$(cat pyproject.toml deploy/setup.sh deploy/kit-validators.txt | sha256sum | cut -c1-32)-$EXTRAS
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then

@@ -44,6 +44,16 @@ def demo(workdir: Path = typer.Option(Path("demo-run"), help="folder for PKI, da
     run_demo(cfg, console)
 
 
+@app.command("netns-demo")
+def netns_demo(workdir: Path = typer.Option(Path("netns-run"), help="folder for PKI, data, state, logs (wiped)"),
+               rounds: int = typer.Option(2, help="federated rounds"),
+               steps: int = typer.Option(4, help="local steps per round")) -> None:
+    """The demo federation across network namespaces: a coordinator VPC, three institution VPCs, firewalls (root)."""
+    from sandbox.netns import main as netns_main
+
+    raise typer.Exit(netns_main(["--workdir", str(workdir), "--rounds", str(rounds), "--steps", str(steps)]))
+
+
 def main() -> None:
     app()
 

@@ -37,6 +37,10 @@ class LocalFederation:
     record_inbound: Path | None
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     port: int = 0
+    host: str = "127.0.0.1"
+    # Command prefix per process name ("coordinator" or a site's name), e.g. ``ip netns exec NS`` so that process
+    # runs inside a network namespace (sandbox.netns); no entry: the process runs here, on loopback.
+    wrap: dict[str, list[str]] = field(default_factory=dict)
 
     def log_path(self, name: str) -> Path:
         return self.root / "logs" / f"{name}.log"
@@ -46,8 +50,8 @@ class LocalFederation:
         """Start the coordinator process and wait until it listens; returns its port. ``env`` adds variables."""
         port_file = self.state_dir / "coordinator.port"
         port_file.unlink(missing_ok=True)
-        self.procs["coordinator"] = _spawn([PY, "-m", "coordinator", "serve", "--config", str(self.federation_toml)],
-                                           self.log_path("coordinator"), env)
+        self.procs["coordinator"] = _spawn([*self.wrap.get("coordinator", []), PY, "-m", "coordinator", "serve",
+                                            "--config", str(self.federation_toml)], self.log_path("coordinator"), env)
         deadline = time.monotonic() + timeout
         while not port_file.exists():
             if self.procs["coordinator"].poll() is not None:
@@ -63,13 +67,13 @@ class LocalFederation:
         """Make the coordinator listen on the port it got at its first start, so a restart keeps the sites'
         address (they reconnect by themselves)."""
         cfg = load_toml(self.federation_toml)
-        cfg["listen"] = f"127.0.0.1:{self.port}"
+        cfg["listen"] = f"{self.host}:{self.port}"
         self.federation_toml.write_text(dumps(cfg))
 
     def write_site_config(self, site: SiteData, threads: int = 1, extra: dict[str, Any] | None = None) -> Path:
         kit = self.site_kits[site.name]
         cfg = {
-            "name": site.name, "coordinator": f"127.0.0.1:{self.port}", "base_model": str(self.base_model),
+            "name": site.name, "coordinator": f"{self.host}:{self.port}", "base_model": str(self.base_model),
             "work_dir": str(self.root / "sites" / site.name / "work"), "threads": threads,
             "tls": {"ca": str(kit / "ca.pem"), "cert": str(kit / "client.pem"), "key": str(kit / "client.key"),
                     "signing_key": str(kit / "signing.key")},
@@ -83,7 +87,8 @@ class LocalFederation:
 
     def start_site(self, site: SiteData, threads: int = 1, extra: dict[str, Any] | None = None) -> subprocess.Popen:
         path = self.write_site_config(site, threads, extra)
-        proc = _spawn([PY, "-m", "site_agent", "run", "--config", str(path)], self.log_path(site.name))
+        proc = _spawn([*self.wrap.get(site.name, []), PY, "-m", "site_agent", "run", "--config", str(path)],
+                      self.log_path(site.name))
         self.procs[site.name] = proc
         return proc
 
@@ -147,7 +152,8 @@ def prepare(root: Path, base_model: Path, *, n_sites: int = 3, rounds: int = 3, 
             strategy_params: dict[str, Any] | None = None, privacy: dict[str, Any] | None = None,
             quorum: dict[str, Any] | None = None, chat_template: Path | None = None,
             base_model_ref: str = "fedbridge/tiny-llama", csr_enrolment: bool = False,
-            shared_benchmarks: tuple[str, ...] = ("general_qa",)) -> LocalFederation:
+            shared_benchmarks: tuple[str, ...] = ("general_qa",), coordinator_host: str = "127.0.0.1",
+            coordinator_port: int = 0) -> LocalFederation:
     """Lay out a federation under ``root``: PKI, data, and ``federation.toml``.
 
     ``shared_eval`` turns on the coordinator's EvalScope evaluation on a generated shared benchmark covering every
@@ -160,6 +166,9 @@ def prepare(root: Path, base_model: Path, *, n_sites: int = 3, rounds: int = 3, 
     ``csr_enrolment`` enrols the sites the way a real federation does instead of with the dev PKI: each site makes
     its keys in its own kit folder, the CA (in ``root/ca``, apart from the coordinator's ``root/pki``) signs their
     CSRs, the sites install the bundles, and the coordinator enforces the enrolment registry and the CRL.
+
+    ``coordinator_host`` / ``coordinator_port`` are where the coordinator listens and the sites dial (port 0: a free
+    one, read back at start); with ``csr_enrolment`` the host is also the coordinator certificate's address (SAN).
     """
     root = Path(root)
     sites = make_site_datasets(root / "data", n_sites=n_sites, seed=seed, marker=marker, n_train=n_train,
@@ -167,7 +176,10 @@ def prepare(root: Path, base_model: Path, *, n_sites: int = 3, rounds: int = 3, 
     state_dir, registry = root / "coordinator" / "state", root / "published"
     access: dict[str, Any] = {}
     if csr_enrolment:
-        tls, kits = _csr_enrol(root, base_model, [s.name for s in sites])
+        tls, kits = _csr_enrol(root, base_model, [s.name for s in sites], host=coordinator_host, port=coordinator_port,
+                               federation_id=federation_id, rounds=rounds, min_sites=min_sites or n_sites,
+                               target_modules=tuple((lora or {}).get("target_modules", ("all-linear",))),
+                               chat_template=chat_template)
         access = {"enrolment_registry": str(root / "pki" / "enrolment.json"), "crl": str(root / "pki" / "crl.pem")}
     else:
         pki = create_dev_pki(root / "pki", [s.name for s in sites])
@@ -177,7 +189,7 @@ def prepare(root: Path, base_model: Path, *, n_sites: int = 3, rounds: int = 3, 
     cfg: dict[str, Any] = {
         "federation_id": federation_id, "base_model": str(base_model), "base_model_ref": base_model_ref,
         "rounds": rounds, "min_sites": min_sites or n_sites, "strategy": strategy,
-        "strategy_params": strategy_params or {}, "listen": "127.0.0.1:0",
+        "strategy_params": strategy_params or {}, "listen": f"{coordinator_host}:{coordinator_port}",
         "state_dir": str(state_dir), "registry_dir": str(registry), "exit_when_done": True,
         "tls": tls, **access,
         "lora": lora or {}, "training": training or {},
@@ -193,7 +205,8 @@ def prepare(root: Path, base_model: Path, *, n_sites: int = 3, rounds: int = 3, 
     fed_toml = root / "coordinator" / "federation.toml"
     fed_toml.parent.mkdir(parents=True, exist_ok=True)
     fed_toml.write_text(dumps({k: v for k, v in cfg.items() if v != {}}))
-    return LocalFederation(root, fed_toml, state_dir, registry, sites, kits, Path(base_model), record)
+    return LocalFederation(root, fed_toml, state_dir, registry, sites, kits, Path(base_model), record,
+                           host=coordinator_host)
 
 
 
@@ -209,29 +222,22 @@ def enrol_by_csr(fed: Path, ca_dir: Path, kit: Path, name: str, region: str) -> 
     return kit
 
 
-def _csr_enrol(root: Path, base_model: Path, names: list[str]) -> tuple[dict[str, str], dict[str, Path]]:
-    """CA in ``root/ca``; the coordinator's folder ``root/pki``; one site-made kit per site (see :func:`prepare`)."""
-    import json
-
-    from coordinator.trust.enrolment import save_registry
-    from coordinator.trust.pki import CertificateAuthority, write_crl
-    from fedcommon.certs import ca_sha256
-    from fedcommon.manifest import Manifest
+def _csr_enrol(root: Path, base_model: Path, names: list[str], *, host: str = "127.0.0.1", port: int = 0,
+               federation_id: str = "demo", rounds: int = 1, min_sites: int = 1,
+               target_modules: tuple[str, ...] = ("all-linear",), chat_template: Path | None = None
+               ) -> tuple[dict[str, str], dict[str, Path]]:
+    """``fedbridge-admin init`` (CA in ``root/ca``, the coordinator's folder ``root/pki``, its certificate for
+    ``host``), then one site-made kit per site by the CSR path (see :func:`prepare`). The ``federation.toml`` init
+    writes in ``root/pki`` is not used: :func:`prepare` writes the one the coordinator runs with."""
+    from coordinator.trust.enrolment import InitOptions, init_federation
 
     fed, ca_dir = root / "pki", root / "ca"
-    ca = CertificateAuthority.create("local federation CA")
-    ca.save(ca_dir / "ca.pem", ca_dir / "ca.key")
-    (fed / "coordinator").mkdir(parents=True, exist_ok=True)
-    (fed / "ca.pem").write_bytes(ca.cert_pem)
-    cert, key = ca.issue("localhost", "coordinator", hosts=("localhost", "127.0.0.1"))
-    (fed / "coordinator" / "server.pem").write_bytes(cert)
-    from fedcommon.durable import write_private
-
-    write_private(fed / "coordinator" / "server.key", key)
-    (fed / "manifest.json").write_text(json.dumps({"coordinator": "127.0.0.1:0", "ca_sha256": ca_sha256(ca.cert),
-                                                   "base_model_sha256": Manifest.of_dir(base_model).sha256}))
-    save_registry(fed / "enrolment.json", {}, {})
-    write_crl(ca, {}, fed / "crl.pem")
+    hosts = ("127.0.0.1", "localhost") if host in ("127.0.0.1", "localhost") else (host,)
+    # init wants a real port for the manifest's address; with port 0, each site's site.toml (write_site_config)
+    # carries the port the coordinator got.
+    init_federation(fed, InitOptions(federation_id=federation_id, base_model=base_model, hosts=hosts, port=port or 50051,
+                                     rounds=rounds, min_sites=min_sites, target_modules=target_modules,
+                                     chat_template=chat_template, ca_dir=ca_dir))
     kits: dict[str, Path] = {}
     for i, name in enumerate(names):
         kits[name] = enrol_by_csr(fed, ca_dir, root / "site-kits" / name, name, ("EU-DE", "EU-FR", "EU-NL")[i % 3])
