@@ -535,7 +535,7 @@ def check_secure_aggregation(spec: SecureAggregationSpec, strategy: str, params:
         why = SECAGG_REFUSED.get(rule.name, "it needs each site's update on its own, and secure aggregation "
                                  "reveals only their sum")
         raise ValueError(f"field 'strategy': {rule.name!r} cannot run with secure_aggregation.enabled: {why}. "
-                         "Use a linear rule (fedavg, fedprox, fedavgm, fedadam, fedyogi, fedadagrad, ffa_lora)")
+                         "Use a linear rule (fedavg, fedprox, fedavgm, fedadam, fedyogi, fedadagrad, ffa_lora, fed_sb)")
     if CLIP_PARAM in params:
         raise ValueError(f"field 'strategy_params.{CLIP_PARAM}': coordinator-side clipping needs each update; with "
                          "secure_aggregation.enabled clip at the sites (their egress filters) instead")
@@ -552,7 +552,7 @@ def check_secure_aggregation(spec: SecureAggregationSpec, strategy: str, params:
 PRIVACY_MODES = ("none", "local", "central")
 # Central DP adds one noise draw to the uniform mean of the clipped updates, so the rule's output must be a function
 # of that mean (then the noise is calibrated to the mean's sensitivity C/n and the rule is post-processing).
-CENTRAL_DP_STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
+CENTRAL_DP_STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fed_sb")
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from protos.codec import MAX_MESSAGE
 from protos.fedbridge.v1 import admin_service_pb2_grpc as apb_grpc
 from protos.fedbridge.v1 import federation_service_pb2_grpc as pb_grpc
 from protos.fedbridge.v1 import secagg_service_pb2_grpc as secagg_grpc
+from strategies.fedsb import is_fedsb_name
 
 log = logging.getLogger(__name__)
 DRAIN_TIMEOUT_S = 120.0
@@ -248,7 +249,7 @@ async def serve(cfg: FederationConfig, stop: asyncio.Event | None = None) -> Non
     template = await asyncio.to_thread(check_base_model, cfg)
     check_tls_files(cfg)
     refuse_ca_key(cfg)
-    adapter = await asyncio.to_thread(init_adapter, cfg.base_model, cfg.lora)
+    adapter = await asyncio.to_thread(init_adapter, cfg.base_model, cfg.lora, is_fedsb_name(cfg.strategy))
     store = Store(cfg.state_dir)
     store.sweep_uploads()
     engine = RoundEngine(cfg, store, manifest.sha256, adapter, template)

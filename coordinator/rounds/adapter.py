@@ -42,7 +42,7 @@ def fan_in_fan_out_weights(model: Any) -> frozenset[str]:
     return frozenset(f"{name}.weight" for name, m in model.named_modules() if isinstance(m, Conv1D))
 
 
-def init_adapter(base_model: Path, lora: LoraSpec) -> AdapterInit:
+def init_adapter(base_model: Path, lora: LoraSpec, fed_sb: bool = False) -> AdapterInit:
     """Draw the initial adapter from the base's shapes, with PEFT's own initialisation (A from ``lora.seed``, B = 0).
 
     ``all-linear`` and other shorthands are resolved by PEFT against the base's module tree (built on the meta
@@ -53,8 +53,13 @@ def init_adapter(base_model: Path, lora: LoraSpec) -> AdapterInit:
     draw a function of the seed alone: one ``torch.Generator`` seeded with ``lora.seed`` (the global RNG is not
     touched), and the A matrices drawn one after another in the order of PEFT's adapter state dict, which is the
     order of the model's modules.
+
+    With ``fed_sb`` (strategy ``fed-sb``) the adapter is one zero ``lora_R`` matrix ``[r, r]`` per module instead
+    (:mod:`strategies.fedsb`: B and A are fixed and never travel).
     """
     from peft import get_peft_model, get_peft_model_state_dict
+
+    from strategies import fedsb
 
     skeleton = model_skeleton(base_model)
     targets: list[str] | str = "all-linear" if list(lora.target_modules) == ["all-linear"] else list(lora.target_modules)
@@ -62,6 +67,9 @@ def init_adapter(base_model: Path, lora: LoraSpec) -> AdapterInit:
     shapes = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}
     resolved = sorted(model.peft_config["default"].target_modules)
     del model, skeleton
+    if fed_sb:
+        state = {k: v.to(getattr(torch, lora.wire_dtype)) for k, v in fedsb.zero_state(shapes).items()}
+        return AdapterInit(state, tensors.make_adapter_spec(state, lora.rank, lora.alpha, lora.dropout, resolved))
     gen = torch.Generator().manual_seed(lora.seed)
     state: dict[str, torch.Tensor] = {}
     for key, shape in shapes.items():
@@ -74,6 +82,34 @@ def init_adapter(base_model: Path, lora: LoraSpec) -> AdapterInit:
     state = {k: v.to(getattr(torch, lora.wire_dtype)) for k, v in state.items()}  # the spec (and wire) dtype
     spec = tensors.make_adapter_spec(state, lora.rank, lora.alpha, lora.dropout, resolved)
     return AdapterInit(state, spec)
+
+
+def fedsb_module_shapes(base_model: Path, spec: pb.AdapterSpec) -> dict[str, tuple[int, int]]:
+    """PEFT module path -> ``(out_features, in_features)`` of every module the spec adapts (from the meta skeleton)."""
+    from peft import get_peft_model, get_peft_model_state_dict
+
+    model = get_peft_model(model_skeleton(base_model), lora_config(spec))
+    shapes = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}
+    out: dict[str, tuple[int, int]] = {}
+    for key, shape in shapes.items():
+        if key.endswith(".lora_A.weight"):
+            module = key.removesuffix(".lora_A.weight")
+            out[module] = (int(shapes[module + ".lora_B.weight"][0]), int(shape[1]))
+    return out
+
+
+def peft_view(base_model: Path, spec: pb.AdapterSpec, state: dict[str, torch.Tensor]
+              ) -> tuple[pb.AdapterSpec, dict[str, torch.Tensor]]:
+    """The adapter as stock PEFT LoRA: unchanged, except a Fed-SB adapter (``lora_R`` matrices), which becomes
+    ``lora_A = A, lora_B = B R`` (:func:`strategies.fedsb.expand`; same rank and alpha) for evaluation, merge and
+    publication."""
+    from strategies import fedsb
+
+    if not fedsb.is_fedsb_state(state):
+        return spec, state
+    dtype = next(iter(state.values())).dtype
+    full = fedsb.expand(state, fedsb_module_shapes(base_model, spec), dtype=dtype)
+    return tensors.make_adapter_spec(full, spec.rank, spec.alpha, spec.dropout, list(spec.target_modules)), full
 
 
 def peft_model_with(base_model: Path, spec: pb.AdapterSpec, state: dict[str, torch.Tensor], base_model_ref: str = ""):

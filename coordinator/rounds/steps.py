@@ -19,7 +19,7 @@ from coordinator.privacy.secagg import SecAggCoordinator
 from coordinator.release import evaluation, gate
 from coordinator.release.publish import build_provenance, find_published
 from coordinator.release.publish import publish as publish_to_registry
-from coordinator.rounds.adapter import base_layout, scaled_residual_in_weight_layout
+from coordinator.rounds.adapter import base_layout, peft_view, scaled_residual_in_weight_layout
 from coordinator.rounds.adapters import Adapters
 from coordinator.rounds.mapped import map_state
 from coordinator.rounds.store import Store, UpdateRow
@@ -208,8 +208,9 @@ class RoundSteps:
         work = self.store.dir / "eval" / f"round-{round:05d}"
         log.info("[RoundEngine.evaluate] round=%d benchmarks=%s", round, [b.name for b in self.cfg.evaluation.benchmarks])
         try:
-            report = evaluation.evaluate_adapter(base_model=self.cfg.base_model, spec=self.spec,
-                                                 state=tensors.decode_state(data), eval_spec=self.cfg.evaluation,
+            spec, state = peft_view(self.cfg.base_model, self.spec, tensors.decode_state(data))  # Fed-SB: B R, A
+            report = evaluation.evaluate_adapter(base_model=self.cfg.base_model, spec=spec,
+                                                 state=state, eval_spec=self.cfg.evaluation,
                                                  work_dir=work,
                                                  residual=tensors.decode_state(residual) if residual else None)
             self._hold("evaluating", round)
@@ -255,8 +256,10 @@ class RoundSteps:
         provenance = build_provenance(self.cfg, self.store, base_sha256=self.base_sha256, spec=self.spec,
                                       strategy=self.strategy.name, global_sha256=codec.sha256_hex(data), gate=decision)
         residual = self.adapters.residual_bytes(final + 1)
-        version, path, manifest_sha = publish_to_registry(base_model=self.cfg.base_model, spec=self.spec,
-                                              state=tensors.decode_state(data), registry_dir=self.cfg.registry_dir,
+        # A Fed-SB adapter (R matrices) is published as the stock PEFT LoRA it stands for: lora_B = B R, lora_A = A.
+        spec, state = peft_view(self.cfg.base_model, self.spec, tensors.decode_state(data))
+        version, path, manifest_sha = publish_to_registry(base_model=self.cfg.base_model, spec=spec,
+                                              state=state, registry_dir=self.cfg.registry_dir,
                                               federation_id=self.cfg.federation_id, provenance=provenance,
                                               base_model_ref=self.cfg.base_model_ref,
                                               max_shard_bytes=self.cfg.publish.max_shard_mb << 20,

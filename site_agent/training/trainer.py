@@ -24,6 +24,7 @@ import torch
 from fedcommon import tensors
 from fedcommon.models import device_precision, load_base, lora_config, lora_config_for, trainer_precision_args
 from protos.fedbridge.v1 import federation_service_pb2 as pb
+from site_agent.training import fedsb
 from site_agent.training.masking import apply_pinned_template, check_template, mask_conversation
 
 log = logging.getLogger(__name__)
@@ -130,6 +131,7 @@ class SftSiteTrainer:
         self._dataset: Any = None  # tokenised once by the first SFTTrainer, reused after
         self.model: Any = None
         self._spec_sha = ""
+        self._fedsb_r: dict[str, torch.nn.Parameter] | None = None  # Fed-SB: the R matrices, the only trained tensors
         self._pristine: dict[str, torch.Tensor] = {}  # base weights before any residual was folded in
         # Keep the long-lived model and libraries out of every later collection: train_round collects each round's
         # trainer, and that then costs milliseconds instead of half a second. Collect first, so no garbage is frozen.
@@ -155,6 +157,11 @@ class SftSiteTrainer:
                 raise ValueError("the federation changed its adapter spec mid-run; restart the agent to follow it")
             self.model = get_peft_model(self._base_model(), lora_config(spec))
             self._spec_sha = spec.sha256
+            if fedsb.is_fedsb_spec(spec):
+                if self.zero3 or self.checkpoint_steps:
+                    raise ValueError("Fed-SB (strategy fed-sb) does not run under DeepSpeed ZeRO-3 or with step "
+                                     "checkpoints (checkpoint_steps); turn them off in site.toml for this federation")
+                self._fedsb_r = fedsb.install(self.model)
         elif self._spec_sha != spec.sha256:
             raise ValueError("the federation changed its adapter spec mid-run; restart the agent to follow it")
         return self.model
@@ -178,6 +185,9 @@ class SftSiteTrainer:
 
         tensors.check_against_spec(state, spec)
         model = self._ensure_model(spec)
+        if self._fedsb_r is not None:
+            fedsb.load(self._fedsb_r, state)
+            return
         mine = get_peft_model_state_dict(model)
         # The LoRA weights train in float32 whatever the wire dtype: compare keys and shapes in the spec's dtype.
         wire = {t.name: tensors.torch_dtype(t.dtype) for t in spec.tensors}
@@ -216,7 +226,10 @@ class SftSiteTrainer:
                 param.copy_(base + wanted[target].to(base.dtype) if target in wanted else base)
 
     def _set_trainable(self, freeze_lora_a: bool) -> dict[str, torch.nn.Parameter]:
-        """Make the LoRA weights trainable, except A under FFA-LoRA (Sun et al., ICLR 2024); return them by name."""
+        """Make the LoRA weights trainable, except A under FFA-LoRA (Sun et al., ICLR 2024), and all but R under
+        Fed-SB; return them by name."""
+        if self._fedsb_r is not None:
+            return fedsb.set_trainable(self.model, self._fedsb_r)
         trainable = {}
         for name, param in self.model.named_parameters():
             if "lora_" not in name:
@@ -229,6 +242,8 @@ class SftSiteTrainer:
     def adapter_state(self) -> dict[str, torch.Tensor]:
         from peft import get_peft_model_state_dict
 
+        if self._fedsb_r is not None:
+            return fedsb.state(self._fedsb_r)
         # On CPU so the delta is computed and encoded where the global state lives, whatever device trained.
         return {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(self.model).items()}
 

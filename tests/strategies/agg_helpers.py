@@ -40,6 +40,15 @@ def adapter(seed: int, rank: int = 2, dims: tuple[int, int] = (5, 4), layers: in
     return state
 
 
+def fedsb_adapter(seed: int, rank: int = 2, layers: int = 1, dtype: torch.dtype = torch.float64,
+                  scale: float = 1.0) -> StateDict:
+    """A random Fed-SB adapter: per layer and module one R [rank, rank] (``<module>.lora_R.weight``)."""
+    g = torch.Generator().manual_seed(seed)
+    return {f"{PREFIX}.{layer}.{m}.lora_R.weight": (scale * torch.randn(rank, rank, generator=g,
+                                                                        dtype=torch.float64)).to(dtype)
+            for layer in range(layers) for m in MODULES}
+
+
 def flat_state(seed: int, shapes: dict[str, tuple[int, ...]], scale: float = 1.0,
                dtype: torch.dtype = torch.float64) -> StateDict:
     """A random state with the given keys and shapes."""

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from agg_helpers import adapter
+from agg_helpers import adapter, fedsb_adapter
 from safetensors.torch import save_file
 from test_agg_properties import PARAMS
 
@@ -21,6 +21,9 @@ def test_mapped_updates_aggregate_like_in_memory_ones(name: str, tmp_path: Path)
     # Prepare: float32 adapters, as sites send them; each delta also stored as a safetensors file and mapped.
     g = adapter(3, rank=2, extra=True, dtype=torch.float32)
     deltas = [adapter(100 + i, rank=2, extra=True, dtype=torch.float32, scale=0.3) for i in range(4)]
+    if name == "fed_sb":  # R matrices only
+        g = fedsb_adapter(3, dtype=torch.float32)
+        deltas = [fedsb_adapter(100 + i, dtype=torch.float32, scale=0.3) for i in range(4)]
     if name == "ffa_lora":
         deltas = [{k: torch.zeros_like(v) if ".lora_A." in k else v for k, v in d.items()} for d in deltas]
     in_memory, mapped = [], []

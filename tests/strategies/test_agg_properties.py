@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-from agg_helpers import adapter, assert_state_close, clone, lora_keys, updates_from
+from agg_helpers import adapter, assert_state_close, clone, fedsb_adapter, lora_keys, updates_from
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -24,7 +24,11 @@ PARAMS: dict[str, dict[str, object]] = {"multikrum": {"num_selected": 2}, "flexl
 NOT_IDENTITY = {"fedadam", "fedyogi", "fedadagrad"}
 
 
-def _problem(seed: int, n: int, rank: int = 2, frozen_a: bool = False) -> tuple[StateDict, list[StateDict]]:
+def _problem(seed: int, n: int, rank: int = 2, frozen_a: bool = False, fed_sb: bool = False
+             ) -> tuple[StateDict, list[StateDict]]:
+    if fed_sb:  # a Fed-SB adapter is R matrices only (B and A are fixed and never travel)
+        return fedsb_adapter(seed, rank=rank), [fedsb_adapter(seed * 1000 + i + 1, rank=rank, scale=0.3)
+                                                for i in range(n)]
     g = adapter(seed, rank=rank, extra=True)
     deltas = []
     for i in range(n):
@@ -71,7 +75,7 @@ def _published(state: StateDict, residual: Mapping[str, torch.Tensor]) -> dict[s
        perm_seed=st.integers(0, 10_000))
 def test_permutation_invariance(name: str, seed: int, n: int, perm_seed: int) -> None:
     # Prepare
-    g, deltas = _problem(seed, n, frozen_a=name == "ffa_lora")
+    g, deltas = _problem(seed, n, frozen_a=name == "ffa_lora", fed_sb=name == "fed_sb")
     ups = updates_from(deltas, weights=[1 + (seed + 3 * i) % 7 for i in range(n)])
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(perm_seed)).tolist()
     # Execute
@@ -86,7 +90,7 @@ def test_permutation_invariance(name: str, seed: int, n: int, perm_seed: int) ->
        n=st.integers(3, 6), weights=st.lists(st.integers(1, 50), min_size=6, max_size=6))
 def test_identical_updates_give_that_update(name: str, seed: int, n: int, weights: list[int]) -> None:
     # Prepare
-    g, deltas = _problem(seed, 1, frozen_a=name == "ffa_lora")
+    g, deltas = _problem(seed, 1, frozen_a=name == "ffa_lora", fed_sb=name == "fed_sb")
     ups = updates_from([deltas[0]] * n, weights=weights[:n])
     want = {k: g[k] + deltas[0][k] for k in g}
     # Execute
@@ -105,7 +109,7 @@ def test_identical_updates_give_that_update(name: str, seed: int, n: int, weight
        factor=st.integers(2, 9))
 def test_weights_normalise(name: str, seed: int, n: int, factor: int) -> None:
     # Prepare: the same relative weights at two scales.
-    g, deltas = _problem(seed, n, frozen_a=name == "ffa_lora")
+    g, deltas = _problem(seed, n, frozen_a=name == "ffa_lora", fed_sb=name == "fed_sb")
     w = [1 + (seed + 5 * i) % 4 for i in range(n)]
     # Execute
     a = _run(name, g, updates_from(deltas, weights=w))
@@ -205,7 +209,7 @@ def test_flexlora_on_equal_ranks_publishes_what_fedex_publishes(seed: int, n: in
 @SETTINGS
 @given(name=st.sampled_from(list_strategies()), seed=st.integers(0, 10_000), n=st.integers(3, 5))
 def test_no_rule_mutates_its_inputs(name: str, seed: int, n: int) -> None:
-    g, deltas = _problem(seed, n, frozen_a=name == "ffa_lora")
+    g, deltas = _problem(seed, n, frozen_a=name == "ffa_lora", fed_sb=name == "fed_sb")
     g0, d0 = clone(g), [clone(d) for d in deltas]
     r = _run(name, g, updates_from(deltas))
     assert_state_close(g, g0, atol=0)

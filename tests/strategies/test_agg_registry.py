@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from agg_helpers import adapter, assert_state_close, updates_from
+from agg_helpers import adapter, assert_state_close, fedsb_adapter, updates_from
 
 from strategies import fedadam, fedavg, fedex_lora, hetlora
 from strategies.protocol import Accumulator, BulkAccumulator, Strategy
@@ -21,8 +21,9 @@ from strategies.registry import (
 )
 from strategies.types import AggregationError, ClientUpdate
 
-STREAMING = {"fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "ffa_lora", "fedex_lora", "hetlora"}
-LINEAR = {"fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "ffa_lora", "hetlora"}
+STREAMING = {"fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "ffa_lora", "fedex_lora", "hetlora",
+             "fed_sb"}
+LINEAR = {"fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "ffa_lora", "hetlora", "fed_sb"}
 STATEFUL = {"fedavgm", "fedadam", "fedyogi", "fedadagrad"}
 
 
@@ -49,7 +50,7 @@ def test_params_reach_the_config_and_site_params() -> None:
 
 
 @pytest.mark.parametrize(("name", "params", "fragment"), [
-    ("fedsgd", {}, r"unknown strategy 'fedsgd'; known strategies: fedadagrad, fedadam"),
+    ("fedsgd", {}, r"unknown strategy 'fedsgd'; known strategies: fed_sb, fedadagrad, fedadam"),
     ("fedadam", {"bta_1": 0.9},
      r"strategy 'fedadam': unknown parameter 'bta_1'; known parameters: beta_1, beta_2, bias_correction, clip_norm"),
     ("fedadam", {"eta": "0.1"}, r"strategy 'fedadam': parameter 'eta' must be float, got '0.1'"),
@@ -99,14 +100,14 @@ def test_batch_strategies_have_no_accumulator() -> None:
 @pytest.mark.parametrize("name", sorted(STREAMING))
 def test_streaming_rules_hold_no_reference_to_consumed_updates(name: str) -> None:
     # Prepare: a generator that, before yielding update i, checks every earlier update has been freed.
-    g = adapter(1, rank=2, dims=(6, 5))
+    g = fedsb_adapter(1) if name == "fed_sb" else adapter(1, rank=2, dims=(6, 5))
     refs: list[weakref.ref[torch.Tensor]] = []
 
     def stream() -> Iterator[ClientUpdate]:
         for i in range(5):
             gc.collect()
             assert all(r() is None for r in refs), f"{name} kept update {[r() is not None for r in refs]}"
-            d = adapter(100 + i, rank=2, dims=(6, 5), scale=0.1)
+            d = fedsb_adapter(100 + i, scale=0.1) if name == "fed_sb" else adapter(100 + i, rank=2, dims=(6, 5), scale=0.1)
             if name == "ffa_lora":
                 d = {k: torch.zeros_like(v) if ".lora_A." in k else v for k, v in d.items()}
             refs.extend(weakref.ref(v) for v in d.values())
@@ -156,8 +157,9 @@ def test_registry_lora_results_carry_residuals_and_selection() -> None:
 @pytest.mark.parametrize("clip", [None, 1.0])
 def test_in_memory_sequence_and_lazy_generator_give_the_same_bits(name: str, clip: float | None) -> None:
     # Prepare: the key-by-key fold of a list must equal the one-at-a-time fold of a generator, bit for bit.
-    g = adapter(3, rank=2)
-    deltas = [adapter(50 + i, rank=2, scale=0.3) for i in range(4)]
+    g = fedsb_adapter(3) if name == "fed_sb" else adapter(3, rank=2)
+    deltas = [fedsb_adapter(50 + i, scale=0.3) if name == "fed_sb" else adapter(50 + i, rank=2, scale=0.3)
+              for i in range(4)]
     if name == "ffa_lora":
         deltas = [{k: torch.zeros_like(v) if ".lora_A." in k else v for k, v in d.items()} for d in deltas]
     ups = updates_from(deltas, weights=[3, 1, 4, 1])
