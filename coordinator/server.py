@@ -210,13 +210,22 @@ class RequestGuard(grpc.aio.ServerInterceptor):
         return handler._replace(request_deserializer=None, unary_stream=unary_stream_wrap(handler.unary_stream))
 
 
+# gRPC server settings. Keepalive: a site's connection that died without a FIN (a cut link) is closed within ~15 s,
+# which ends its upload stream (the bytes received stay committed) and frees the partial for the site's resume; left
+# to TCP it would hold the stream, and refuse the resume as busy, for many minutes. The sites ping every 10 s during
+# calls (site_agent/client.py); pings up to every 5 s are accepted, so they are never answered with GOAWAY.
+SERVER_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE),
+                  ("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000),
+                  ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+                  ("grpc.http2.min_ping_interval_without_data_ms", 5_000)]
+
+
 def build_server(cfg: FederationConfig, engine: RoundEngine) -> grpc.aio.Server:
     """The coordinator's gRPC server with every service and the request guard (not yet listening)."""
     interceptors: list[grpc.aio.ServerInterceptor] = [RequestGuard()]
     if cfg.record_inbound:  # outermost wrapper sees the raw bytes first
         interceptors.insert(0, InboundRecorder(cfg.record_inbound))
-    server = grpc.aio.server(interceptors=interceptors, options=[
-        ("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)])
+    server = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
     pb_grpc.add_FederationServiceServicer_to_server(FederationServicer(engine), server)
     apb_grpc.add_AdminServiceServicer_to_server(AdminServicer(engine), server)
     secagg_grpc.add_SecAggServiceServicer_to_server(SecAggServicer(engine), server)

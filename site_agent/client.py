@@ -24,6 +24,16 @@ RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grp
              grpc.StatusCode.ABORTED}
 
 
+# A dead connection (a cut WAN link, a vanished middlebox: no FIN, no RST) is found within ~15 s of a call's
+# last answer instead of after the kernel's retransmission timeout (up to ~15 min): a ping every 10 s while calls are
+# open, the connection dropped when one is not answered within 5 s. The call then fails UNAVAILABLE and the retry
+# and resume below take over. The coordinator accepts pings this often (coordinator/server.py).
+KEEPALIVE_OPTIONS = [("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000),
+                     ("grpc.keepalive_permit_without_calls", 0), ("grpc.http2.max_pings_without_data", 0)]
+# The longest pause between retries of a failed call. Short, because a failing call costs nothing on the wire while
+# the channel is reconnecting (gRPC's own back-off, at most 2 s, paces the connection attempts), and every second
+# waited after the link is back is a second of upload lost.
+MAX_RETRY_DELAY_S = 1.0
 MAX_ERROR_MESSAGE = 200  # what the coordinator takes in ReportError.message
 _QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"|`[^`]*`")
 _PATH = re.compile(r"(?:[A-Za-z]:)?[\\/][^\s:,;]*|~[^\s:,;]*")
@@ -114,7 +124,7 @@ class CoordinatorClient:
                    # A restarted coordinator is found within ~2 s: gRPC's own reconnect back-off otherwise grows to
                    # minutes while our retry loop keeps calling a channel that is not even trying to connect.
                    ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
-                   ("grpc.max_reconnect_backoff_ms", 2000)]
+                   ("grpc.max_reconnect_backoff_ms", 2000), *KEEPALIVE_OPTIONS]
         if cfg.server_name:
             options.append(("grpc.ssl_target_name_override", cfg.server_name))
         self.channel = grpc.secure_channel(cfg.coordinator, creds, options=options)
@@ -152,7 +162,7 @@ class CoordinatorClient:
                 log.info("[Site.%s] coordinator %s (%s); retrying in %.1fs", what, code.name,
                          e.details(), delay)  # type: ignore[attr-defined]
                 time.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                delay = min(delay * 2, MAX_RETRY_DELAY_S)
 
     def join(self, agent_version: str, lora_rank: int = 0) -> pb.JoinResponse:
         req = pb.JoinRequest(agent_version=agent_version, lora_rank=lora_rank, modes=["sft"])
@@ -202,7 +212,7 @@ class CoordinatorClient:
                 log.info("[Site.UploadUpdate] round=%d stream broke (%s); resuming", env.round,
                          e.code().name)  # type: ignore[attr-defined]
                 time.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                delay = min(delay * 2, MAX_RETRY_DELAY_S)
             status = self._retry("GetUploadStatus", lambda: self.stub.GetUploadStatus(
                 pb.GetUploadStatusRequest(round=env.round, payload_sha256=env.payload_sha256), timeout=30))
             if status.accepted:
