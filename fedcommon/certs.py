@@ -227,7 +227,7 @@ def check_tls_files(ca: Path, cert: Path, key: Path, table: str = "tls") -> None
 
     ca_pem, cert_pem, key_pem = read("ca", ca), read("cert", cert), read("key", key)
     try:
-        ca_cert = x509.load_pem_x509_certificate(ca_pem)
+        ca_certs = x509.load_pem_x509_certificates(ca_pem)  # a bundle may hold more than one (a CA rotation)
     except ValueError:
         raise CertificateError(f"{where('ca', ca)}: not a PEM certificate") from None
     try:
@@ -248,8 +248,11 @@ def check_tls_files(ca: Path, cert: Path, key: Path, table: str = "tls") -> None
     if own.not_valid_before_utc > now:
         raise CertificateError(f"{where('cert', cert)}: not valid before {own.not_valid_before_utc:%Y-%m-%d %H:%M} UTC "
                                "(check this host's clock)")
-    try:
-        own.verify_directly_issued_by(ca_cert)
-    except (ValueError, TypeError, InvalidSignature):
-        raise CertificateError(f"{where('cert', cert)}: not issued by the CA in {where('ca', ca)} (a certificate "
-                               "from another federation?)") from None
+    for ca_cert in ca_certs:
+        try:
+            own.verify_directly_issued_by(ca_cert)
+            return
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+    raise CertificateError(f"{where('cert', cert)}: not issued by the CA in {where('ca', ca)} (a certificate "
+                           "from another federation?)")
