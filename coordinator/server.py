@@ -268,7 +268,14 @@ async def serve(cfg: FederationConfig, stop: asyncio.Event | None = None) -> Non
         from coordinator.dashboard import start_dashboard
 
         dashboard = await start_dashboard(cfg.dashboard, engine, cfg.tls, cfg.state_dir)
-    port = server.add_secure_port(cfg.listen, server_credentials(cfg))
+    try:
+        port = server.add_secure_port(cfg.listen, server_credentials(cfg))
+    except RuntimeError:  # grpc's "Failed to bind": the port is taken (or the address is not this host's)
+        if dashboard is not None:
+            await dashboard.stop()
+        store.close()
+        raise StartRefused(f"field 'listen': cannot listen on {cfg.listen} (is another process using that port, or "
+                           "is the address not one of this host's?)") from None
     await server.start()
     try:
         await engine.start()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -196,3 +197,62 @@ def read_csr(csr_pem: bytes, where: str = "CSR") -> CsrRequest:
         except InvalidSignature:
             raise CertificateError(f"{where}: the signing-key proof of possession does not verify") from None
     return CsrRequest(name=name, role=role, tls_public_key=public, signing_key=signing)
+
+
+def check_tls_files(ca: Path, cert: Path, key: Path, table: str = "tls") -> None:
+    """Check a TLS kit before it is handed to gRPC, so a broken one gets a line naming its file, not a handshake
+    failure later: each file readable PEM, the key the certificate's, the certificate valid now and issued by the CA.
+
+    Args:
+        ca: The CA certificate the peer must chain to (``[tls] ca``).
+        cert: This side's certificate (``[tls] cert``).
+        key: Its private key (``[tls] key``).
+        table: The config table the three come from, for the message (``field 'tls.cert' (PATH): ...``).
+
+    Raises:
+        CertificateError: The first problem found, naming the field and the file.
+    """
+    import datetime as dt
+
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    def read(field: str, path: Path) -> bytes:
+        try:
+            return Path(path).read_bytes()
+        except OSError as e:
+            raise CertificateError(f"field '{table}.{field}' ({path}): cannot read ({e.strerror or e})") from None
+
+    def where(field: str, path: Path) -> str:
+        return f"field '{table}.{field}' ({path})"
+
+    ca_pem, cert_pem, key_pem = read("ca", ca), read("cert", cert), read("key", key)
+    try:
+        ca_certs = x509.load_pem_x509_certificates(ca_pem)  # a bundle may hold more than one (a CA rotation)
+    except ValueError:
+        raise CertificateError(f"{where('ca', ca)}: not a PEM certificate") from None
+    try:
+        own = x509.load_pem_x509_certificate(cert_pem)
+    except ValueError:
+        raise CertificateError(f"{where('cert', cert)}: not a PEM certificate") from None
+    try:
+        private = load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError):
+        raise CertificateError(f"{where('key', key)}: not an unencrypted PEM private key") from None
+    spki = (Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    if private.public_key().public_bytes(*spki) != own.public_key().public_bytes(*spki):  # type: ignore[union-attr]
+        raise CertificateError(f"{where('key', key)}: is not the key of the certificate {cert}")
+    now = dt.datetime.now(dt.timezone.utc)
+    if own.not_valid_after_utc < now:
+        raise CertificateError(f"{where('cert', cert)}: expired on {own.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; "
+                               "renew it (fedbridge-site renew)")
+    if own.not_valid_before_utc > now:
+        raise CertificateError(f"{where('cert', cert)}: not valid before {own.not_valid_before_utc:%Y-%m-%d %H:%M} UTC "
+                               "(check this host's clock)")
+    for ca_cert in ca_certs:
+        try:
+            own.verify_directly_issued_by(ca_cert)
+            return
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+    raise CertificateError(f"{where('cert', cert)}: not issued by the CA in {where('ca', ca)} (a certificate "
+                           "from another federation?)")

@@ -12,7 +12,7 @@ from sandbox.tiny_model import app as tiny_model_app
 
 app = typer.Typer(help="fedbridge: federated LoRA fine-tuning across institutions.", no_args_is_help=True)
 app.add_typer(tiny_model_app, name="tiny-model")
-console = Console()
+console = Console(soft_wrap=True)  # an error is one line however narrow the terminal
 
 
 @app.command()
@@ -55,7 +55,10 @@ def netns_demo(workdir: Path = typer.Option(Path("netns-run"), help="folder for 
 
 
 def main() -> None:
-    app()
+    """``fedbridge``: every error ends as one line (see :mod:`fedcommon.clierrors`)."""
+    from fedcommon.clierrors import run_cli
+
+    run_cli(app, "fedbridge")
 
 
 if __name__ == "__main__":

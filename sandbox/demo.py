@@ -72,6 +72,15 @@ class DemoConfig:
             raise ValueError(f"--base-model {self.base_model}: not a model directory (no config.json)")
         if self.chat_template is not None and not Path(self.chat_template).is_file():
             raise ValueError(f"--chat-template {self.chat_template}: no such file")
+        if self.chat_template is not None:  # refused here, before the demo wipes its folder and starts processes
+            from jinja2 import TemplateSyntaxError
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            try:
+                ImmutableSandboxedEnvironment().parse(Path(self.chat_template).read_text(errors="replace"))
+            except TemplateSyntaxError as e:
+                raise ValueError(f"--chat-template {self.chat_template}: line {e.lineno}: not valid Jinja: "
+                                 f"{e.message}") from None
         if not 1 <= self.sites <= 5:
             raise ValueError(f"sites must be 1..5, got {self.sites}")
         if self.rounds < 1 or self.steps < 1:

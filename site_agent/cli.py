@@ -8,9 +8,12 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from fedcommon.clierrors import EXIT_USAGE, error_line, run_cli
+
 app = typer.Typer(help="fedbridge site agent: trains on private data, sends only signed adapter deltas.",
                   no_args_is_help=True)
-console = Console(stderr=True)
+# soft_wrap: a message is one line however narrow the terminal (rich would fold a long path over several).
+console = Console(stderr=True, soft_wrap=True)
 
 
 @app.callback()
@@ -29,6 +32,8 @@ def setup_logging(verbose: bool) -> None:
 def run(config: Path = typer.Option(..., "--config", "-c", help="site.toml"),
         verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
     """Join the federation and train every round until it is done."""
+    import grpc
+
     from fedcommon.auditlog import AuditError
     from fedcommon.tomlconfig import ConfigError
     from site_agent.agent import SiteRefusal, run_site
@@ -40,8 +45,15 @@ def run(config: Path = typer.Option(..., "--config", "-c", help="site.toml"),
         cfg = load_site_config(config, ready=True)
         rounds = run_site(cfg)
     except (ConfigError, DataError, SiteRefusal, AuditError) as e:
-        console.print(f"[bold red]refused:[/] {e}")
+        console.print(error_line("refused:", str(e)), markup=False, highlight=False)
         raise typer.Exit(2) from None
+    except grpc.RpcError as e:  # the coordinator refused us, or could not be reached within retry_for_s
+        name = f" (TLS name {cfg.server_name})" if cfg.server_name else ""
+        code = e.code().name if hasattr(e, "code") else "UNAVAILABLE"
+        details = e.details() if hasattr(e, "details") else str(e)
+        console.print(error_line("refused:", f"coordinator {cfg.coordinator}{name}: {code}: {details}"), markup=False,
+                      highlight=False)
+        raise typer.Exit(1) from None
     console.print(f"[green]done[/]: trained {rounds} round(s)")
 
 
@@ -251,7 +263,12 @@ def audit_verify(log_path: Path | None = typer.Option(None, "--log", help="audit
 
 
 def main() -> None:
-    app()
+    """``fedbridge-site``: every error ends as one line (see :mod:`fedcommon.clierrors`)."""
+    from site_agent.agent import SiteRefusal
+    from site_agent.policy import PolicyRefusal
+    from site_agent.training.data import DataError
+
+    run_cli(app, "fedbridge-site", [((DataError, SiteRefusal, PolicyRefusal), "refused:", EXIT_USAGE)])
 
 
 if __name__ == "__main__":

@@ -117,6 +117,9 @@ class CoordinatorClient:
     def __init__(self, cfg: SiteConfig, chunk_size: int = codec.DEFAULT_CHUNK_SIZE) -> None:
         self.cfg = cfg
         self.chunk_size = chunk_size
+        from fedcommon.certs import check_tls_files
+
+        check_tls_files(cfg.tls.ca, cfg.tls.cert, cfg.tls.key)  # a broken kit: one line naming the file, not a handshake
         creds = grpc.ssl_channel_credentials(root_certificates=cfg.tls.ca.read_bytes(),
                                              private_key=cfg.tls.key.read_bytes(),
                                              certificate_chain=cfg.tls.cert.read_bytes())

@@ -12,7 +12,8 @@ from rich.console import Console
 from coordinator.admin import commands as admin_commands
 
 app = typer.Typer(help="fedbridge coordinator administration.", no_args_is_help=True)
-console = Console(stderr=True)
+# soft_wrap: a message is one line however narrow the terminal (rich would fold a long path over several).
+console = Console(stderr=True, soft_wrap=True)
 
 
 @app.command()
@@ -177,7 +178,14 @@ admin_commands.register(app)
 
 
 def main() -> None:
-    app()
+    """``fedbridge-admin``: every error ends as one line (see :mod:`fedcommon.clierrors`)."""
+    from coordinator.basemodel import BaseModelError
+    from coordinator.trust.enrolment import EnrolmentError
+    from coordinator.trust.pki import PKIError
+    from fedcommon.clierrors import EXIT_USAGE, run_cli
+
+    run_cli(app, "fedbridge-admin", [((BaseModelError,), "base model error:", EXIT_USAGE),
+                                     ((EnrolmentError, PKIError), "error:", EXIT_USAGE)])
 
 
 if __name__ == "__main__":

@@ -96,7 +96,7 @@ class AdminClient:
     def __init__(self, conn: AdminConnection) -> None:
         creds = grpc.ssl_channel_credentials(conn.ca.read_bytes(), conn.key.read_bytes(), conn.cert.read_bytes())
         options = [("grpc.ssl_target_name_override", conn.server_name)] if conn.server_name else []
-        self.target = conn.target
+        self.target = conn.target + (f" (TLS name {conn.server_name})" if conn.server_name else "")
         self.channel = grpc.secure_channel(conn.target, creds, options=options)
         self.stub = apb_grpc.AdminServiceStub(self.channel)
 

@@ -21,7 +21,7 @@ from rich.table import Table
 from coordinator.admin.client import ENV, AdminClient, AdminClientError, resolve
 
 out = Console(width=160)
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # one line however narrow the terminal
 
 CoordOpt = typer.Option("", "--coordinator", envvar=ENV["coordinator"], help="coordinator host:port")
 KitOpt = typer.Option(None, "--kit", envvar=ENV["kit"], help="admin kit folder (admin.pem, admin.key, ca.pem)")

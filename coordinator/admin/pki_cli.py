@@ -15,7 +15,7 @@ from rich.console import Console
 
 from coordinator.admin.commands import CaOpt, CertOpt, CoordOpt, JsonOpt, KeyOpt, KitOpt, NameOpt
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # one line however narrow the terminal
 out = Console(width=200)
 
 

@@ -1,0 +1,92 @@
+"""The CLIs' error boundary: one line and a documented exit code for whatever escapes a command."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pytest
+
+from fedcommon.certs import CertificateError, check_tls_files
+from fedcommon.clierrors import EXIT_FAILED, EXIT_USAGE, run_cli
+from fedcommon.tomlconfig import ConfigError, load_toml
+
+
+def _run(exc: BaseException, capsys: pytest.CaptureFixture[str], known=()) -> tuple[int, list[str]]:  # noqa: ANN001
+    def app() -> None:
+        raise exc
+
+    with pytest.raises(SystemExit) as e:
+        run_cli(app, "fedbridge-test", known)
+    return int(e.value.code or 0), capsys.readouterr().err.splitlines()
+
+
+def test_known_errors_get_their_prefix_and_code(capsys: pytest.CaptureFixture[str]) -> None:
+    assert _run(ConfigError("site.toml: field 'threads': must be >= 0"), capsys) == (
+        EXIT_USAGE, ["config error: site.toml: field 'threads': must be >= 0"])
+    assert _run(KeyError("x"), capsys, [((KeyError,), "refused:", 7)]) == (7, ["refused: 'x'"])
+    code, lines = _run(ValueError("a.jsonl:2: bad\na.jsonl:5: worse"), capsys, [((ValueError,), "refused:", 2)])
+    assert lines == ["refused: a.jsonl:2: bad", "  a.jsonl:5: worse"]  # one prefixed line, the rest indented
+
+
+def test_os_error_names_the_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    with pytest.raises(OSError) as e:
+        (tmp_path / "nope.jsonl").read_bytes()
+    assert _run(e.value, capsys) == (EXIT_USAGE, [f"error: {tmp_path / 'nope.jsonl'}: No such file or directory"])
+
+
+def test_a_bug_gets_one_line_and_its_traceback_in_a_file(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    code, lines = _run(ZeroDivisionError("division by zero"), capsys)
+    assert code == EXIT_FAILED and len(lines) == 1 and "Traceback" not in lines[0]
+    assert lines[0].startswith("error: unexpected ZeroDivisionError: division by zero (a bug in fedbridge-test")
+    log = next(tmp_path.glob("fedbridge-test-error-*.log"))
+    assert str(log) in lines[0] and "Traceback (most recent call last)" in log.read_text()
+    assert log.stat().st_mode & 0o077 == 0  # private: the traceback may show paths and values
+
+
+def test_typer_exit_passes_through(capsys: pytest.CaptureFixture[str]) -> None:
+    assert _run(SystemExit(3), capsys) == (3, [])
+
+
+def test_a_directory_for_a_config_file_is_one_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=f"^{tmp_path}: is a directory, not a config file$"):
+        load_toml(tmp_path)
+
+
+def _kit(tmp_path: Path, days_ago: int = 0) -> tuple[Path, Path, Path]:
+    from coordinator.trust.pki import CertificateAuthority
+
+    ca = CertificateAuthority.create("t")
+    cert, key = ca.issue("site-a", "site")
+    if days_ago:
+        from cryptography import x509
+
+        pub = x509.load_pem_x509_certificate(cert).public_key()
+        cert = ca.certificate("site-a", "site", pub, days=1,  # type: ignore[arg-type]
+                              not_before=dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=days_ago))
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    for name, data in (("ca.pem", ca.cert_pem), ("client.pem", cert), ("client.key", key)):
+        (tmp_path / name).write_bytes(data)
+    return tmp_path / "ca.pem", tmp_path / "client.pem", tmp_path / "client.key"
+
+
+def test_check_tls_files(tmp_path: Path) -> None:
+    ca, cert, key = _kit(tmp_path / "good")
+    check_tls_files(ca, cert, key)
+    with pytest.raises(CertificateError, match=r"field 'tls.cert' \(.*nope.pem\): cannot read"):
+        check_tls_files(ca, tmp_path / "nope.pem", key)
+    _, other_cert, other_key = _kit(tmp_path / "other")
+    with pytest.raises(CertificateError, match=r"field 'tls.key' \(.*other/client.key\): is not the key of"):
+        check_tls_files(ca, cert, other_key)
+    with pytest.raises(CertificateError, match=r"field 'tls.cert' \(.*other/client.pem\): not issued by the CA"):
+        check_tls_files(ca, other_cert, other_key)
+    eca, ecert, ekey = _kit(tmp_path / "expired", days_ago=3)
+    with pytest.raises(CertificateError, match=r"field 'tls.cert' \(.*expired/client.pem\): expired on"):
+        check_tls_files(eca, ecert, ekey)
+    with pytest.raises(CertificateError, match=r"field 'tls.ca' \(.*client.key\): not a PEM certificate"):
+        check_tls_files(key, cert, key)
