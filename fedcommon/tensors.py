@@ -70,9 +70,25 @@ def state_specs(state: Mapping[str, torch.Tensor]) -> list[pb.TensorSpec]:
 
 
 def make_adapter_spec(state: Mapping[str, torch.Tensor], rank: int, alpha: float, dropout: float,
-                      target_modules: list[str]) -> pb.AdapterSpec:
-    """Build an :class:`AdapterSpec` for ``state`` with its hash filled in."""
-    return adapter_spec(state_specs(state), rank, alpha, dropout, target_modules)
+                      target_modules: list[str], compression: pb.Compression | None = None) -> pb.AdapterSpec:
+    """Build an :class:`AdapterSpec` for ``state`` with its hash filled in (``compression``: how updates encode it)."""
+    return adapter_spec(state_specs(state), rank, alpha, dropout, target_modules, compression)
+
+
+def decode_update(data: bytes, spec: pb.AdapterSpec, *, topk: bool = True) -> dict[str, torch.Tensor]:
+    """The dense state of an update payload (or a compressed download, ``topk=False``) that follows ``spec``: decoded
+    when the spec names a compression, then checked like any update (exact keys, shapes, dtypes, all finite).
+
+    Raises:
+        CodecError: Malformed bytes, an encoding that breaks the spec's layout, or a state off the spec.
+    """
+    state = decode_state(data)
+    if spec.compression.encoding:
+        from fedcommon import compress
+
+        state = compress.decode(state, spec, topk=topk)
+    check_against_spec(state, spec)
+    return state
 
 
 def check_against_spec(state: Mapping[str, torch.Tensor], spec: pb.AdapterSpec) -> None:
