@@ -14,6 +14,7 @@ from collections.abc import Mapping
 
 import torch
 
+from fedcommon.tensors import check_against_spec, decode_state, dtype_name, torch_dtype
 from protos import codec
 from protos.codec import CodecError
 from protos.fedbridge.v1 import federation_service_pb2 as pb
@@ -108,8 +109,6 @@ def decode(encoded: Mapping[str, torch.Tensor], spec: pb.AdapterSpec, *, topk: b
     Raises:
         CodecError: The tensors are not exactly :func:`protos.codec.encoded_layout`'s, or a value is malformed.
     """
-    from fedcommon.tensors import dtype_name, torch_dtype
-
     header = {k: {"shape": list(t.shape), "dtype": dtype_name(t.dtype)} for k, t in encoded.items()}
     codec.check_header_against_spec(header, spec, encoded=True, topk=topk)
     c = spec.compression
@@ -141,3 +140,17 @@ def residual(sent_from: Mapping[str, torch.Tensor], encoded: Mapping[str, torch.
     dense = decode(encoded, spec)
     return {k: (sent_from[k].detach().to(torch.float32).cpu() - dense[k].to(torch.float32)).contiguous()
             for k in sent_from}
+
+
+def decode_update(data: bytes, spec: pb.AdapterSpec, *, topk: bool = True) -> dict[str, torch.Tensor]:
+    """The dense state of an update payload (or of a compressed download, ``topk=False``) that follows ``spec``:
+    decoded when the spec names a compression, then checked like any update (exact keys, shapes, dtypes, finite).
+
+    Raises:
+        CodecError: Malformed bytes, an encoding that breaks the spec's layout, or a state off the spec.
+    """
+    state = decode_state(data)
+    if spec.compression.encoding:
+        state = decode(state, spec, topk=topk)
+    check_against_spec(state, spec)
+    return state

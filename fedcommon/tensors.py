@@ -75,22 +75,6 @@ def make_adapter_spec(state: Mapping[str, torch.Tensor], rank: int, alpha: float
     return adapter_spec(state_specs(state), rank, alpha, dropout, target_modules, compression)
 
 
-def decode_update(data: bytes, spec: pb.AdapterSpec, *, topk: bool = True) -> dict[str, torch.Tensor]:
-    """The dense state of an update payload (or a compressed download, ``topk=False``) that follows ``spec``: decoded
-    when the spec names a compression, then checked like any update (exact keys, shapes, dtypes, all finite).
-
-    Raises:
-        CodecError: Malformed bytes, an encoding that breaks the spec's layout, or a state off the spec.
-    """
-    state = decode_state(data)
-    if spec.compression.encoding:
-        from fedcommon import compress
-
-        state = compress.decode(state, spec, topk=topk)
-    check_against_spec(state, spec)
-    return state
-
-
 def check_against_spec(state: Mapping[str, torch.Tensor], spec: pb.AdapterSpec) -> None:
     """Raise :class:`CodecError` unless ``state`` has exactly the spec's keys, shapes and dtypes, all finite."""
     check_header_against_spec({k: {"shape": list(t.shape), "dtype": dtype_name(t.dtype)} for k, t in state.items()}, spec)
