@@ -41,6 +41,7 @@ def check_strategy(name: str, params: dict[str, Any]) -> None:
 
 
 WIRE_DTYPES = ("float32", "bfloat16")  # the adapter's dtype on the wire and in the store ([lora] wire_dtype)
+COMPRESSIONS = ("none", "int8", "int4", "nf4")  # [lora] compression (protos.codec.ENCODINGS, or dense)
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,17 @@ class LoraSpec:
             ``bfloat16`` (half the bytes). Sites train float32 LoRA weights either way and cast their delta at
             egress, after clipping and noise; the coordinator aggregates in float32 sums and rounds the new global
             adapter to this dtype, so with ``bfloat16`` the global adapter is rounded once per round.
+        compression: How site updates are encoded on the wire: ``none`` (dense, ``wire_dtype``), or blockwise
+            absmax quantisation ``int8`` (about 0.26x the float32 bytes), ``int4`` or ``nf4`` (about 0.13x). Sites
+            keep what the quantiser leaves out (error feedback) and add it to their next round's delta, so the
+            error does not accumulate. Sent with every task (in the adapter spec), so all sites use the same one;
+            the coordinator decodes each update at ingress and aggregates dense values. Not with secure
+            aggregation.
+        compression_block_size: Values per absmax block (even, 2..65536); each block costs one float32 scale.
+        topk_fraction: With a compression: each tensor sends only its ``ceil(topk_fraction * n)`` largest-magnitude
+            elements (with their indices, 4 bytes each), the rest goes into the error feedback. 0: dense.
+        compress_download: Also send the global adapter to the sites encoded with ``compression``'s quantiser
+            (never top-k). The coordinator's stored global adapter stays full precision.
     """
 
     rank: int = 8
@@ -82,10 +94,24 @@ class LoraSpec:
     target_modules: tuple[str, ...] = ("all-linear",)
     seed: int = 0
     wire_dtype: str = "float32"
+    compression: str = "none"
+    compression_block_size: int = 128
+    topk_fraction: float = 0.0
+    compress_download: bool = False
 
     def __post_init__(self) -> None:
         if self.wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"field 'lora.wire_dtype': {self.wire_dtype!r} is not one of {', '.join(WIRE_DTYPES)}")
+        if self.compression not in COMPRESSIONS:
+            raise ValueError(f"field 'lora.compression': {self.compression!r} is not one of {', '.join(COMPRESSIONS)}")
+        if not (2 <= self.compression_block_size <= 1 << 16 and self.compression_block_size % 2 == 0):
+            raise ValueError(f"field 'lora.compression_block_size': must be even and in 2..65536, got "
+                             f"{self.compression_block_size}")
+        if not 0 <= self.topk_fraction < 1:
+            raise ValueError(f"field 'lora.topk_fraction': must be in [0, 1), got {self.topk_fraction}")
+        if self.compression == "none" and (self.topk_fraction or self.compress_download):
+            which = "lora.topk_fraction" if self.topk_fraction else "lora.compress_download"
+            raise ValueError(f"field '{which}': needs a quantiser; set lora.compression to int8, int4 or nf4")
         if not 1 <= self.rank <= 1024:
             raise ValueError(f"field 'lora.rank': must be in 1..1024, got {self.rank}")
         if self.alpha <= 0:
@@ -732,6 +758,13 @@ class FederationConfig:
         check_secure_aggregation(self.secure_aggregation, self.strategy, self.strategy_params, self.min_sites,
                                  self.privacy.mode, self.quorum.late_policy)
         check_privacy(self.strategy, self.strategy_params, self.privacy)
+        if self.secure_aggregation.enabled and self.lora.compression != "none":
+            raise ValueError("field 'lora.compression': cannot run with secure_aggregation.enabled: SecAgg masks "
+                             "fixed-point values in a finite field, so a quantised update would have to use SecAgg's "
+                             "own quantiser, which is not done; use lora.compression = 'none' with secure aggregation")
+        if self.lora.compression != "none" and self.strategy.strip().lower().replace("-", "_") == "fed_sb":
+            raise ValueError("field 'lora.compression': cannot run with strategy fed-sb: its update is already only the "
+                             "small r x r matrices, and encoding them is not supported; use lora.compression = 'none'")
         if self.max_partial_uploads_per_site < 1:
             raise ValueError("field 'max_partial_uploads_per_site': must be >= 1, got "
                              f"{self.max_partial_uploads_per_site}")

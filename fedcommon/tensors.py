@@ -70,9 +70,9 @@ def state_specs(state: Mapping[str, torch.Tensor]) -> list[pb.TensorSpec]:
 
 
 def make_adapter_spec(state: Mapping[str, torch.Tensor], rank: int, alpha: float, dropout: float,
-                      target_modules: list[str]) -> pb.AdapterSpec:
-    """Build an :class:`AdapterSpec` for ``state`` with its hash filled in."""
-    return adapter_spec(state_specs(state), rank, alpha, dropout, target_modules)
+                      target_modules: list[str], compression: pb.Compression | None = None) -> pb.AdapterSpec:
+    """Build an :class:`AdapterSpec` for ``state`` with its hash filled in (``compression``: how updates encode it)."""
+    return adapter_spec(state_specs(state), rank, alpha, dropout, target_modules, compression)
 
 
 def check_against_spec(state: Mapping[str, torch.Tensor], spec: pb.AdapterSpec) -> None:

@@ -139,23 +139,77 @@ def adapter_spec_sha256(spec: pb.AdapterSpec) -> str:
         "target_modules": sorted(spec.target_modules),
         "tensors": sorted([t.name, list(t.shape), t.dtype] for t in spec.tensors),
     }
+    if spec.compression.encoding:  # only when set, so the hash of every dense spec is what it always was
+        c = spec.compression
+        canon["compression"] = {"encoding": c.encoding, "block_size": c.block_size,
+                                "topk_fraction": round(c.topk_fraction, 12)}
     return hashlib.sha256(json.dumps(canon, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def adapter_spec(tensors: list[pb.TensorSpec], rank: int, alpha: float, dropout: float,
-                 target_modules: list[str]) -> pb.AdapterSpec:
+                 target_modules: list[str], compression: pb.Compression | None = None) -> pb.AdapterSpec:
     """Build an :class:`AdapterSpec` over tensor specs (sorted by name) with its hash filled in."""
     ordered = sorted(tensors, key=lambda t: t.name)  # sorted here, not inline: the stub's Mapping overload confuses mypy
     spec = pb.AdapterSpec(rank=rank, alpha=alpha, dropout=dropout, target_modules=sorted(target_modules),
                           tensors=ordered)
+    if compression is not None and compression.encoding:
+        check_compression(compression)
+        spec.compression.CopyFrom(compression)
     spec.sha256 = adapter_spec_sha256(spec)
     return spec
 
 
-def check_header_against_spec(header: Mapping[str, Any], spec: pb.AdapterSpec) -> None:
+# Compressed update encodings (docs/protocol.md, "Compressed updates"): each spec tensor of n elements becomes
+# ``<name>.absmax`` (F32, one per block of block_size values) and ``<name>.q`` (the codes), plus ``<name>.idx``
+# (I32, the kept positions) under top-k.
+ENCODINGS = ("int8", "int4", "nf4")
+MAX_BLOCK_SIZE = 1 << 16
+
+
+def check_compression(c: pb.Compression) -> None:
+    """Raise :class:`CodecError` unless ``c`` names a known encoding, an even block size and a top-k fraction in
+    [0, 1)."""
+    if c.encoding not in ENCODINGS:
+        raise CodecError(f"compression encoding {c.encoding[:16]!r} is not one of {', '.join(ENCODINGS)}")
+    if not (2 <= c.block_size <= MAX_BLOCK_SIZE and c.block_size % 2 == 0):
+        raise CodecError(f"compression block_size {c.block_size} must be even and in 2..{MAX_BLOCK_SIZE}")
+    if not (math.isfinite(c.topk_fraction) and 0 <= c.topk_fraction < 1):
+        raise CodecError(f"compression topk_fraction {c.topk_fraction} must be in [0, 1)")
+
+
+def topk_count(n: int, fraction: float) -> int:
+    """How many of a tensor's ``n`` elements top-k keeps: ``max(1, ceil(fraction * n))`` in IEEE doubles, at most n."""
+    return min(n, max(1, math.ceil(fraction * n)))
+
+
+def encoded_layout(spec: pb.AdapterSpec, *, topk: bool = True) -> dict[str, tuple[list[int], str]]:
+    """The exact tensors (name -> (shape, dtype)) a payload of ``spec``'s compression holds.
+
+    Args:
+        spec: An adapter spec with ``compression.encoding`` set.
+        topk: False for the global-adapter download, which uses the quantiser alone.
+    """
+    c = spec.compression
+    check_compression(c)
+    out: dict[str, tuple[list[int], str]] = {}
+    for t in spec.tensors:
+        n = math.prod(t.shape)
+        if n >= 1 << 31:  # indices travel as I32
+            raise CodecError(f"tensor {t.name!r} has {n} elements, too many to compress (at most 2**31 - 1)")
+        m = n
+        if topk and c.topk_fraction > 0:
+            m = topk_count(n, c.topk_fraction)
+            out[t.name + ".idx"] = ([m], "I32")
+        out[t.name + ".absmax"] = ([-(-m // c.block_size)], "F32")
+        out[t.name + ".q"] = ([m], "I8") if c.encoding == "int8" else ([-(-m // 2)], "U8")
+    return out
+
+
+def check_header_against_spec(header: Mapping[str, Any], spec: pb.AdapterSpec, *, encoded: bool = False,
+                              topk: bool = True) -> None:
     """Raise :class:`CodecError` unless a checked header (:func:`check_header`) names exactly the spec's tensors,
-    with the spec's shapes and dtypes."""
-    want = {t.name: (list(t.shape), t.dtype) for t in spec.tensors}
+    with the spec's shapes and dtypes (``encoded``: exactly those of :func:`encoded_layout`)."""
+    want = encoded_layout(spec, topk=topk) if encoded else {t.name: (list(t.shape), t.dtype) for t in spec.tensors}
     unknown = sorted(header.keys() - want.keys())
     missing = sorted(want.keys() - header.keys())
     if unknown:

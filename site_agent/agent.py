@@ -12,7 +12,7 @@ import torch
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from fedcommon import tensors
+from fedcommon import compress, tensors
 from fedcommon.auditlog import AuditLog
 from fedcommon.chat import TemplateError, TemplateMismatch, template_sha256
 from fedcommon.durable import write_durable
@@ -23,7 +23,8 @@ from site_agent.client import CoordinatorClient, LateUpdateRefused, error_summar
 from site_agent.config import SiteConfig
 from site_agent.egress import secagg
 from site_agent.egress.dp import LEDGER_NAME, PrivacyLedger, check_budget, resolve
-from site_agent.egress.filters import CastFilter, apply_filters
+from site_agent.egress.feedback import FeedbackStore
+from site_agent.egress.filters import CastFilter, CompressFilter, apply_filters
 from site_agent.egress.guard import EgressGuard, EgressRefusal
 from site_agent.policy import (
     AuditSink,
@@ -192,8 +193,16 @@ def _follow_rounds(cfg: SiteConfig, ranks: Ranks) -> int:
                                    cfg.checkpoint_steps, cfg.deepspeed, task.chat_template, task.chat_template_sha256,
                                    world_size=ranks.world)
         trainer.set_base_residual(tensors.decode_state(residual_bytes) if residual_bytes else {})
-        trainer.train_round(task, tensors.decode_state(global_bytes))
+        trainer.train_round(task, global_adapter_state(task, global_bytes))
         trained += 1
+
+
+def global_adapter_state(task: pb.Task, data: bytes) -> dict[str, torch.Tensor]:
+    """The round's global adapter from its downloaded bytes: decoded (and checked) when the coordinator sends it
+    compressed (``[lora] compress_download``), else the dense safetensors as stored."""
+    if task.global_adapter_compressed:
+        return compress.decode_update(data, task.adapter_spec, topk=False)
+    return tensors.decode_state(data)
 
 
 def _serve(cfg: SiteConfig, show_progress: bool, audit: AuditSink | None, ranks: Ranks) -> int:
@@ -286,7 +295,7 @@ def _serve(cfg: SiteConfig, show_progress: bool, audit: AuditSink | None, ranks:
                                               "reason": str(e)[:500]})
                 raise
             global_bytes = client.download_adapter(task.round, task.global_adapter_sha256, task.global_adapter_size)
-            global_state = tensors.decode_state(global_bytes)
+            global_state = global_adapter_state(task, global_bytes)
             residual_bytes = b""
             if task.base_residual_size:  # FedEx-LoRA: the federation folded a correction into the base weights
                 residual_bytes = client.download_adapter(
@@ -313,16 +322,36 @@ def _serve(cfg: SiteConfig, show_progress: bool, audit: AuditSink | None, ranks:
             beats.working(task.round, "upload")
             # 6. Only the adapter delta leaves: egress filters (clip -> DP noise -> cast to the wire dtype), encode,
             #    sign, upload.
-            cast = CastFilter.for_spec([t.dtype for t in task.adapter_spec.tensors])
-            delta = apply_filters(result.delta, [*dp.filters(), cast])
-            tensors.check_against_spec(delta, task.adapter_spec)
+            #    With [lora] compression the last filter encodes instead of casting, and adds the error-feedback
+            #    residual of an earlier round; this round's residual is on disk before anything is sent.
+            secure = secagg.fetch_settings(client).enabled
+            if secure and task.adapter_spec.compression.encoding:
+                raise SiteRefusal("refusing task: the adapter spec asks for compressed updates, but secure "
+                                  "aggregation masks fixed-point values and cannot carry them; nothing was sent")
+            last: CastFilter | CompressFilter
+            feedback = None
+            if task.adapter_spec.compression.encoding:
+                feedback = FeedbackStore(cfg.work_dir, task.federation_id, task.adapter_spec.sha256)
+                try:
+                    _, previous = feedback.load_before(task.round)
+                except ValueError as e:
+                    raise SiteRefusal(f"refusing task: {e}") from None
+                last = CompressFilter(task.adapter_spec, previous)
+            else:
+                last = CastFilter.for_spec([t.dtype for t in task.adapter_spec.tensors])
+            noised = apply_filters(result.delta, dp.filters())
+            delta = apply_filters(noised, [last])
+            if isinstance(last, CompressFilter):
+                assert feedback is not None
+                feedback.save(task.round, last.residual(noised, delta))
+            else:
+                tensors.check_against_spec(delta, task.adapter_spec)
             payload = tensors.encode_state(delta)
             try:
                 check_upload_size(policy, len(payload))
             except PolicyRefusal as e:
                 audit.record("upload_refused", {"site": cfg.name, "round": task.round, "rule": e.rule})
                 raise
-            secure = secagg.fetch_settings(client).enabled
             if policy.require_secure_aggregation and not secure:
                 audit.record("upload_refused", {"site": cfg.name, "round": task.round,
                                                 "rule": "require_secure_aggregation"})

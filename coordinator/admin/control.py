@@ -38,6 +38,7 @@ class AdminControl:
         spec: The federation's adapter spec.
         strategy: The aggregation rule (a withdrawal re-aggregates with it).
         site_rank: The LoRA rank a site trains.
+        spec_for: The adapter spec a site trains (how its stored, possibly compressed, updates decode).
         central_dp: Central differential privacy, when configured (a withdrawal privatizes the same way).
         secure_aggregation: Whether the federation runs secure aggregation (no withdrawal is then possible).
         lock: The engine's lock: no round step runs while a publication or a rebuild does.
@@ -50,6 +51,7 @@ class AdminControl:
 
     def __init__(self, config: FederationConfig, store: Store, base_sha256: str, *, spec: pb.AdapterSpec,
                  strategy: StreamingStrategy | BatchStrategy, site_rank: Callable[[str], int],
+                 spec_for: Callable[[str], pb.AdapterSpec] | None = None,
                  central_dp: CentralDp | None, secure_aggregation: bool, lock: asyncio.Lock, finished: asyncio.Event,
                  publish: Callable[[int], None], advance: Callable[[], None], audit: Audit,
                  notify: Callable[[], None]) -> None:
@@ -59,6 +61,7 @@ class AdminControl:
         self.spec = spec
         self.strategy = strategy
         self.site_rank = site_rank
+        self.spec_for = spec_for
         self.central_dp = central_dp
         self.secure_aggregation = secure_aggregation
         self._lock = lock
@@ -180,7 +183,8 @@ class AdminControl:
         async with self._lock:
             fan_in_fan_out = (await asyncio.to_thread(base_layout, self.cfg.base_model)).fan_in_fan_out
             rb = await asyncio.to_thread(withdraw.rebuild_without, self.store, self.strategy, site,
-                                         site_rank=self.site_rank, lora_scale=self.spec.alpha / self.spec.rank,
+                                         site_rank=self.site_rank, spec_for=self.spec_for,
+                                         lora_scale=self.spec.alpha / self.spec.rank,
                                          progress=progress,
                                          privatize=self.central_dp.privatize if self.central_dp is not None else None,
                                          fan_in_fan_out=fan_in_fan_out)

@@ -89,6 +89,7 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
                 chat_template=self.engine.template.text, chat_template_sha256=self.engine.template.sha256,
                 adapter_spec=self.engine.adapters.spec_for(peer.name), global_adapter_sha256=offer.global_sha256,
                 global_adapter_size=offer.global_size, deadline_unix_ms=offer.deadline_ms,
+                global_adapter_compressed=self.engine.adapters.compress_download,
                 base_residual_sha256=offer.residual_sha256,
                 base_residual_size=offer.residual_size,
                 hints=pb.SiteHints(proximal_mu=float(hints.get("proximal_mu", 0.0)),

@@ -38,7 +38,7 @@ from coordinator.privacy.secagg import SecAggCoordinator
 from coordinator.rounds.quorum import RoundPolicy
 from coordinator.rounds.store import Store, UpdateConflict, UpdateRow
 from coordinator.trust.pki import PeerIdentity
-from fedcommon import tensors
+from fedcommon import compress, tensors
 from protos import codec
 from protos.fedbridge.v1 import federation_service_pb2 as pb
 from strategies.clipping import l2_norm
@@ -279,12 +279,13 @@ class UploadIngress:
                 codec.check_payload(env, payload)
             except codec.PayloadMismatchError as e:
                 raise PayloadMismatch(str(e)) from None
-            state = tensors.decode_state(payload)
             norm: float | None = None  # a masked update's norm says nothing: not recorded
             if self.secagg is not None:
-                self.secagg.check_masked(state)
+                self.secagg.check_masked(tensors.decode_state(payload))
             else:
-                tensors.check_against_spec(state, self._spec_for(peer.name))
+                # A compressed update is decoded (and every code, scale and index checked) before the same checks
+                # as a dense one; the store keeps the bytes as signed, decoded again when the round aggregates.
+                state = compress.decode_update(payload, self._spec_for(peer.name))
                 norm = l2_norm(state)
                 if self.cfg.max_update_norm and norm > self.cfg.max_update_norm:
                     raise NormTooLarge(f"update L2 norm {norm:.6g} is above the federation's bound "

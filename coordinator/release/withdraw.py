@@ -31,7 +31,7 @@ from coordinator.errors import InvalidState, NotFound
 from coordinator.release import evaluation, gate
 from coordinator.release.publish import build_provenance, publish
 from coordinator.rounds.store import Store, now_ms
-from fedcommon import tensors
+from fedcommon import compress, tensors
 from protos import codec
 from protos.fedbridge.v1 import federation_service_pb2 as pb
 from strategies.types import ClientUpdate, ServerState
@@ -70,6 +70,7 @@ class Rebuild:
 
 
 def rebuild_without(store: Store, strategy: Any, site: str, *, site_rank: Callable[[str], int], lora_scale: float,
+                    spec_for: Callable[[str], pb.AdapterSpec] | None = None,
                     progress: Progress | None = None, privatize: Privatize | None = None,
                     fan_in_fan_out: frozenset[str] = frozenset()) -> Rebuild:
     """Re-aggregate every closed round from the first one ``site`` joined, without ``site``'s updates.
@@ -79,6 +80,8 @@ def rebuild_without(store: Store, strategy: Any, site: str, *, site_rank: Callab
         strategy: The federation's strategy (``strategies.registry.build_strategy``).
         site: The site to withdraw.
         site_rank: The LoRA rank a site trains (passed to the rule as update metadata, as the engine does).
+        spec_for: The adapter spec a site trains; its compression says how the site's stored updates decode
+            (None: stored dense).
         lora_scale: alpha / r of the federation's adapter (FedEx-LoRA residuals are scaled by it).
         fan_in_fan_out: Base weights stored ``[in, out]`` (Conv1D), whose residuals are transposed as the engine's.
         progress: Called with ``(rounds_done, rounds_total)`` after each recomputed round.
@@ -112,7 +115,8 @@ def rebuild_without(store: Store, strategy: Any, site: str, *, site_rank: Callab
         ups = [u for u in store.updates(row.round) if u.site != site]
         dp: dict[str, Any] = {}
         if ups:
-            updates = [ClientUpdate(u.site, tensors.decode_state(u.path.read_bytes()), u.num_examples,
+            updates = [ClientUpdate(u.site, tensors.decode_state(u.path.read_bytes()) if spec_for is None
+                                    else compress.decode_update(u.path.read_bytes(), spec_for(u.site)), u.num_examples,
                                     {"lora_rank": site_rank(u.site)}) for u in ups]
             if privatize is not None:
                 updates, dp = privatize(updates, released)

@@ -80,7 +80,7 @@ def init_adapter(base_model: Path, lora: LoraSpec, fed_sb: bool = False) -> Adap
             raise ValueError(f"the adapter would hold {key!r}, which is not a LoRA A/B weight")
         state[key] = t
     state = {k: v.to(getattr(torch, lora.wire_dtype)) for k, v in state.items()}  # the spec (and wire) dtype
-    spec = tensors.make_adapter_spec(state, lora.rank, lora.alpha, lora.dropout, resolved)
+    spec = tensors.make_adapter_spec(state, lora.rank, lora.alpha, lora.dropout, resolved, wire_compression(lora))
     return AdapterInit(state, spec)
 
 
@@ -110,6 +110,14 @@ def peft_view(base_model: Path, spec: pb.AdapterSpec, state: dict[str, torch.Ten
     dtype = next(iter(state.values())).dtype
     full = fedsb.expand(state, fedsb_module_shapes(base_model, spec), dtype=dtype)
     return tensors.make_adapter_spec(full, spec.rank, spec.alpha, spec.dropout, list(spec.target_modules)), full
+
+
+def wire_compression(lora: LoraSpec) -> pb.Compression | None:
+    """The update encoding of ``[lora] compression`` for the adapter spec (None: dense)."""
+    if lora.compression == "none":
+        return None
+    return pb.Compression(encoding=lora.compression, block_size=lora.compression_block_size,
+                          topk_fraction=lora.topk_fraction)
 
 
 def peft_model_with(base_model: Path, spec: pb.AdapterSpec, state: dict[str, torch.Tensor], base_model_ref: str = ""):

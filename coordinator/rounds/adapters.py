@@ -29,11 +29,15 @@ class Adapters:
         spec: The federation's adapter spec (its rank is the federation's rank).
         init_state: The initial adapter state (its shapes give the lower-rank specs).
         project_to_site: How the global adapter is projected to a site's rank; None when ranks are not mixed.
+        compress_download: Send the global adapter encoded with the spec's quantiser (``[lora] compress_download``);
+            the stored global adapter stays dense and full precision.
     """
 
     def __init__(self, store: Store, spec: pb.AdapterSpec, init_state: dict[str, torch.Tensor],
-                 project_to_site: Projection | None) -> None:
+                 project_to_site: Projection | None, compress_download: bool = False) -> None:
         self.store = store
+        self.compress_download = compress_download and bool(spec.compression.encoding)
+        self._encoded: dict[tuple[int, int], bytes] = {}
         self.spec = spec
         self.init_state = init_state
         self.project_to_site = project_to_site
@@ -60,7 +64,8 @@ class Adapters:
         if rank not in self._specs:
             shapes = truncate_rank(self.init_state, rank)
             self._specs[rank] = tensors.make_adapter_spec(shapes, rank, self.spec.alpha * rank / self.spec.rank,
-                                                        self.spec.dropout, list(self.spec.target_modules))
+                                                        self.spec.dropout, list(self.spec.target_modules),
+                                                        self.spec.compression)
         return self._specs[rank]
 
     def adapter_bytes(self, round: int) -> bytes:
@@ -76,12 +81,19 @@ class Adapters:
         """The global adapter of ``round`` as ``site`` receives it (projected to its rank under mixed ranks)."""
         data = self.adapter_bytes(round)
         rank = self.site_rank(site)
-        if self.project_to_site is None or rank == self.spec.rank:
-            return data
         key = (round, rank)
-        if key not in self._projected:
-            self._projected[key] = tensors.encode_state(self.project_to_site(tensors.decode_state(data), rank))
-        return self._projected[key]
+        if self.project_to_site is not None and rank != self.spec.rank:
+            if key not in self._projected:
+                self._projected[key] = tensors.encode_state(self.project_to_site(tensors.decode_state(data), rank))
+            data = self._projected[key]
+        if not self.compress_download:
+            return data
+        if key not in self._encoded:  # deterministic: the same bytes (and hash) on every call and after a restart
+            from fedcommon import compress
+
+            self._encoded[key] = tensors.encode_state(
+                compress.encode(tensors.decode_state(data), self.spec_for(site).compression, topk=False))
+        return self._encoded[key]
 
     def residual_bytes(self, round: int) -> bytes | None:
         """The cumulative, scaled base-weight residual that is the input of ``round`` (None when there is none)."""

@@ -107,7 +107,8 @@ class RoundEngine:
         self.strategy = build_strategy(config.strategy, config.strategy_params)
         # HetLoRA / FlexLoRA: each site trains at the rank it declared at Join; others train the federation's rank.
         self.project_to_site = SITE_RANK_RULES.get(self.strategy.name)
-        self.adapters = Adapters(store, self.spec, adapter.state, self.project_to_site)
+        self.adapters = Adapters(store, self.spec, adapter.state, self.project_to_site,
+                                 compress_download=config.lora.compress_download)
         self._seen: dict[str, float] = {}  # site -> time.time() of its last call (in memory; the store keeps joins)
         self._told_done: set[str] = set()  # sites told "done" (finished or stopped); _final_reports: those that then reported
         self._final_reports: set[str] = set()
@@ -140,7 +141,8 @@ class RoundEngine:
         self.steps = RoundSteps(config, store, base_sha256, self.strategy, self.adapters, self.secagg, self.central_dp,
                                 audit=self._audit, hold=self._hold)
         self.control = AdminControl(config, store, base_sha256, spec=self.spec, strategy=self.strategy,
-                                    site_rank=self.adapters.site_rank, central_dp=self.central_dp,
+                                    site_rank=self.adapters.site_rank, spec_for=self.adapters.spec_for,
+                                    central_dp=self.central_dp,
                                     secure_aggregation=self.secagg is not None, lock=self._lock, finished=self.finished,
                                     publish=self.steps.publish, advance=self._advance_in_background, audit=self._audit,
                                     notify=self._notify)

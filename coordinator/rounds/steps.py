@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -23,7 +23,7 @@ from coordinator.rounds.adapter import base_layout, peft_view, scaled_residual_i
 from coordinator.rounds.adapters import Adapters
 from coordinator.rounds.mapped import map_state
 from coordinator.rounds.store import Store, UpdateRow
-from fedcommon import tensors
+from fedcommon import compress, tensors
 from protos import codec
 from strategies.error_meter import aggregation_error_from_updates
 from strategies.registry import BatchStrategy, StreamingStrategy
@@ -91,6 +91,14 @@ class RoundSteps:
         self._hold = hold
         self._fan_in_fan_out: frozenset[str] | None = None
 
+    def _stored_update(self, u: UpdateRow) -> Mapping[str, torch.Tensor]:
+        """A stored update as the rule reads it: memory-mapped, or decoded to dense tensors when the federation
+        compresses updates (the store keeps the bytes as the site signed them, so the stored-hash check holds)."""
+        spec = self.adapters.spec_for(u.site)
+        if spec.compression.encoding:
+            return compress.decode_update(u.path.read_bytes(), spec)
+        return map_state(u.path)
+
     # -- aggregation and publishing (run in a worker thread) ----------------------------------------------------
     def aggregate(self, round: int, ups: list[UpdateRow]) -> None:
         """Aggregate round ``round``'s stored updates into the next global adapter and close the round."""
@@ -108,7 +116,7 @@ class RoundSteps:
         # gets its own name so a site's fresh and late updates are distinct contributions. Rules that ignore
         # weights (median, trimmed mean, Krum) ignore the staleness factor too.
         updates = [ClientUpdate(u.site if u.trained_round == round else f"{u.site}~r{u.trained_round}",
-                                map_state(u.path),
+                                self._stored_update(u),
                                 u.num_examples if u.weight == 1.0 else u.num_examples * u.weight,  # type: ignore[arg-type]
                                 {"lora_rank": self.adapters.site_rank(u.site)}) for u in ups]
         dp_info: dict[str, Any] = {}

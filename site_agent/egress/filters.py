@@ -25,6 +25,7 @@ from typing import Protocol
 import torch
 
 from fedcommon.dp import csprng_generator
+from protos.fedbridge.v1 import federation_service_pb2 as pb
 from strategies.clipping import clip_state
 
 Delta = dict[str, torch.Tensor]
@@ -140,8 +141,55 @@ class CastFilter:
         return {k: v.detach().to(dtype).contiguous() for k, v in delta.items()}
 
 
+@dataclass(frozen=True)
+class CompressFilter:
+    """Encode the delta with the adapter spec's compression (last in the chain, instead of :class:`CastFilter`).
+
+    The output is the encoded tensors themselves (``<name>.q``, ``<name>.absmax``, ``<name>.idx``: see
+    :mod:`fedcommon.compress`), which go on the wire as they are. ``feedback`` is the error-feedback residual of the
+    site's previous round, added before encoding; :meth:`residual` is what this round's encoding leaves out.
+
+    Compression comes after clipping and noise (the order is checked): it is post-processing of the noised delta,
+    and so is the residual, which is computed from noised values only, so the DP accounting is unchanged.
+
+    Attributes:
+        spec: The round's adapter spec (``spec.compression`` set).
+        feedback: The previous round's residual (float32, the spec's tensor names), or None.
+    """
+
+    spec: pb.AdapterSpec
+    feedback: Mapping[str, torch.Tensor] | None = field(default=None, compare=False, repr=False)
+    name: str = field(default="compress", init=False)
+
+    def __post_init__(self) -> None:
+        if not self.spec.compression.encoding:
+            raise ValueError("compress filter: the adapter spec names no compression")
+
+    def with_feedback(self, delta: Mapping[str, torch.Tensor]) -> Delta:
+        """The values this round encodes: the delta plus the previous round's residual (float32)."""
+        out: Delta = {}
+        for k, v in delta.items():
+            x = v.detach().to(torch.float32).cpu()
+            if self.feedback is not None and k in self.feedback:
+                x = x + self.feedback[k].to(torch.float32).cpu()
+            out[k] = x
+        return out
+
+    def apply(self, delta: Mapping[str, torch.Tensor]) -> Delta:
+        from fedcommon import compress
+
+        return compress.encode(self.with_feedback(delta), self.spec.compression)
+
+    def residual(self, delta: Mapping[str, torch.Tensor], encoded: Mapping[str, torch.Tensor]) -> Delta:
+        """Error feedback for the next round: ``delta + feedback - decode(encoded)``."""
+        from fedcommon import compress
+
+        return compress.residual(self.with_feedback(delta), encoded, self.spec)
+
+
 def check_order(filters: Sequence[EgressFilter]) -> None:
-    """Refuse a pipeline whose noise is not preceded by a clip to the same bound, or whose cast is not last.
+    """Refuse a pipeline whose noise is not preceded by a clip to the same bound, or whose cast or compression is
+    not last (compression after the noise: the DP accounting holds for what is encoded).
 
     Raises:
         ValueError: Naming the misplaced filter.
@@ -153,9 +201,10 @@ def check_order(filters: Sequence[EgressFilter]) -> None:
         elif isinstance(f, GaussianNoiseFilter) and (bound is None or bound > f.max_norm):
             raise ValueError(f"egress filter {i} ({f.name}) adds noise calibrated to norm {f.max_norm} but no earlier "
                              "clip filter bounds the update to it (the order must be clip -> noise)")
-        elif isinstance(f, CastFilter) and i != len(filters) - 1:
+        elif isinstance(f, (CastFilter, CompressFilter)) and i != len(filters) - 1:
             raise ValueError(f"egress filter {i} ({f.name}) must be the last one: a filter after it would compute in "
-                             "the wire dtype and round the update again")
+                             "the wire dtype or on encoded values, and noise after compression would not be what "
+                             "the DP accounting assumes")
 
 
 def apply_filters(delta: Mapping[str, torch.Tensor], filters: Sequence[EgressFilter]) -> Delta:

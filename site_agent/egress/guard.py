@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
-from fedcommon import tensors
+from fedcommon import compress
 from protos import codec
 from protos.fedbridge.v1 import federation_service_pb2 as pb
 
@@ -43,10 +43,10 @@ class EgressGuard:
         self.allowed_metrics = allowed_metrics
 
     def check_update(self, payload: bytes, envelope: pb.UpdateEnvelope, spec: pb.AdapterSpec) -> None:
-        """Refuse unless ``payload`` decodes to exactly ``spec``'s tensors and ``envelope`` describes it."""
+        """Refuse unless ``payload`` decodes to exactly ``spec``'s tensors (through its compression, when the spec
+        names one) and ``envelope`` describes it."""
         try:
-            state = tensors.decode_state(payload)
-            tensors.check_against_spec(state, spec)
+            compress.decode_update(payload, spec)  # a compressed payload must decode to exactly the spec's tensors
             codec.check_payload(envelope, payload)
         except codec.CodecError as e:
             raise EgressRefusal("adapter_spec", str(e)) from None

@@ -47,20 +47,32 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class AdapterSpec(_message.Message):
-    __slots__ = ("rank", "alpha", "dropout", "target_modules", "tensors", "sha256")
+    __slots__ = ("rank", "alpha", "dropout", "target_modules", "tensors", "sha256", "compression")
     RANK_FIELD_NUMBER: _ClassVar[int]
     ALPHA_FIELD_NUMBER: _ClassVar[int]
     DROPOUT_FIELD_NUMBER: _ClassVar[int]
     TARGET_MODULES_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     rank: int
     alpha: float
     dropout: float
     target_modules: _containers.RepeatedScalarFieldContainer[str]
     tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     sha256: str
-    def __init__(self, rank: _Optional[int] = ..., alpha: _Optional[float] = ..., dropout: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., sha256: _Optional[str] = ...) -> None: ...
+    compression: Compression
+    def __init__(self, rank: _Optional[int] = ..., alpha: _Optional[float] = ..., dropout: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., sha256: _Optional[str] = ..., compression: _Optional[_Union[Compression, _Mapping]] = ...) -> None: ...
+
+class Compression(_message.Message):
+    __slots__ = ("encoding", "block_size", "topk_fraction")
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    TOPK_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    encoding: str
+    block_size: int
+    topk_fraction: float
+    def __init__(self, encoding: _Optional[str] = ..., block_size: _Optional[int] = ..., topk_fraction: _Optional[float] = ...) -> None: ...
 
 class TrainingConfig(_message.Message):
     __slots__ = ("mode", "max_steps", "learning_rate", "per_device_batch_size", "gradient_accumulation_steps", "max_length", "seed", "weight_decay", "warmup_ratio", "lr_scheduler_type", "beta", "loss_type", "rpo_alpha", "simpo_gamma", "cpo_alpha", "desirable_weight", "undesirable_weight", "label_smoothing", "weight_by")
@@ -105,7 +117,7 @@ class TrainingConfig(_message.Message):
     def __init__(self, mode: _Optional[str] = ..., max_steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., per_device_batch_size: _Optional[int] = ..., gradient_accumulation_steps: _Optional[int] = ..., max_length: _Optional[int] = ..., seed: _Optional[int] = ..., weight_decay: _Optional[float] = ..., warmup_ratio: _Optional[float] = ..., lr_scheduler_type: _Optional[str] = ..., beta: _Optional[float] = ..., loss_type: _Optional[str] = ..., rpo_alpha: _Optional[float] = ..., simpo_gamma: _Optional[float] = ..., cpo_alpha: _Optional[float] = ..., desirable_weight: _Optional[float] = ..., undesirable_weight: _Optional[float] = ..., label_smoothing: _Optional[float] = ..., weight_by: _Optional[str] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("federation_id", "round", "total_rounds", "base_model_sha256", "base_model_ref", "training", "adapter_spec", "global_adapter_sha256", "global_adapter_size", "deadline_unix_ms", "hints", "base_residual_sha256", "base_residual_size", "dp", "chat_template", "chat_template_sha256")
+    __slots__ = ("federation_id", "round", "total_rounds", "base_model_sha256", "base_model_ref", "training", "adapter_spec", "global_adapter_sha256", "global_adapter_size", "deadline_unix_ms", "hints", "base_residual_sha256", "base_residual_size", "dp", "chat_template", "chat_template_sha256", "global_adapter_compressed")
     FEDERATION_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
@@ -122,6 +134,7 @@ class Task(_message.Message):
     DP_FIELD_NUMBER: _ClassVar[int]
     CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     CHAT_TEMPLATE_SHA256_FIELD_NUMBER: _ClassVar[int]
+    GLOBAL_ADAPTER_COMPRESSED_FIELD_NUMBER: _ClassVar[int]
     federation_id: str
     round: int
     total_rounds: int
@@ -138,7 +151,8 @@ class Task(_message.Message):
     dp: DpRequest
     chat_template: str
     chat_template_sha256: str
-    def __init__(self, federation_id: _Optional[str] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., base_model_sha256: _Optional[str] = ..., base_model_ref: _Optional[str] = ..., training: _Optional[_Union[TrainingConfig, _Mapping]] = ..., adapter_spec: _Optional[_Union[AdapterSpec, _Mapping]] = ..., global_adapter_sha256: _Optional[str] = ..., global_adapter_size: _Optional[int] = ..., deadline_unix_ms: _Optional[int] = ..., hints: _Optional[_Union[SiteHints, _Mapping]] = ..., base_residual_sha256: _Optional[str] = ..., base_residual_size: _Optional[int] = ..., dp: _Optional[_Union[DpRequest, _Mapping]] = ..., chat_template: _Optional[str] = ..., chat_template_sha256: _Optional[str] = ...) -> None: ...
+    global_adapter_compressed: bool
+    def __init__(self, federation_id: _Optional[str] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., base_model_sha256: _Optional[str] = ..., base_model_ref: _Optional[str] = ..., training: _Optional[_Union[TrainingConfig, _Mapping]] = ..., adapter_spec: _Optional[_Union[AdapterSpec, _Mapping]] = ..., global_adapter_sha256: _Optional[str] = ..., global_adapter_size: _Optional[int] = ..., deadline_unix_ms: _Optional[int] = ..., hints: _Optional[_Union[SiteHints, _Mapping]] = ..., base_residual_sha256: _Optional[str] = ..., base_residual_size: _Optional[int] = ..., dp: _Optional[_Union[DpRequest, _Mapping]] = ..., chat_template: _Optional[str] = ..., chat_template_sha256: _Optional[str] = ..., global_adapter_compressed: _Optional[bool] = ...) -> None: ...
 
 class DpRequest(_message.Message):
     __slots__ = ("noise_multiplier", "clip_norm")
