@@ -214,6 +214,12 @@ def build_rows(losses: dict[str, list[float]] | None) -> list[Row]:
                                 None if m.bytes_goal is None else value / fp32 <= m.bytes_goal))
             if m.name != "bf16":
                 rows.append(Row(f"{case} vs bf16", value, bf16, value / bf16, "bytes", "informational", None))
+    # Fed-SB sends one r x r matrix R per module whatever the layer widths (bench/fedsb.py measures it end to end).
+    for r in (16, 64):
+        modules = sum(1 for k in big if k.endswith(".lora_A.weight"))
+        sb = modules * r * r * 4
+        rows.append(Row(f"fed_sb r={r} (R matrices, F32) bytes, Llama-3-8B estimate vs fp32 LoRA r16", sb, fp32_big,
+                        sb / fp32_big, "bytes", "informational", None))
     if losses:
         base = statistics.fmean(losses[REFERENCE])
         for m in METHODS:
@@ -233,6 +239,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--bytes-only", action="store_true", help="skip the training (byte rows only)")
+    ap.add_argument("--no-fedsb", action="store_true", help="skip the Fed-SB vs FedEx-LoRA rows (bench.fedsb)")
     args = ap.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     if not args.bytes_only and len(seeds) < 3:
@@ -254,6 +261,12 @@ def main(argv: list[str] | None = None) -> None:
     if losses:
         notes.append("per-seed final losses: " + "; ".join(f"{k}: {', '.join(f'{v:.4f}' for v in vs)}"
                                                            for k, vs in losses.items()))
+    if not args.bytes_only and not args.no_fedsb:
+        from bench.fedsb import FedSBBench, fedsb_rows
+
+        sb_rows, sb_notes = fedsb_rows(FedSBBench(rounds=args.rounds, steps=args.steps), tuple(seeds))
+        rows += sb_rows
+        notes += [f"fed_sb: {n}" for n in sb_notes]
     write_results("compress", rows, notes)
 
 
