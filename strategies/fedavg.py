@@ -107,11 +107,11 @@ class FedAvgAccumulator:
             pairs = sorted(zip(updates, flats, strict=True), key=lambda p: p[0].site)
             acc_flat = self._flat
             weights = [float(u.num_examples) for u, _ in pairs]
-            parts = [f for _, f in pairs]
+            flat_parts = [f for _, f in pairs if f is not None]
             for start in range(0, acc_flat.numel(), BLOCK):
                 block = acc_flat[start:start + BLOCK]
-                for part, w in zip(parts, weights, strict=True):
-                    block.add_(part[start:start + BLOCK], alpha=w)  # type: ignore[index]
+                for flat_part, w in zip(flat_parts, weights, strict=True):
+                    block.add_(flat_part[start:start + BLOCK], alpha=w)
             for w in weights:
                 self.total_weight += w
             self.count += len(updates)
