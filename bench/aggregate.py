@@ -1,32 +1,33 @@
-"""Aggregation speed and memory: fedbridge's FedAvg vs Flower 1.42's FedAvg on the same inputs.
+"""Aggregation speed against this machine's memory bandwidth, with plain torch and Flower 1.42 as references.
 
-Run with no arguments (a few minutes on 2 cores); ``--quick`` runs one small case. Prints a markdown table and
-writes ``bench/results/aggregate.json`` (schema in :mod:`bench.report`). How it is measured (also printed with the table):
+Run with no arguments (several minutes on 2 cores); ``--quick`` runs one small case, ``--no-flower`` skips Flower.
+Prints a markdown table and writes ``bench/results/aggregate.json`` (schema in :mod:`bench.report`). How it is
+measured (also printed with the table):
 
+* Goal (the physical reference). FedAvg must read every update once: N x the update's tensor bytes. Those bytes
+  divided by the time of the real FedAvg path (``strategies.fedavg`` through ``build_strategy``, on the stored
+  safetensors files memory-mapped as the coordinator's round step reads them) are set against this machine's memcpy
+  bandwidth (bytes copied per second, glibc ``memcpy`` of a 512 MiB buffer, best of 5), measured in the same run
+  right before each case. Goal >= 0.5 on 1 thread; 2 threads (both the copy and FedAvg) are reported too.
+* References, information only (goal "informational", no ``meets_goal``): a plain torch weighted sum on the same
+  updates as decoded tensors in memory (one float32 sum per key, each update added in place), and Flower's FedAvg
+  on reply ``Message``s whose ``ArrayRecord`` holds each site's WEIGHTS (global + delta: Flower aggregates weights),
+  deserialized inside ``aggregate_train``. The outputs are checked to agree (max |difference| printed).
 * Inputs. A Llama-7B-shaped LoRA adapter (32 layers x q/k/v/o, hidden 4096) at r=8 (8.4M parameters) and r=64
-  (67.1M), float32, N = 10, 50, 100 sites, random example counts. Both sides get the same numbers: Flower gets reply
-  ``Message``s whose ``ArrayRecord`` holds each site's WEIGHTS (global + delta: Flower aggregates weights) and
-  deserializes them inside ``aggregate_train``; ours gets the global adapter and each site's DELTA, either
-  (a) from safetensors files in a temporary directory, each memory-mapped (header validated, tensors zero-copy
-  views) inside the timed call and summed block by block (how the coordinator reads its durable store; the files
-  are in the page cache, as fresh uploads are), or
-  (b) as a list of already-decoded tensors (how it holds updates it verified on arrival).
-* Pool. 100 distinct 64M-parameter replies would need 25 GiB resident, more than these machines' 24 GiB, and
-  Flower's ``aggregate_train`` takes all replies at once. So both sides' N inputs cycle through the same pool of P
-  distinct updates (P = 8 at 8M, 4 at 64M); one update is 32-256 MiB, far beyond any CPU cache, so reuse gives
-  neither side a cache advantage. The outputs are checked to agree (max |difference| printed).
+  (67.1M), float32, N = 10, 50, 100 sites, random example counts; the global adapter and each site's DELTA.
+* Pool. 100 distinct 64M-parameter updates would need 25 GiB resident, more than these machines' 24 GiB, and
+  Flower's ``aggregate_train`` takes all replies at once. So every side's N inputs cycle through the same pool of
+  P distinct updates (P = 8 at 8M, 4 at 64M); one update is 32-256 MiB, far beyond any CPU cache, so reuse gives
+  no side a cache advantage and every byte counted is read from memory.
 * Allocator. On these VMs the first touch of a fresh page is slow and very noisy (other tenants move it by 10x),
   which would swamp the arithmetic being compared. So the process keeps freed memory in its heap (``mallopt``: no
   trimming, chunks up to 32 MiB from the heap), for torch and numpy alike, and every timed call follows an untimed
   one that maps the memory it needs.
-* Memory. During the untimed call per side and case, a thread samples glibc's ``mallinfo2`` (bytes malloc has
-  handed out: torch, numpy and ``bytes`` all allocate there) every 0.5 ms; the peak above the pre-call level is
-  what the aggregation adds on top of its already-resident inputs. Ours from files maps the stored updates from
-  the page cache, which is file-backed, not heap. Goal: ours flat in N. Flower's
-  call is flat in N too once its inputs are resident, but it needs all N replies resident first (printed).
-* Time. Best of R calls (R = 3 at 8M, 2 at 64M), wall clock, on 1 torch thread, like Flower's single-threaded
-  numpy arithmetic. On a 2-core machine shared with other work, torch's 2-thread kernels wait on each other and
-  can be several times slower, so one row per size shows ours at torch's default thread count too.
+* Memory. During the untimed call, a thread samples glibc's ``mallinfo2`` (bytes malloc has handed out: torch,
+  numpy and ``bytes`` all allocate there) every 0.5 ms; the peak above the pre-call level is what the aggregation
+  adds on top of its already-resident inputs. Ours from files maps the stored updates from the page cache, which
+  is file-backed, not heap. Goal: ours flat in N. Flower needs all N replies resident first (printed).
+* Time. Best of R calls (R = 3 at 8M, 2 at 64M), wall clock.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
-import json
 import logging
 import math
 import os
@@ -53,13 +53,16 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.report import INFORMATIONAL, Row, write_results
 from coordinator.rounds.mapped import map_state
 from strategies.registry import build_strategy
 from strategies.types import ClientUpdate, StateDict
 
 LAYERS, HIDDEN, MODULES = 32, 4096, ("q_proj", "k_proj", "v_proj", "o_proj")
-RESULTS = Path(__file__).resolve().parent / "results" / "aggregate.json"
-SPEED_GOAL = 3.0
+BANDWIDTH_GOAL = 0.5  # FedAvg's read bandwidth from stored files, 1 thread, as a fraction of memcpy's
+THREADS_2 = 2
+MEMCPY_BYTES = 512 * 2**20
+MEMCPY_REPEATS = 5
 FLAT_SLACK = 1.10  # ours at N is "flat" when within 10% (+16 MiB) of ours at the smallest N
 FLAT_ABS_MIB = 16.0
 
@@ -88,6 +91,8 @@ class _Mallinfo2(ctypes.Structure):
 
 if _LIBC is not None:
     _LIBC.mallinfo2.restype = _Mallinfo2
+    _LIBC.memcpy.restype = ctypes.c_void_p
+    _LIBC.memcpy.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
 
 
 def retain_heap() -> bool:
@@ -185,9 +190,7 @@ class Inputs:
     nbytes: int
 
 
-def build_inputs(size: Size, max_n: int, store: Path) -> Inputs:
-    from flwr.app import Array, ArrayRecord
-
+def build_inputs(size: Size, max_n: int, store: Path, flower: bool = True) -> Inputs:
     g = random_state(size.rank, 0, 0.02)
     deltas = [random_state(size.rank, i + 1, 0.01) for i in range(size.pool)]
     files = [store / f"{size.label}-update{i}.safetensors" for i in range(size.pool)]
@@ -196,7 +199,9 @@ def build_inputs(size: Size, max_n: int, store: Path) -> Inputs:
     rng = random.Random(0)
     weights = [rng.randint(100, 5000) for _ in range(max_n)]
     records = []
-    for d in deltas:
+    for d in deltas if flower else ():
+        from flwr.app import Array, ArrayRecord
+
         arrays = ArrayRecord({k: Array(np.ascontiguousarray((g[k] + d[k]).numpy())) for k in g})
         records.append(arrays)
     params = sum(v.numel() for v in g.values())
@@ -228,30 +233,141 @@ def ours_from_tensors(inp: Inputs, n: int) -> list[ClientUpdate]:
             for i in range(n)]
 
 
+# ---------------------------------------------------------------- references
+_COPY_BUFFERS: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def memcpy_bandwidth(threads: int, nbytes: int = MEMCPY_BYTES, repeats: int = MEMCPY_REPEATS) -> float:
+    """This machine's memcpy bandwidth now, in bytes copied per second: best of ``repeats`` copies of ``nbytes``.
+
+    The copy is glibc's ``memcpy`` (through ctypes, which lets go of the GIL), on ``threads`` Python threads that
+    each copy their own slice at once; without glibc, torch's ``copy_`` on ``threads`` torch threads. Both buffers
+    are ``nbytes`` (far beyond any last-level cache), allocated and touched once per size and reused, so a timed
+    copy pays neither page faults nor first touches. The figure is bytes copied / time (a copy reads and writes
+    each byte once), the convention of memcpy benchmarks.
+    """
+    if nbytes not in _COPY_BUFFERS:
+        src = torch.ones(nbytes // 4, dtype=torch.float32)
+        _COPY_BUFFERS[nbytes] = (src, torch.empty_like(src).copy_(src))
+    src, dst = _COPY_BUFFERS[nbytes]
+    if _LIBC is None:
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return nbytes / best_copy(lambda: dst.copy_(src), repeats)
+        finally:
+            torch.set_num_threads(before)
+    part = nbytes // threads
+    spans = [(dst.data_ptr() + i * part, src.data_ptr() + i * part) for i in range(threads)]
+
+    def copy() -> None:
+        if threads == 1:
+            _LIBC.memcpy(ctypes.c_void_p(spans[0][0]), ctypes.c_void_p(spans[0][1]), ctypes.c_size_t(part))
+            return
+        workers = [threading.Thread(target=_LIBC.memcpy, args=(ctypes.c_void_p(d), ctypes.c_void_p(s_),
+                                                                ctypes.c_size_t(part))) for d, s_ in spans]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+
+    return part * threads / best_copy(copy, repeats)
+
+
+def best_copy(fn: Callable[[], Any], repeats: int) -> float:
+    """Best seconds of ``repeats`` calls after one untimed call."""
+    fn()
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def plain_weighted_sum(global_state: StateDict, deltas: list[StateDict], weights: list[int]) -> StateDict:
+    """The textbook torch FedAvg on in-memory tensors: one float32 sum per key, each update added in place."""
+    sums = {k: torch.zeros_like(v) for k, v in global_state.items()}
+    for d, w in zip(deltas, weights, strict=True):
+        for k, acc in sums.items():
+            acc.add_(d[k], alpha=float(w))
+    total = float(sum(weights))
+    return {k: torch.add(g, sums[k], alpha=1.0 / total) for k, g in global_state.items()}
+
+
 # ---------------------------------------------------------------- runs
 def max_abs_diff(ours: StateDict, flower_arrays: Any) -> float:
     return max(float(np.max(np.abs(ours[k].numpy() - flower_arrays[k].numpy()))) for k in ours)
 
 
-def run_size(size: Size, ns: tuple[int, ...]) -> tuple[list[dict[str, Any]], list[str]]:
+def run_size(size: Size, ns: tuple[int, ...], flower: bool = True) -> tuple[list[Row], list[str]]:
     """All rows of one adapter size (the pool's safetensors files live in a temporary directory)."""
     with tempfile.TemporaryDirectory(prefix="fedbridge-bench-") as store:
-        return _run_size(size, ns, build_inputs(size, max(ns), Path(store)))
+        return _run_size(size, ns, build_inputs(size, max(ns), Path(store), flower), flower)
 
 
-def _run_size(size: Size, ns: tuple[int, ...], inp: Inputs) -> tuple[list[dict[str, Any]], list[str]]:
-    from flwr.serverapp.strategy import FedAvg
+@dataclass(frozen=True)
+class CaseTimes:
+    """Seconds and bandwidths of one (size, N) case; bandwidths in bytes/s."""
 
+    case: str
+    read_bytes: int  # N x update tensor bytes: what FedAvg must read
+    files_1t: float
+    files_2t: float  # nan: not measured at this N
+    tensors_1t: float
+    plain_1t: float
+    flower: float | None
+    memcpy_1t: float
+    memcpy_2t: float
+    mem_files: float
+    mem_flower: float | None
+    flat_goal: str
+    flat: bool
+
+
+def case_rows(c: CaseTimes) -> list[Row]:
+    """The rows of one case. Only the physical reference (1 thread, from stored files) and memory carry goals."""
+    def bw(seconds: float) -> float:
+        return c.read_bytes / seconds
+
+    rows = [
+        Row(f"{c.case}: FedAvg from stored files (mmap), 1 thread: bytes read/s over memcpy bandwidth",
+            bw(c.files_1t) / 1e9, c.memcpy_1t / 1e9, bw(c.files_1t) / c.memcpy_1t, "GB/s", f">= {BANDWIDTH_GOAL:g}",
+            bw(c.files_1t) / c.memcpy_1t >= BANDWIDTH_GOAL),
+    ]
+    if not math.isnan(c.files_2t):
+        rows.append(Row(f"{c.case}: FedAvg from stored files (mmap), {THREADS_2} threads: bytes read/s over "
+                        f"{THREADS_2}-thread memcpy bandwidth", bw(c.files_2t) / 1e9, c.memcpy_2t / 1e9,
+                        bw(c.files_2t) / c.memcpy_2t, "GB/s", INFORMATIONAL, None))
+    rows += [
+        Row(f"{c.case}: plain torch weighted sum (decoded tensors in memory), 1 thread: bytes read/s over memcpy "
+            "bandwidth", bw(c.plain_1t) / 1e9, c.memcpy_1t / 1e9, bw(c.plain_1t) / c.memcpy_1t, "GB/s",
+            INFORMATIONAL, None),
+        Row(f"{c.case}: time, FedAvg from stored files vs plain torch weighted sum in memory (ratio: plain / ours)",
+            c.files_1t, c.plain_1t, c.plain_1t / c.files_1t, "s", INFORMATIONAL, None),
+    ]
+    if c.flower is not None:
+        rows.append(Row(f"{c.case}: time, FedAvg from stored files vs Flower 1.42 FedAvg from its Messages (ratio: "
+                        "Flower / ours)", c.files_1t, c.flower, c.flower / c.files_1t, "s", INFORMATIONAL, None))
+    ref_mem = c.mem_flower if c.mem_flower is not None else c.mem_files
+    rows.append(Row(f"{c.case}: peak heap added by the call, FedAvg from stored files"
+                    f"{' (reference: Flower)' if c.mem_flower is not None else ''}", c.mem_files, ref_mem,
+                    ref_mem / c.mem_files if c.mem_files else math.inf, "MiB", c.flat_goal, c.flat))
+    return rows
+
+
+def _run_size(size: Size, ns: tuple[int, ...], inp: Inputs, with_flower: bool) -> tuple[list[Row], list[str]]:
     strategy = build_strategy("fedavg", {})
     threads = torch.get_num_threads()
     mib = inp.nbytes / 2**20
     print(f"[bench] {size.label}: {inp.params / 1e6:.1f}M params ({mib:.0f} MiB fp32), pool {size.pool}, "
           f"best of {size.repeats}", file=sys.stderr)
-    ref = FedAvg()
 
     def flower(n: int) -> Callable[[], Any]:
+        from flwr.serverapp.strategy import FedAvg
+
         replies = flower_replies(inp, n)  # built outside the timed call, as Flower receives them
-        return lambda: ref.aggregate_train(1, replies)[0]
+        return lambda: FedAvg().aggregate_train(1, replies)[0]
 
     def ours_files(n: int) -> Callable[[], Any]:
         return lambda: strategy.aggregate(inp.global_state, ours_from_files(inp, n))
@@ -259,112 +375,114 @@ def _run_size(size: Size, ns: tuple[int, ...], inp: Inputs) -> tuple[list[dict[s
     def ours_tensors(n: int) -> Callable[[], Any]:
         return lambda: strategy.aggregate(inp.global_state, ours_from_tensors(inp, n))
 
-    rows: list[dict[str, Any]] = []
+    def plain(n: int) -> Callable[[], Any]:
+        deltas = [inp.deltas[i % len(inp.deltas)] for i in range(n)]
+        return lambda: plain_weighted_sum(inp.global_state, deltas, inp.weights[:n])
+
+    def timed(fn: Callable[[], Any], nthreads: int) -> float:
+        torch.set_num_threads(nthreads)
+        try:
+            fn()  # warm-up at this thread count
+            return best_time(size.repeats, fn)
+        finally:
+            torch.set_num_threads(1)
+
+    rows: list[Row] = []
     notes: list[str] = []
-    goal = f">= {SPEED_GOAL:g}x faster"
     ours_mem_first: float | None = None
-    torch.set_num_threads(1)  # numpy's arithmetic in Flower is single-threaded: compare like with like
+    flat_goal = f"ours flat in N (<= {FLAT_SLACK:g} x N={ns[0]} + {FLAT_ABS_MIB:g} MiB)"
+    torch.set_num_threads(1)  # the goal is on 1 thread; numpy's arithmetic in Flower is single-threaded too
     try:
         for n in ns:
             # Memory first: one untimed call per side, which also maps the heap the timed calls then reuse.
-            fl_fn, of_fn, ot_fn = flower(n), ours_files(n), ours_tensors(n)
-            fl_mem, fl_out = peak_memory(fl_fn)
+            of_fn, ot_fn, pl_fn = ours_files(n), ours_tensors(n), plain(n)
             of_mem, of_out = peak_memory(of_fn)
-            diff = max_abs_diff(of_out.state, fl_out)
-            del fl_out, of_out
+            pl_out = pl_fn()
+            diff_plain = max(float((of_out.state[k] - pl_out[k]).abs().max()) for k in pl_out)
+            del pl_out
+            fl_mem = fl_s = None
+            diff = math.nan
+            if with_flower:
+                fl_fn = flower(n)
+                fl_mem, fl_out = peak_memory(fl_fn)
+                diff = max_abs_diff(of_out.state, fl_out)
+                del fl_out
+                fl_s = best_time(size.repeats, fl_fn)
+                del fl_fn
+            del of_out
             ot_mem, _ = peak_memory(ot_fn)
-            fl_s = best_time(size.repeats, fl_fn)
-            of_s = best_time(size.repeats, of_fn)
-            ot_s = best_time(size.repeats, ot_fn)
+            # The copy bandwidth right before the timings it is the reference of, under the same load.
+            bw1 = memcpy_bandwidth(1)
+            of_s = timed(of_fn, 1)
+            ot_s = timed(ot_fn, 1)
+            pl_s = timed(pl_fn, 1)
+            # 2 threads at the smallest N only: on a shared 2-core machine torch's 2-thread kernels wait on each
+            # other, which at large N takes minutes and says nothing the smallest N does not.
+            bw2, of2_s = (memcpy_bandwidth(THREADS_2), timed(of_fn, THREADS_2)) if n == ns[0] else (math.nan, math.nan)
             if ours_mem_first is None:
                 ours_mem_first = of_mem
-            flat = of_mem <= FLAT_SLACK * ours_mem_first + FLAT_ABS_MIB
             case = f"fedavg {size.label} N={n}"
-            rows.append(_row(f"{case}: time, ours from stored safetensors files (mmap) vs Flower from its Messages",
-                             of_s, fl_s, fl_s / of_s, "s", goal, fl_s / of_s >= SPEED_GOAL))
-            rows.append(_row(f"{case}: time, ours from decoded tensors (list) vs Flower from its Messages",
-                             ot_s, fl_s, fl_s / ot_s, "s", goal, fl_s / ot_s >= SPEED_GOAL))
-            rows.append(_row(f"{case}: peak heap added by the call, ours from stored files", of_mem, fl_mem,
-                             fl_mem / of_mem if of_mem else math.inf, "MiB",
-                             f"ours flat in N (<= {FLAT_SLACK:g} x N={ns[0]} + {FLAT_ABS_MIB:g} MiB)", flat))
-            notes.append(f"{case}: max |ours - Flower| = {diff:.2e}; ours from tensors adds {ot_mem:.0f} MiB of "
-                         f"heap; Flower needs its {n} replies resident before the call ({n * mib / 1024:.2f} GiB if "
-                         f"distinct), ours maps the stored files (page cache, file-backed)")
-            print(f"[bench] {case}: ours {of_s:.3f}s files / {ot_s:.3f}s tensors, Flower {fl_s:.3f}s; "
-                  f"heap {of_mem:.0f} / {ot_mem:.0f} / {fl_mem:.0f} MiB", file=sys.stderr)
-            if n == min(ns) and threads > 1:
-                torch.set_num_threads(threads)
-                try:
-                    peak_memory(ot_fn)  # warm-up at this thread count
-                    multi = best_time(size.repeats, ot_fn)
-                finally:
-                    torch.set_num_threads(1)
-                rows.append(_row(f"{case}: time, ours from decoded tensors on {threads} torch threads vs Flower",
-                                 multi, fl_s, fl_s / multi, "s", goal, fl_s / multi >= SPEED_GOAL))
+            c = CaseTimes(case, n * inp.nbytes, of_s, of2_s, ot_s, pl_s, fl_s, bw1, bw2, of_mem, fl_mem, flat_goal,
+                          of_mem <= FLAT_SLACK * ours_mem_first + FLAT_ABS_MIB)
+            rows += case_rows(c)
+            notes.append(f"{case}: {n} x {mib:.0f} MiB read; from decoded tensors (list) {ot_s:.3f} s, "
+                         f"{c.read_bytes / ot_s / bw1:.2f} x memcpy; max |ours - plain torch| = {diff_plain:.2e}, "
+                         f"max |ours - Flower| = {diff:.2e}; ours from tensors adds {ot_mem:.0f} MiB of heap"
+                         + (f"; Flower needs its {n} replies resident before the call ({n * mib / 1024:.2f} GiB if "
+                            "distinct), ours maps the stored files (page cache, file-backed)" if with_flower else ""))
+            print(f"[bench] {case}: files {of_s:.3f}s ({c.read_bytes / of_s / bw1:.2f} x memcpy {bw1 / 1e9:.1f} GB/s), "
+                  f"{THREADS_2} threads {of2_s:.3f}s, tensors {ot_s:.3f}s, plain {pl_s:.3f}s, Flower {fl_s}s; "
+                  f"heap {of_mem:.0f} / {ot_mem:.0f} / {fl_mem} MiB", file=sys.stderr)
     finally:
         torch.set_num_threads(threads)
     return rows, notes
 
 
-def run(sizes: tuple[Size, ...], ns: tuple[int, ...]) -> tuple[list[dict[str, Any]], list[str]]:
+def run(sizes: tuple[Size, ...], ns: tuple[int, ...], flower: bool = True) -> tuple[list[Row], list[str]]:
     """Every size, then the environment notes."""
-    from flwr.supercore.task_identity import TaskIdentity
+    if flower:
+        from flwr.supercore.task_identity import TaskIdentity
 
-    logging.getLogger("flwr").setLevel(logging.WARNING)
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+        TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
     retained = retain_heap()
     load_before = os.getloadavg()[0]
-    rows: list[dict[str, Any]] = []
+    rows: list[Row] = []
     notes: list[str] = []
     for size in sizes:
-        size_rows, size_notes = run_size(size, ns)
+        size_rows, size_notes = run_size(size, ns, flower)
         rows += size_rows
         notes += size_notes
         gc.collect()
     notes.append(f"heap retention (mallopt) {'on' if retained else 'OFF'}; "
                  f"torch threads: {torch.get_num_threads()}; CPU cores: {os.cpu_count()}; torch {torch.__version__}; "
                  f"1-min load average before/after: {load_before:.1f}/{os.getloadavg()[0]:.1f} (a shared machine: "
-                 f"both sides ran interleaved under the same load)")
+                 f"every side ran interleaved under the same load, and memcpy was measured right before each case)")
     return rows, notes
 
 
-def _row(case: str, ours: float, reference: float, ratio: float, unit: str, goal: str, meets: bool
-         ) -> dict[str, Any]:
-    return {"case": case, "ours": round(ours, 4), "reference": round(reference, 4), "ratio": round(ratio, 2),
-            "unit": unit, "goal": goal, "meets_goal": bool(meets)}
-
-
-def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| case | ours | Flower | ratio (Flower/ours) | unit | goal | meets |", "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['case']} | {r['ours']:.3f} | {r['reference']:.3f} | {r['ratio']:.2f} | {r['unit']} | "
-                     f"{r['goal']} | {'yes' if r['meets_goal'] else 'NO'} |")
-    return "\n".join(lines)
-
-
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="one small case (8M, N=10) as a smoke test")
-    args = parser.parse_args()
+    parser.add_argument("--no-flower", action="store_true", help="skip the (informational) Flower rows")
+    args = parser.parse_args(argv)
     sizes = (Size("8M", 8, 4, 1),) if args.quick else SIZES
     ns = (10,) if args.quick else NS
     t0 = time.perf_counter()
-    rows, notes = run(sizes, ns)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"bench": "aggregate", "rows": rows}, indent=2) + "\n")
-    print(table(rows))
-    print()
+    rows, notes = run(sizes, ns, flower=not args.no_flower)
     pools = ", ".join(f"{s.label}: {s.pool}" for s in sizes)
-    print("ratio = Flower / ours for time and memory (higher is better for ours). Time: best of R after an untimed "
-          "call, heap retained, 1 torch thread unless the case says otherwise (see the module docstring). Memory: "
-          "peak heap bytes in use (glibc mallinfo2, sampled every 0.5 ms) added by the untimed call.")
-    print(f"Inputs: both sides cycle through the same pool of distinct updates ({pools}); 100 distinct 64M replies "
-          "would need 25 GiB, more than the 24 GiB here. Ours sums float32 updates in float32, in site-name order, so "
-          "the result does not depend on arrival order (Flower sums float32 in arrival order).")
-    for note in notes:
-        print(f"- {note}")
-    print(f"wrote {RESULTS.relative_to(Path.cwd()) if RESULTS.is_relative_to(Path.cwd()) else RESULTS} "
-          f"in {time.perf_counter() - t0:.0f}s")
+    notes = [
+        "Physical reference: bytes FedAvg must read (N x the update's tensor bytes) / its time, over this machine's "
+        f"memcpy bandwidth (glibc memcpy, bytes copied/s, {MEMCPY_BYTES >> 20} MiB buffers, best of {MEMCPY_REPEATS}) "
+        "measured in the same run right before each case. FedAvg is strategies' fedavg through build_strategy, reading the "
+        "stored safetensors files memory-mapped as the coordinator's round step does. Time: best of R after an "
+        "untimed call, heap retained (see the module docstring). Memory: peak heap bytes in use (glibc mallinfo2, "
+        "sampled every 0.5 ms) added by the untimed call.",
+        f"Inputs: every side cycles through the same pool of distinct updates ({pools}); 100 distinct 64M updates "
+        "would need 25 GiB, more than the 24 GiB here, and each update is far beyond any CPU cache. Ours sums float32 "
+        "updates in float32, in site-name order, so the result does not depend on arrival order.",
+        *notes, f"wall time {time.perf_counter() - t0:.0f} s"]
+    write_results("aggregate", rows, notes)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,10 @@
 
 Schema: ``{"bench": name, "rows": [{"case", "ours", "reference", "ratio", "unit", "goal", "meets_goal"}], "machine":
 platform string, "notes": [str]}`` (one :class:`Row` per case).
+
+A row either has a goal, and then ``meets_goal`` is computed from its numbers (true or false), or it is information
+only: its goal reads "informational" (optionally with a reason in parentheses) and ``meets_goal`` is None. A row
+cannot claim ``meets_goal: true`` without a goal; :class:`Row` refuses to be built that way.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+INFORMATIONAL = "informational"  # the goal of a row that is information only (meets_goal None)
 
 
 @dataclass(frozen=True)
@@ -23,6 +28,15 @@ class Row:
     unit: str
     goal: str
     meets_goal: bool | None  # None: an informational row ("goal": "informational"), which cannot fail
+
+    def __post_init__(self) -> None:
+        informational = self.goal.startswith(INFORMATIONAL)
+        if informational != (self.meets_goal is None):
+            raise ValueError(f"bench row {self.case!r}: goal {self.goal!r} with meets_goal {self.meets_goal!r}; a row "
+                             f"without a goal reads {INFORMATIONAL!r} and has meets_goal None, a row with a goal "
+                             "computes meets_goal")
+        if self.meets_goal is not None:  # a numpy or torch comparison gives its own bool type: store a plain bool
+            object.__setattr__(self, "meets_goal", bool(self.meets_goal))
 
 
 def write_results(bench: str, rows: list[Row], notes: list[str] | None = None) -> Path:

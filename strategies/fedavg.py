@@ -9,6 +9,7 @@ time and keeps memory at O(adapter size) whatever the number of sites.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -58,8 +59,22 @@ class FedAvgAccumulator:
 
     def __init__(self, template: Mapping[str, torch.Tensor]) -> None:
         self._shapes = {k: tuple(v.shape) for k, v in template.items()}
-        self._sum: dict[str, torch.Tensor] = {k: torch.zeros(v.shape, dtype=sum_dtype(v.dtype))
-                                              for k, v in template.items()}
+        dtypes = {sum_dtype(v.dtype) for v in template.values()}
+        # One flat buffer holds every sum, keys in name order (how safetensors lays out a one-dtype file), so updates
+        # laid out the same way are summed over the whole buffer in blocks (add_many), without a Python step per key.
+        self._layout = tuple((k, self._shapes[k]) for k in sorted(self._shapes))
+        self._flat: torch.Tensor | None = None
+        if len(dtypes) == 1:
+            self._flat = torch.zeros(sum(math.prod(s) for _, s in self._layout), dtype=dtypes.pop())
+            self._sum: dict[str, torch.Tensor] = {}
+            at = 0
+            for k, shape in self._layout:
+                n = math.prod(shape)
+                self._sum[k] = self._flat[at:at + n].view(shape)
+                at += n
+            self._sum = {k: self._sum[k] for k in template}  # iterate in the template's order
+        else:
+            self._sum = {k: torch.zeros(v.shape, dtype=sum_dtype(v.dtype)) for k, v in template.items()}
         self.total_weight = 0.0
         self.count = 0
         self._released = False
@@ -86,6 +101,21 @@ class FedAvgAccumulator:
         """
         if self._released:
             raise AggregationError("fedavg: accumulator already released by apply_to(release=True)")
+        flats = [self._flat_of(u) for u in updates]
+        if self._flat is not None and all(f is not None for f in flats):
+            # Every update is one flat view laid out as the sums are (keys and shapes checked by the layout).
+            pairs = sorted(zip(updates, flats, strict=True), key=lambda p: p[0].site)
+            acc_flat = self._flat
+            weights = [float(u.num_examples) for u, _ in pairs]
+            flat_parts = [f for _, f in pairs if f is not None]
+            for start in range(0, acc_flat.numel(), BLOCK):
+                block = acc_flat[start:start + BLOCK]
+                for flat_part, w in zip(flat_parts, weights, strict=True):
+                    block.add_(flat_part[start:start + BLOCK], alpha=w)
+            for w in weights:
+                self.total_weight += w
+            self.count += len(updates)
+            return
         for u in updates:
             self._check(u)
         ordered = sorted(updates, key=lambda u: u.site)
@@ -100,6 +130,16 @@ class FedAvgAccumulator:
         for w in weights:
             self.total_weight += w
         self.count += len(updates)
+
+    def _flat_of(self, update: ClientUpdate) -> torch.Tensor | None:
+        """The update's deltas as one flat tensor laid out as the sums are, when its mapping offers one."""
+        flat_view = getattr(update.delta, "flat_view", None)
+        if self._flat is None or flat_view is None:
+            return None
+        view = flat_view()
+        if view is None or view[1] != self._layout:
+            return None
+        return view[0]  # type: ignore[no-any-return]
 
     def _check(self, update: ClientUpdate) -> None:
         delta = update.delta
@@ -126,8 +166,9 @@ class FedAvgAccumulator:
         Args:
             global_state: The round's global adapter (same keys as the template).
             lr: Server step size.
-            release: Free each key's float64 sum as soon as its output exists, so the peak is about the sums
-                rather than sums plus output; the accumulator cannot be used afterwards.
+            release: Free each key's sum as soon as its output exists, so the peak is about the sums rather than
+                sums plus output (sums kept in one flat buffer go all at once, at the end); the accumulator cannot
+                be used afterwards.
         """
         self._check_nonempty()
         scale = lr / self.total_weight
@@ -139,6 +180,7 @@ class FedAvgAccumulator:
                 del self._sum[k]
         if release:
             self._released = True
+            self._flat = None
         return out
 
     def _check_nonempty(self) -> None:

@@ -44,6 +44,7 @@ class MappedState(Mapping[str, torch.Tensor]):
         self._entries = {k: (tensors.torch_dtype(v["dtype"]), tuple(v["shape"]), base + v["data_offsets"][0],
                              math.prod(v["shape"])) for k, v in header.items()}
         self._views: dict[str, torch.Tensor] = {}
+        self._flat: tuple[torch.Tensor, tuple[tuple[str, tuple[int, ...]], ...]] | None | bool = False  # not yet made
 
     def __getitem__(self, key: str) -> torch.Tensor:
         t = self._views.get(key)
@@ -59,6 +60,31 @@ class MappedState(Mapping[str, torch.Tensor]):
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def flat_view(self) -> tuple[torch.Tensor, tuple[tuple[str, tuple[int, ...]], ...]] | None:
+        """All tensors as ONE flat zero-copy view and its layout ((key, shape), ... in data order), or None.
+
+        Only when every tensor has the same dtype and they lie back to back from the start of the data, as the
+        safetensors writer lays them out (sorted by name within a dtype). A streaming sum can then walk the file in
+        large blocks instead of tensor by tensor (see ``strategies.fedavg.FedAvgAccumulator.add_many``).
+        """
+        if self._flat is False:
+            self._flat = None
+            entries = sorted(self._entries.items(), key=lambda e: e[1][2])
+            dtypes = {e[1][0] for e in entries}
+            if len(dtypes) == 1 and entries:
+                dtype = dtypes.pop()
+                size = torch.empty((), dtype=dtype).element_size()
+                at, start = entries[0][1][2], entries[0][1][2]
+                packed = True
+                for _, (_, _, offset, count) in entries:
+                    packed = packed and offset == at
+                    at = offset + count * size
+                total = (at - start) // size
+                if packed and total > 0:
+                    self._flat = (torch.frombuffer(self._map, dtype=dtype, count=total, offset=start),
+                                  tuple((k, e[1]) for k, e in entries))
+        return self._flat  # type: ignore[return-value]
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Key -> shape, from the header alone."""

@@ -97,12 +97,17 @@ class SftSiteTrainer:
             empty: one device.
         world_size: How many ranks train each round together (under torchrun/accelerate: DDP, or DeepSpeed with a
             config). The task's batch is the site's global batch; each rank takes ``batch / world_size`` of it.
+        reuse_trainer: Keep the TRL trainer across rounds (single process, no DeepSpeed): building it (arguments,
+            accelerator, collator, dataset checks) each round is federation overhead, not training. A kept trainer
+            still starts every round as a fresh one would: new arguments (the round's seeds), the same seeding
+            before training, a new optimizer and scheduler, a new trainer state. It is rebuilt when the task's
+            training config or adapter spec changes. False: a new trainer every round.
     """
 
     def __init__(self, base_model: Path, train_rows: list[dict[str, Any]], work_dir: Path,
                  quantize: bool = False, checkpoint_steps: int = 0, deepspeed: dict[str, Any] | None = None,
                  chat_template: str = "", chat_template_sha256: str = "", device_map: str = "",
-                 world_size: int = 1) -> None:
+                 world_size: int = 1, reuse_trainer: bool = True) -> None:
         from transformers import AutoTokenizer
 
         self.base_model = Path(base_model)
@@ -129,6 +134,13 @@ class SftSiteTrainer:
         self._base: Any = load_base(self.base_model, quantize, device_map=device_map)
         self._rows = train_rows
         self._dataset: Any = None  # tokenised once by the first SFTTrainer, reused after
+        # The long-lived TRL trainer and what it was built for (see reuse_trainer); the progress function of the
+        # current round, which the trainer's one progress callback forwards to.
+        self._reuse = reuse_trainer and deepspeed is None and world_size == 1
+        self._trainer: Any = None
+        self._trainer_key: tuple[bytes, str] | None = None
+        self._progress: Callable[[int, int, float | None], None] | None = None
+        self._trainer_frozen = False  # the kept trainer was frozen out of garbage collection
         self.model: Any = None
         self._spec_sha = ""
         self._fedsb_r: dict[str, torch.nn.Parameter] | None = None  # Fed-SB: the R matrices, the only trained tensors
@@ -301,17 +313,11 @@ class SftSiteTrainer:
             gradient_checkpointing=False, report_to=[], logging_steps=max(1, t.max_steps // 4), disable_tqdm=True,
             **checkpoint_args(self.work_dir, task, self.checkpoint_steps), deepspeed=self.deepspeed,
             dataloader_num_workers=0, remove_unused_columns=True)
-        trainer = proximal_trainer_cls("sft")(
-            model=self.model, args=args, processing_class=self.tokenizer,
-            train_dataset=self._dataset if self._dataset is not None else masked_dataset(self.tokenizer, self._rows),
-            callbacks=[_Progress(progress)] if progress else None)
+        trainer = self._round_trainer(task, args, progress)
         # FedProx (Li et al., MLSys 2020): mu/2 * ||w - w_global||^2 over the trainable adapter weights.
         keep_adapter_dtype(self.model)
         trainer.proximal_mu = float(task.hints.proximal_mu)
         trainer.proximal_ref = {n: p.detach().clone() for n, p in trainable.items()} if trainer.proximal_mu > 0 else {}
-        from transformers.trainer_callback import PrinterCallback
-
-        trainer.remove_callback(PrinterCallback)  # it prints raw log dicts to stdout; progress goes through `progress`
         if self._dataset is None:
             self._dataset = trainer.train_dataset
         start = time.perf_counter()
@@ -333,15 +339,64 @@ class SftSiteTrainer:
         if self.zero3:
             self._drop_partitioned_model(trainer)
         # The TRL trainer sits in reference cycles with its optimizer state; a long-lived agent that leaves them to
-        # the cyclic collector trains later rounds measurably slower (site_train bench), so free them now.
+        # the cyclic collector trains later rounds measurably slower (site_train bench), so free them now. A kept
+        # trainer drops this round's optimizer, scheduler and references to the global state.
+        if trainer is self._trainer:
+            trainer.optimizer = trainer.lr_scheduler = None
+            trainer.proximal_ref = {}
         del trainer, out
         gc.collect()
+        if self._trainer is not None and not self._trainer_frozen:
+            # The kept trainer lives as long as the agent: out of every later collection, like the model.
+            gc.freeze()
+            self._trainer_frozen = True
         if self.zero3:  # the dropped model was frozen out of collection with the rest at start-up: let it go
             gc.unfreeze()
             gc.collect()
             gc.freeze()
         return RoundResult(delta, weight, train_loss, train_time, tokens,
                            time.perf_counter() - round_start, steps)
+
+    def _round_trainer(self, task: pb.Task, args: Any,
+                       progress: Callable[[int, int, float | None], None] | None) -> Any:
+        """This round's TRL trainer: the kept one set up for the round, or a new one (kept when reusing)."""
+        from transformers.trainer_callback import PrinterCallback
+        from transformers.trainer_utils import enable_full_determinism, set_seed
+
+        self._progress = progress
+        key = (task.training.SerializeToString(deterministic=True), task.adapter_spec.sha256)
+        if self._trainer is not None and self._trainer_key == key and self._trainer.model is self.model:
+            trainer = self._trainer
+            # Everything a new trainer would start from, in its constructor's order: the round's arguments (seeds,
+            # output folder; the rest is equal, as the key is), its seeding, a new accelerator (building the
+            # arguments reset the process-wide accelerator state, and the accelerator's data loaders take the
+            # round's data seed), a new optimizer and scheduler (FedAvg restarts local optimisation every round);
+            # train() itself makes a new TrainerState.
+            trainer.args = args
+            enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
+            trainer.create_accelerator_and_postprocess()
+            trainer.optimizer = trainer.lr_scheduler = None
+            return trainer
+        if self._trainer is not None:  # a new config: the kept trainer goes, and out of the frozen generation
+            self._trainer = self._trainer_key = None
+            if self._trainer_frozen:
+                gc.unfreeze()
+                gc.collect()
+                gc.freeze()
+                self._trainer_frozen = False
+        callbacks = [_Progress(self._forward_progress)] if progress or self._reuse else None
+        trainer = proximal_trainer_cls("sft")(
+            model=self.model, args=args, processing_class=self.tokenizer,
+            train_dataset=self._dataset if self._dataset is not None else masked_dataset(self.tokenizer, self._rows),
+            callbacks=callbacks)
+        trainer.remove_callback(PrinterCallback)  # it prints raw log dicts to stdout; progress goes through `progress`
+        if self._reuse:
+            self._trainer, self._trainer_key = trainer, key
+        return trainer
+
+    def _forward_progress(self, step: int, max_steps: int, loss: float | None) -> None:
+        if self._progress is not None:
+            self._progress(step, max_steps, loss)
 
     def _loss_tokens(self, max_length: int) -> int:
         """Assistant tokens of the training rows within ``max_length``: the tokens the SFT loss is computed on."""
