@@ -107,6 +107,17 @@ class LocalFederation:
             time.sleep(0.2)
         return codes
 
+    def run_all(self, timeout: float) -> dict[str, int]:
+        """Start the coordinator and every site, then wait for all of them to exit; returns their exit codes."""
+        self.start_coordinator()
+        for s in self.sites:
+            self.start_site(s)
+        return self.wait([s.name for s in self.sites] + ["coordinator"], timeout=timeout)
+
+    def diagnostics(self, names: tuple[str, ...] = ("coordinator", "site-a")) -> str:
+        """The last lines of these processes' logs, for an assertion message."""
+        return "\n".join(f"--- {n}:\n{_tail(self.log_path(n))}" for n in names)
+
     def stop_all(self) -> None:
         """Terminate every process that is still running (SIGTERM, then SIGKILL)."""
         for p in self.procs.values():

@@ -108,10 +108,7 @@ class FedAvgAccumulator:
             acc_flat = self._flat
             weights = [float(u.num_examples) for u, _ in pairs]
             flat_parts = [f for _, f in pairs if f is not None]
-            for start in range(0, acc_flat.numel(), BLOCK):
-                block = acc_flat[start:start + BLOCK]
-                for flat_part, w in zip(flat_parts, weights, strict=True):
-                    block.add_(flat_part[start:start + BLOCK], alpha=w)
+            _add_blocks(acc_flat, flat_parts, weights)
             for w in weights:
                 self.total_weight += w
             self.count += len(updates)
@@ -122,11 +119,7 @@ class FedAvgAccumulator:
         weights = [float(u.num_examples) for u in ordered]
         for k, acc in self._sum.items():
             flat = acc.view(-1)
-            parts = [u.delta[k].detach().reshape(-1) for u in ordered]
-            for start in range(0, flat.numel(), BLOCK):
-                block = flat[start:start + BLOCK]
-                for part, w in zip(parts, weights, strict=True):
-                    block.add_(part[start:start + BLOCK], alpha=w)
+            _add_blocks(flat, [u.delta[k].detach().reshape(-1) for u in ordered], weights)
         for w in weights:
             self.total_weight += w
         self.count += len(updates)
@@ -248,3 +241,11 @@ def aggregate(global_state: Mapping[str, torch.Tensor], updates: Iterable[Client
     if acc.count == 0:
         raise AggregationError("fedavg: no updates to aggregate")
     return acc.apply_to(global_state, config.server_lr, release=True)
+
+
+def _add_blocks(acc: torch.Tensor, parts: list[torch.Tensor], weights: list[float]) -> None:
+    """``acc += sum(w * part)`` one block of ``BLOCK`` elements at a time (every part's block while it is in cache)."""
+    for start in range(0, acc.numel(), BLOCK):
+        block = acc[start:start + BLOCK]
+        for part, w in zip(parts, weights, strict=True):
+            block.add_(part[start:start + BLOCK], alpha=w)

@@ -32,12 +32,8 @@ def test_an_int8_federation_sends_encoded_updates_and_publishes(tiny_model_dir: 
                                  "compression_block_size": 64, "compress_download": True},
                            n_train=8, n_heldout=2)
     with fed:
-        fed.start_coordinator()
-        for s in fed.sites:
-            fed.start_site(s)
-        codes = fed.wait([s.name for s in fed.sites] + ["coordinator"], timeout=300)
-    assert codes == {"site-a": 0, "site-b": 0, "coordinator": 0}, (
-        codes, localfed._tail(fed.log_path("coordinator")), localfed._tail(fed.log_path("site-a")))
+        codes = fed.run_all(timeout=300)
+    assert codes == {"site-a": 0, "site-b": 0, "coordinator": 0}, (codes, fed.diagnostics())
     store = Store(fed.state_dir)
     dense = _header(store.adapter_path(1))
     assert {v["dtype"] for v in dense.values()} == {"F32"}  # the stored global adapter stays full precision

@@ -35,12 +35,8 @@ def test_a_bfloat16_wire_federation_stores_and_sends_bf16(tiny_model_dir: Path, 
                            lora={"rank": 8, "alpha": 16.0, "target_modules": ["all-linear"], "wire_dtype": "bfloat16"},
                            n_train=8, n_heldout=2)
     with fed:
-        fed.start_coordinator()
-        for s in fed.sites:
-            fed.start_site(s)
-        codes = fed.wait([s.name for s in fed.sites] + ["coordinator"], timeout=300)
-    assert codes == {"site-a": 0, "site-b": 0, "coordinator": 0}, (
-        codes, localfed._tail(fed.log_path("coordinator")), localfed._tail(fed.log_path("site-a")))
+        codes = fed.run_all(timeout=300)
+    assert codes == {"site-a": 0, "site-b": 0, "coordinator": 0}, (codes, fed.diagnostics())
     store = Store(fed.state_dir)
     updates = store.updates(1)
     assert sorted(u.site for u in updates) == ["site-a", "site-b"]
