@@ -25,7 +25,7 @@ from coordinator.rounds.adapter import init_adapter
 from coordinator.rounds.engine import RoundEngine
 from coordinator.rounds.store import Store
 from fedcommon.durable import write_durable
-from fedcommon.manifest import Manifest
+from fedcommon.manifest import MANIFEST_NAME, Manifest, verify_model_dir
 from protos.codec import MAX_MESSAGE
 from protos.fedbridge.v1 import admin_service_pb2_grpc as apb_grpc
 from protos.fedbridge.v1 import federation_service_pb2_grpc as pb_grpc
@@ -253,7 +253,11 @@ def server_credentials(cfg: FederationConfig) -> grpc.ServerCredentials:
 
 async def serve(cfg: FederationConfig, stop: asyncio.Event | None = None) -> None:
     """Serve until stopped (SIGTERM/SIGINT or ``stop``), or until done and drained if ``exit_when_done``."""
-    manifest = Manifest.of_dir(cfg.base_model)
+    # A base that no longer matches the manifest recorded in it (a changed or truncated weight file) is refused
+    # before anything is served: sites would refuse its tasks, or train on a base the federation never pinned.
+    recorded = Path(cfg.base_model) / MANIFEST_NAME
+    manifest = (verify_model_dir(cfg.base_model, Manifest.load(recorded).sha256, pinned_by=f"its {MANIFEST_NAME}")
+                if recorded.is_file() else Manifest.of_dir(cfg.base_model))
     # Target names and the chat template first: they need no weights, and a bad one is refused in seconds.
     template = await asyncio.to_thread(check_base_model, cfg)
     check_tls_files(cfg)

@@ -72,13 +72,14 @@ def _crash_log(prog: str, e: BaseException) -> str:
         return ""
 
 
-def run_cli(app: Callable[[], object], prog: str, known: Known = ()) -> NoReturn:
+def run_cli(app: Callable[[], object], prog: str, known: Known | Callable[[], Known] = ()) -> NoReturn:
     """Run ``app`` (a Typer app in standalone mode); turn whatever escapes it into one line and an exit code.
 
     Args:
         app: The CLI's Typer app (called with no arguments: it reads ``sys.argv``).
         prog: The command's name, for the crash log's file name.
-        known: The CLI's own user errors, tried before :func:`shared_known` and before ``OSError``.
+        known: The CLI's own user errors, tried before :func:`shared_known` and before ``OSError``; or a function
+            returning them, called only when something escaped (so a CLI need not import heavy modules to start).
     """
     try:
         app()
@@ -88,7 +89,7 @@ def run_cli(app: Callable[[], object], prog: str, known: Known = ()) -> NoReturn
         print(error_line("error:", "interrupted"), file=sys.stderr)
         raise SystemExit(130) from None
     except Exception as e:  # noqa: BLE001 - this is the boundary: nothing gets past it as a traceback
-        for types, prefix, code in [*known, *shared_known()]:
+        for types, prefix, code in [*(known() if callable(known) else known), *shared_known()]:
             if isinstance(e, types):
                 print(error_line(prefix, str(e)), file=sys.stderr)
                 raise SystemExit(code) from None

@@ -11,8 +11,10 @@ import math
 import secrets
 import warnings
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where a generator is made: reading a config must not pay for it
+    import torch
 
 # Opacus' default orders plus larger ones: with sampling rate 1 and few rounds the optimum order grows with σ.
 ORDERS = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + [80, 96, 128, 192, 256, 384, 512, 1024])
@@ -61,6 +63,8 @@ def csprng_generator(device: str | torch.device = "cpu") -> torch.Generator:
     update, never on its own. Like every floating-point Gaussian sampler it is not hardened against the
     floating-point attacks of Mironov (CCS 2012); that limit is documented, not fixed.
     """
+    import torch
+
     gen = torch.Generator(device=device)
     gen.manual_seed(secrets.randbits(63))  # manual_seed takes a signed 64-bit value
     return gen

@@ -102,8 +102,13 @@ class Manifest:
         return p
 
 
-def verify_model_dir(model_dir: str | Path, expected_sha256: str) -> Manifest:
+def verify_model_dir(model_dir: str | Path, expected_sha256: str, pinned_by: str = "the task") -> Manifest:
     """Check that ``model_dir`` hashes to ``expected_sha256``; return its manifest.
+
+    Args:
+        model_dir: The base model's directory.
+        expected_sha256: The manifest hash it must have.
+        pinned_by: Who pinned that hash, for the message ("the task", "its fedbridge-manifest.json").
 
     Raises:
         ManifestMismatch: naming the missing, extra or changed files when the directory's manifest on disk says
@@ -121,4 +126,4 @@ def verify_model_dir(model_dir: str | Path, expected_sha256: str) -> Manifest:
         extra = sorted(actual.files.keys() - want.files.keys())
         detail = f" (changed: {changed}, missing: {missing}, unexpected model files: {extra})"
     raise ManifestMismatch(f"base model at {model_dir} has manifest hash {actual.sha256[:16]}…, "
-                           f"the task pins {expected_sha256[:16]}…{detail}")
+                           f"{pinned_by} pins {expected_sha256[:16]}…{detail}")

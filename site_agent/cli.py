@@ -264,11 +264,21 @@ def audit_verify(log_path: Path | None = typer.Option(None, "--log", help="audit
 
 def main() -> None:
     """``fedbridge-site``: every error ends as one line (see :mod:`fedcommon.clierrors`)."""
-    from site_agent.agent import SiteRefusal
-    from site_agent.policy import PolicyRefusal
-    from site_agent.training.data import DataError
+    run_cli(app, "fedbridge-site", _known)
 
-    run_cli(app, "fedbridge-site", [((DataError, SiteRefusal, PolicyRefusal), "refused:", EXIT_USAGE)])
+
+def _known() -> list[tuple[tuple[type[BaseException], ...], str, int]]:
+    """The site's refusals, from the modules already loaded only.
+
+    Why: importing the agent loads torch and transformers (seconds), which ``config check`` never needs; and an
+    exception of a module that was never imported cannot have been raised.
+    """
+    import sys
+
+    names = (("site_agent.agent", "SiteRefusal"), ("site_agent.policy", "PolicyRefusal"),
+             ("site_agent.training.data", "DataError"))
+    types = tuple(getattr(sys.modules[m], n) for m, n in names if m in sys.modules)
+    return [(types, "refused:", EXIT_USAGE)]
 
 
 if __name__ == "__main__":

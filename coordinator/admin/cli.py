@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from coordinator.admin import commands as admin_commands
 
@@ -29,7 +30,7 @@ def serve(config: Path = typer.Option(..., "--config", "-c", help="federation.to
     try:
         cfg = load_federation_config(config)
     except ConfigError as e:
-        console.print(f"[bold red]config error:[/] {e}")
+        console.print(f"[bold red]config error:[/] {escape(str(e))}")
         raise typer.Exit(2) from None
     from coordinator.basemodel import BaseModelError
     from coordinator.dashboard import DashboardError
@@ -39,19 +40,19 @@ def serve(config: Path = typer.Option(..., "--config", "-c", help="federation.to
     try:
         asyncio.run(serve_async(cfg))
     except BaseModelError as e:
-        console.print(f"[bold red]base model error:[/] {e}")
+        console.print(f"[bold red]base model error:[/] {escape(str(e))}")
         raise typer.Exit(2) from None
     except FederationStopped as e:  # terminal (kept in the store): the same line on every start, never a traceback
-        console.print(f"[bold red]{e}[/] (state kept in {cfg.state_dir}; see the audit log)")
+        console.print(f"[bold red]{escape(str(e))}[/] (state kept in {cfg.state_dir}; see the audit log)")
         raise typer.Exit(EXIT_FEDERATION_STOPPED) from None
     except CoordinatorFailed as e:
-        console.print(f"[bold red]coordinator stopped:[/] {e}")
+        console.print(f"[bold red]coordinator stopped:[/] {escape(str(e))}")
         raise typer.Exit(1) from None
     except DashboardError as e:
-        console.print(f"[bold red]dashboard error:[/] {e}")
+        console.print(f"[bold red]dashboard error:[/] {escape(str(e))}")
         raise typer.Exit(2) from None
     except StartRefused as e:  # a CA key beside the coordinator, unreadable [tls] files
-        console.print(f"[bold red]refused:[/] {e}")
+        console.print(f"[bold red]refused:[/] {escape(str(e))}")
         raise typer.Exit(2) from None
 
 
@@ -104,7 +105,7 @@ def publish_cmd(to: str = typer.Option("", "--to", help="push a published versio
         try:
             url = push_version(path, to, token=token, private=not public)
         except PushError as e:
-            console.print(f"[bold red]push failed:[/] {e}")
+            console.print(f"[bold red]push failed:[/] {escape(str(e))}")
             raise typer.Exit(1) from None
     console.print(f"[bold green]pushed[/] {path} -> {url}")
 

@@ -5,6 +5,8 @@ The CLI (:mod:`coordinator.admin.cli`) renders these dicts as rich tables, or pr
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +20,8 @@ from protos.fedbridge.v1 import admin_service_pb2 as apb
 from protos.fedbridge.v1 import admin_service_pb2_grpc as apb_grpc
 
 ENV = {"coordinator": "FEDBRIDGE_COORDINATOR", "kit": "FEDBRIDGE_ADMIN_KIT", "cert": "FEDBRIDGE_ADMIN_CERT",
-       "key": "FEDBRIDGE_ADMIN_KEY", "ca": "FEDBRIDGE_CA"}
-TIMEOUT_S = 60.0
+       "key": "FEDBRIDGE_ADMIN_KEY", "ca": "FEDBRIDGE_CA", "timeout": "FEDBRIDGE_ADMIN_TIMEOUT"}
+TIMEOUT_S = 60.0  # a unary call's deadline unless $FEDBRIDGE_ADMIN_TIMEOUT says otherwise
 WITHDRAW_TIMEOUT_S = 3600.0
 
 
@@ -41,6 +43,24 @@ class AdminConnection:
     cert: Path
     key: Path
     server_name: str = ""
+
+
+def call_timeout() -> float:
+    """Seconds a unary call may take: ``$FEDBRIDGE_ADMIN_TIMEOUT`` (seconds > 0) or :data:`TIMEOUT_S`.
+
+    Why an environment variable: every command takes it the same way, and a script against a slow link (or a test
+    against a peer that never answers) sets it once.
+    """
+    raw = os.environ.get(ENV["timeout"], "").strip()
+    if not raw:
+        return TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not math.isfinite(value) or value <= 0:
+        raise AdminClientError("USAGE", f"${ENV['timeout']} must be a number of seconds > 0, got {raw!r}")
+    return value
 
 
 def _first(*paths: Path) -> Path | None:
@@ -99,6 +119,7 @@ class AdminClient:
         self.target = conn.target + (f" (TLS name {conn.server_name})" if conn.server_name else "")
         self.channel = grpc.secure_channel(conn.target, creds, options=options)
         self.stub = apb_grpc.AdminServiceStub(self.channel)
+        self.timeout = call_timeout()
 
     def close(self) -> None:
         self.channel.close()
@@ -113,9 +134,9 @@ class AdminClient:
         """Call a unary RPC by name (request defaults to the empty ``<Method>Request``)."""
         request = request if request is not None else getattr(apb, f"{method}Request")()
         try:
-            return to_dict(getattr(self.stub, method)(request, timeout=TIMEOUT_S))
+            return to_dict(getattr(self.stub, method)(request, timeout=self.timeout))
         except grpc.RpcError as e:
-            raise _error(e, self.target) from None
+            raise _error(e, self.target, self.timeout) from None
 
     def withdraw_site(self, site: str, reason: str,
                       on_progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
@@ -133,9 +154,12 @@ class AdminClient:
         raise AdminClientError("INTERNAL", "the coordinator ended WithdrawSite without a result")
 
 
-def _error(e: grpc.RpcError, target: str) -> AdminClientError:
+def _error(e: grpc.RpcError, target: str, timeout: float = WITHDRAW_TIMEOUT_S) -> AdminClientError:
     code = e.code().name if hasattr(e, "code") and e.code() is not None else "UNKNOWN"
     details = e.details() if hasattr(e, "details") else str(e)
     if code == "UNAVAILABLE":
         details = f"cannot reach the coordinator at {target} ({details})"
+    elif code == "DEADLINE_EXCEEDED":  # a peer that accepts and never speaks (not a coordinator, or hung) ends here
+        details = (f"no answer from the coordinator at {target} within {timeout:g} s (set ${ENV['timeout']} to wait "
+                   "longer)")
     return AdminClientError(code, details or "")

@@ -15,6 +15,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -42,7 +43,7 @@ def _run(as_json: bool, coordinator: str, kit: Path | None, cert: Path | None, k
     except AdminClientError as e:
         if as_json:
             print(json.dumps({"error": e.message, "code": e.code}))
-        err.print(f"[bold red]error:[/] {e.code}: {e.message}")
+        err.print(f"[bold red]error:[/] {e.code}: {escape(e.message)}")
         raise typer.Exit(2 if e.code == "USAGE" else 1) from None
 
 

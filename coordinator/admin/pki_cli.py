@@ -12,6 +12,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from coordinator.admin.commands import CaOpt, CertOpt, CoordOpt, JsonOpt, KeyOpt, KitOpt, NameOpt
 
@@ -20,7 +21,8 @@ out = Console(width=200)
 
 
 def _fail(msg: str, code: int = 2) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {msg}")
+    # escape: a message holds user text and TOML section names ("[model]") that rich would take as markup and drop
+    console.print(f"[bold red]error:[/] {escape(msg)}")
     return typer.Exit(code)
 
 

@@ -29,12 +29,15 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedcommon.dp import rdp_epsilon
 from fedcommon.durable import write_durable
 from protos.fedbridge.v1 import federation_service_pb2 as pb
-from site_agent.egress.filters import EgressFilter, dp_filters
 from site_agent.policy import PolicyRefusal, SitePolicy
+
+if TYPE_CHECKING:  # the filters need torch; site.toml (which holds [dp]) is read without it
+    from site_agent.egress.filters import EgressFilter
 
 LEDGER_NAME = "privacy_ledger.json"
 ACCOUNTING = ("Renyi DP (Opacus RDP analysis of the sampled Gaussian mechanism, sampling rate 1 per round; RDP to "
@@ -86,6 +89,8 @@ class DpSettings:
 
     def filters(self) -> list[EgressFilter]:
         """The egress pipeline (clip -> noise); empty when neither is set."""
+        from site_agent.egress.filters import dp_filters
+
         return dp_filters(self.noise_multiplier, self.clip_norm) if self.clip_norm > 0 else []
 
 

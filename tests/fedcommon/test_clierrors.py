@@ -29,6 +29,27 @@ def test_known_errors_get_their_prefix_and_code(capsys: pytest.CaptureFixture[st
     assert lines == ["refused: a.jsonl:2: bad", "  a.jsonl:5: worse"]  # one prefixed line, the rest indented
 
 
+def test_known_errors_may_be_given_lazily(capsys: pytest.CaptureFixture[str]) -> None:
+    # fedbridge-site passes a function, so starting the command does not import the agent (torch) for its types.
+    calls: list[int] = []
+
+    def known() -> list:  # type: ignore[type-arg]
+        calls.append(1)
+        return [((KeyError,), "refused:", 7)]
+
+    assert _run(KeyError("x"), capsys, known) == (7, ["refused: 'x'"])
+    assert calls == [1]
+
+
+def test_site_cli_starts_without_torch() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, site_agent.cli, site_agent.config, site_agent.policy; "
+            "assert 'torch' not in sys.modules, 'torch imported'; site_agent.cli._known()")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2], timeout=120)
+
+
 def test_os_error_names_the_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     with pytest.raises(OSError) as e:
         (tmp_path / "nope.jsonl").read_bytes()
