@@ -36,7 +36,7 @@ LONG_FILES = (
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if not getattr(config.option, "numprocesses", None):
+    if not hasattr(config, "workerinput"):  # set on pytest-xdist's workers, which collect and order the tests
         return  # one process: keep file order
     rank = {f: i for i, f in enumerate(LONG_FILES)}
     items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))  # stable: the rest keep order
