@@ -124,6 +124,8 @@ def verify_model_dir(model_dir: str | Path, expected_sha256: str, pinned_by: str
         changed = sorted(k for k in want.files.keys() & actual.files.keys() if want.files[k] != actual.files[k])
         missing = sorted(want.files.keys() - actual.files.keys())
         extra = sorted(actual.files.keys() - want.files.keys())
-        detail = f" (changed: {changed}, missing: {missing}, unexpected model files: {extra})"
+        parts = [f"{what}: {names}" for what, names in (("changed", changed), ("missing", missing),
+                                                          ("unexpected model files", extra)) if names]
+        detail = f" ({', '.join(parts)})" if parts else ""
     raise ManifestMismatch(f"base model at {model_dir} has manifest hash {actual.sha256[:16]}…, "
                            f"{pinned_by} pins {expected_sha256[:16]}…{detail}")

@@ -73,9 +73,9 @@ class FeedbackStore:
         path = self.dir / f"r{round:010d}-{self.spec}.safetensors"
         self.dir.mkdir(parents=True, exist_ok=True)
         write_durable(path, tensors.encode_state(residual))
-        # Keep the residual this one was built on until a later round starts (a retry of ``round`` needs it).
-        kept = [r for r, _ in self._rounds() if r < round]
-        for r, p in self._rounds():
-            if r < round and kept and r < kept[-1]:
-                p.unlink(missing_ok=True)
+        # Keep the residual this one was built on (the newest older one) until a later round starts: a retry of
+        # ``round`` needs it. Older ones can go.
+        older = [p for r, p in self._rounds() if r < round]
+        for p in older[:-1]:
+            p.unlink(missing_ok=True)
         return path

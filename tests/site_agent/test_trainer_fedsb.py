@@ -91,3 +91,30 @@ def test_dp_clips_and_noises_r_only(setup) -> None:  # type: ignore[no-untyped-d
 
 def _norm(delta: dict[str, torch.Tensor]) -> float:
     return float(sum(v.double().norm() ** 2 for v in delta.values()) ** 0.5)
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2", "mistral", "gemma2", "phi3", "gpt2"])
+def test_coordinator_view_scores_what_the_site_scores_on_every_family(family: str, tmp_path: Path) -> None:
+    """Fed-SB on the real families' shapes (fused qkv in Phi-3, Conv1D in GPT-2, tied embeddings): the stock PEFT
+    adapter the coordinator publishes scores what the site's own R-only model scores."""
+    import os
+    import sys
+
+    from sandbox.families import FAMILIES, build_family_model
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
+    from test_architectures import CHATML
+
+    base = build_family_model(family, cache_dir=os.environ.get("FEDBRIDGE_CACHE") or tmp_path / "cache")
+    site = make_site_datasets(tmp_path / "data", n_sites=1, n_train=8, n_heldout=2)[0]
+    template = CHATML if FAMILIES[family].chat_template is None else ""  # GPT-2 ships none: the federation's
+    init = init_adapter(base, LoraSpec(rank=RANK, alpha=8.0), fed_sb=True)
+    trainer = SftSiteTrainer(base, load_sft(site.train_path), tmp_path / "work", chat_template=template)
+    result = trainer.train_round(_task(init), init.state)
+    trained = {k: init.state[k] + result.delta[k] for k in init.state}
+    heldout = load_sft(site.heldout_path)
+    site_loss, _ = trainer.evaluate(init.spec, trained, heldout)
+    spec, state = peft_view(base, init.spec, trained)
+    loss, _ = SftSiteTrainer(base, [], tmp_path / "plain", chat_template=template).evaluate(spec, state, heldout)
+    assert all(k.endswith(".lora_R.weight") for k in result.delta)
+    assert loss == pytest.approx(site_loss, abs=1e-5)
