@@ -264,25 +264,26 @@ def _admin(*argv: str, **kw: str) -> Callable[[World, Path], list[str]]:
 BUSY: list[socket.socket] = []
 
 
-def _port_in_use(w: World, d: Path) -> list[str]:
-    busy = socket.socket()
-    busy.bind(("127.0.0.1", 0))
-    busy.listen(1)
-    BUSY.append(busy)
-    port = busy.getsockname()[1]
+def _listener(d: Path, backlog: int) -> int:
+    """A loopback socket that listens and is never served (kept open in BUSY); its port, also in ``d/port``."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(backlog)
+    BUSY.append(sock)
+    port = sock.getsockname()[1]
     (d / "port").write_text(str(port))
+    return port
+
+
+def _port_in_use(w: World, d: Path) -> list[str]:
+    port = _listener(d, 1)
     return _serve(_sub('listen = "127.0.0.1:0"', f'listen = "127.0.0.1:{port}"'))(w, d)
 
 
 def _silent(w: World, d: Path) -> list[str]:
     # A TCP peer that takes the connection (the kernel completes it from the backlog) and never says a word: the TLS
     # handshake waits forever, so only the call's deadline ends it.
-    silent = socket.socket()
-    silent.bind(("127.0.0.1", 0))
-    silent.listen(8)
-    BUSY.append(silent)
-    port = silent.getsockname()[1]
-    (d / "port").write_text(str(port))
+    port = _listener(d, 8)
     return _admin("status", coordinator=f"127.0.0.1:{port}")(w, d)
 
 
