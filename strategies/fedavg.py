@@ -64,8 +64,11 @@ class FedAvgAccumulator:
         # laid out the same way are summed over the whole buffer in blocks (add_many), without a Python step per key.
         self._layout = tuple((k, self._shapes[k]) for k in sorted(self._shapes))
         self._flat: torch.Tensor | None = None
+        # The sums start uninitialised: the first update folded in writes ``w * delta`` over them (exactly what
+        # ``0 + w * delta`` gives), which saves one pass of writes over the whole adapter (a fresh buffer's zero-fill
+        # touches every page). ``count == 0`` marks them as not yet written.
         if len(dtypes) == 1:
-            self._flat = torch.zeros(sum(math.prod(s) for _, s in self._layout), dtype=dtypes.pop())
+            self._flat = torch.empty(sum(math.prod(s) for _, s in self._layout), dtype=dtypes.pop())
             self._sum: dict[str, torch.Tensor] = {}
             at = 0
             for k, shape in self._layout:
@@ -74,10 +77,11 @@ class FedAvgAccumulator:
                 at += n
             self._sum = {k: self._sum[k] for k in template}  # iterate in the template's order
         else:
-            self._sum = {k: torch.zeros(v.shape, dtype=sum_dtype(v.dtype)) for k, v in template.items()}
+            self._sum = {k: torch.empty(v.shape, dtype=sum_dtype(v.dtype)) for k, v in template.items()}
         self.total_weight = 0.0
         self.count = 0
         self._released = False
+        self._fused: tuple[Mapping[str, torch.Tensor], float, StateDict] | None = None
 
     def add(self, update: ClientUpdate) -> None:
         """Fold one update in (checks keys and shapes against the template)."""
@@ -86,21 +90,34 @@ class FedAvgAccumulator:
         self._check(update)
         w = float(update.num_examples)
         for k, v in update.delta.items():
-            # In-place add (promoting a 16-bit update on the fly): no temporary copy of the update is made.
-            self._sum[k].add_(v.detach(), alpha=w)
+            # In place (promoting a 16-bit update on the fly): no temporary copy of the update is made.
+            if self.count == 0:
+                _scaled_into(self._sum[k], v.detach(), w)
+            else:
+                self._sum[k].add_(v.detach(), alpha=w)
         self.total_weight += w
         self.count += 1
 
-    def add_many(self, updates: Sequence[ClientUpdate]) -> None:
+    def add_many(self, updates: Sequence[ClientUpdate], *,
+                 fuse_with: tuple[Mapping[str, torch.Tensor], float] | None = None) -> None:
         """Fold updates that are all in memory (or memory-mapped) already, block by block (all are checked first).
 
         The updates are summed in site-name order, so the result does not depend on the order of ``updates``. Each
         key is walked in blocks of :data:`BLOCK` elements and every update's matching slice is added to the block's
         sums while they sit in cache, instead of the whole accumulator streaming through memory once per update.
         Deltas may be lazy mappings (for example memory-mapped safetensors files): each tensor is read once.
+
+        ``fuse_with=(global_state, lr)``: the caller will next call ``apply_to(global_state, lr, release=True)``
+        and nothing else. On a fresh accumulator whose updates are flat views, the output is then computed here in
+        the same pass (see :meth:`_fuse`; same bits) and ``apply_to`` hands it over.
         """
-        if self._released:
+        if self._released or self._fused is not None:
             raise AggregationError("fedavg: accumulator already released by apply_to(release=True)")
+        if fuse_with is not None:
+            out = self._fuse(fuse_with[0], updates, fuse_with[1])
+            if out is not None:
+                self._fused = (fuse_with[0], fuse_with[1], out)
+                return
         flats = [self._flat_of(u) for u in updates]
         if self._flat is not None and all(f is not None for f in flats):
             # Every update is one flat view laid out as the sums are (keys and shapes checked by the layout).
@@ -108,7 +125,7 @@ class FedAvgAccumulator:
             acc_flat = self._flat
             weights = [float(u.num_examples) for u, _ in pairs]
             flat_parts = [f for _, f in pairs if f is not None]
-            _add_blocks(acc_flat, flat_parts, weights)
+            _add_blocks(acc_flat, flat_parts, weights, fresh=self.count == 0)
             for w in weights:
                 self.total_weight += w
             self.count += len(updates)
@@ -119,10 +136,57 @@ class FedAvgAccumulator:
         weights = [float(u.num_examples) for u in ordered]
         for k, acc in self._sum.items():
             flat = acc.view(-1)
-            _add_blocks(flat, [u.delta[k].detach().reshape(-1) for u in ordered], weights)
+            _add_blocks(flat, [u.delta[k].detach().reshape(-1) for u in ordered], weights, fresh=self.count == 0)
         for w in weights:
             self.total_weight += w
         self.count += len(updates)
+
+    def _fuse(self, global_state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate], lr: float
+              ) -> StateDict | None:
+        """``global + lr * mean(updates)`` in one pass over memory, or None when the updates offer no flat view.
+
+        What folding ``updates`` and then ``apply_to(global_state, lr)`` give, bit for bit (each element is summed
+        in the same site-name order, then scaled by the same ``lr / total_weight`` and added to the global by the
+        same elementwise op), but block by block: a block's sums stay in cache while every update's slice is added
+        to them, and go straight into the output. Memory traffic is the N updates and the global read once and
+        the output written once, the floor for FedAvg; the sums never exist in full. Fresh accumulator only.
+        """
+        if self.count or self._flat is None or not updates:
+            return None
+        flats = [self._flat_of(u) for u in updates]
+        if any(f is None for f in flats) or global_state.keys() != self._shapes.keys():
+            return None
+        pairs = sorted(zip(updates, flats, strict=True), key=lambda p: p[0].site)
+        parts = [f for _, f in pairs if f is not None]
+        weights = [float(u.num_examples) for u, _ in pairs]
+        for w in weights:
+            self.total_weight += w
+        self.count = len(updates)
+        self._check_nonempty()
+        scale = lr / self.total_weight
+        offsets: dict[str, int] = {}
+        at = 0
+        for k, shape in self._layout:
+            offsets[k] = at
+            at += math.prod(shape)
+        scratch = torch.empty(BLOCK, dtype=self._flat.dtype)
+        out: StateDict = {}
+        if any(tuple(g.shape) != self._shapes[k] for k, g in global_state.items()):
+            return None  # not the template's global: the plain path reports the mismatch
+        for k, g in global_state.items():
+            o = torch.empty(self._shapes[k], dtype=g.dtype)
+            of, gf, base = o.view(-1), g.detach().reshape(-1), offsets[k]
+            for start in range(0, of.numel(), BLOCK):
+                end = min(start + BLOCK, of.numel())
+                block = scratch[:end - start]
+                _add_blocks(block, [p[base + start:base + end] for p in parts], weights, fresh=True)
+                if g.dtype == block.dtype:
+                    torch.add(gf[start:end], block, alpha=scale, out=of[start:end])
+                else:
+                    of[start:end] = torch.add(gf[start:end], block, alpha=scale)
+            out[k] = o
+        self._flat = None  # the sums were never written: nothing else can be read from this accumulator
+        return out
 
     def _flat_of(self, update: ClientUpdate) -> torch.Tensor | None:
         """The update's deltas as one flat tensor laid out as the sums are, when its mapping offers one."""
@@ -163,6 +227,12 @@ class FedAvgAccumulator:
                 sums plus output (sums kept in one flat buffer go all at once, at the end); the accumulator cannot
                 be used afterwards.
         """
+        if self._fused is not None:
+            g0, lr0, fused = self._fused
+            if g0 is not global_state or lr0 != lr or not release:
+                raise AggregationError("fedavg: add_many(fuse_with=...) was given another global state or step size")
+            self._fused, self._released = None, True
+            return fused
         self._check_nonempty()
         scale = lr / self.total_weight
         out: StateDict = {}
@@ -177,7 +247,7 @@ class FedAvgAccumulator:
         return out
 
     def _check_nonempty(self) -> None:
-        if self._released:
+        if self._released or self._fused is not None:
             raise AggregationError("fedavg: accumulator already released by apply_to(release=True)")
         if self.count == 0:
             raise AggregationError("fedavg: no updates accumulated")
@@ -237,15 +307,37 @@ def aggregate(global_state: Mapping[str, torch.Tensor], updates: Iterable[Client
         AggregationError: On no updates or mismatched keys/shapes.
     """
     acc = FedAvgAccumulator(global_state)
-    fold(acc, updates)
+    if isinstance(updates, Sequence):
+        acc.add_many(updates, fuse_with=(global_state, config.server_lr))
+    else:
+        feed(acc, updates)
     if acc.count == 0:
         raise AggregationError("fedavg: no updates to aggregate")
     return acc.apply_to(global_state, config.server_lr, release=True)
 
 
-def _add_blocks(acc: torch.Tensor, parts: list[torch.Tensor], weights: list[float]) -> None:
-    """``acc += sum(w * part)`` one block of ``BLOCK`` elements at a time (every part's block while it is in cache)."""
+def _add_blocks(acc: torch.Tensor, parts: list[torch.Tensor], weights: list[float], *, fresh: bool = False) -> None:
+    """``acc += sum(w * part)`` one block of ``BLOCK`` elements at a time (every part's block while it is in cache).
+
+    ``fresh``: ``acc`` holds nothing yet (uninitialised memory); the first part is written over it as ``w * part``.
+    """
     for start in range(0, acc.numel(), BLOCK):
         block = acc[start:start + BLOCK]
-        for part, w in zip(parts, weights, strict=True):
-            block.add_(part[start:start + BLOCK], alpha=w)
+        for i, (part, w) in enumerate(zip(parts, weights, strict=True)):
+            if fresh and i == 0:
+                _scaled_into(block, part[start:start + BLOCK], w)
+            else:
+                block.add_(part[start:start + BLOCK], alpha=w)
+
+
+def _scaled_into(out: torch.Tensor, part: torch.Tensor, w: float) -> None:
+    """``out = w * part`` computed in ``out``'s dtype: the bits of ``0 + w * part`` added into zeros.
+
+    ``torch.mul(part, w, out=out)`` would compute in ``part``'s dtype (a Python scalar does not promote), so a
+    16-bit update would be rounded to 16 bits after the scaling; the copy widens it first, exactly.
+    """
+    if part.dtype == out.dtype:
+        torch.mul(part, w, out=out)
+    else:
+        out.copy_(part)
+        out.mul_(w)

@@ -95,14 +95,17 @@ class MeanDeltaAccumulator:
         global_state: The round's global adapter; fixes keys and shapes.
         finish: Turns ``(global_state, accumulator)`` into the rule's result.
         check: Optional extra per-update check (for example FFA-LoRA's frozen-A check), run before folding.
+        fuse_lr: Set when ``finish`` is exactly ``acc.apply_to(global_state, fuse_lr, release=True)`` (plain
+            FedAvg-like rules): :meth:`add_many` then computes that output in the same pass over the updates.
     """
 
     def __init__(self, global_state: Mapping[str, torch.Tensor], finish: Finish,
-                 check: Callable[[ClientUpdate], None] | None = None) -> None:
+                 check: Callable[[ClientUpdate], None] | None = None, fuse_lr: float | None = None) -> None:
         self._global = global_state
         self._acc = FedAvgAccumulator(global_state)
         self._finish = finish
         self._check = check
+        self._fuse_lr = fuse_lr
 
     @property
     def count(self) -> int:
@@ -120,7 +123,7 @@ class MeanDeltaAccumulator:
         if self._check is not None:
             for u in updates:
                 self._check(u)
-        self._acc.add_many(updates)
+        self._acc.add_many(updates, fuse_with=None if self._fuse_lr is None else (self._global, self._fuse_lr))
 
     def result(self) -> AggregationResult:
         """Run the server step on the mean delta."""

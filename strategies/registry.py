@@ -81,7 +81,7 @@ def _plain(lr_of: Callable[[Any], float]) -> Begin:
         def finish(g2: Mapping[str, torch.Tensor], acc: FedAvgAccumulator) -> AggregationResult:
             info = _mean_info(acc)
             return AggregationResult(acc.apply_to(g2, lr_of(config), release=True), info=info)
-        return MeanDeltaAccumulator(g, finish)
+        return MeanDeltaAccumulator(g, finish, fuse_lr=lr_of(config))
     return begin
 
 
