@@ -39,11 +39,14 @@ def shared_known() -> Known:
     from fedcommon.chat import TemplateError, TemplateMismatch
     from fedcommon.csr import EnrolmentRequestError
     from fedcommon.manifest import ManifestMismatch
-    from fedcommon.models import TargetModuleError
     from fedcommon.tomlconfig import ConfigError
 
+    # fedcommon.models imports torch (seconds): when nothing imported it, nothing can have raised its error, and an
+    # error exit (a bad config file, a missing certificate) should not pay for torch.
+    models = sys.modules.get("fedcommon.models")
+    target: tuple[type[BaseException], ...] = (models.TargetModuleError,) if models is not None else ()
     return [((ConfigError,), "config error:", EXIT_USAGE),
-            ((TargetModuleError, ManifestMismatch), "base model error:", EXIT_USAGE),
+            ((*target, ManifestMismatch), "base model error:", EXIT_USAGE),
             ((TemplateError, TemplateMismatch, CertificateError, EnrolmentRequestError, AuditError), "error:",
              EXIT_USAGE)]
 

@@ -32,17 +32,27 @@ def setup_logging(verbose: bool) -> None:
 def run(config: Path = typer.Option(..., "--config", "-c", help="site.toml"),
         verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
     """Join the federation and train every round until it is done."""
-    import grpc
-
-    from fedcommon.auditlog import AuditError
+    from fedcommon.certs import check_tls_files
     from fedcommon.tomlconfig import ConfigError
-    from site_agent.agent import SiteRefusal, run_site
     from site_agent.config import load_site_config
-    from site_agent.training.data import DataError
 
     setup_logging(verbose)
     try:
         cfg = load_site_config(config, ready=True)
+    except ConfigError as e:
+        console.print(error_line("refused:", str(e)), markup=False, highlight=False)
+        raise typer.Exit(2) from None
+    # The TLS kit is checked before torch and the trainer are imported (seconds of CPU), so a missing, expired or
+    # mismatched certificate fails at once; the client checks it again when it dials.
+    check_tls_files(cfg.tls.ca, cfg.tls.cert, cfg.tls.key)
+
+    import grpc
+
+    from fedcommon.auditlog import AuditError
+    from site_agent.agent import SiteRefusal, run_site
+    from site_agent.training.data import DataError
+
+    try:
         rounds = run_site(cfg)
     except (ConfigError, DataError, SiteRefusal, AuditError) as e:
         console.print(error_line("refused:", str(e)), markup=False, highlight=False)

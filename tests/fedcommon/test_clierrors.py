@@ -111,3 +111,27 @@ def test_check_tls_files(tmp_path: Path) -> None:
         check_tls_files(eca, ecert, ekey)
     with pytest.raises(CertificateError, match=r"field 'tls.ca' \(.*client.key\): not a PEM certificate"):
         check_tls_files(key, cert, key)
+
+
+def test_site_run_refuses_a_broken_kit_before_it_imports_torch(tmp_path: Path) -> None:
+    """``fedbridge-site run`` with a certificate that is not there: one line naming the field, and torch (seconds of
+    CPU) was never imported, because the kit is checked before the trainer is loaded."""
+    import subprocess
+    import sys
+
+    (tmp_path / "train.jsonl").write_text("{}\n")
+    for name in ("ca.pem", "client.key", "signing.key"):
+        (tmp_path / name).write_text("x")
+    (tmp_path / "site.toml").write_text(
+        f'name = "site-a"\ncoordinator = "127.0.0.1:1"\nbase_model = "{tmp_path}"\nwork_dir = "{tmp_path / "work"}"\n'
+        f'[tls]\nca = "{tmp_path / "ca.pem"}"\ncert = "{tmp_path / "nope.pem"}"\nkey = "{tmp_path / "client.key"}"\n'
+        f'signing_key = "{tmp_path / "signing.key"}"\n[data]\ntrain = "{tmp_path / "train.jsonl"}"\n')
+    code = ("import sys, site_agent.cli as c\nsys.argv = ['fedbridge-site', 'run', '--config', sys.argv[1]]\n"
+            "try:\n    c.main()\nexcept SystemExit as e:\n    print('exit', e.code)\n"
+            "print('torch imported' if 'torch' in sys.modules else 'no torch')\n")
+    p = subprocess.run([sys.executable, "-c", code, str(tmp_path / "site.toml")], capture_output=True, text=True,
+                       cwd=Path(__file__).resolve().parents[2], timeout=120)
+    lines = p.stdout.splitlines()
+    assert lines[-2:] == ["exit 2", "no torch"], p.stdout + p.stderr
+    assert [line for line in p.stderr.splitlines() if line.startswith("error:")] == [
+        f"error: field 'tls.cert' ({tmp_path / 'nope.pem'}): cannot read (No such file or directory)"], p.stderr
