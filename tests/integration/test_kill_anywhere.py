@@ -8,7 +8,7 @@ and every update a site was told was accepted is the one the coordinator holds. 
 throughout, so kills also land while refusals are being audited.
 
 The kill moments come from a fixed seed, printed (``FEDBRIDGE_KILL_SEED`` overrides it), so a failure can be rerun.
-The short variant (4 + 2 kills) runs by default; the full one (50 coordinator kills, 20 site kills) runs with ``-m killanywhere``.
+The short variant (2 + 1 kills) runs by default; the full one (50 coordinator kills, 20 site kills) runs with ``-m killanywhere``.
 """
 
 from __future__ import annotations
@@ -267,9 +267,12 @@ def _assert_figures(f: dict[str, Any], coord_kills: int, site_kills: int) -> Non
 
 @pytest.mark.timeout(1800)  # each restart imports torch: seconds on an idle machine, a minute on a loaded one
 def test_kill_anywhere_short(tiny_model_dir: Path, tmp_path: Path) -> None:
-    """4 coordinator and 2 site kills at seeded random moments: every restart succeeds, nothing lost or doubled."""
-    f = run_kill_anywhere(tiny_model_dir, tmp_path, coord_kills=4, site_kills=2, rounds=2)
-    _assert_figures(f, 4, 2)
+    """2 coordinator kills and 1 site kill at seeded random moments: every restart succeeds, nothing lost or doubled.
+
+    Few kills, because each restart imports torch (the default run's time goes to process start-ups); the full run
+    (``-m killanywhere``) is the one that spreads kills over every phase."""
+    f = run_kill_anywhere(tiny_model_dir, tmp_path, coord_kills=2, site_kills=1, rounds=2)
+    _assert_figures(f, 2, 1)
 
 
 @pytest.mark.slow
