@@ -117,6 +117,11 @@ def test_mixed_ranks_reach_the_rule_with_each_sites_rank() -> None:
         g, [ClientUpdate(s, d, w, {"lora_rank": r}) for s, d, w, r in deltas], None)
     assert arrays is not None
     _assert_same(fw.record_state(arrays), want.state)
+    # The rank a site reports is the rank the rule checks its update against.
+    sent = _sent(strategy, 2, g, [1, 2])
+    lying = [_reply(sent[0], "site-a", _state(4, 1, 0.1), 10, 4), _reply(sent[1], "site-b", _state(4, 2, 0.1), 30, 2)]
+    with pytest.raises(AggregationError, match="declared lora_rank 2"):
+        strategy.aggregate_train(2, lying)
 
 
 def test_sampling_follows_fraction_and_minimum_and_each_message_carries_the_task() -> None:
