@@ -196,10 +196,17 @@ class CoordinatorClient:
 
     def upload(self, signed: pb.SignedEnvelope, env: pb.UpdateEnvelope, payload: bytes,
                on_progress: Callable[[int], None] | None = None) -> pb.UploadUpdateResponse:
-        """Upload a signed update; after a dropped stream, ask the coordinator what it holds and resume there."""
+        """Upload a signed update; after a dropped stream, ask the coordinator what it holds and resume there.
+
+        DATA_LOSS (the bytes the coordinator assembled do not match the signed size/SHA-256; it discarded them) is
+        answered once by sending the whole payload again from offset 0: the bytes here are the signed ones, so what
+        went wrong lay between (a corrupted chunk, a partial file damaged on the coordinator's disk). A second
+        DATA_LOSS is raised.
+        """
         offset = 0
         deadline = time.monotonic() + self.cfg.retry_for_s
         delay = 0.2
+        resent = False
         while True:
             try:
                 resp = self.stub.UploadUpdate(self._upload_messages(signed, payload, offset, on_progress), timeout=300)
@@ -210,6 +217,11 @@ class CoordinatorClient:
             except grpc.RpcError as e:
                 if e.code() == grpc.StatusCode.FAILED_PRECONDITION and "late" in (e.details() or ""):  # type: ignore[attr-defined]
                     raise LateUpdateRefused(e.details()) from e  # type: ignore[attr-defined]
+                if e.code() == grpc.StatusCode.DATA_LOSS and not resent:  # type: ignore[attr-defined]
+                    log.warning("[Site.UploadUpdate] round=%d the coordinator's copy did not match the signed hash "
+                                "(%s); sending the whole update again", env.round, e.details())  # type: ignore[attr-defined]
+                    resent, offset = True, 0
+                    continue
                 if e.code() not in RETRYABLE or time.monotonic() > deadline:  # type: ignore[attr-defined]
                     raise
                 log.info("[Site.UploadUpdate] round=%d stream broke (%s); resuming", env.round,
