@@ -202,8 +202,19 @@ class CoordinatorClient:
         answered once by sending the whole payload again from offset 0: the bytes here are the signed ones, so what
         went wrong lay between (a corrupted chunk, a partial file damaged on the coordinator's disk). A second
         DATA_LOSS is raised.
+
+        The first stream starts where the coordinator's copy ends too (one GetUploadStatus first): a site killed
+        mid-upload and restarted trains the same round again to the same bytes (fixed seeds), and would otherwise
+        restart at offset 0, which also discards what the coordinator holds.
         """
-        offset = 0
+        status = self._retry("GetUploadStatus", lambda: self.stub.GetUploadStatus(
+            pb.GetUploadStatusRequest(round=env.round, payload_sha256=env.payload_sha256), timeout=30))
+        if status.accepted:
+            return pb.UploadUpdateResponse(accepted=True, committed_offset=status.committed_offset)
+        offset = status.committed_offset
+        if offset:
+            log.info("[Site.UploadUpdate] round=%d resuming at offset %d of %d (the coordinator holds the rest)",
+                     env.round, offset, len(payload))
         deadline = time.monotonic() + self.cfg.retry_for_s
         delay = 0.2
         resent = False
