@@ -736,7 +736,9 @@ class FederationConfig:
     # Ingress bounds (issue #13).
     max_partial_uploads_per_site: int = 4
     max_partial_bytes_per_site: int = 1 << 30
-    envelope_clock_skew_s: float = 3600.0
+    # An hour of skew either way plus five minutes of margin: a site clock exactly an hour off (a time zone set
+    # wrong, the commonest skew) must not pass or fail on how long the upload took.
+    envelope_clock_skew_s: float = 3900.0
 
     def __post_init__(self) -> None:
         if not (self.max_update_norm >= 0 and self.max_update_norm != float("inf")):
