@@ -23,6 +23,8 @@ a uint64 field at or above 2**63 (or a round   OutOfRange              OUT_OF_RA
 above 2**31-1)
 too many / too large unfinished uploads        PartialQuotaExceeded    RESOURCE_EXHAUSTED
 another stream writes the same partial now     UploadBusy              ABORTED
+the coordinator's disk is full (any call that  StorageFull             RESOURCE_EXHAUSTED
+stores something; retried after a pause)
 =============================================  ======================  ======================
 """
 
@@ -112,6 +114,15 @@ class UploadBusy(CoordinatorError):
     """Another stream is writing the same partial upload now (or it was removed mid-stream): retry."""
 
     status = "ABORTED"
+
+
+class StorageFull(CoordinatorError):
+    """The coordinator's disk (or quota) is full: the call stored nothing it would report, and may be retried
+    unchanged once space returns. The refusal carries the pause to retry after (``protos.codec.RETRY_AFTER_MS_KEY``);
+    a partial upload keeps what was written, so the retry resumes at the offset ``GetUploadStatus`` reports."""
+
+    status = "RESOURCE_EXHAUSTED"
+    retry_after_ms = 2000
 
 
 class NotEnrolled(PermissionDenied):

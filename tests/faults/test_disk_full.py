@@ -1,0 +1,68 @@
+"""A full disk at the coordinator mid-round: each call that would store something is refused RESOURCE_EXHAUSTED
+with a pause to retry after (never UNKNOWN), the coordinator logs one line naming the file and keeps serving, the
+state stays intact (SQLite integrity, no torn or staged file), and once space returns the sites' retries resume
+their uploads and the federation publishes the same adapter as a fault-free run.
+
+The disk is a small tmpfs mounted as the coordinator's state dir and filled to the last byte with a filler file
+once both sites have joined (they are training then); deleting the filler gives the space back (root only).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.faults.b_support import (  # noqa: F401 - reference is a fixture
+    SITES,
+    assert_each_update_once,
+    assert_same_adapter,
+    assert_store_intact,
+    fill,
+    log_text,
+    prepare,
+    published,
+    reference,
+    store_count,
+    tmpfs,
+    wait_until,
+)
+
+pytestmark = [pytest.mark.faults, pytest.mark.timeout(900)]
+
+
+def test_coordinator_disk_full_refuses_then_carries_on(reference: dict[str, torch.Tensor],  # noqa: F811
+                                                       tiny_model_dir: Path,
+                                                       tmp_path: Path) -> None:
+    # Prepare: the federation's state dir on a 16 MiB tmpfs
+    fed = prepare(tmp_path / "fed", tiny_model_dir)
+    with tmpfs(fed.state_dir, "16m"):
+        with fed:
+            fed.start_coordinator()
+            for s in fed.sites:
+                fed.start_site(s)
+            wait_until("both sites joined", lambda: store_count(fed.state_dir, "SELECT COUNT(*) FROM sites") == 2,
+                       fed, 300)
+
+            # Execute: fill the disk while the sites train; give the space back once an upload was refused for it
+            filler = fill(fed.state_dir)
+            wait_until("an upload refused for the full disk",
+                       lambda: "[FederationService.UploadUpdate] coordinator storage full" in log_text(fed, "coordinator"),
+                       fed, 300)
+            assert fed.procs["coordinator"].poll() is None, fed.diagnostics()
+            assert store_count(fed.state_dir, "SELECT COUNT(*) FROM updates") == 0  # refused means nothing stored
+            filler.unlink()
+            codes = fed.wait([*SITES, "coordinator"], timeout=300)
+
+        # Assert: everyone finished; the refusal was clear at both ends; the state is intact; same adapter
+        assert codes == {**dict.fromkeys(SITES, 0), "coordinator": 0}, fed.diagnostics(("coordinator", *SITES))
+        coord = log_text(fed, "coordinator")
+        assert re.search(r"coordinator storage full: cannot write \S+/uploads/\S+: No space left on device", coord), coord
+        assert "Traceback" not in coord
+        sites = "".join(log_text(fed, s) for s in SITES)
+        assert "coordinator refused (RESOURCE_EXHAUSTED); resuming" in sites, sites
+        assert_store_intact(fed.state_dir)
+        assert_each_update_once(fed)
+    assert_same_adapter(published(fed), reference)
