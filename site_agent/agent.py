@@ -235,7 +235,7 @@ def _serve(cfg: SiteConfig, show_progress: bool, audit: AuditSink | None, ranks:
         if ranks.world > 1:  # the other ranks wait for rank 0's first round: tell them to leave too
             ranks.broadcast_bytes([])
         return 0
-    client = CoordinatorClient(cfg)
+    client = CoordinatorClient(cfg, chunk_size=cfg.upload_chunk_bytes or codec.DEFAULT_CHUNK_SIZE)
     trained = 0
     beats = client.heartbeats(0, 0, "idle")  # alive for as long as the agent serves (see Heartbeats)
     try:

@@ -213,10 +213,28 @@ class CoordinatorClient:
 
     def upload(self, signed: pb.SignedEnvelope, env: pb.UpdateEnvelope, payload: bytes,
                on_progress: Callable[[int], None] | None = None) -> pb.UploadUpdateResponse:
-        """Upload a signed update; after a dropped stream, ask the coordinator what it holds and resume there."""
-        offset = 0
+        """Upload a signed update; after a dropped stream, ask the coordinator what it holds and resume there.
+
+        DATA_LOSS (the bytes the coordinator assembled do not match the signed size/SHA-256; it discarded them) is
+        answered once by sending the whole payload again from offset 0: the bytes here are the signed ones, so what
+        went wrong lay between (a corrupted chunk, a partial file damaged on the coordinator's disk). A second
+        DATA_LOSS is raised.
+
+        The first stream starts where the coordinator's copy ends too (one GetUploadStatus first): a site killed
+        mid-upload and restarted trains the same round again to the same bytes (fixed seeds), and would otherwise
+        restart at offset 0, which also discards what the coordinator holds.
+        """
+        status = self._retry("GetUploadStatus", lambda: self.stub.GetUploadStatus(
+            pb.GetUploadStatusRequest(round=env.round, payload_sha256=env.payload_sha256), timeout=30))
+        if status.accepted:
+            return pb.UploadUpdateResponse(accepted=True, committed_offset=status.committed_offset)
+        offset = status.committed_offset
+        if offset:
+            log.info("[Site.UploadUpdate] round=%d resuming at offset %d of %d (the coordinator holds the rest)",
+                     env.round, offset, len(payload))
         deadline = time.monotonic() + self.cfg.retry_for_s
         delay = 0.2
+        resent = False
         while True:
             try:
                 resp = self.stub.UploadUpdate(self._upload_messages(signed, payload, offset, on_progress), timeout=300)
@@ -227,6 +245,11 @@ class CoordinatorClient:
             except grpc.RpcError as e:
                 if e.code() == grpc.StatusCode.FAILED_PRECONDITION and "late" in (e.details() or ""):  # type: ignore[attr-defined]
                     raise LateUpdateRefused(e.details()) from e  # type: ignore[attr-defined]
+                if e.code() == grpc.StatusCode.DATA_LOSS and not resent:  # type: ignore[attr-defined]
+                    log.warning("[Site.UploadUpdate] round=%d the coordinator's copy did not match the signed hash "
+                                "(%s); sending the whole update again", env.round, e.details())  # type: ignore[attr-defined]
+                    resent, offset = True, 0
+                    continue
                 pause = retry_after_s(e)  # the coordinator's disk is full: it kept what it wrote, resume later
                 if (e.code() not in RETRYABLE and pause is None) or time.monotonic() > deadline:  # type: ignore[attr-defined]
                     raise

@@ -63,6 +63,9 @@ class SiteConfig:
             mixed-rank strategy such as hetlora).
         policy: The site's ``policy.toml`` (see :mod:`site_agent.policy`). Unset: the permissive defaults, which
             still pin the base model by the task's manifest hash and trust only the kit's CA; the agent warns.
+        upload_chunk_bytes: Bytes per message of an update upload (0: the protocol's default, 1 MiB). The
+            coordinator keeps what arrived whole, so after a broken stream or a restart the upload resumes at the
+            last whole chunk: a smaller chunk re-sends less on a flaky link.
         checkpoint_steps: Save a step checkpoint every this many local steps, so an agent killed mid-round resumes
             the round there on restart (0: off).
         deepspeed: A DeepSpeed JSON config (ZeRO stage 1, 2 or 3; mode sft) for training through accelerate/DeepSpeed
@@ -88,6 +91,7 @@ class SiteConfig:
     lora_rank: int = 0
     policy: Path | None = None
     checkpoint_steps: int = 0
+    upload_chunk_bytes: int = 0
     deepspeed: Path | None = None
     dp: SiteDpConfig = field(default_factory=SiteDpConfig)
     device_map: str = ""
@@ -102,6 +106,9 @@ class SiteConfig:
             raise ValueError(f"field 'lora_rank': must be >= 0, got {self.lora_rank}")
         if self.checkpoint_steps < 0:
             raise ValueError(f"field 'checkpoint_steps': must be >= 0, got {self.checkpoint_steps}")
+        if not 0 <= self.upload_chunk_bytes <= 4 << 20:  # half the 8 MiB message limit both ends set
+            raise ValueError(f"field 'upload_chunk_bytes': must be in 0..{4 << 20} (0: the default), got "
+                             f"{self.upload_chunk_bytes}")
         if self.threads < 0:
             raise ValueError(f"field 'threads': must be >= 0, got {self.threads}")
 

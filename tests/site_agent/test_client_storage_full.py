@@ -54,7 +54,8 @@ class _FullDisk:
         return pb.UploadUpdateResponse(accepted=True, committed_offset=4)
 
     def GetUploadStatus(self, req: Any, timeout: float) -> pb.GetUploadStatusResponse:
-        return pb.GetUploadStatusResponse(committed_offset=2, accepted=False)
+        # Nothing held before the first stream; 2 bytes once a refused stream has written them.
+        return pb.GetUploadStatusResponse(committed_offset=2 if self.offsets else 0, accepted=False)
 
     def ReportMetrics(self, req: Any, timeout: float) -> pb.ReportMetricsResponse:
         self.metrics_calls += 1
