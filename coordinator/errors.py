@@ -17,6 +17,8 @@ payload above ``max_update_bytes`` (declared   UpdateTooLarge          RESOURCE_
 or streamed past the declared size)
 not a site cert, unenrolled, revoked           PermissionDenied        PERMISSION_DENIED
                                                NotEnrolled / Revoked
+site certificate expired (on an open           CertificateExpired      UNAUTHENTICATED
+connection)
 envelope names another site than the cert      PermissionDenied        PERMISSION_DENIED
 created_unix_ms outside the skew window        StaleEnvelope           FAILED_PRECONDITION
 a uint64 field at or above 2**63 (or a round   OutOfRange              OUT_OF_RANGE
@@ -131,6 +133,13 @@ class NotEnrolled(PermissionDenied):
 
 class Revoked(PermissionDenied):
     """The site or its certificate was revoked."""
+
+
+class CertificateExpired(PermissionDenied):
+    """The certificate expired after the connection it calls on was opened (TLS checks validity only at the
+    handshake, so a long-lived connection would otherwise outlive it)."""
+
+    status = "UNAUTHENTICATED"
 
 
 class InvalidState(CoordinatorError):
