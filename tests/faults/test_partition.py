@@ -8,7 +8,7 @@ machine's speed; each of them retries and resumes the same way.
 
 Each process runs in its own network namespace (:mod:`sandbox.netns`: a coordinator VPC, one VPC per site, a router
 between them); the sites are enrolled by CSR against a coordinator certificate for its VPC address. Needs root, ip
-and iptables (skipped with the reason otherwise); every namespace is removed again, also on failure.
+and iptables (skipped with the reason otherwise); every namespace is removed again, also on failure. (Slow.)
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from b_support import store_count
 
 from sandbox import netns
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # minutes on a busy machine: out of the default run
 SITES = faultkit.SITES
 
 
