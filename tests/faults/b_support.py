@@ -15,14 +15,20 @@ from pathlib import Path
 import pytest
 
 
-def assert_store_intact(state_dir: Path) -> None:
-    """SQLite's integrity check passes and no torn or staged file is left in the state dir."""
+def assert_store_intact(state_dir: Path, killed_pids: tuple[int, ...] = ()) -> None:
+    """SQLite's integrity check passes and no torn or staged file is left in the state dir.
+
+    ``killed_pids``: processes SIGKILLed mid-run, whose hidden temp files (``.<name>.tmp-<pid>-<thread>``, never
+    read: the rename that would publish one never happened) may remain; any other is a failed write left behind.
+    """
     con = sqlite3.connect(f"file:{state_dir / 'coordinator.db'}?mode=ro", uri=True)
     try:
         assert con.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
     finally:
         con.close()
-    torn = [p for p in state_dir.rglob("*") if ".tmp-" in p.name]
+    debris = tuple(f".tmp-{pid}-" for pid in killed_pids)
+    torn = [p for p in state_dir.rglob("*") if ".tmp-" in p.name and not (p.name.startswith(".") and any(
+        d in p.name for d in debris))]
     staged = list((state_dir / "uploads" / "staging").glob("*")) if (state_dir / "uploads" / "staging").exists() else []
     assert not torn and not staged, (torn, staged)
 
