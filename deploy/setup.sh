@@ -31,6 +31,12 @@ if [[ ",$EXTRAS," == *",dev,"* ]] && ! command -v iptables >/dev/null && [ "$(id
   echo "[setup] installing iptables (Debian package) for the network-namespace test"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends iptables >/dev/null
 fi
+# The clock-skew fault case (tests/faults/test_clock_skew.py) runs a site under libfaketime; it skips without it.
+if [[ ",$EXTRAS," == *",dev,"* ]] && ! ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1 && [ "$(id -u)" -eq 0 ] \
+    && command -v apt-get >/dev/null; then
+  echo "[setup] installing faketime (Debian package) for the clock-skew fault case"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends faketime >/dev/null
+fi
 stamp="$VENV/.fedbridge-setup"
 want=$(cat pyproject.toml deploy/setup.sh deploy/kit-validators.txt | sha256sum | cut -c1-32)-$EXTRAS
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then

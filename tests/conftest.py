@@ -26,7 +26,7 @@ LONG_FILES = (
     "tests/integration/test_crash_resume.py",
     "tests/integration/test_admin_cli.py",
     "tests/coordinator/test_admin_pki_cli.py",
-    "tests/integration/test_stragglers.py",
+    "tests/faults/test_slow_site.py",
     "tests/deploy/test_netns.py",
     "tests/coordinator/test_evaluation.py",
     "tests/coordinator/test_base_model_checks.py",

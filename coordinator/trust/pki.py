@@ -38,6 +38,12 @@ class PKIError(ValueError):
 PeerIdentity = CertIdentity
 
 
+# Certificates are valid from a little over an hour before they are issued, so a site whose clock is up to an hour
+# behind the CA's accepts a freshly issued certificate (its own, the CA's, the coordinator's) at once instead of
+# refusing it as not yet valid; public CAs backdate the same way.
+BACKDATE = dt.timedelta(hours=1, minutes=5)
+
+
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
@@ -99,7 +105,7 @@ class CertificateAuthority:
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name),
                              x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "ca")])
         cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
-                .serial_number(x509.random_serial_number()).not_valid_before(_now() - dt.timedelta(minutes=5))
+                .serial_number(x509.random_serial_number()).not_valid_before(_now() - BACKDATE)
                 .not_valid_after(_now() + dt.timedelta(days=days))
                 .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
                 .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
@@ -163,7 +169,7 @@ class CertificateAuthority:
             raise PKIError(f"invalid region {region!r}: use upper-case codes like EU-DE or US-CA")
         if not 1 <= days <= 3650:
             raise PKIError(f"certificate validity must be 1..3650 days, got {days}")
-        start = not_before or (_now() - dt.timedelta(minutes=5))
+        start = not_before or (_now() - BACKDATE)
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name),
                              x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role)])
         server = role == "coordinator"

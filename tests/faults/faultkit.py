@@ -141,7 +141,16 @@ def log_text(fed: localfed.LocalFederation, name: str) -> str:
 
 
 def finish(fed: localfed.LocalFederation, timeout: float = 300) -> None:
-    """Wait for every site and the coordinator to exit, and assert they all exited 0."""
+    """Wait for every site and the coordinator to exit 0; fail at once (with the logs) when one exits non-zero."""
     names = [*SITES, "coordinator"] if all(s in fed.procs for s in SITES) else [*fed.procs]
-    codes = fed.wait(names, timeout=timeout)
-    assert codes == dict.fromkeys(names, 0), (codes, fed.diagnostics(("coordinator", *SITES)))
+    deadline = time.monotonic() + timeout
+    while True:
+        codes = {n: fed.procs[n].poll() for n in names}
+        bad = [n for n, rc in codes.items() if rc not in (None, 0)]
+        if bad:
+            raise AssertionError(f"{bad} exited non-zero {codes}:\n" + fed.diagnostics((*bad, "coordinator")))
+        if all(rc == 0 for rc in codes.values()):
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"still running after {timeout}s: {codes}\n" + fed.diagnostics(("coordinator", *SITES)))
+        time.sleep(0.2)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -137,3 +138,20 @@ def test_two_concurrent_uploads_of_one_signed_update_are_counted_once(live: Live
     assert all(getattr(r, "accepted", False) for r in results), (results, refused)
     _assert_stored_once(live, "site-b", payload)
     assert {e["status"] for e in refused} <= {"ABORTED"}, refused
+
+
+@pytest.mark.parametrize(("value", "ok"), [(0, True), (4096, True), (4 << 20, True), (-1, False), ((4 << 20) + 1, False)])
+def test_upload_chunk_bytes_is_checked_naming_the_field(tmp_path: Path, value: int, ok: bool) -> None:
+    from site_agent.config import SiteConfig, SiteData, SiteTls
+
+    tls = SiteTls(ca=tmp_path / "ca", cert=tmp_path / "c", key=tmp_path / "k", signing_key=tmp_path / "s")
+
+    def make() -> SiteConfig:
+        return SiteConfig(name="s", coordinator="localhost:1", base_model=tmp_path, tls=tls,
+                          data=SiteData(train=tmp_path / "t.jsonl"), work_dir=tmp_path, upload_chunk_bytes=value)
+
+    if ok:
+        assert make().upload_chunk_bytes == value
+    else:
+        with pytest.raises(ValueError, match=f"field 'upload_chunk_bytes': must be in 0..{4 << 20} .* got {value}"):
+            make()

@@ -2,7 +2,8 @@
 deadline with 2; site-c is SIGSTOPped in the middle of its round-1 training and SIGCONTed once round 1 closed. The
 round closes at the deadline with the other two, the decision is recorded (store, round info, demo round table,
 audit log), and site-c's late update is refused (``drop``) or carried into round 2 with its staleness weight
-(``next_round``)."""
+(``next_round``). In the fault suite: "a site slower than the deadline"; not compared with the reference adapter
+(three sites, and the round closes without one), it asserts the deadline decision and each update counted once."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import sqlite3
 import time
 from pathlib import Path
 
+import faultkit
 import pytest
 
 from coordinator.rounds.store import Store
@@ -108,6 +110,7 @@ def test_late_update_dropped(tiny_model_dir: Path, tmp_path: Path) -> None:
         assert len(store.publications()) == 1
     finally:
         store.close()
+    faultkit.assert_each_update_once(fed, expected=[(1, "site-a"), (1, "site-b"), (2, "site-a"), (2, "site-b"), (2, SLOW)])
     assert "refused as late" in fed.log_path(SLOW).read_text()
     assert "not delivered" not in fed.log_path("site-a").read_text()  # heartbeats reached the coordinator
     audited = _audit_events(fed)
@@ -138,6 +141,8 @@ def test_late_update_carried_into_the_next_round_with_staleness_weight(tiny_mode
         assert (2, SLOW, 1) in ledger and (2, SLOW, 2) in ledger
     finally:
         store.close()
+    faultkit.assert_each_update_once(fed, expected=[(1, "site-a"), (1, "site-b"), (2, "site-a"), (2, "site-b"),
+                                                    (2, SLOW), (2, SLOW)])
     assert "late_update_carried" in _audit_events(fed)
     views, _, _ = read_store(fed.state_dir / "coordinator.db", 2)
     caption = str(round_table(views[1], {}, ["site-a", "site-b", SLOW]).caption)
