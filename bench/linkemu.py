@@ -8,7 +8,9 @@ delay and loss.
 - userspace (a kernel without netem, e.g. one booted with ``nomodule``): one TUN device in each namespace, both
   held open by :class:`TunLink`, which moves every packet from one to the other through, per direction, a random
   loss (Bernoulli, at enqueue, like netem's), a FIFO bottleneck queue of ``queue_bytes`` drained at ``rate_bps``
-  (tail drop when full: a router's buffer), then a fixed one-way delay. No reordering, no jitter.
+  (tail drop when full: a router's buffer), then a one-way delay: fixed, or with ``jitter_s`` a uniform random
+  ``delay ± jitter`` per packet, never before the packet ahead of it (jitter without reordering, as netem's
+  ``delay D J`` with a rate).
 
 ``cut(True)`` drops every packet both ways until ``cut(False)``: the link is down, the devices stay up (as when a
 middlebox or a WAN link fails; neither end sees a carrier change).
@@ -73,6 +75,7 @@ class Direction:
     delay_s: float
     loss: float
     queue_bytes: int
+    jitter_s: float = 0.0  # each packet's delay is uniform in delay_s +- jitter_s (FIFO kept)
     free_at: float = 0.0  # when the bottleneck finishes sending what it holds
     line: collections.deque = field(default_factory=collections.deque)  # (deliver_at, packet), FIFO
     forwarded: int = 0
@@ -97,6 +100,8 @@ class Direction:
             due = self.free_at + self.delay_s
         else:
             due = now + self.delay_s
+        if self.jitter_s:
+            due = max(now, due + rng.uniform(-self.jitter_s, self.jitter_s), self.line[-1][0] if self.line else 0.0)
         self.line.append((due, pkt))
 
 
@@ -106,15 +111,17 @@ class TunLink:
     kind = "userspace TUN emulator"
 
     def __init__(self, prefix: str, rate_bps: float, rtt_s: float, loss: float, queue_bytes: int | None = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, jitter_s: float = 0.0) -> None:
         self.prefix = prefix
         self.site_ns, self.coord_ns = f"{prefix}-site", f"{prefix}-coord"
         queue = queue_bytes or max(64 << 10, int(rate_bps / 8 * rtt_s)) if rate_bps else 1 << 30
-        self.up = Direction(rate_bps, rtt_s / 2, loss, queue)  # site -> coordinator
-        self.down = Direction(rate_bps, rtt_s / 2, loss, queue)  # coordinator -> site
+        self.up = Direction(rate_bps, rtt_s / 2, loss, queue, jitter_s)  # site -> coordinator
+        self.down = Direction(rate_bps, rtt_s / 2, loss, queue, jitter_s)  # coordinator -> site
         self.describe = (f"{self.kind}: {rate_bps / 1e6:g} Mbit/s each way, {rtt_s * 1000:g} ms RTT "
                          f"({rtt_s * 500:g} ms one-way), {loss * 100:g}% random loss each way, FIFO bottleneck "
-                         f"queue {queue} bytes (tail drop), no jitter" if rate_bps else f"{self.kind}: unshaped")
+                         f"queue {queue} bytes (tail drop), "
+                         + (f"{jitter_s * 1000:g} ms jitter each way" if jitter_s else "no jitter")
+                         if rate_bps else f"{self.kind}: unshaped")
         self._rng = random.Random(seed)
         self._cut = False
         self._stop = threading.Event()
@@ -210,10 +217,11 @@ class NetemLink:
     kind = "kernel netem"
 
     def __init__(self, prefix: str, rate_bps: float, rtt_s: float, loss: float, queue_bytes: int | None = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, jitter_s: float = 0.0) -> None:
         self.prefix = prefix
         self.site_ns, self.coord_ns = f"{prefix}-site", f"{prefix}-coord"
-        self.args = ["delay", f"{rtt_s * 500:g}ms", "loss", f"{loss * 100:g}%"]
+        jitter = [f"{jitter_s * 1000:g}ms"] if jitter_s else []
+        self.args = ["delay", f"{rtt_s * 500:g}ms", *jitter, "loss", f"{loss * 100:g}%"]
         if rate_bps:
             self.args += ["rate", f"{int(rate_bps)}bit"]
         self.args += ["limit", "100000"]
@@ -251,12 +259,12 @@ class NetemLink:
         return {}
 
 
-def make_link(prefix: str, rate_bps: float, rtt_s: float, loss: float, force_userspace: bool = False
-              ) -> TunLink | NetemLink:
+def make_link(prefix: str, rate_bps: float, rtt_s: float, loss: float, force_userspace: bool = False,
+              jitter_s: float = 0.0) -> TunLink | NetemLink:
     """netem where the kernel has it (what the issue asks for), else the userspace emulator."""
     if not force_userspace and netem_available():
-        return NetemLink(prefix, rate_bps, rtt_s, loss)
-    return TunLink(prefix, rate_bps, rtt_s, loss)
+        return NetemLink(prefix, rate_bps, rtt_s, loss, jitter_s=jitter_s)
+    return TunLink(prefix, rate_bps, rtt_s, loss, jitter_s=jitter_s)
 
 
 if __name__ == "__main__":

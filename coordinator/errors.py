@@ -17,12 +17,16 @@ payload above ``max_update_bytes`` (declared   UpdateTooLarge          RESOURCE_
 or streamed past the declared size)
 not a site cert, unenrolled, revoked           PermissionDenied        PERMISSION_DENIED
                                                NotEnrolled / Revoked
+site certificate expired (on an open           CertificateExpired      UNAUTHENTICATED
+connection)
 envelope names another site than the cert      PermissionDenied        PERMISSION_DENIED
 created_unix_ms outside the skew window        StaleEnvelope           FAILED_PRECONDITION
 a uint64 field at or above 2**63 (or a round   OutOfRange              OUT_OF_RANGE
 above 2**31-1)
 too many / too large unfinished uploads        PartialQuotaExceeded    RESOURCE_EXHAUSTED
 another stream writes the same partial now     UploadBusy              ABORTED
+the coordinator's disk is full (any call that  StorageFull             RESOURCE_EXHAUSTED
+stores something; retried after a pause)
 =============================================  ======================  ======================
 """
 
@@ -114,12 +118,28 @@ class UploadBusy(CoordinatorError):
     status = "ABORTED"
 
 
+class StorageFull(CoordinatorError):
+    """The coordinator's disk (or quota) is full: the call stored nothing it would report, and may be retried
+    unchanged once space returns. The refusal carries the pause to retry after (``protos.codec.RETRY_AFTER_MS_KEY``);
+    a partial upload keeps what was written, so the retry resumes at the offset ``GetUploadStatus`` reports."""
+
+    status = "RESOURCE_EXHAUSTED"
+    retry_after_ms = 2000
+
+
 class NotEnrolled(PermissionDenied):
     """A CA-signed site certificate that the federation's enrolment registry does not list."""
 
 
 class Revoked(PermissionDenied):
     """The site or its certificate was revoked."""
+
+
+class CertificateExpired(PermissionDenied):
+    """The certificate expired after the connection it calls on was opened (TLS checks validity only at the
+    handshake, so a long-lived connection would otherwise outlive it)."""
+
+    status = "UNAUTHENTICATED"
 
 
 class InvalidState(CoordinatorError):

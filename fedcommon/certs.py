@@ -54,6 +54,7 @@ class CertIdentity:
         serial: The certificate's serial number (what a CRL revokes).
         fingerprint: SHA-256 of the DER certificate, hex.
         region: The site's data region ("" when the certificate has none).
+        not_after_ms: When the certificate expires, Unix ms (0: not known).
     """
 
     name: str
@@ -62,6 +63,7 @@ class CertIdentity:
     serial: int
     fingerprint: str
     region: str = ""
+    not_after_ms: int = 0
 
 
 def load_pem(cert_pem: bytes) -> x509.Certificate:
@@ -103,7 +105,8 @@ def identity(cert: x509.Certificate) -> CertIdentity:
     except UnicodeDecodeError:
         raise CertificateError("certificate's region extension is not UTF-8") from None
     return CertIdentity(name=str(cns[0].value), role=str(ous[0].value), signing_key=signing_key,
-                        serial=cert.serial_number, fingerprint=cert.fingerprint(hashes.SHA256()).hex(), region=region)
+                        serial=cert.serial_number, fingerprint=cert.fingerprint(hashes.SHA256()).hex(), region=region,
+                        not_after_ms=int(cert.not_valid_after_utc.timestamp() * 1000))
 
 
 def ca_sha256(cert: x509.Certificate | bytes) -> str:

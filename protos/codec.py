@@ -32,6 +32,9 @@ MAX_ENVELOPE_BYTES = 4096  # an UpdateEnvelope holds ids and hashes only
 # gRPC message limit both ends set (send and receive): room for a chunk plus its envelope, and for the largest
 # unary replies (task, roster); both ends must agree, or the larger side's messages are refused by the other.
 MAX_MESSAGE = 8 << 20
+# Trailing metadata of a refusal that is worth retrying unchanged after the pause it gives, in milliseconds (the
+# coordinator's disk is full: nothing was stored, nothing is wrong with the call). Absent: the status code alone says.
+RETRY_AFTER_MS_KEY = "fedbridge-retry-after-ms"
 
 
 class CodecError(ValueError):

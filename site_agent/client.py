@@ -52,6 +52,22 @@ def error_summary(exc: BaseException) -> tuple[str, str]:
     return name, line if len(line) <= MAX_ERROR_MESSAGE else line[:MAX_ERROR_MESSAGE - 1] + "…"
 
 
+def retry_after_s(e: grpc.RpcError) -> float | None:
+    """The pause the coordinator asks for before the same call is retried (``RETRY_AFTER_MS_KEY`` in the trailing
+    metadata: its disk is full), or ``None`` when the refusal says nothing of the kind."""
+    try:
+        md = e.trailing_metadata() or ()  # type: ignore[attr-defined]
+    except (AttributeError, ValueError):
+        return None
+    for key, value in md:
+        if key == codec.RETRY_AFTER_MS_KEY:
+            try:
+                return min(max(int(value), 0), 60_000) / 1000
+            except ValueError:
+                return None
+    return None
+
+
 class LateUpdateRefused(RuntimeError):
     """The coordinator refused an update because its round closed (FAILED_PRECONDITION under the drop policy)."""
 
@@ -160,11 +176,12 @@ class CoordinatorClient:
                 return fn()
             except grpc.RpcError as e:
                 code = e.code()  # type: ignore[attr-defined]
-                if code not in RETRYABLE or time.monotonic() > deadline:
+                pause = retry_after_s(e)
+                if (code not in RETRYABLE and pause is None) or time.monotonic() > deadline:
                     raise
                 log.info("[Site.%s] coordinator %s (%s); retrying in %.1fs", what, code.name,
-                         e.details(), delay)  # type: ignore[attr-defined]
-                time.sleep(delay)
+                         e.details(), pause or delay)  # type: ignore[attr-defined]
+                time.sleep(pause or delay)
                 delay = min(delay * 2, MAX_RETRY_DELAY_S)
 
     def join(self, agent_version: str, lora_rank: int = 0) -> pb.JoinResponse:
@@ -233,11 +250,13 @@ class CoordinatorClient:
                                 "(%s); sending the whole update again", env.round, e.details())  # type: ignore[attr-defined]
                     resent, offset = True, 0
                     continue
-                if e.code() not in RETRYABLE or time.monotonic() > deadline:  # type: ignore[attr-defined]
+                pause = retry_after_s(e)  # the coordinator's disk is full: it kept what it wrote, resume later
+                if (e.code() not in RETRYABLE and pause is None) or time.monotonic() > deadline:  # type: ignore[attr-defined]
                     raise
-                log.info("[Site.UploadUpdate] round=%d stream broke (%s); resuming", env.round,
-                         e.code().name)  # type: ignore[attr-defined]
-                time.sleep(delay)
+                log.info("[Site.UploadUpdate] round=%d %s (%s); resuming in %.1fs", env.round,
+                         "stream broke" if pause is None else "coordinator refused",
+                         e.code().name, pause or delay)  # type: ignore[attr-defined]
+                time.sleep(pause or delay)
                 delay = min(delay * 2, MAX_RETRY_DELAY_S)
             status = self._retry("GetUploadStatus", lambda: self.stub.GetUploadStatus(
                 pb.GetUploadStatusRequest(round=env.round, payload_sha256=env.payload_sha256), timeout=30))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
+import sqlite3
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -12,7 +14,14 @@ from google.protobuf.message import DecodeError
 
 from coordinator import metrics
 from coordinator.config import FederationConfig
-from coordinator.errors import CoordinatorError, InvalidUpdate, NotFound, PermissionDenied, Unauthenticated
+from coordinator.errors import (
+    CoordinatorError,
+    InvalidUpdate,
+    NotFound,
+    PermissionDenied,
+    StorageFull,
+    Unauthenticated,
+)
 from coordinator.ingress.uploads import Chunk
 from coordinator.rounds.engine import RoundEngine
 from coordinator.trust.pki import PeerIdentity, PKIError, peer_identity
@@ -47,10 +56,33 @@ def peer_of(context: grpc.aio.ServicerContext) -> PeerIdentity:
     return peer
 
 
-async def _abort(context: grpc.aio.ServicerContext, method: str, err: CoordinatorError) -> None:
+def _storage_full(method: str, e: BaseException) -> StorageFull | None:
+    """A full disk (ENOSPC, EDQUOT, SQLite's SQLITE_FULL) as the refusal it is, logged once with the file it hit;
+    ``None`` for any other error. The site is told only that the coordinator's storage is full (never its paths)."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        what = f"cannot write {e.filename}: {e.strerror}" if e.filename else f"a write failed: {e.strerror}"
+    elif isinstance(e, sqlite3.OperationalError) and (getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+                                                      or "disk is full" in str(e)):
+        what = f"the store's database cannot grow: {e}"
+    else:
+        return None
+    log.error("[FederationService.%s] coordinator storage full: %s; nothing of this call was accepted, the caller "
+              "retries (free space in the state dir)", method, what)
+    return StorageFull("coordinator storage is full; nothing of this call was accepted; retry later")
+
+
+async def _abort(context: grpc.aio.ServicerContext, method: str, err: Exception) -> None:
+    """Refuse the call with ``err``'s status; a full disk becomes :class:`StorageFull`, anything else not a
+    :class:`CoordinatorError` is re-raised (a bug, reported by gRPC as such)."""
+    if not isinstance(err, CoordinatorError):
+        full = _storage_full(method, err)
+        if full is None:
+            raise err
+        err = full
     log.warning("[FederationService.%s] refused %s: %s", method, err.status, err)
     metrics.refused(method, err.status)
-    await context.abort(getattr(grpc.StatusCode, err.status), str(err))
+    trailing = ((codec.RETRY_AFTER_MS_KEY, str(err.retry_after_ms)),) if isinstance(err, StorageFull) else ()
+    await context.abort(getattr(grpc.StatusCode, err.status), str(err), trailing_metadata=trailing)
 
 
 def build_task(cfg: FederationConfig, round: int, base_sha256: str, template: TemplatePin, spec: pb.AdapterSpec,
@@ -89,7 +121,7 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
         try:
             peer = peer_of(context)
             self.engine.join(peer, request.agent_version, request.lora_rank)
-        except CoordinatorError as e:
+        except (CoordinatorError, OSError, sqlite3.Error) as e:
             await _abort(context, "Join", e)
         return pb.JoinResponse(federation_id=self.engine.cfg.federation_id, site=peer.name,
                                poll_interval_ms=AGENT_POLL_MS)
@@ -98,7 +130,7 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
         try:
             peer = peer_of(context)
             offer = await self.engine.fetch_task(peer, request.wait_ms / 1000)
-        except CoordinatorError as e:
+        except (CoordinatorError, OSError, sqlite3.Error) as e:
             await _abort(context, "FetchTask", e)
         resp = pb.FetchTaskResponse(status=_TASK_STATUS[offer.status])
         if offer.status != "wait":
@@ -141,7 +173,7 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
 
         try:
             result = await self.engine.ingress.receive_upload(peer_of(context), chunks())
-        except CoordinatorError as e:
+        except (CoordinatorError, OSError, sqlite3.Error) as e:
             await _abort(context, "UploadUpdate", e)
         return pb.UploadUpdateResponse(accepted=result.accepted, committed_offset=result.committed_offset,
                                        update_id=result.update_id)
@@ -150,7 +182,7 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
                               context: grpc.aio.ServicerContext) -> pb.GetUploadStatusResponse:
         try:
             offset, accepted = self.engine.ingress.upload_status(peer_of(context), request.round, request.payload_sha256)
-        except CoordinatorError as e:
+        except (CoordinatorError, OSError, sqlite3.Error) as e:
             await _abort(context, "GetUploadStatus", e)
         return pb.GetUploadStatusResponse(committed_offset=offset, accepted=accepted)
 
@@ -159,7 +191,7 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
         try:
             self.engine.report_metrics(peer_of(context), request.round, request.phase, dict(request.metrics),
                                        request.num_examples)
-        except CoordinatorError as e:
+        except (CoordinatorError, OSError, sqlite3.Error) as e:
             await _abort(context, "ReportMetrics", e)
         return pb.ReportMetricsResponse()
 
@@ -167,7 +199,7 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
         try:
             ack = self.engine.heartbeat(peer_of(context), request.round, request.phase, request.step,
                                         request.total_steps)
-        except CoordinatorError as e:
+        except (CoordinatorError, OSError, sqlite3.Error) as e:
             await _abort(context, "Heartbeat", e)
         return pb.HeartbeatResponse(current_round=ack.current_round, round_open=ack.round_open,
                                     deadline_unix_ms=ack.deadline_ms, interval_ms=ack.interval_ms)
@@ -177,6 +209,6 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
         try:
             self.engine.report_error(peer_of(context), request.round, request.phase, request.error_type,
                                      request.message)
-        except CoordinatorError as e:
+        except (CoordinatorError, OSError, sqlite3.Error) as e:
             await _abort(context, "ReportError", e)
         return pb.ReportErrorResponse()

@@ -246,12 +246,18 @@ class UploadIngress:
                 assert f is not None
                 f.write(ch.data)
                 up.offset += len(ch.data)
+        except OSError as e:  # a full disk: the partial keeps what was written; the error names it
+            if e.filename is None and up is not None:
+                raise OSError(e.errno, e.strerror, str(up.path)) from e
+            raise
         finally:
-            if f is not None:
-                f.flush()
-                f.close()
-            if up is not None and up.registered:
-                self._active.pop(up.path, None)
+            try:
+                if f is not None:
+                    f.close()  # flushes; a flush that fails (disk full) still closes the file
+            finally:
+                # Released even then: else every retry of this upload would be refused as busy.
+                if up is not None and up.registered:
+                    self._active.pop(up.path, None)
         if up is None:
             raise InvalidUpdate("empty upload stream")
         update_id = f"{up.env.round}/{peer.name}/{up.env.payload_sha256[:16]}"

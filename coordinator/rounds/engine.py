@@ -37,7 +37,7 @@ from coordinator.rounds.store import Store, write_durable
 from coordinator.trust.access import SiteGate
 from coordinator.trust.pki import PeerIdentity
 from fedcommon import tensors
-from fedcommon.auditlog import AuditLog, Head
+from fedcommon.auditlog import AuditLog, Head, read_records
 from fedcommon.auditlog import verify as verify_log
 from fedcommon.chat import TemplatePin
 from protos import codec
@@ -173,6 +173,7 @@ class RoundEngine:
         else:
             log.info("[RoundEngine.start] federation=%s resuming at round=%d state=%s", self.cfg.federation_id,
                      cur.round, cur.state)
+            self._audit_unaudited_updates()
         if self.gate.access is not None and self._watch is None:
             self._watch = asyncio.get_running_loop().create_task(self.gate.watch())
         if self.cfg.evaluation.enabled:  # refuse at start an evaluation that cannot run or would score silently
@@ -422,6 +423,21 @@ class RoundEngine:
         return self.gate.revoke(name, reason, actor)
 
     # -- audit --------------------------------------------------------------------------------------------------
+    def _audit_unaudited_updates(self) -> None:
+        """Audit each stored update whose ``update_accepted`` record a crash cut off (the store commits an update
+        before its record is appended), marked ``recovered``: after any crash the log again names every update
+        the store counts, once."""
+        audited = {(r["fields"].get("site"), r["fields"].get("round"), r["fields"].get("payload_sha256"))
+                   for r in read_records(self.audit.path) if r["event"] == "update_accepted"}
+        for u in self.store.updates():
+            if (u.site, u.trained_round, u.payload_sha256) not in audited:
+                self._audit("update_accepted", {"site": u.site, "round": u.trained_round,
+                                                "payload_sha256": u.payload_sha256, "bytes": u.size,
+                                                "num_examples": u.num_examples, "nonce": u.nonce.hex(),
+                                                "recovered": True})
+                log.warning("[RoundEngine.start] round=%d site=%s: the update stored before the crash had no "
+                            "acceptance record; recorded it now", u.trained_round, u.site)
+
     def _audit(self, event: str, fields: dict[str, Any]) -> None:
         rec = self.audit.append(event, fields)
         # The head also goes to the store, so `audit verify` detects a cut-off tail even without the .head file.

@@ -74,22 +74,25 @@ class RoundPolicy:
         if q.deadline_s and time.time() * 1000 >= cur.attempt_opened_ms + q.deadline_s * 1000:
             enough = len(answered) >= self.cfg.min_to_close
             return ("deadline_passed" if enough else "round_abandoned"), {**detail, "deadline_s": q.deadline_s}
-        if missing and (q.heartbeat_timeout_s or self._failed):
-            dropped = self._dropped(cur, missing)
+        revoked = {r["name"] for r in self.store.revocations()}
+        if missing and (q.heartbeat_timeout_s or self._failed or revoked & set(missing)):
+            dropped = self._dropped(cur, missing, revoked)
             if len(dropped) == len(missing) and len(answered) >= self.cfg.min_to_close:
                 failed = sorted(set(dropped) & set(self._failed))
                 return "all_remaining_answered", {**detail, "dropped": dropped, **({"failed": failed} if failed else {})}
         return None
 
-    def _dropped(self, cur: RoundRow, missing: list[str]) -> list[str]:
-        """Sites of ``missing`` that reported a crash, or are silent for longer than the heartbeat timeout (each
-        recorded once per round)."""
+    def _dropped(self, cur: RoundRow, missing: list[str], revoked: set[str]) -> list[str]:
+        """Sites of ``missing`` that reported a crash, were revoked (every call of theirs is refused now: waiting
+        for them would only wait for the heartbeat timeout), or are silent for longer than the heartbeat timeout
+        (each recorded once per round)."""
         timeout, now = self.cfg.quorum.heartbeat_timeout_s, time.time()
         known = {e["site"] for e in self.store.events(cur.round) if e["event"] == "site_dropped"}
         out = []
         for site in missing:
             silent = now - max(self._seen.get(site, self._started), self._started)
-            if site in known or site in self._failed:  # a failed site's own report is its record (site_failed)
+            # A failed site's own report is its record (site_failed), a revoked one's its revocation (site_revoked).
+            if site in known or site in self._failed or site in revoked:
                 out.append(site)
             elif timeout and silent > timeout:
                 detail = {"silent_s": round(silent, 1), "heartbeat_timeout_s": timeout,

@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 from coordinator.config import FederationConfig
-from coordinator.errors import InvalidUpdate, PermissionDenied, Revoked
+from coordinator.errors import CertificateExpired, InvalidUpdate, PermissionDenied, Revoked
 from coordinator.rounds.store import Store
 from coordinator.trust.enrolment import AccessList, EnrolmentError
 from coordinator.trust.pki import PeerIdentity
@@ -50,6 +51,10 @@ class SiteGate:
         try:
             if peer.role != "site":
                 raise PermissionDenied(f"certificate of {peer.name!r} has role {peer.role!r}, not 'site'")
+            if peer.not_after_ms and peer.not_after_ms <= time.time() * 1000:
+                when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(peer.not_after_ms / 1000))
+                raise CertificateExpired(f"the certificate of site {peer.name!r} expired at {when}; renew it "
+                                         "(fedbridge-admin renew-site) and restart the site")
             if peer.name in self.revoked:
                 raise Revoked(f"site {peer.name!r} was revoked: {self.revoked[peer.name] or 'no reason given'}")
             if self.access is not None:
