@@ -17,7 +17,8 @@ import faultkit
 import pytest
 from b_support import assert_store_intact, fill, store_count, tmpfs
 
-pytestmark = pytest.mark.timeout(900)
+# Slow: it is compared with the session's fault-free reference run, a second federation the default run would pay for.
+pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
 
 
 def test_coordinator_disk_full_refuses_then_carries_on(reference: Any, tiny_model_dir: Path, tmp_path: Path) -> None:
