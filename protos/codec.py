@@ -32,6 +32,12 @@ MAX_ENVELOPE_BYTES = 4096  # an UpdateEnvelope holds ids and hashes only
 # gRPC message limit both ends set (send and receive): room for a chunk plus its envelope, and for the largest
 # unary replies (task, roster); both ends must agree, or the larger side's messages are refused by the other.
 MAX_MESSAGE = 8 << 20
+# HTTP/2 flow control for a long fat link (50 Mbit/s x 150 ms RTT = 0.94 MB in flight): each end lets a stream's
+# peer send this far ahead of what it has read (gRPC's default is 64 KiB, grown only as its BDP probe measures the
+# path, which random loss keeps low) and keeps the BDP probe on, so the window is never what limits a transfer.
+# Both ends set it (coordinator/server.py, site_agent/client.py); memory per stream is bounded by it.
+HTTP2_WINDOW_BYTES = 4 << 20
+HTTP2_OPTIONS = [("grpc.http2.lookahead_bytes", HTTP2_WINDOW_BYTES), ("grpc.http2.bdp_probe", 1)]
 
 
 class CodecError(ValueError):
