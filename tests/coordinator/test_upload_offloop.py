@@ -211,3 +211,4 @@ def test_a_claim_that_requires_an_open_round_is_refused_once_it_closes(tmp_path:
     (revoked,) = st2.claim_updates([_claim(st2, "r", b"n9", require_open=True)])
     assert isinstance(revoked, UpdateConflict) and revoked.kind == "revoked"
     assert st.updates(1)[0].site == "a" and st2.updates(1) == []
+
