@@ -26,7 +26,7 @@ from coordinator.rounds.engine import RoundEngine
 from coordinator.rounds.store import Store
 from fedcommon.durable import write_durable
 from fedcommon.manifest import MANIFEST_NAME, Manifest, verify_model_dir
-from protos.codec import MAX_MESSAGE
+from protos.codec import HTTP2_OPTIONS, MAX_MESSAGE
 from protos.fedbridge.v1 import admin_service_pb2_grpc as apb_grpc
 from protos.fedbridge.v1 import federation_service_pb2_grpc as pb_grpc
 from protos.fedbridge.v1 import secagg_service_pb2_grpc as secagg_grpc
@@ -217,7 +217,7 @@ class RequestGuard(grpc.aio.ServerInterceptor):
 SERVER_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE),
                   ("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000),
                   ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
-                  ("grpc.http2.min_ping_interval_without_data_ms", 5_000)]
+                  ("grpc.http2.min_ping_interval_without_data_ms", 5_000), *HTTP2_OPTIONS]
 
 
 def build_server(cfg: FederationConfig, engine: RoundEngine) -> grpc.aio.Server:

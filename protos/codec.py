@@ -35,6 +35,12 @@ MAX_MESSAGE = 8 << 20
 # Trailing metadata of a refusal that is worth retrying unchanged after the pause it gives, in milliseconds (the
 # coordinator's disk is full: nothing was stored, nothing is wrong with the call). Absent: the status code alone says.
 RETRY_AFTER_MS_KEY = "fedbridge-retry-after-ms"
+# HTTP/2 flow control for a long fat link (50 Mbit/s x 150 ms RTT = 0.94 MB in flight): each end lets a stream's
+# peer send this far ahead of what it has read (gRPC's default is 64 KiB, grown only as its BDP probe measures the
+# path, which random loss keeps low) and keeps the BDP probe on, so the window is never what limits a transfer.
+# Both ends set it (coordinator/server.py, site_agent/client.py); memory per stream is bounded by it.
+HTTP2_WINDOW_BYTES = 4 << 20
+HTTP2_OPTIONS = [("grpc.http2.lookahead_bytes", HTTP2_WINDOW_BYTES), ("grpc.http2.bdp_probe", 1)]
 
 
 class CodecError(ValueError):

@@ -143,7 +143,7 @@ class CoordinatorClient:
                    # A restarted coordinator is found within ~2 s: gRPC's own reconnect back-off otherwise grows to
                    # minutes while our retry loop keeps calling a channel that is not even trying to connect.
                    ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
-                   ("grpc.max_reconnect_backoff_ms", 2000), *KEEPALIVE_OPTIONS]
+                   ("grpc.max_reconnect_backoff_ms", 2000), *KEEPALIVE_OPTIONS, *codec.HTTP2_OPTIONS]
         if cfg.server_name:
             options.append(("grpc.ssl_target_name_override", cfg.server_name))
         self.channel = grpc.secure_channel(cfg.coordinator, creds, options=options)

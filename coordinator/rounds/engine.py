@@ -137,7 +137,7 @@ class RoundEngine:
         self.ingress = UploadIngress(config, store, base_sha256, require_site=self.require_site,
                                      while_allowed=self.gate.while_allowed, spec_for=self.adapters.spec_for,
                                      quorum=self.quorum, secagg=self.secagg, audit=self._audit,
-                                     on_accepted=self._advance_in_background)
+                                     on_accepted=self._advance_in_background, audit_many=self._audit_many)
         self.steps = RoundSteps(config, store, base_sha256, self.strategy, self.adapters, self.secagg, self.central_dp,
                                 audit=self._audit, hold=self._hold)
         self.control = AdminControl(config, store, base_sha256, spec=self.spec, strategy=self.strategy,
@@ -442,6 +442,12 @@ class RoundEngine:
         rec = self.audit.append(event, fields)
         # The head also goes to the store, so `audit verify` detects a cut-off tail even without the .head file.
         self.store.set_meta("audit_head", Head(rec["seq"], rec["hash"]).to_json())
+
+    def _audit_many(self, events: list[tuple[str, dict[str, Any]]]) -> None:
+        """Audit several events with one group commit (the upload committer's batch; safe from its thread)."""
+        if events:
+            rec = self.audit.append_many(list(events))[-1]
+            self.store.set_meta("audit_head", Head(rec["seq"], rec["hash"]).to_json())
 
     # -- metrics ------------------------------------------------------------------------------------------------
     def report_metrics(self, peer: PeerIdentity, round: int, phase: str, metrics: dict[str, float],

@@ -120,7 +120,8 @@ def _safe_name(site: str) -> str:
 
 
 class UpdateConflict(Exception):
-    """The update could not be claimed: ``kind`` is ``"duplicate"`` (the site has one for the round) or ``"nonce"``."""
+    """The update could not be claimed: ``kind`` is ``"duplicate"`` (the site has one for the round), ``"nonce"``,
+    ``"closed"`` (its round is no longer open) or ``"revoked"`` (its site is)."""
 
     def __init__(self, message: str, kind: str) -> None:
         super().__init__(message)
@@ -160,6 +161,25 @@ class UpdateRow:
     @property
     def staleness(self) -> int:
         return self.round - self.trained_round
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One staged update to claim (:meth:`Store.claim_updates`): the row's values and the staging file."""
+
+    round: int
+    site: str
+    payload_sha256: str
+    size: int
+    num_examples: int
+    nonce: bytes
+    envelope: bytes
+    signature: bytes
+    trained_round: int
+    weight: float
+    event: tuple[str, dict[str, Any]] | None
+    staged: Path
+    require_open: bool = False  # refuse when the round is no longer open or the site is revoked
 
 
 class Store:
@@ -362,11 +382,11 @@ class Store:
                       weight: float = 1.0, event: tuple[str, dict[str, Any]] | None = None) -> UpdateRow:
         """Claim the site's one update of ``trained_round`` and store it: file first, then the row.
 
-        The payload goes to a staging file of its own (one per call, fsynced), and only inside the transaction
+        The payload goes to a staging file of its own (:meth:`stage_payload`), and only inside the transaction
         that finds no update of ``site`` for ``trained_round`` (and no use of ``nonce``) is it renamed into place and
-        the row inserted. So two concurrent uploads of one site for one round can never overwrite the other's
-        accepted file: the second is refused with :class:`UpdateConflict` and its bytes are dropped. A crash leaves
-        at most an unreferenced file; a row never points at a missing file.
+        the row inserted (:meth:`claim_updates`). So two concurrent uploads of one site for one round can never
+        overwrite the other's accepted file: the second is refused with :class:`UpdateConflict` and its bytes are
+        dropped. A crash leaves at most an unreferenced file; a row never points at a missing file.
 
         ``trained_round`` (default ``round``) is the round the site trained on; a late update carried into a later
         ``round`` has ``weight`` < 1 and is stored with ``event`` (recorded in the same transaction).
@@ -374,32 +394,95 @@ class Store:
         Raises:
             UpdateConflict: The site already has an update for ``trained_round``, or ``nonce`` was used.
         """
-        trained = round if trained_round is None else trained_round
-        path = self.update_path(round, site) if trained == round else self.late_update_path(round, site, trained)
-        staging = self.uploads / "staging" / f"{uuid.uuid4().hex}.safetensors"
-        write_durable(staging, payload)
-        t = now_ms()
+        staged = self.stage_payload(payload)
+        claim = Claim(round=round, site=site, payload_sha256=payload_sha256, size=len(payload),
+                      num_examples=num_examples, nonce=nonce, envelope=envelope, signature=signature,
+                      trained_round=round if trained_round is None else trained_round, weight=weight, event=event,
+                      staged=staged)
         try:
-            with self.tx() as db:
-                if db.execute("SELECT 1 FROM updates WHERE site=? AND trained_round=?", (site, trained)).fetchone():
-                    raise UpdateConflict(f"site {site!r} already has an accepted update for round {trained}",
-                                         "duplicate")
-                if db.execute("SELECT 1 FROM updates WHERE nonce=?", (nonce,)).fetchone():
-                    raise UpdateConflict("envelope nonce was already used (replay)", "nonce")
+            got = self.claim_updates([claim])[0]
+        finally:
+            staged.unlink(missing_ok=True)  # refused: its bytes are dropped
+        if isinstance(got, UpdateConflict):
+            raise got
+        return got
+
+    def stage_payload(self, payload: bytes) -> Path:
+        """Write ``payload`` to a fresh staging file (its own name, so concurrent callers never share one) and fsync
+        it, for :meth:`claim_updates` to rename into place; safe from any thread, touches no round state.
+
+        The staging folder itself is not fsynced: the entry that must survive is the one the claim renames into
+        the updates folder (fsynced there, before the row commits); a staging file left by a crash is garbage either
+        way, dropped by :meth:`sweep_uploads`.
+        """
+        staging = self.uploads / "staging" / f"{uuid.uuid4().hex}.safetensors"
+        staging.parent.mkdir(parents=True, exist_ok=True)
+        with open(staging, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        return staging
+
+    def claim_updates(self, claims: list[Claim]) -> list[UpdateRow | UpdateConflict]:
+        """Claim several staged updates in one transaction (a group commit): one fsync per updates folder and one
+        SQLite commit for all of them, instead of two per update.
+
+        Each claim is decided on its own, in order (a later claim sees the earlier ones of the same batch): it is
+        refused with an :class:`UpdateConflict` in its slot of the result when its site already has an update for
+        its trained round or its nonce was used, and, when ``require_open`` is set, when its target round is no
+        longer ``open`` (``"closed"``: the decision to close it is committed; the caller checks the envelope again)
+        or its site is revoked (``"revoked"``), or when its staged file is gone (``"gone"``: removed meanwhile). A
+        claimed file is renamed into place; a refused one is left where it is, for the caller (which may try again).
+        The staged file may be any fsynced file on this file system (the ingress passes the complete partial upload
+        itself, so an update's bytes are written once).
+        """
+        out: list[UpdateRow | UpdateConflict] = []
+        t = now_ms()
+        with self.tx() as db:
+            placed: list[tuple[Claim, Path]] = []
+            for c in claims:
+                path = (self.update_path(c.round, c.site) if c.trained_round == c.round
+                        else self.late_update_path(c.round, c.site, c.trained_round))
+                conflict = self._claim_conflict(db, c)
+                if conflict is not None:
+                    out.append(conflict)
+                    continue
                 # No row names ``path`` (the claim above), so nothing accepted is replaced here.
                 path.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(staging, path)
-                fsync_dir(path.parent)
+                try:
+                    os.replace(c.staged, path)
+                except FileNotFoundError:
+                    out.append(UpdateConflict("the uploaded file was removed while it was claimed", "gone"))
+                    continue
+                placed.append((c, path))
                 db.execute("INSERT INTO updates(round, site, payload_sha256, size, num_examples, nonce, envelope, "
                            "signature, path, accepted_ms, trained_round, weight) VALUES(?,?,?,?,?,?,?,?,?,?,?,?)",
-                           (round, site, payload_sha256, len(payload), num_examples, nonce, envelope, signature,
-                            str(path.relative_to(self.dir)), t, trained, float(weight)))
-                if event is not None:
-                    attempt = db.execute("SELECT attempt FROM rounds WHERE round=?", (round,)).fetchone()
-                    self._event(db, round, attempt[0] if attempt else 1, event[0], site, event[1])
-        finally:
-            staging.unlink(missing_ok=True)
-        return UpdateRow(round, site, payload_sha256, len(payload), num_examples, nonce, path, t, trained, weight)
+                           (c.round, c.site, c.payload_sha256, c.size, c.num_examples, c.nonce, c.envelope,
+                            c.signature, str(path.relative_to(self.dir)), t, c.trained_round, float(c.weight)))
+                if c.event is not None:
+                    attempt = db.execute("SELECT attempt FROM rounds WHERE round=?", (c.round,)).fetchone()
+                    self._event(db, c.round, attempt[0] if attempt else 1, c.event[0], c.site, c.event[1])
+                out.append(UpdateRow(c.round, c.site, c.payload_sha256, c.size, c.num_examples, c.nonce, path, t,
+                                     c.trained_round, c.weight))
+            # The renames are durable before the rows that name them commit: a row never points at nothing.
+            for folder in {p.parent for _, p in placed}:
+                fsync_dir(folder)
+        return out
+
+    @staticmethod
+    def _claim_conflict(db: sqlite3.Connection, c: Claim) -> UpdateConflict | None:
+        if c.require_open:
+            state = db.execute("SELECT state FROM rounds WHERE round=?", (c.round,)).fetchone()
+            if state is None or state[0] != "open":
+                return UpdateConflict(f"round {c.round} is no longer open", "closed")
+            if db.execute("SELECT 1 FROM revocations WHERE name=?", (c.site,)).fetchone():
+                return UpdateConflict(f"site {c.site!r} is revoked", "revoked")
+        if db.execute("SELECT 1 FROM updates WHERE site=? AND trained_round=?", (c.site, c.trained_round)).fetchone():
+            return UpdateConflict(f"site {c.site!r} already has an accepted update for round {c.trained_round}",
+                                  "duplicate")
+        if db.execute("SELECT 1 FROM updates WHERE nonce=?", (c.nonce,)).fetchone():
+            return UpdateConflict("envelope nonce was already used (replay)", "nonce")
+        return None
 
     _UPDATE_COLS = "round, site, payload_sha256, size, num_examples, nonce, path, accepted_ms, trained_round, weight"
 

@@ -66,6 +66,7 @@ def test_quorum_closes_at_k_of_n_and_drop_policy_refuses_the_late_site(tmp_path:
         assert eng.store.rounds()[0].state == "open"
         assert await _send(eng, b, 1, 3.0, 3.0)
         await _wait_state(eng, 1, "closed")
+        await _wait_state(eng, 2, "open")  # the engine audits round_closed after the store's close, then opens round 2
         with pytest.raises(LateUpdate, match="late update for round 1 refused: round 1 closed"):
             await _send(eng, c, 1, 100.0, 100.0)
 
