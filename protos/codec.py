@@ -70,6 +70,9 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+_ENTRY_KEYS = frozenset({"dtype", "shape", "data_offsets"})
+
+
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in pairs:
@@ -108,24 +111,34 @@ def check_header(data: bytes | mmap.mmap) -> dict[str, Any]:
     meta = header.get("__metadata__", {})
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise CodecError("payload __metadata__ must map strings to strings")
+    # Plain loops and exact type tests, not generator expressions: the coordinator checks every stored update's
+    # header again each time it maps the file to aggregate it (hundreds of tensors per file, N files a round).
+    spans = []
     for name in tensors:
         info = header[name]
-        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+        if type(info) is not dict or info.keys() != _ENTRY_KEYS:
             raise CodecError(f"payload header entry {name[:64]!r} must have exactly dtype, shape and data_offsets")
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if not isinstance(dtype, str) or dtype not in _DTYPE_SIZE:
+        if type(dtype) is not str or dtype not in _DTYPE_SIZE:
             raise CodecError(f"tensor {name[:64]!r} has dtype {str(dtype)[:16]!r}, which cannot travel on the wire")
-        if (not isinstance(shape, list) or len(shape) > MAX_DIMS
-                or not all(type(d) is int and 0 <= d < 1 << 40 for d in shape)):
+        if type(shape) is not list or len(shape) > MAX_DIMS:
             raise CodecError(f"tensor {name[:64]!r} has a malformed shape")
-        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
-                or not 0 <= offsets[0] <= offsets[1] <= body):
+        count = 1
+        for d in shape:
+            if type(d) is not int or not 0 <= d < 1 << 40:
+                raise CodecError(f"tensor {name[:64]!r} has a malformed shape")
+            count *= d
+        if type(offsets) is not list or len(offsets) != 2:
             raise CodecError(f"tensor {name[:64]!r} has data offsets outside the payload's {body} data bytes")
-        if math.prod(shape) * _DTYPE_SIZE[dtype] != offsets[1] - offsets[0]:
+        start, end = offsets
+        if type(start) is not int or type(end) is not int or not 0 <= start <= end <= body:
+            raise CodecError(f"tensor {name[:64]!r} has data offsets outside the payload's {body} data bytes")
+        if count * _DTYPE_SIZE[dtype] != end - start:
             raise CodecError(f"tensor {name[:64]!r}: shape {shape} and dtype {dtype} do not match its byte range")
-    spans = sorted((header[name]["data_offsets"], name) for name in tensors)
-    for (a, name_a), (b, name_b) in zip(spans, spans[1:], strict=False):
-        if b[0] < a[1]:
+        spans.append((start, end, name))
+    spans.sort()
+    for (_, a_end, name_a), (b_start, _, name_b) in zip(spans, spans[1:], strict=False):
+        if b_start < a_end:
             raise CodecError(f"tensors {name_a[:64]!r} and {name_b[:64]!r} overlap in the payload")
     return {name: header[name] for name in tensors}
 

@@ -156,35 +156,47 @@ class FedAvgAccumulator:
         flats = [self._flat_of(u) for u in updates]
         if any(f is None for f in flats) or global_state.keys() != self._shapes.keys():
             return None
+        if any(tuple(g.shape) != self._shapes[k] for k, g in global_state.items()):
+            return None  # not the template's global: the plain path reports the mismatch
         pairs = sorted(zip(updates, flats, strict=True), key=lambda p: p[0].site)
         parts = [f for _, f in pairs if f is not None]
         weights = [float(u.num_examples) for u, _ in pairs]
         for w in weights:
             self.total_weight += w
         self.count = len(updates)
-        self._check_nonempty()
         scale = lr / self.total_weight
-        offsets: dict[str, int] = {}
+        out = {k: torch.empty(self._shapes[k], dtype=g.dtype) for k, g in global_state.items()}
+        # Each key's flat range in the layout (the updates' data order), with its output and global, flat.
+        spans = []
         at = 0
         for k, shape in self._layout:
-            offsets[k] = at
-            at += math.prod(shape)
+            n = math.prod(shape)
+            spans.append((at, at + n, out[k].view(-1), global_state[k].detach().reshape(-1)))
+            at += n
         scratch = torch.empty(BLOCK, dtype=self._flat.dtype)
-        out: StateDict = {}
-        if any(tuple(g.shape) != self._shapes[k] for k, g in global_state.items()):
-            return None  # not the template's global: the plain path reports the mismatch
-        for k, g in global_state.items():
-            o = torch.empty(self._shapes[k], dtype=g.dtype)
-            of, gf, base = o.view(-1), g.detach().reshape(-1), offsets[k]
-            for start in range(0, of.numel(), BLOCK):
-                end = min(start + BLOCK, of.numel())
-                block = scratch[:end - start]
-                _add_blocks(block, [p[base + start:base + end] for p in parts], weights, fresh=True)
-                if g.dtype == block.dtype:
-                    torch.add(gf[start:end], block, alpha=scale, out=of[start:end])
+        # Every update cut into its block views at once (in C: far cheaper than one slice per block and update).
+        cuts = [p.split(BLOCK) for p in parts]
+        first, rest = (cuts[0], weights[0]), list(zip(cuts[1:], weights[1:], strict=True))
+        si = 0
+        # Blocks run over the whole layout, across keys: small keys (a LoRA A of rank 8 is 32K elements) would
+        # otherwise cost one Python step per key and update instead of per block and update.
+        for bi, start in enumerate(range(0, at, BLOCK)):
+            end = min(start + BLOCK, at)
+            block = scratch[:end - start]
+            _scaled_into(block, first[0][bi], first[1])
+            for cut, w in rest:
+                block.add_(cut[bi], alpha=w)
+            while si < len(spans) and spans[si][0] < end:  # the keys this block covers, each its piece
+                ks, ke, of, gf = spans[si]
+                lo, hi = max(ks, start), min(ke, end)
+                piece = block[lo - start:hi - start]
+                if of.dtype == piece.dtype:
+                    torch.add(gf[lo - ks:hi - ks], piece, alpha=scale, out=of[lo - ks:hi - ks])
                 else:
-                    of[start:end] = torch.add(gf[start:end], block, alpha=scale)
-            out[k] = o
+                    of[lo - ks:hi - ks] = torch.add(gf[lo - ks:hi - ks], piece, alpha=scale)
+                if ke > end:
+                    break
+                si += 1
         self._flat = None  # the sums were never written: nothing else can be read from this accumulator
         return out
 
