@@ -22,7 +22,7 @@ from protos.fedbridge.v1 import federation_service_pb2 as pb
 from site_agent.client import CoordinatorClient, LateUpdateRefused, error_summary
 from site_agent.config import SiteConfig
 from site_agent.egress import secagg
-from site_agent.egress.dp import LEDGER_NAME, PrivacyLedger, check_budget, resolve
+from site_agent.egress.dp import LEDGER_NAME, DpSettings, PrivacyLedger, check_budget, resolve
 from site_agent.egress.feedback import FeedbackStore
 from site_agent.egress.filters import CastFilter, CompressFilter, apply_filters
 from site_agent.egress.guard import EgressGuard, EgressRefusal
@@ -205,6 +205,36 @@ def global_adapter_state(task: pb.Task, data: bytes) -> dict[str, torch.Tensor]:
     return tensors.decode_state(data)
 
 
+def egress_delta(delta: dict[str, torch.Tensor], dp: DpSettings, task: pb.Task,
+                 work_dir: Path) -> dict[str, torch.Tensor]:
+    """The round's delta as it may leave the site: the egress filters clip -> DP noise (``dp``) -> cast to the
+    spec's wire dtype, or, with ``[lora]`` compression, encode with error feedback (this round's residual is on disk
+    in ``work_dir`` before this returns, so before anything is sent).
+
+    Raises:
+        SiteRefusal: The error-feedback store cannot be read.
+    """
+    last: CastFilter | CompressFilter
+    feedback = None
+    if task.adapter_spec.compression.encoding:
+        feedback = FeedbackStore(work_dir, task.federation_id, task.adapter_spec.sha256)
+        try:
+            _, previous = feedback.load_before(task.round)
+        except ValueError as e:
+            raise SiteRefusal(f"refusing task: {e}") from None
+        last = CompressFilter(task.adapter_spec, previous)
+    else:
+        last = CastFilter.for_spec([t.dtype for t in task.adapter_spec.tensors])
+    noised = apply_filters(delta, dp.filters())
+    out = apply_filters(noised, [last])
+    if isinstance(last, CompressFilter):
+        assert feedback is not None
+        feedback.save(task.round, last.residual(noised, out))
+    else:
+        tensors.check_against_spec(out, task.adapter_spec)
+    return out
+
+
 def _serve(cfg: SiteConfig, show_progress: bool, audit: AuditSink | None, ranks: Ranks) -> int:
     """Rank 0 (the only rank outside a launcher): the task loop that talks to the coordinator."""
     from site_agent.progress import RoundProgress
@@ -328,24 +358,7 @@ def _serve(cfg: SiteConfig, show_progress: bool, audit: AuditSink | None, ranks:
             if secure and task.adapter_spec.compression.encoding:
                 raise SiteRefusal("refusing task: the adapter spec asks for compressed updates, but secure "
                                   "aggregation masks fixed-point values and cannot carry them; nothing was sent")
-            last: CastFilter | CompressFilter
-            feedback = None
-            if task.adapter_spec.compression.encoding:
-                feedback = FeedbackStore(cfg.work_dir, task.federation_id, task.adapter_spec.sha256)
-                try:
-                    _, previous = feedback.load_before(task.round)
-                except ValueError as e:
-                    raise SiteRefusal(f"refusing task: {e}") from None
-                last = CompressFilter(task.adapter_spec, previous)
-            else:
-                last = CastFilter.for_spec([t.dtype for t in task.adapter_spec.tensors])
-            noised = apply_filters(result.delta, dp.filters())
-            delta = apply_filters(noised, [last])
-            if isinstance(last, CompressFilter):
-                assert feedback is not None
-                feedback.save(task.round, last.residual(noised, delta))
-            else:
-                tensors.check_against_spec(delta, task.adapter_spec)
+            delta = egress_delta(result.delta, dp, task, cfg.work_dir)
             payload = tensors.encode_state(delta)
             try:
                 check_upload_size(policy, len(payload))

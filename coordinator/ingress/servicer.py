@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
 
 from coordinator import metrics
+from coordinator.config import FederationConfig
 from coordinator.errors import CoordinatorError, InvalidUpdate, NotFound, PermissionDenied, Unauthenticated
 from coordinator.ingress.uploads import Chunk
 from coordinator.rounds.engine import RoundEngine
 from coordinator.trust.pki import PeerIdentity, PKIError, peer_identity
 from fedcommon.certs import SITE_NAME
+from fedcommon.chat import TemplatePin
 from protos import codec
 from protos.fedbridge.v1 import federation_service_pb2 as pb
 from protos.fedbridge.v1 import federation_service_pb2_grpc as pb_grpc
@@ -50,6 +53,34 @@ async def _abort(context: grpc.aio.ServicerContext, method: str, err: Coordinato
     await context.abort(getattr(grpc.StatusCode, err.status), str(err))
 
 
+def build_task(cfg: FederationConfig, round: int, base_sha256: str, template: TemplatePin, spec: pb.AdapterSpec,
+               hints: Mapping[str, float | int | str | bool], **download: Any) -> pb.Task:
+    """The task of ``round`` as a site receives it (the Flower ServerApp sends the same one).
+
+    ``download`` sets the fields that say where the round's adapter and residual bytes are (sizes, hashes,
+    deadline, compression); a transport that carries the bytes in the message leaves them unset.
+    """
+    t = cfg.training
+    return pb.Task(
+        federation_id=cfg.federation_id, round=round, total_rounds=cfg.rounds,
+        base_model_sha256=base_sha256, base_model_ref=cfg.base_model_ref,
+        training=pb.TrainingConfig(mode=t.mode, max_steps=t.max_steps, learning_rate=t.learning_rate,
+                                   per_device_batch_size=t.batch_size,
+                                   gradient_accumulation_steps=t.gradient_accumulation_steps,
+                                   max_length=t.max_length, seed=t.seed, weight_decay=t.weight_decay,
+                                   warmup_ratio=t.warmup_ratio, lr_scheduler_type=t.lr_scheduler_type,
+                                   beta=t.beta, loss_type=t.loss_type, rpo_alpha=t.rpo_alpha,
+                                   simpo_gamma=t.simpo_gamma, cpo_alpha=t.cpo_alpha,
+                                   desirable_weight=t.desirable_weight,
+                                   undesirable_weight=t.undesirable_weight,
+                                   label_smoothing=t.label_smoothing, weight_by=t.weight_by),
+        chat_template=template.text, chat_template_sha256=template.sha256, adapter_spec=spec,
+        hints=pb.SiteHints(proximal_mu=float(hints.get("proximal_mu", 0.0)),
+                           freeze_lora_a=bool(hints.get("freeze_lora_A", False))),
+        dp=pb.DpRequest(noise_multiplier=cfg.privacy.noise_multiplier, clip_norm=cfg.privacy.clip_norm)
+        if cfg.privacy.mode == "local" else None, **download)
+
+
 class FederationServicer(pb_grpc.FederationServiceServicer):
     def __init__(self, engine: RoundEngine) -> None:
         self.engine = engine
@@ -71,31 +102,12 @@ class FederationServicer(pb_grpc.FederationServiceServicer):
             await _abort(context, "FetchTask", e)
         resp = pb.FetchTaskResponse(status=_TASK_STATUS[offer.status])
         if offer.status != "wait":
-            cfg, t = self.engine.cfg, self.engine.cfg.training
-            hints = self.engine.strategy.site_params
-            resp.task.CopyFrom(pb.Task(
-                federation_id=cfg.federation_id, round=offer.round, total_rounds=cfg.rounds,
-                base_model_sha256=self.engine.base_sha256, base_model_ref=cfg.base_model_ref,
-                training=pb.TrainingConfig(mode=t.mode, max_steps=t.max_steps, learning_rate=t.learning_rate,
-                                           per_device_batch_size=t.batch_size,
-                                           gradient_accumulation_steps=t.gradient_accumulation_steps,
-                                           max_length=t.max_length, seed=t.seed, weight_decay=t.weight_decay,
-                                           warmup_ratio=t.warmup_ratio, lr_scheduler_type=t.lr_scheduler_type,
-                                           beta=t.beta, loss_type=t.loss_type, rpo_alpha=t.rpo_alpha,
-                                           simpo_gamma=t.simpo_gamma, cpo_alpha=t.cpo_alpha,
-                                           desirable_weight=t.desirable_weight,
-                                           undesirable_weight=t.undesirable_weight,
-                                           label_smoothing=t.label_smoothing, weight_by=t.weight_by),
-                chat_template=self.engine.template.text, chat_template_sha256=self.engine.template.sha256,
-                adapter_spec=self.engine.adapters.spec_for(peer.name), global_adapter_sha256=offer.global_sha256,
-                global_adapter_size=offer.global_size, deadline_unix_ms=offer.deadline_ms,
-                global_adapter_compressed=self.engine.adapters.compress_download,
-                base_residual_sha256=offer.residual_sha256,
-                base_residual_size=offer.residual_size,
-                hints=pb.SiteHints(proximal_mu=float(hints.get("proximal_mu", 0.0)),
-                                   freeze_lora_a=bool(hints.get("freeze_lora_A", False))),
-                dp=pb.DpRequest(noise_multiplier=cfg.privacy.noise_multiplier, clip_norm=cfg.privacy.clip_norm)
-                if cfg.privacy.mode == "local" else None))
+            resp.task.CopyFrom(build_task(
+                self.engine.cfg, offer.round, self.engine.base_sha256, self.engine.template,
+                self.engine.adapters.spec_for(peer.name), self.engine.strategy.site_params,
+                global_adapter_sha256=offer.global_sha256, global_adapter_size=offer.global_size,
+                deadline_unix_ms=offer.deadline_ms, global_adapter_compressed=self.engine.adapters.compress_download,
+                base_residual_sha256=offer.residual_sha256, base_residual_size=offer.residual_size))
         return resp
 
     async def DownloadAdapter(self, request: pb.DownloadAdapterRequest,

@@ -184,3 +184,14 @@ def scaled_residual_in_weight_layout(residual: dict[str, torch.Tensor], scale: f
         add = (scale * r.to(torch.float64)).to(torch.float32)
         out[name] = (add.T if name in fan_in_fan_out else add).contiguous()
     return out
+
+
+def add_residual(total: dict[str, torch.Tensor], residual: dict[str, torch.Tensor], scale: float,
+                 fan_in_fan_out: frozenset[str]) -> dict[str, torch.Tensor]:
+    """FedEx-LoRA's cumulative base residual after one more round: ``total`` plus this round's rule residual
+    (``[out, in]``, unscaled) scaled by ``scale`` (alpha/r) in each weight's own layout
+    (:func:`scaled_residual_in_weight_layout`). ``total`` is not changed; the new cumulative residual is returned."""
+    out = dict(total)
+    for name, add in scaled_residual_in_weight_layout(residual, scale, fan_in_fan_out).items():
+        out[name] = out[name] + add if name in out else add
+    return out

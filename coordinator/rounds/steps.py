@@ -19,7 +19,7 @@ from coordinator.privacy.secagg import SecAggCoordinator
 from coordinator.release import evaluation, gate
 from coordinator.release.publish import build_provenance, find_published
 from coordinator.release.publish import publish as publish_to_registry
-from coordinator.rounds.adapter import base_layout, peft_view, scaled_residual_in_weight_layout
+from coordinator.rounds.adapter import add_residual, base_layout, peft_view
 from coordinator.rounds.adapters import Adapters
 from coordinator.rounds.mapped import map_state
 from coordinator.rounds.store import Store, UpdateRow
@@ -188,9 +188,7 @@ class RoundSteps:
         total = tensors.decode_state(previous) if previous is not None else {}
         if self._fan_in_fan_out is None:  # read once, from the base's config (no weight is loaded)
             self._fan_in_fan_out = base_layout(self.cfg.base_model).fan_in_fan_out
-        scale = self.spec.alpha / self.spec.rank
-        for name, add in scaled_residual_in_weight_layout(residual, scale, self._fan_in_fan_out).items():
-            total[name] = total[name] + add if name in total else add
+        total = add_residual(total, residual, self.spec.alpha / self.spec.rank, self._fan_in_fan_out)
         self.store.put_residual(round + 1, tensors.encode_state(total))
 
     def _server_state(self, round: int) -> ServerState | None:
