@@ -53,22 +53,30 @@ def cases(quality_sites: int, scaling: tuple[int, ...]) -> list[Case]:
     def add(group: str, sites: int, alpha: float = 1.0, strategy: str = "fedavg", fraction: float = 1.0) -> None:
         out.setdefault((sites, alpha, strategy, fraction), set()).add(group)
 
-    # The cheap runs first, the largest last: an interrupted sweep still has every table but the largest N.
-    add("scaling", min(scaling))
+    # The scaling runs first (smallest N, which every quality table shares, then the largest), then the quality runs,
+    # whose tables compare losses only: a sweep cut short on a busy machine still has the scaling table.
+    for n in sorted(scaling, key=lambda n: (n != min(scaling), -n)):
+        add("scaling", n)
     for a in (0.1, 1.0, 100.0):
         add("alpha", quality_sites, alpha=a)
     for s in ("fedavg", "fedex-lora"):
         add("strategy", quality_sites, strategy=s)
     for f in (0.1, 0.5, 1.0):
         add("fraction", quality_sites, fraction=f)
-    for n in sorted(scaling):
-        add("scaling", n)
     return [Case(f"n{n}-a{a:g}-{s}-f{f:g}", tuple(sorted(g)), n, a, s, f) for (n, a, s, f), g in out.items()]
 
 
-def run_case(case: Case, common: list[str], work: Path, timeout_s: float) -> dict[str, Any]:
-    """One ``fedbridge simulate`` process; its results.json (or an ``error`` entry)."""
+def run_case(case: Case, common: list[str], work: Path, timeout_s: float, resume: bool = False) -> dict[str, Any]:
+    """One ``fedbridge simulate`` process; its results.json (or an ``error`` entry).
+
+    With ``resume``, a case whose folder under ``work`` already holds a results.json (a finished run of the same
+    settings: the folder is named by them, and ``common`` must be the same) is read instead of run again.
+    """
     out = work / case.name
+    if resume and (out / "results.json").is_file():
+        res = json.loads((out / "results.json").read_text())
+        print(f"[simulate-bench] {case.name}: kept from an earlier sweep ({out / 'results.json'})", file=sys.stderr)
+        return res
     cmd = [sys.executable, "-m", "sandbox", "simulate", *case.args(), *common, "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "FLWR_TELEMETRY_ENABLED": "0"}
     start = time.perf_counter()
@@ -177,6 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--only", default="", help="comma-separated groups: scaling, alpha, strategy, fraction")
     p.add_argument("--work", type=Path, default=Path("/tmp/fedbridge-simulate-bench"))
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per case")
+    p.add_argument("--resume", action="store_true", help="keep the cases --work already has results for")
     a = p.parse_args(argv)
     todo = cases(a.quality_sites, tuple(int(x) for x in a.scaling.split(",")))
     if a.only:
@@ -192,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     done: dict[str, tuple[Case, dict[str, Any]]] = {}
     for case in todo:
-        done[case.name] = (case, run_case(case, common, a.work, a.timeout))
+        done[case.name] = (case, run_case(case, common, a.work, a.timeout, a.resume))
         wall = time.perf_counter() - start
         notes = [f"case {k}: {v[1]['error']}" for k, v in done.items() if "error" in v[1]]
         write_results("simulate", build_rows(done), [report(done, settings, wall).split("\n\n", 2)[1], *notes])

@@ -60,3 +60,17 @@ def test_config_defaults_and_sampling() -> None:
     assert SimulateConfig(alpha=math.inf).alpha == math.inf
     with pytest.raises(ValueError, match="--alpha"):
         SimulateConfig(alpha=math.nan)
+
+
+def test_backend_config_starts_a_private_local_ray_or_joins_a_cluster(tmp_path: Path) -> None:
+    from sandbox.simulate import backend_config
+
+    local = backend_config(SimulateConfig(num_cpus=2, client_cpus=0.5), tmp_path / "ray")
+    assert local["init_args"]["num_cpus"] == 2 and local["init_args"]["_temp_dir"] == str(tmp_path / "ray")
+    assert local["init_args"]["include_dashboard"] is False and "address" not in local["init_args"]
+    assert local["client_resources"] == {"num_cpus": 0.5, "num_gpus": 0.0}
+    joined = backend_config(SimulateConfig(ray_address="ray://10.0.0.5:10001", client_gpus=0.5), tmp_path / "ray")
+    # Ray refuses num_cpus/num_gpus when joining a cluster, and the cluster has its own temp folder.
+    assert joined["init_args"]["address"] == "ray://10.0.0.5:10001"
+    assert not {"num_cpus", "num_gpus", "_temp_dir"} & set(joined["init_args"])
+    assert joined["client_resources"] == {"num_cpus": 1.0, "num_gpus": 0.5}
