@@ -64,7 +64,7 @@ def simulate(sites: int = typer.Option(10, "--sites", help="virtual sites (Flowe
                                                     "(default: the house tiny Llama)"),
              seed: int = typer.Option(0, help="partition, adapter and training seed")) -> None:
     """Run SITES virtual sites on Flower's Ray simulation engine for ROUNDS rounds; write a results table."""
-    from sandbox.simulate import SimulateConfig, parse_client_resources, run
+    from sandbox.simulate import SimulateConfig, SimulationError, parse_client_resources, run
 
     logging.basicConfig(level=logging.WARNING)
     try:
@@ -78,7 +78,20 @@ def simulate(sites: int = typer.Option(10, "--sites", help="virtual sites (Flowe
 
         console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
         raise typer.Exit(2) from None
-    run(cfg, console)
+    try:
+        run(cfg, console)
+    except SimulationError as e:
+        import os
+        import sys
+        import threading
+
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+            # Flower's ServerApp thread is not a daemon and waits up to its round timeout for replies that will
+            # never come: Ray is already shut down, so nothing is left to clean up.
+            sys.stdout.flush()
+            os._exit(1)
+        raise typer.Exit(1) from None
 
 
 @app.command("netns-demo")

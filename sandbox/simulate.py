@@ -242,6 +242,40 @@ class HeldoutScorer:
         return loss
 
 
+class SimulationError(RuntimeError):
+    """The simulation could not start or did not finish (one line: what and where)."""
+
+
+def start_ray(init_args: dict[str, Any], attempts: int = 3) -> None:
+    """Start (or join) Ray before Flower does, so start-up is timed apart from round 1 and a slow start is retried.
+
+    Ray gives a starting raylet a fixed 30 s to register with its GCS; on a heavily loaded machine that can run out
+    (measured here at load average 16 on 2 cores). Flower's Ray backend then finds Ray initialised and uses it. The
+    workers get the driver's ``sys.path`` as Flower's own start-up would give them.
+
+    Raises:
+        SimulationError: Ray did not start in ``attempts`` tries (or the cluster could not be joined).
+    """
+    import sys
+
+    import ray
+
+    pythonpath = os.pathsep.join([*sys.path, *([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])])
+    last = ""
+    for _ in range(attempts):
+        try:
+            ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **init_args)
+            return
+        except Exception as e:  # noqa: BLE001 - Ray raises plain Exception for a start-up timeout
+            last = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+            if ray.is_initialized():
+                ray.shutdown()
+            if "address" in init_args:
+                break  # a cluster that cannot be joined will not become joinable by retrying at once
+    where = init_args.get("address") or "a local Ray"
+    raise SimulationError(f"could not start {where} ({attempts if 'address' not in init_args else 1} tries): {last}")
+
+
 def backend_config(cfg: SimulateConfig, ray_temp: Path) -> dict[str, Any]:
     """Flower's Ray backend settings: the virtual sites' resources and how Ray starts (or which cluster it joins)."""
     init: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
@@ -377,11 +411,10 @@ def run(cfg: SimulateConfig, console: Any = None) -> SimulationResult:
     flwr_sim = importlib.import_module("flwr.simulation.run_simulation")
 
     from coordinator.flower.serverapp import run_federation
-    from site_agent.flower.clientapp import app as client_app
-
     from fedcommon import flowerwire as fw
     from sandbox.partition import write_partition
     from sandbox.tiny_model import build_tiny_model
+    from site_agent.flower.clientapp import app as client_app
 
     # Flower's INFO lines are per message: the table is the output.
     logging.getLogger("flwr").setLevel(logging.WARNING)
@@ -410,13 +443,6 @@ def run(cfg: SimulateConfig, console: Any = None) -> SimulationResult:
     def evaluate(strategy: Any, server_round: int, arrays: Any) -> Any:
         nonlocal scorer
         now = time.perf_counter()
-        if server_round == 0:
-            # The ServerApp starts before the simulation engine has brought Ray up: round 1's clock starts once it
-            # is up, so start-up is reported apart from the rounds.
-            import ray
-
-            while not ray.is_initialized() and time.perf_counter() - now < 600:
-                time.sleep(0.2)
         state = fw.record_state(arrays, "global adapter")
         if scorer is None:
             scorer = HeldoutScorer(base, part.heldout_path, strategy.task_for_round(1).adapter_spec,
@@ -449,12 +475,18 @@ def run(cfg: SimulateConfig, console: Any = None) -> SimulationResult:
         f"{cfg.strategy}; Ray: {cfg.ray_address or 'local'}")
     try:
         with sampler:
+            start_ray(backend_config(cfg, ray_temp)["init_args"])
             flwr_sim._run_simulation(
                 num_supernodes=cfg.sites, exit_event=flwr_sim.EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
                 client_app=client_app, server_app=server_app, backend_config=backend_config(cfg, ray_temp),
                 app_dir=str(app_dir), is_app=True, run=run_,
                 server_app_context=Context(run_id=run_.run_id, node_id=0, node_config={}, state=RecordDict(),
                                            run_config=dict(run_config)))
+    except RuntimeError as e:  # Flower's "An error was encountered. Ending simulation.", the cause chained
+        cause = e.__cause__ or e
+        raise SimulationError(f"the simulation failed after {len(result.rounds)} of {cfg.rounds} rounds: "
+                              f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''} "
+                              "(Flower's log above has the details)") from None
     finally:
         import ray
 
@@ -463,7 +495,7 @@ def run(cfg: SimulateConfig, console: Any = None) -> SimulationResult:
         if remove_temp:
             shutil.rmtree(ray_temp, ignore_errors=True)
     if len(result.rounds) != cfg.rounds:
-        raise RuntimeError(f"the simulation ended after {len(result.rounds)} of {cfg.rounds} rounds (see the log "
+        raise SimulationError(f"the simulation ended after {len(result.rounds)} of {cfg.rounds} rounds (see the log "
                            "above)")
     result.total_wall_s = time.perf_counter() - start
     result.peak_rss_mib = sampler.peak_mib

@@ -74,3 +74,29 @@ def test_backend_config_starts_a_private_local_ray_or_joins_a_cluster(tmp_path: 
     assert joined["init_args"]["address"] == "ray://10.0.0.5:10001"
     assert not {"num_cpus", "num_gpus", "_temp_dir"} & set(joined["init_args"])
     assert joined["client_resources"] == {"num_cpus": 1.0, "num_gpus": 0.5}
+
+
+def test_a_slow_ray_start_is_retried_then_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ray
+
+    from sandbox.simulate import SimulationError, start_ray
+
+    calls: list[dict] = []
+
+    def flaky(**kw: object) -> None:
+        calls.append(kw)
+        if len(calls) < 3:
+            raise Exception("The current node timed out during startup. This could happen because ...")
+
+    monkeypatch.setattr(ray, "init", flaky)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    start_ray({"num_cpus": 2})
+    assert len(calls) == 3 and calls[-1]["num_cpus"] == 2 and "PYTHONPATH" in calls[-1]["runtime_env"]["env_vars"]
+
+    calls.clear()
+    monkeypatch.setattr(ray, "init", lambda **kw: (_ for _ in ()).throw(Exception("The current node timed out\nx")))
+    with pytest.raises(SimulationError, match=r"^could not start a local Ray \(3 tries\): Exception: The current node "
+                                              r"timed out$"):
+        start_ray({"num_cpus": 2})
+    with pytest.raises(SimulationError, match=r"could not start 10\.0\.0\.5:6379 \(1 tries\)"):
+        start_ray({"address": "10.0.0.5:6379"})  # a cluster that cannot be joined is not retried
