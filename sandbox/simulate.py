@@ -246,11 +246,28 @@ class SimulationError(RuntimeError):
     """The simulation could not start or did not finish (one line: what and where)."""
 
 
-def start_ray(init_args: dict[str, Any], attempts: int = 3) -> None:
+def _kill_ray_processes(temp_dir: str) -> None:
+    """End what a failed local Ray start left behind: its GCS, and agents its crashed raylet orphaned.
+
+    Only processes whose command line names this run's private Ray temp folder are touched.
+    """
+    import psutil
+
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if temp_dir in " ".join(p.info["cmdline"] or []):
+                p.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+
+
+def start_ray(init_args: dict[str, Any], attempts: int = 5) -> None:
     """Start (or join) Ray before Flower does, so start-up is timed apart from round 1 and a slow start is retried.
 
-    Ray gives a starting raylet a fixed 30 s to register with its GCS; on a heavily loaded machine that can run out
-    (measured here at load average 16 on 2 cores). Flower's Ray backend then finds Ray initialised and uses it. The
+    Ray gives a starting node a fixed 30 s to come up, and its raylet gives the metrics agent a fixed time to write
+    its port file; on a heavily loaded machine either can run out (measured here at load average 16-19 on 2 cores:
+    the raylet aborts with "Timed out waiting for file .../metrics_agent_port_..."). A failed local start's leftover
+    processes are ended before the next try. Flower's Ray backend then finds Ray initialised and uses it. The
     workers get the driver's ``sys.path`` as Flower's own start-up would give them.
 
     Raises:
@@ -270,6 +287,8 @@ def start_ray(init_args: dict[str, Any], attempts: int = 3) -> None:
             last = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
             if ray.is_initialized():
                 ray.shutdown()
+            if init_args.get("_temp_dir"):
+                _kill_ray_processes(str(init_args["_temp_dir"]))
             if "address" in init_args:
                 break  # a cluster that cannot be joined will not become joinable by retrying at once
     where = init_args.get("address") or "a local Ray"
@@ -482,6 +501,8 @@ def run(cfg: SimulateConfig, console: Any = None) -> SimulationResult:
                 app_dir=str(app_dir), is_app=True, run=run_,
                 server_app_context=Context(run_id=run_.run_id, node_id=0, node_config={}, state=RecordDict(),
                                            run_config=dict(run_config)))
+    except SimulationError:
+        raise
     except RuntimeError as e:  # Flower's "An error was encountered. Ending simulation.", the cause chained
         cause = e.__cause__ or e
         raise SimulationError(f"the simulation failed after {len(result.rounds)} of {cfg.rounds} rounds: "

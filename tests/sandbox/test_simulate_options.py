@@ -85,17 +85,17 @@ def test_a_slow_ray_start_is_retried_then_one_clear_error(monkeypatch: pytest.Mo
 
     def flaky(**kw: object) -> None:
         calls.append(kw)
-        if len(calls) < 3:
+        if len(calls) < 4:
             raise Exception("The current node timed out during startup. This could happen because ...")
 
     monkeypatch.setattr(ray, "init", flaky)
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     start_ray({"num_cpus": 2})
-    assert len(calls) == 3 and calls[-1]["num_cpus"] == 2 and "PYTHONPATH" in calls[-1]["runtime_env"]["env_vars"]
+    assert len(calls) == 4 and calls[-1]["num_cpus"] == 2 and "PYTHONPATH" in calls[-1]["runtime_env"]["env_vars"]
 
     calls.clear()
     monkeypatch.setattr(ray, "init", lambda **kw: (_ for _ in ()).throw(Exception("The current node timed out\nx")))
-    with pytest.raises(SimulationError, match=r"^could not start a local Ray \(3 tries\): Exception: The current node "
+    with pytest.raises(SimulationError, match=r"^could not start a local Ray \(5 tries\): Exception: The current node "
                                               r"timed out$"):
         start_ray({"num_cpus": 2})
     with pytest.raises(SimulationError, match=r"could not start 10\.0\.0\.5:6379 \(1 tries\)"):
