@@ -141,7 +141,7 @@ def report(done: dict[str, tuple[Case, dict[str, Any]]], settings: dict[str, Any
              f"local Ray with {settings['num_cpus']} CPUs and 1 CPU per virtual site (so 2 sites train at a time); "
              f"held-out loss is the global adapter's on the union held-out set (every fact family, "
              f"token-weighted). Sweep wall time {wall_s:.0f} s on `{settings['machine']}` (load average at start "
-             f"{settings['load']}).", ""]
+             f"{settings['load']}).{(' ' + settings['note']) if settings.get('note') else ''}", ""]
     scaling = sorted((v for v in ok.values() if "scaling" in v[0].groups), key=lambda v: v[0].sites)
     if scaling:
         lines += ["## Scaling (fedavg, alpha 1, every site every round)", "",
@@ -167,10 +167,40 @@ def report(done: dict[str, tuple[Case, dict[str, Any]]], settings: dict[str, Any
             lines.append(f"| {getattr(c, col)} | {r['initial_loss']:.4f} | {r['rounds'][0]['heldout_loss']:.4f} | "
                          f"{r['final_loss']:.4f} | {r['rounds'][0]['sampled']} |")
         lines.append("")
+    lines += findings(ok)
     failed = [(k, v[1]["error"]) for k, v in done.items() if "error" in v[1]]
     if failed:
         lines += ["## Runs that did not finish", ""] + [f"- {k}: {e}" for k, e in failed] + [""]
     return "\n".join(lines)
+
+
+def findings(ok: dict[str, tuple[Case, dict[str, Any]]]) -> list[str]:
+    """What the tables show, in words computed from them (comparisons only; one seed, so small gaps are noise)."""
+    out = []
+    scaling = sorted((v for v in ok.values() if "scaling" in v[0].groups), key=lambda v: v[0].sites)
+    if len(scaling) > 1:
+        (c0, r0), (c1, r1) = scaling[0], scaling[-1]
+        out.append(f"- Scaling: from N={c0.sites} to N={c1.sites} ({c1.sites / c0.sites:g}x the sites, all trained every "
+                   f"round), the mean wall of rounds 2..R goes from {steady_round_s(r0):.1f} s to "
+                   f"{steady_round_s(r1):.1f} s ({steady_round_s(r1) / steady_round_s(r0):.1f}x; "
+                   f"{steady_round_s(r0) / c0.sites:.2f} -> {steady_round_s(r1) / c1.sites:.2f} s per site-round), "
+                   f"round 1 from {r0['rounds'][0]['wall_s']:.0f} s to {r1['rounds'][0]['wall_s']:.0f} s, and the "
+                   f"peak RSS from {r0['peak_rss_mib']:.0f} to {r1['peak_rss_mib']:.0f} MiB.")
+    for group, col, label in (("alpha", "alpha", "alpha"), ("strategy", "strategy", "aggregation"),
+                              ("fraction", "fraction", "sampled fraction")):
+        rows = sorted((v for v in ok.values() if group in v[0].groups), key=lambda v: str(getattr(v[0], col)))
+        if len(rows) > 1:
+            parts = ", ".join(f"{getattr(c, col)}: {r['final_loss']:.3f}" for c, r in rows)
+            best = min(rows, key=lambda v: v[1]["final_loss"])
+            worst = max(rows, key=lambda v: v[1]["final_loss"])
+            gap = worst[1]["final_loss"] / best[1]["final_loss"] - 1
+            out.append(f"- Held-out loss after R rounds by {label} (N={rows[0][0].sites}): {parts}; lowest at "
+                       f"{getattr(best[0], col)}, highest at {getattr(worst[0], col)} ({100 * gap:.1f}% higher).")
+    if out:
+        out = ["## What the numbers show", "", *out,
+               "- One data/adapter/training seed per case, so differences of a few percent are within seed noise; "
+               "3 rounds x 2 steps is the very start of training (every case still improves each round).", ""]
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -186,6 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--work", type=Path, default=Path("/tmp/fedbridge-simulate-bench"))
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per case")
     p.add_argument("--resume", action="store_true", help="keep the cases --work already has results for")
+    p.add_argument("--note", default="", help="a sentence for the report's settings paragraph (how it was run)")
     a = p.parse_args(argv)
     todo = cases(a.quality_sites, tuple(int(x) for x in a.scaling.split(",")))
     if a.only:
@@ -197,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
 
     settings = {"rounds": a.rounds, "steps": a.steps, "batch": a.batch_size, "rows": a.rows_per_site,
                 "num_cpus": a.num_cpus, "machine": f"{platform.platform()}, {os.cpu_count()} cores",
-                "load": ", ".join(f"{x:.1f}" for x in os.getloadavg())}
+                "load": ", ".join(f"{x:.1f}" for x in os.getloadavg()), "note": a.note}
     start = time.perf_counter()
     done: dict[str, tuple[Case, dict[str, Any]]] = {}
     for case in todo:
