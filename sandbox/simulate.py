@@ -249,15 +249,17 @@ class SimulationError(RuntimeError):
 def _kill_ray_processes(temp_dir: str) -> None:
     """End what a failed local Ray start left behind: its GCS, and agents its crashed raylet orphaned.
 
-    Only processes whose command line names this run's private Ray temp folder are touched.
+    Only processes whose command line names this run's private Ray temp folder, or that hold a file open in it, are
+    touched: Ray's agents retitle themselves (``ray::DashboardAgent``), but keep their logs there open.
     """
     import psutil
 
     for p in psutil.process_iter(["cmdline"]):
         try:
-            if temp_dir in " ".join(p.info["cmdline"] or []):
+            if temp_dir in " ".join(p.info["cmdline"] or []) or any(
+                    f.path.startswith(temp_dir) for f in p.open_files()):
                 p.kill()
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
 
 
