@@ -492,6 +492,15 @@ def run(cfg: SimulateConfig, console: Any = None) -> SimulationResult:
 
     run_ = _simulation_run(flwr_sim, run_config)
     sampler = MemorySampler()
+    if threading.current_thread() is threading.main_thread():
+        import signal
+
+        def _terminate(signum: int, _frame: Any) -> None:
+            # SIGTERM would end the process without running the finally below: Ray's processes and the private temp
+            # folder would be left. Raise instead, so the same clean-up as for an error runs.
+            raise SimulationError(f"stopped by signal {signum}")
+
+        signal.signal(signal.SIGTERM, _terminate)
     say(f"[simulate] {cfg.sites} sites, {cfg.rounds} rounds, alpha {cfg.alpha:g}, fraction {cfg.fraction:g}, "
         f"{cfg.strategy}; Ray: {cfg.ray_address or 'local'}")
     try:
