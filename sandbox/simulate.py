@@ -220,7 +220,11 @@ class MemorySampler:
 
 
 class HeldoutScorer:
-    """The union held-out loss of a global adapter, by the site trainer's own evaluation (one model, kept)."""
+    """The union held-out loss of a global adapter, by the site trainer's own evaluation (one model, kept).
+
+    Under FedEx-LoRA the caller first sets the cumulative residual (``trainer.set_base_residual``), so the adapter is
+    scored on the base the sites trained on.
+    """
 
     def __init__(self, base_model: Path, heldout_path: Path, spec: Any, work_dir: Path) -> None:
         from site_agent.training.data import load_sft
@@ -229,13 +233,6 @@ class HeldoutScorer:
         self.rows = load_sft(heldout_path)
         self.spec = spec
         self.trainer = SftSiteTrainer(base_model, [], work_dir)
-
-    def fold_residual(self, residual: dict[str, Any], scale: float) -> None:
-        """FedEx-LoRA: the round's residual joins the base weights the evaluation model scores with."""
-        from bench.quality import fold_residual
-
-        self.trainer.model is not None or self.trainer._ensure_model(self.spec)
-        fold_residual(self.trainer.model, residual, scale)
 
     def loss(self, state: dict[str, Any]) -> float:
         loss, _ = self.trainer.evaluate(self.spec, state, self.rows, max_length=128)
