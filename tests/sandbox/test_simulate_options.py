@@ -77,9 +77,13 @@ def test_backend_config_starts_a_private_local_ray_or_joins_a_cluster(tmp_path: 
 
 
 def test_a_slow_ray_start_is_retried_then_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    import ray
+    import sys
+    import types
 
     from sandbox.simulate import SimulationError, start_ray
+
+    ray = types.ModuleType("ray")  # a stand-in: importing the real Ray costs seconds, and nothing here starts it
+    monkeypatch.setitem(sys.modules, "ray", ray)
 
     calls: list[dict] = []
 
@@ -88,13 +92,13 @@ def test_a_slow_ray_start_is_retried_then_one_clear_error(monkeypatch: pytest.Mo
         if len(calls) < 4:
             raise Exception("The current node timed out during startup. This could happen because ...")
 
-    monkeypatch.setattr(ray, "init", flaky)
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    ray.init = flaky  # type: ignore[attr-defined]
+    ray.is_initialized = lambda: False  # type: ignore[attr-defined]
     start_ray({"num_cpus": 2})
     assert len(calls) == 4 and calls[-1]["num_cpus"] == 2 and "PYTHONPATH" in calls[-1]["runtime_env"]["env_vars"]
 
     calls.clear()
-    monkeypatch.setattr(ray, "init", lambda **kw: (_ for _ in ()).throw(Exception("The current node timed out\nx")))
+    ray.init = lambda **kw: (_ for _ in ()).throw(Exception("The current node timed out\nx"))  # type: ignore[attr-defined]
     with pytest.raises(SimulationError, match=r"^could not start a local Ray \(5 tries\): Exception: The current node "
                                               r"timed out$"):
         start_ray({"num_cpus": 2})
