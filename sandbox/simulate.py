@@ -161,7 +161,7 @@ class SimulationResult:
     initial_loss: float
     rounds: list[RoundRow] = field(default_factory=list)
     total_wall_s: float = 0.0
-    startup_s: float = 0.0  # from the start to the first task sent (Ray start-up, actors, model loads)
+    startup_s: float = 0.0  # from the start to the first task sent (data, Ray, the evaluation model and round 0)
     peak_rss_mib: float = 0.0
     memory_scope: str = ""
 
@@ -327,7 +327,8 @@ def write_results(res: SimulationResult, out: Path) -> None:
     c = res.config
     md = (f"# fedbridge simulate: {c['sites']} sites, {c['rounds']} rounds, alpha {c['alpha']}, fraction "
           f"{c['fraction']}, {c['strategy']}\n\n{results_table(res)}\n\n"
-          f"Total {res.total_wall_s:.1f} s (start-up {res.startup_s:.1f} s: Ray, actors, model loads); mean round "
+          f"Total {res.total_wall_s:.1f} s (start-up {res.startup_s:.1f} s: data, Ray, the evaluation model; round 1 "
+          f"also starts the Ray workers and loads each site's model); mean round "
           f"{res.mean_round_s:.2f} s; peak RSS {res.peak_rss_mib:.0f} MiB ({res.memory_scope}).\n")
     write_durable(out / "results.md", md.encode())
     buf = io.StringIO()
