@@ -216,6 +216,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--work", type=Path, default=Path("/tmp/fedbridge-simulate-bench"))
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per case")
     p.add_argument("--resume", action="store_true", help="keep the cases --work already has results for")
+    p.add_argument("--report-only", action="store_true",
+                   help="run nothing: rebuild the JSON and the report from the cases --work has results for")
     p.add_argument("--note", default="", help="a sentence for the report's settings paragraph (how it was run)")
     a = p.parse_args(argv)
     todo = cases(a.quality_sites, tuple(int(x) for x in a.scaling.split(",")))
@@ -231,8 +233,10 @@ def main(argv: list[str] | None = None) -> None:
                 "load": ", ".join(f"{x:.1f}" for x in os.getloadavg()), "note": a.note}
     start = time.perf_counter()
     done: dict[str, tuple[Case, dict[str, Any]]] = {}
+    if a.report_only:
+        todo = [c for c in todo if (a.work / c.name / "results.json").is_file()]
     for case in todo:
-        done[case.name] = (case, run_case(case, common, a.work, a.timeout, a.resume))
+        done[case.name] = (case, run_case(case, common, a.work, a.timeout, a.resume or a.report_only))
         wall = time.perf_counter() - start
         notes = [f"case {k}: {v[1]['error']}" for k, v in done.items() if "error" in v[1]]
         write_results("simulate", build_rows(done), [report(done, settings, wall).split("\n\n", 2)[1], *notes])
