@@ -135,13 +135,14 @@ def _loss(done: dict[str, tuple[Case, dict[str, Any]]], **match: Any) -> float |
 def report(done: dict[str, tuple[Case, dict[str, Any]]], settings: dict[str, Any], wall_s: float) -> str:
     """The markdown report: the scaling table, the quality tables, and what the numbers show (computed here)."""
     ok = {k: v for k, v in done.items() if "error" not in v[1]}
+    note = f" {settings['note']}" if settings.get("note") else ""
     lines = ["# Simulation at scale (`fedbridge simulate`, Flower simulation engine on Ray)", "",
              f"Settings: {settings['rounds']} rounds x {settings['steps']} local steps, batch {settings['batch']}, "
              f"{settings['rows']} train rows per site on average, tiny Llama base, LoRA r=8 all-linear, "
              f"local Ray with {settings['num_cpus']} CPUs and 1 CPU per virtual site (so 2 sites train at a time); "
              f"held-out loss is the global adapter's on the union held-out set (every fact family, "
-             f"token-weighted). Sweep wall time {wall_s:.0f} s on `{settings['machine']}` (load average at start "
-             f"{settings['load']}).{(' ' + settings['note']) if settings.get('note') else ''}", ""]
+             f"token-weighted). The runs took {sum(v[1]['total_wall_s'] for v in ok.values()):.0f} s together on "
+             f"`{settings['machine']}` (load average when the report was built {settings['load']}).{note}", ""]
     scaling = sorted((v for v in ok.values() if "scaling" in v[0].groups), key=lambda v: v[0].sites)
     if scaling:
         lines += ["## Scaling (fedavg, alpha 1, every site every round)", "",
