@@ -109,11 +109,14 @@ class FedbridgeStrategy(FedAvg):
         """Aggregate the replies' deltas with the rule; failed replies are left out (and logged by Flower).
 
         Raises:
-            AggregationError: A reply without a delta or weight, or updates the rule refuses.
+            AggregationError: No node returned an update, a reply without a delta or weight, or updates the rule
+                refuses.
         """
-        valid, _ = self._check_and_log_replies(replies, is_train=True, validate=False)
-        if not valid:
-            return None, None
+        valid, failed = self._check_and_log_replies(replies, is_train=True, validate=False)
+        if not valid:  # Flower would go on with the old adapter; fedbridge fails the round, as its coordinator does
+            nodes = sorted(m.metadata.src_node_id for m in failed)
+            raise AggregationError(f"round {server_round}: no node returned an update ({len(nodes)} failed: nodes "
+                                   f"{nodes[:8]}); see those SuperNodes' logs for why")
         if server_round not in self._global:
             raise AggregationError(f"round {server_round}: no global adapter was sent for this round")
         global_state = self._global[server_round]

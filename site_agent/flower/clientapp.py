@@ -118,6 +118,11 @@ class _SiteState:
         self.ledger = PrivacyLedger((site.dp.ledger if site.dp is not None and site.dp.ledger else None)
                                     or Path(site.work_dir) / LEDGER_NAME)
         self.base_check = _BaseModelCheck(site.base_model)
+        # The site's own hash-chained audit log, as under the task loop: every accepted task and every update
+        # that left, with its hash (Flower's transport keeps no record a site could check).
+        from fedcommon.auditlog import AuditLog
+
+        self.audit = AuditLog(Path(site.work_dir) / "audit.jsonl")
         self.trainer: Any = None
         self.trainer_key: tuple[str, str] = ("", "")
         self.lock = threading.Lock()
@@ -173,6 +178,10 @@ def train_round(state: _SiteState, task: pb.Task, global_state: dict[str, Any],
     check_task(state.policy, task, len(state.rows), dp.noise_multiplier)
     check_budget(state.policy, state.ledger, dp)
     state.base_check.verify(task.base_model_sha256)
+    state.audit.record("task_accepted", {"site": site.name, "round": task.round, "mode": task.training.mode,
+                                         "max_steps": task.training.max_steps, "transport": "flower",
+                                         "base_model_sha256": task.base_model_sha256,
+                                         "chat_template_sha256": task.chat_template_sha256})
     trainer = state.trainer_for(task)
     trainer.set_base_residual(residual)
     result = trainer.train_round(task, global_state)
@@ -190,7 +199,12 @@ def train_round(state: _SiteState, task: pb.Task, global_state: dict[str, Any],
     try:
         EgressGuard().check_update(payload, env, task.adapter_spec)
     except EgressRefusal as e:
+        state.audit.record("egress_refused", {"site": site.name, "round": task.round, "rule": e.rule,
+                                              "reason": str(e)[:500]})
         raise SiteRefusal(str(e)) from None
+    state.audit.record("update_sent", {"site": site.name, "round": task.round, "bytes": len(payload),
+                                       "payload_sha256": env.payload_sha256, "epsilon_spent": epsilon,
+                                       "num_examples": result.num_examples, "transport": "flower"})
     return tensors.decode_state(payload), result, epsilon
 
 

@@ -153,6 +153,9 @@ def test_failed_replies_are_left_out_and_a_foreign_reply_is_refused() -> None:
     assert arrays is not None
     _assert_same(fw.record_state(arrays), want.state)
     sent = _sent(strategy, 2, g, [1, 2])
+    all_failed = [Message(Error(code=0, reason="refused"), reply_to=m) for m in sent]
+    with pytest.raises(AggregationError, match=r"round 2: no node returned an update \(2 failed"):
+        strategy.aggregate_train(2, all_failed)  # the round fails; it does not go on with the old adapter
     foreign = Message(RecordDict({"arrays": ArrayRecord({"w": torch.zeros(2)}),
                                   fw.METRICS_RECORD: MetricRecord({fw.WEIGHT_KEY: 3})}), reply_to=sent[0])
     with pytest.raises(fw.FlowerWireError, match="safetensors"):

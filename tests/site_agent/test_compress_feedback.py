@@ -61,3 +61,23 @@ def test_feedback_store_is_keyed_and_crash_safe(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unreadable"):
         store.load_before(4)
 
+
+
+def test_egress_delta_compresses_with_feedback_carried_to_the_next_round(tmp_path: Path) -> None:
+    # The one egress chain both transports (task loop, Flower ClientApp) call: noise -> compress, residual kept.
+    from protos.fedbridge.v1 import federation_service_pb2 as pb
+    from site_agent.agent import egress_delta
+    from site_agent.egress.dp import DpSettings
+
+    spec = _spec()
+    g = torch.Generator().manual_seed(2)
+    delta = {"a": torch.randn(3, 40, generator=g), "b": torch.randn(5, 3, generator=g)}
+    task1 = pb.Task(federation_id="fed-1", round=1, adapter_spec=spec)
+    sent1 = egress_delta(delta, DpSettings(), task1, tmp_path)
+    _, residual = FeedbackStore(tmp_path, "fed-1", spec.sha256).load_before(2)
+    assert residual is not None
+    for k in delta:  # what left + what was kept back == the delta
+        assert torch.allclose(compress.decode(sent1, spec)[k] + residual[k], delta[k], atol=1e-6)
+    sent2 = egress_delta(delta, DpSettings(), pb.Task(federation_id="fed-1", round=2, adapter_spec=spec), tmp_path)
+    want = apply_filters(delta, [CompressFilter(spec, residual)])
+    assert all(torch.equal(sent2[k], want[k]) for k in want)  # round 2 sends delta + round 1's residual
