@@ -200,7 +200,11 @@ def findings(ok: dict[str, tuple[Case, dict[str, Any]]]) -> list[str]:
     if out:
         out = ["## What the numbers show", "", *out,
                "- One data/adapter/training seed per case, so differences of a few percent are within seed noise; "
-               "3 rounds x 2 steps is the very start of training (every case still improves each round).", ""]
+               "3 rounds x 2 steps is the very start of training.",
+               "- Cases whose held-out loss rose in a round: " + (", ".join(
+                   f"{c.name} (round {r2['round']})" for c, r in ok.values()
+                   for r1, r2 in zip(r["rounds"], r["rounds"][1:], strict=False) if r2["heldout_loss"] > r1["heldout_loss"])
+                   or "none") + ".", ""]
     return out
 
 
