@@ -44,6 +44,56 @@ def demo(workdir: Path = typer.Option(Path("demo-run"), help="folder for PKI, da
     run_demo(cfg, console)
 
 
+@app.command()
+def simulate(sites: int = typer.Option(10, "--sites", help="virtual sites (Flower SuperNodes)"),
+             rounds: int = typer.Option(3, help="federated rounds"),
+             alpha: float = typer.Option(1.0, help="Dirichlet concentration of the non-IID split (small: skewed)"),
+             fraction: float = typer.Option(1.0, help="share of the sites sampled per round, in (0, 1]"),
+             strategy: str = typer.Option("fedavg", help="fedavg (naive LoRA averaging) or fedex-lora (exact)"),
+             steps: int = typer.Option(2, help="local steps per sampled site and round"),
+             batch_size: int = typer.Option(4, "--batch-size", help="per-site batch size"),
+             learning_rate: float = typer.Option(5e-3, "--learning-rate", help="local learning rate"),
+             rows_per_site: int = typer.Option(8, "--rows-per-site", help="mean train rows per site"),
+             ray_address: str | None = typer.Option(None, "--ray-address", help="join this Ray cluster (auto, "
+                                                    "host:6379, ray://host:10001) instead of starting a local Ray"),
+             num_cpus: int | None = typer.Option(None, "--num-cpus", help="CPUs of the local Ray (default: all)"),
+             client_resources: str = typer.Option("1", "--client-resources", metavar="CPUS[,GPUS]",
+                                                  help="Ray resources per virtual site, e.g. 1 or 0.5,0.25"),
+             out: Path = typer.Option(Path("simulate-run"), "--out", help="results folder (data, tables, logs)"),
+             base_model: Path | None = typer.Option(None, "--base-model", help="local HF base model directory "
+                                                    "(default: the house tiny Llama)"),
+             seed: int = typer.Option(0, help="partition, adapter and training seed")) -> None:
+    """Run SITES virtual sites on Flower's Ray simulation engine for ROUNDS rounds; write a results table."""
+    from sandbox.simulate import SimulateConfig, SimulationError, parse_client_resources, run
+
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        cpus, gpus = parse_client_resources(client_resources)
+        cfg = SimulateConfig(sites=sites, rounds=rounds, alpha=alpha, fraction=fraction, strategy=strategy,
+                             steps=steps, batch_size=batch_size, learning_rate=learning_rate,
+                             rows_per_site=rows_per_site, seed=seed, ray_address=ray_address, num_cpus=num_cpus,
+                             client_cpus=cpus, client_gpus=gpus, out=out, base_model=base_model)
+    except ValueError as e:
+        from rich.markup import escape
+
+        console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
+        raise typer.Exit(2) from None
+    try:
+        run(cfg, console)
+    except SimulationError as e:
+        import os
+        import sys
+        import threading
+
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+            # Flower's ServerApp thread is not a daemon and waits up to its round timeout for replies that will
+            # never come: Ray is already shut down, so nothing is left to clean up.
+            sys.stdout.flush()
+            os._exit(1)
+        raise typer.Exit(1) from None
+
+
 @app.command("netns-demo")
 def netns_demo(workdir: Path = typer.Option(Path("netns-run"), help="folder for PKI, data, state, logs (wiped)"),
                rounds: int = typer.Option(2, help="federated rounds"),

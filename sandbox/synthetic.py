@@ -178,6 +178,25 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
 
+def family_rows(n_train: int, n_heldout: int, seed: int = 0) -> list[tuple[str, list[dict], list[dict]]]:
+    """Every fact family's train and held-out rows, as :func:`make_site_datasets` would write them for 5 sites.
+
+    For pools that are split differently from one family per site (:mod:`sandbox.partition`); the family is the row's
+    class label.
+
+    Returns:
+        ``(skill, train_rows, heldout_rows)`` per family, in site order.
+    """
+    if n_train < 1 or n_heldout < 1:
+        raise ValueError(f"n_train and n_heldout must be >= 1, got {n_train} and {n_heldout}")
+    out = []
+    for i, make in enumerate(_FAMILIES):
+        family = make()
+        rng = random.Random(f"{seed}:site-{'abcde'[i]}")  # the same rows as site i of make_site_datasets
+        out.append((family.skill, _train_rows(family, n_train, rng, None), _heldout_rows(family, n_heldout, rng)))
+    return out
+
+
 def make_site_datasets(out_dir: str | Path, n_sites: int = 3, seed: int = 0, marker: str | None = None,
                        n_train: int = 64, n_heldout: int = 16) -> list[SiteData]:
     """Write one non-IID train/held-out pair per site under ``out_dir/<site>/``.

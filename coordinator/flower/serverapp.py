@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +46,12 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def run_federation(grid: Grid, federation_toml: Path, output_dir: Path, *, fraction_train: float = 1.0,
-                   fraction_evaluate: float = 0.0, timeout: float = 3600.0) -> Path:
+                   fraction_evaluate: float = 0.0, timeout: float = 3600.0,
+                   evaluate_fn: Callable[[Any, int, Any], Any] | None = None) -> Path:
     """Build the round-0 adapter and the tasks from ``federation_toml``, run its rounds on ``grid``, write the result.
+
+    ``evaluate_fn(strategy, round, arrays)``, if given, is Flower's central evaluation (before round 1 and after each
+    round), with the strategy so it can see FedEx-LoRA's residual (``fedbridge simulate`` scores its held-out set).
 
     Returns:
         ``output_dir``.
@@ -83,7 +88,8 @@ def run_federation(grid: Grid, federation_toml: Path, output_dir: Path, *, fract
                                  min_train_nodes=cfg.min_sites, min_evaluate_nodes=cfg.min_sites if fraction_evaluate else 0,
                                  min_available_nodes=cfg.min_sites)
     result = strategy.start(grid, fw.state_record(adapter.state), num_rounds=cfg.rounds, timeout=timeout,
-                            train_config=ConfigRecord(), evaluate_config=ConfigRecord())
+                            train_config=ConfigRecord(), evaluate_config=ConfigRecord(),
+                            evaluate_fn=(lambda r, a: evaluate_fn(strategy, r, a)) if evaluate_fn else None)
     final = fw.record_state(result.arrays, "final adapter")
     write_result(output_dir, cfg, adapter.spec, final, strategy.residual, {
         "strategy": strategy.rule.name, "rounds": cfg.rounds, "last_round_info": strategy.last_info,
