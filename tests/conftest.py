@@ -24,6 +24,7 @@ LONG_FILES = (
     "tests/integration/test_architectures.py",
     "tests/integration/test_kill_anywhere.py",
     "tests/integration/test_crash_resume.py",
+    "tests/integration/test_user_errors.py",
     "tests/integration/test_admin_cli.py",
     "tests/coordinator/test_admin_pki_cli.py",
     "tests/faults/test_slow_site.py",
@@ -32,6 +33,7 @@ LONG_FILES = (
     "tests/coordinator/test_base_model_checks.py",
     "tests/integration/test_site_failure.py",
     "tests/integration/test_dashboard.py",
+    "tests/faults/test_killed_mid_training.py",
 )
 
 
