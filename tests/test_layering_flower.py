@@ -6,7 +6,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from tests.test_layering import PRODUCTION, ROOT, imports_of
+from test_layering import PRODUCTION, ROOT, imports_of
 
 ADAPTER_DIRS = (ROOT / "coordinator" / "flower", ROOT / "site_agent" / "flower")
 WIRE = ROOT / "fedcommon" / "flowerwire.py"

@@ -92,3 +92,12 @@ def fill(directory: Path) -> Path:
                         raise
                     break
     return filler
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL a process's whole group (it was started in a session of its own) and reap it."""
+    import signal
+
+    with contextlib.suppress(ProcessLookupError):  # a process group already gone
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(15)

@@ -11,9 +11,7 @@ from typing import Any
 
 import faultkit
 import pytest
-from b_support import assert_store_intact, store_count
-
-from tests.integration.test_kill_anywhere import _kill
+from b_support import assert_store_intact, kill_group, store_count
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -33,7 +31,7 @@ def test_host_restart_keeps_state(reference: Any, tiny_model_dir: Path, tmp_path
         held = store_count(fed.state_dir, "SELECT COUNT(*) FROM updates")
         killed = tuple(p.pid for p in fed.procs.values())
         for proc in fed.procs.values():
-            _kill(proc)
+            kill_group(proc)
         assert all(p.returncode == -signal.SIGKILL for p in fed.procs.values()), {
             n: p.returncode for n, p in fed.procs.items()}
         fed.start_coordinator()
