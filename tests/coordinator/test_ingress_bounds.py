@@ -234,4 +234,4 @@ def test_ingress_settings_are_checked(tmp_path: Path) -> None:
         FederationConfig(**base, envelope_clock_skew_s=0)
     cfg = FederationConfig(**base)
     assert (cfg.max_partial_uploads_per_site, cfg.max_partial_bytes_per_site, cfg.envelope_clock_skew_s) == (
-        4, 1 << 30, 3600.0)
+        4, 1 << 30, 3900.0)

@@ -38,7 +38,7 @@ def _kit(tmp_path: Path, train_rows: list[dict], policy: str = "") -> SiteConfig
 
 def _fake_client(task: pb.Task, global_bytes: bytes, uploads: list[bytes]):  # type: ignore[no-untyped-def]
     class Client:
-        def __init__(self, cfg: SiteConfig) -> None:
+        def __init__(self, cfg: SiteConfig, **_options: object) -> None:  # chunk_size etc.
             self.polls = 0
 
         def join(self, agent_version: str, lora_rank: int = 0) -> pb.JoinResponse:

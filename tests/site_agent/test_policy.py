@@ -124,7 +124,7 @@ class _FakeClient:
 
     calls: list[str] = []
 
-    def __init__(self, cfg: SiteConfig) -> None:
+    def __init__(self, cfg: SiteConfig, **_options: object) -> None:  # chunk_size etc.
         _FakeClient.calls = []
 
     def join(self, agent_version: str, lora_rank: int = 0) -> pb.JoinResponse:
