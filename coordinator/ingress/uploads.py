@@ -243,32 +243,7 @@ class UploadIngress:
             raise PartialQuotaExceeded(f"site {site!r} would hold {used} bytes of unfinished uploads; at most "
                                        f"{self.cfg.max_partial_bytes_per_site} are kept (max_partial_bytes_per_site)")
 
-    def _already_held(self, peer: PeerIdentity, signed: pb.SignedEnvelope) -> pb.UpdateEnvelope | None:
-        """The envelope, when this exact signed update (same nonce, same payload) is already accepted.
-
-        Checked before the round's state: a site whose acknowledgement was lost, or a second stream of the same
-        update that was told busy, retries after its own update closed the round; it must hear "accepted", not
-        "late, dropped" (which would tell it its update was lost). Only a valid signature by the caller counts.
-        """
-        self._require_site(peer)
-        if peer.signing_key is None:
-            return None
-        try:
-            env = codec.verify_envelope(signed, peer.signing_key)
-        except codec.SignatureError:
-            return None  # _check_envelope refuses it with the reason
-        if env.site != peer.name or not _HEX64.fullmatch(env.payload_sha256) or env.round > MAX_ROUND:
-            return None
-        row = self.store.update_trained_on(peer.name, env.round)
-        if row is not None and row.nonce == env.nonce and row.payload_sha256 == env.payload_sha256:
-            return env
-        return None
-
     def _begin(self, peer: PeerIdentity, signed: pb.SignedEnvelope, offset: int) -> _Upload:
-        held = self._already_held(peer, signed)
-        if held is not None:
-            path = self.store.partial_path(held.round, peer.name, held.payload_sha256)
-            return _Upload(held, signed, path, held.payload_size, already_accepted=True)
         env = self._check_envelope(peer, signed)
         mine = [u for u in [self.store.update_trained_on(peer.name, env.round)] if u is not None]
         path = self.store.partial_path(env.round, peer.name, env.payload_sha256)

@@ -155,36 +155,3 @@ def test_upload_chunk_bytes_is_checked_naming_the_field(tmp_path: Path, value: i
     else:
         with pytest.raises(ValueError, match=f"field 'upload_chunk_bytes': must be in 0..{4 << 20} .* got {value}"):
             make()
-
-
-def test_the_update_that_closed_its_round_uploaded_again_is_acknowledged_not_late(tmp_path: Path) -> None:
-    """A site whose acknowledgement was lost retries after its own update closed the round (here: the only site):
-    it must hear "accepted" (its update is held), not "late, dropped", which would tell it the update was lost."""
-    lc = LiveCoordinator(tmp_path, sites=("site-a",), min_sites=1)
-    try:
-        signed, payload = lc.update("site-a", delta(0.1, 0.1))
-        env = pb.UpdateEnvelope.FromString(signed.envelope)
-        client = _client(lc, "site-a")
-        try:
-            first = client.upload(signed, env, payload)
-            closed = wait_closed(lc, 1)
-            # The stream itself (the client's upload() would ask GetUploadStatus first and not stream at all), as a
-            # second stream told busy retries it, or a client that lost the acknowledgement mid-stream.
-            again = client.stub.UploadUpdate(client._upload_messages(signed, payload, 0, None), timeout=30)
-        finally:
-            client.close()
-        assert first.accepted and closed
-        assert again.accepted and again.committed_offset == len(payload)
-        assert _events(lc, "update_refused", "site-a") == []
-        _assert_stored_once(lc, "site-a", payload)
-    finally:
-        lc.close()
-
-
-def wait_closed(lc: LiveCoordinator, round: int, timeout: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if any(r.round == round and r.state != "open" for r in lc.engine.store.rounds()):
-            return True
-        time.sleep(0.05)
-    return False
