@@ -24,7 +24,7 @@ CHUNK = 64  # bytes per upload message, so an update is several chunks
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveCoordinator]:
     """One coordinator for the module; each test uses a site of its own (so round 1 stays open until all three
     sites have an update in, whatever the order)."""
-    c = LiveCoordinator(tmp_path_factory.mktemp("upload-faults"), sites=("site-a", "site-b", "site-c"), min_sites=3)
+    c = LiveCoordinator(tmp_path_factory.mktemp("upload-faults"), sites=("site-a", "site-b", "site-c", "site-d"), min_sites=4)
     yield c
     c.close()
 
