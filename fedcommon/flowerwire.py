@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 STYPE = "safetensors"
 STATE_KEY = "state"  # the one Array of an ArrayRecord that carries a fedbridge state
 TASK_KEY = "fedbridge-task"  # the serialised pb.Task in a ConfigRecord
+RULE_KEY = "fedbridge-strategy"  # the ServerApp's rule (a lower-rank site projects the global adapter with it)
 # Keys of the records in a Flower message (RecordDict keys).
 ADAPTER_RECORD = "arrays"  # the global adapter (to the site) or the site's delta (to the server)
 RESIDUAL_RECORD = "base-residual"  # FedEx-LoRA's cumulative scaled base residual (to the site; absent: none)

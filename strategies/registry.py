@@ -56,6 +56,9 @@ from strategies.types import AggregationError, AggregationResult, ClientUpdate, 
 
 DEFAULT_STRATEGY = "fedavg"
 CLIP_PARAM = "clip_norm"
+# Rules under which sites train at their own LoRA rank, and how each projects the global adapter to a site's rank.
+SITE_RANK_RULES: dict[str, Callable[[Mapping[str, torch.Tensor], int], StateDict]] = {
+    "hetlora": hetlora.for_site, "flexlora": flexlora.for_site}
 
 SiteParams = Mapping[str, float | int | str | bool]
 Begin = Callable[[Mapping[str, torch.Tensor], Any, ServerState | None], Accumulator]

@@ -79,6 +79,7 @@ class FedbridgeStrategy(FedAvg):
 
     def _with_task(self, server_round: int, config: ConfigRecord) -> ConfigRecord:
         out = ConfigRecord(dict(config))
+        out[fw.RULE_KEY] = self.rule.name
         if self.task_for_round is not None:
             out[fw.TASK_KEY] = self.task_for_round(server_round).SerializeToString(deterministic=True)
         return out

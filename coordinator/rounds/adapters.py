@@ -13,9 +13,9 @@ import torch
 from coordinator.errors import NotFound
 from coordinator.rounds.store import Store
 from fedcommon import tensors
+from fedcommon.siterank import site_spec
 from protos import codec
 from protos.fedbridge.v1 import federation_service_pb2 as pb
-from strategies.lora import truncate_rank
 
 # Projects a global adapter state to a lower rank (HetLoRA / FlexLoRA), or None when every site trains one rank.
 Projection = Callable[[dict[str, torch.Tensor], int], dict[str, torch.Tensor]]
@@ -62,10 +62,7 @@ class Adapters:
         """The adapter spec ``site`` trains: the federation's, or a lower-rank one with the same alpha/r scaling."""
         rank = self.site_rank(site)
         if rank not in self._specs:
-            shapes = truncate_rank(self.init_state, rank)
-            self._specs[rank] = tensors.make_adapter_spec(shapes, rank, self.spec.alpha * rank / self.spec.rank,
-                                                        self.spec.dropout, list(self.spec.target_modules),
-                                                        self.spec.compression)
+            self._specs[rank] = site_spec(self.spec, self.init_state, rank)
         return self._specs[rank]
 
     def adapter_bytes(self, round: int) -> bytes:

@@ -41,14 +41,11 @@ from fedcommon.auditlog import AuditLog, Head, read_records
 from fedcommon.auditlog import verify as verify_log
 from fedcommon.chat import TemplatePin
 from protos import codec
-from strategies import flexlora, hetlora
-from strategies.registry import build_strategy
+from strategies.registry import SITE_RANK_RULES, build_strategy
 
 log = logging.getLogger(__name__)
 
 PHASES = ("train", "eval_global")
-# Rules under which sites train at their own rank, and how the global adapter is projected to a site's rank.
-SITE_RANK_RULES = {"hetlora": hetlora.for_site, "flexlora": flexlora.for_site}
 _METRIC_NAME = re.compile(r"^[a-z][a-z0-9_.]{0,63}$")
 # ReportError's bounds: a class name, a phase word, and one printable line (no data: the site sanitizes, this checks).
 _ERROR_TYPE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]{0,63}$")

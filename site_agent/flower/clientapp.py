@@ -7,7 +7,12 @@ Where the site's data and settings come from (first match):
   Flower's SuperNode holds the connection.
 - ``--node-config "data-path='/path/train.jsonl'"`` (a deployment without a ``site.toml``) or, in simulation,
   ``partition-id`` with the run config's ``partition-dir`` (``site-{partition-id}.jsonl`` in it); the base model is
-  then the run config's ``base-model`` and the work dir ``work-dir`` (default: a folder under the system's temp dir).
+  then the run config's ``base-model`` and the work dir ``work-dir`` (default: a folder under the system's temp dir),
+  and the site's LoRA rank node config ``lora-rank`` (in simulation: run config ``lora-ranks``, cycled by partition).
+
+Under a mixed-rank rule (HetLoRA, FlexLoRA) a site below the federation's rank projects the global adapter to its
+own rank itself (:func:`fedcommon.siterank.for_site`, as fedbridge's coordinator does before it sends), because
+Flower's ServerApp sends every node the same full-rank message.
 
 Each train message carries the fedbridge task (training config, adapter spec, base-model hash, chat template pin),
 the global adapter and, under FedEx-LoRA, the base residual, all as safetensors (:mod:`fedcommon.flowerwire`). The
@@ -30,7 +35,7 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedcommon import flowerwire as fw
-from fedcommon import tensors
+from fedcommon import siterank, tensors
 from protos import codec
 from protos.fedbridge.v1 import federation_service_pb2 as pb
 
@@ -99,7 +104,28 @@ def site_from_context(context: Context) -> FlowerSite:
         raise ValueError("run config 'base-model' is not set (the local base model directory of every node)")
     work = Path(str(run.get("work-dir", Path(tempfile.gettempdir()) / "fedbridge-flower"))) / name
     return FlowerSite(name, Path(str(run["base-model"])), train, None, work, dp=SiteDpConfig(),
-                      threads=int(run.get("threads", 0)))
+                      threads=int(run.get("threads", 0)), lora_rank=_node_rank(node, run))
+
+
+def _node_rank(node: dict[str, Any], run: dict[str, Any]) -> int:
+    """The LoRA rank a node without a ``site.toml`` trains: node config ``lora-rank``, or in simulation the run
+    config's ``lora-ranks`` (comma-separated, partition ``i`` takes entry ``i mod len``); 0: the federation's rank."""
+    if "lora-rank" in node:
+        raw, where = node["lora-rank"], "node config 'lora-rank'"
+    elif "lora-ranks" in run and "partition-id" in node:
+        ranks = [r.strip() for r in str(run["lora-ranks"]).split(",") if r.strip()]
+        if not ranks:
+            raise ValueError("run config 'lora-ranks': empty; give ranks like '8,4,2' or leave it out")
+        raw, where = ranks[int(node["partition-id"]) % len(ranks)], "run config 'lora-ranks'"
+    else:
+        return 0
+    try:
+        rank = int(str(raw))
+    except ValueError:
+        raise ValueError(f"{where}: {raw!r} is not an integer") from None
+    if rank < 0:
+        raise ValueError(f"{where}: must be >= 0, got {rank}")
+    return rank
 
 
 class _SiteState:
@@ -158,8 +184,12 @@ def _state(context: Context) -> _SiteState:
 
 
 def train_round(state: _SiteState, task: pb.Task, global_state: dict[str, Any],
-                residual: dict[str, Any]) -> tuple[dict[str, Any], Any, float]:
+                residual: dict[str, Any], rule: str = "") -> tuple[dict[str, Any], Any, float]:
     """Check, train and filter one round, as the task loop does. Returns (delta as sent, RoundResult, ε spent).
+
+    A site whose rank is below the task's (``lora_rank``) trains the global adapter projected to its rank by
+    ``rule`` (the ServerApp's strategy), with the same spec fedbridge's coordinator would send it; ``task`` is
+    changed in place to carry that spec.
 
     Raises:
         PolicyRefusal: The task is outside the site's policy (or the DP budget would be exceeded).
@@ -175,6 +205,12 @@ def train_round(state: _SiteState, task: pb.Task, global_state: dict[str, Any],
         dp = resolve(site.dp, task.dp)
     except ValueError as e:
         raise SiteRefusal(f"refusing task: {e}") from None
+    if site.lora_rank and site.lora_rank != task.adapter_spec.rank:  # HetLoRA / FlexLoRA: train the site's own rank
+        try:
+            spec, global_state = siterank.for_site(rule, task.adapter_spec, global_state, site.lora_rank)
+        except ValueError as e:
+            raise SiteRefusal(f"refusing task: {e}") from None
+        task.adapter_spec.CopyFrom(spec)
     check_task(state.policy, task, len(state.rows), dp.noise_multiplier)
     check_budget(state.policy, state.ledger, dp)
     state.base_check.verify(task.base_model_sha256)
@@ -214,12 +250,13 @@ def train(msg: Message, context: Context) -> Message:
     from site_agent.egress.guard import EgressGuard
 
     state = _state(context)
-    task = fw.config_task(msg.content.config_records[fw.CONFIG_RECORD])
+    config = msg.content.config_records[fw.CONFIG_RECORD]
+    task = fw.config_task(config)
     global_state = fw.record_state(msg.content.array_records[fw.ADAPTER_RECORD], fw.ADAPTER_RECORD)
     residual = (fw.record_state(msg.content.array_records[fw.RESIDUAL_RECORD], fw.RESIDUAL_RECORD)
                 if fw.RESIDUAL_RECORD in msg.content.array_records else {})
     with state.lock:
-        delta, result, epsilon = train_round(state, task, global_state, residual)
+        delta, result, epsilon = train_round(state, task, global_state, residual, str(config.get(fw.RULE_KEY, "")))
     metrics = {"loss": result.train_loss, "steps": float(result.steps), "epsilon_spent": epsilon}
     EgressGuard().check_metrics(metrics)  # only allow-listed aggregate numbers leave
     log.info("[Site.Flower] round=%d site=%s trained steps=%d", task.round, state.site.name, result.steps)
