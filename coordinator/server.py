@@ -251,8 +251,40 @@ def server_credentials(cfg: FederationConfig) -> grpc.ServerCredentials:
                                        root_certificates=cfg.tls.ca.read_bytes(), require_client_auth=True)
 
 
+def _listen_refused(cfg: FederationConfig) -> StartRefused:
+    return StartRefused(f"field 'listen': cannot listen on {cfg.listen} (is another process using that port, or is "
+                        "the address not one of this host's?)")
+
+
+def probe_listen(cfg: FederationConfig) -> None:
+    """Refuse at once a ``listen`` address that cannot be bound (a port another process listens on, an address not
+    of this host), before the base model is hashed and loaded: the real bind comes last and checks again.
+
+    The probe binds with SO_REUSEADDR as a listener would (a restarted coordinator's old connections in TIME_WAIT do
+    not count) and without SO_REUSEPORT, so a port another process holds fails here even though gRPC itself would
+    share it. Port 0 (any free port) is not probed.
+
+    Raises:
+        StartRefused: The address cannot be bound.
+    """
+    import socket
+
+    host, _, port_text = cfg.listen.rpartition(":")
+    host = host.strip("[]") or "0.0.0.0"
+    if not port_text.isdigit() or int(port_text) == 0:
+        return  # a malformed address is the config loader's to report; port 0 always binds
+    try:
+        infos = socket.getaddrinfo(host, int(port_text), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(infos[0][4])
+    except OSError:
+        raise _listen_refused(cfg) from None
+
+
 async def serve(cfg: FederationConfig, stop: asyncio.Event | None = None) -> None:
     """Serve until stopped (SIGTERM/SIGINT or ``stop``), or until done and drained if ``exit_when_done``."""
+    probe_listen(cfg)
     # A base that no longer matches the manifest recorded in it (a changed or truncated weight file) is refused
     # before anything is served: sites would refuse its tasks, or train on a base the federation never pinned.
     recorded = Path(cfg.base_model) / MANIFEST_NAME
@@ -278,8 +310,7 @@ async def serve(cfg: FederationConfig, stop: asyncio.Event | None = None) -> Non
         if dashboard is not None:
             await dashboard.stop()
         store.close()
-        raise StartRefused(f"field 'listen': cannot listen on {cfg.listen} (is another process using that port, or "
-                           "is the address not one of this host's?)") from None
+        raise _listen_refused(cfg) from None
     await server.start()
     try:
         await engine.start()

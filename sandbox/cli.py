@@ -49,11 +49,15 @@ def simulate(sites: int = typer.Option(10, "--sites", help="virtual sites (Flowe
              rounds: int = typer.Option(3, help="federated rounds"),
              alpha: float = typer.Option(1.0, help="Dirichlet concentration of the non-IID split (small: skewed)"),
              fraction: float = typer.Option(1.0, help="share of the sites sampled per round, in (0, 1]"),
-             strategy: str = typer.Option("fedavg", help="fedavg (naive LoRA averaging) or fedex-lora (exact)"),
+             strategy: str = typer.Option("fedavg", help="fedavg (naive LoRA averaging), fedex-lora (exact), "
+                                          "hetlora/flexlora (mixed ranks) or any other registered rule"),
              steps: int = typer.Option(2, help="local steps per sampled site and round"),
              batch_size: int = typer.Option(4, "--batch-size", help="per-site batch size"),
              learning_rate: float = typer.Option(5e-3, "--learning-rate", help="local learning rate"),
              rows_per_site: int = typer.Option(8, "--rows-per-site", help="mean train rows per site"),
+             rank: int = typer.Option(8, "--rank", help="the federation's LoRA rank"),
+             lora_ranks: str = typer.Option("", "--lora-ranks", metavar="R[,R...]",
+                                            help="each site's own rank, cycled (site i: entry i mod len), e.g. 8,4,2"),
              ray_address: str | None = typer.Option(None, "--ray-address", help="join this Ray cluster (auto, "
                                                     "host:6379, ray://host:10001) instead of starting a local Ray"),
              num_cpus: int | None = typer.Option(None, "--num-cpus", help="CPUs of the local Ray (default: all)"),
@@ -64,14 +68,16 @@ def simulate(sites: int = typer.Option(10, "--sites", help="virtual sites (Flowe
                                                     "(default: the house tiny Llama)"),
              seed: int = typer.Option(0, help="partition, adapter and training seed")) -> None:
     """Run SITES virtual sites on Flower's Ray simulation engine for ROUNDS rounds; write a results table."""
-    from sandbox.simulate import SimulateConfig, SimulationError, parse_client_resources, run
+    from sandbox.simulate import SimulateConfig, SimulationError, parse_client_resources, parse_lora_ranks, run
 
     logging.basicConfig(level=logging.WARNING)
     try:
         cpus, gpus = parse_client_resources(client_resources)
+        ranks = parse_lora_ranks(lora_ranks)
         cfg = SimulateConfig(sites=sites, rounds=rounds, alpha=alpha, fraction=fraction, strategy=strategy,
                              steps=steps, batch_size=batch_size, learning_rate=learning_rate,
-                             rows_per_site=rows_per_site, seed=seed, ray_address=ray_address, num_cpus=num_cpus,
+                             rank=rank, lora_ranks=ranks, rows_per_site=rows_per_site, seed=seed,
+                             ray_address=ray_address, num_cpus=num_cpus,
                              client_cpus=cpus, client_gpus=gpus, out=out, base_model=base_model)
     except ValueError as e:
         from rich.markup import escape

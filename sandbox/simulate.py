@@ -36,7 +36,13 @@ from fedcommon.durable import write_durable
 
 # CLI strategy name -> strategies.registry name. fedavg averages A and B separately (naive LoRA aggregation);
 # fedex-lora is exact (the residual mean(B·A) - mean(B)·mean(A) goes into the base weights).
+# The rules the results tables compare; ``--strategy`` takes any registered rule (``fedex-lora`` = ``fedex_lora``).
 STRATEGIES = {"fedavg": "fedavg", "fedex-lora": "fedex_lora"}
+
+
+def rule_name(strategy: str) -> str:
+    """The registered rule ``--strategy`` names (hyphens or underscores)."""
+    return STRATEGIES.get(strategy, strategy.replace("-", "_"))
 
 
 def parse_client_resources(text: str) -> tuple[float, float]:
@@ -56,6 +62,19 @@ def parse_client_resources(text: str) -> tuple[float, float]:
     return cpus, gpus
 
 
+def parse_lora_ranks(text: str) -> tuple[int, ...]:
+    """``R[,R...]`` (``--lora-ranks``) as a tuple of ints; empty text: ().
+
+    Raises:
+        ValueError: An entry that is not an integer.
+    """
+    parts = [p.strip() for p in text.split(",")] if text.strip() else []
+    try:
+        return tuple(int(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"--lora-ranks: expected integers separated by commas (e.g. 8,4,2), got {text!r}") from None
+
+
 @dataclass(frozen=True)
 class SimulateConfig:
     """One simulation's settings.
@@ -65,11 +84,15 @@ class SimulateConfig:
         rounds: Federated rounds.
         alpha: Dirichlet concentration of the label-skew partition (small: skewed; large: about IID).
         fraction: Share of the sites sampled for training each round, in (0, 1] (at least one site).
-        strategy: ``fedavg`` (naive LoRA averaging) or ``fedex-lora`` (exact).
+        strategy: Any registered rule (``strategies.registry.list_strategies``): ``fedavg`` (naive LoRA averaging),
+            ``fedex-lora`` (exact), ``hetlora`` / ``flexlora`` (mixed ranks), ``fedprox``, ``fedadam``...
+            Its parameters are the rule's defaults.
         steps: Local optimizer steps per sampled site and round.
         batch_size: Per-site batch size.
         learning_rate: Constant local learning rate.
         rank: LoRA rank (alpha = 2 x rank, all-linear).
+        lora_ranks: Each site's own rank (site ``i`` trains ``lora_ranks[i mod len]``; empty: every site ``rank``);
+            ranks below ``rank`` need a mixed-rank rule.
         rows_per_site: Mean train rows per site (the pool holds ``rows_per_site x sites`` rows).
         heldout_per_class: Held-out rows per fact family in the union held-out set.
         seed: Partition, adapter and training seed.
@@ -91,6 +114,7 @@ class SimulateConfig:
     batch_size: int = 4
     learning_rate: float = 5e-3
     rank: int = 8
+    lora_ranks: tuple[int, ...] = ()
     rows_per_site: int = 8
     heldout_per_class: int = 16
     seed: int = 0
@@ -114,8 +138,17 @@ class SimulateConfig:
             raise bad("alpha", f"the Dirichlet concentration must be > 0, got {self.alpha}")
         if not 0 < self.fraction <= 1:
             raise bad("fraction", f"the share of sites sampled per round must be in (0, 1], got {self.fraction}")
-        if self.strategy not in STRATEGIES:
-            raise bad("strategy", f"unknown {self.strategy!r}; choose from {', '.join(STRATEGIES)}")
+        from strategies.registry import SITE_RANK_RULES, list_strategies
+
+        if rule_name(self.strategy) not in list_strategies():
+            raise bad("strategy", f"unknown {self.strategy!r}; choose from {', '.join(STRATEGIES)} or any of "
+                      f"{', '.join(r for r in list_strategies() if r not in STRATEGIES.values())}")
+        for r in self.lora_ranks:
+            if not 1 <= r <= self.rank:
+                raise bad("lora-ranks", f"rank {r} is outside 1..{self.rank} (--rank)")
+        if any(r != self.rank for r in self.lora_ranks) and rule_name(self.strategy) not in SITE_RANK_RULES:
+            raise bad("lora-ranks", f"sites below --rank {self.rank} need a mixed-rank strategy "
+                      f"({', '.join(sorted(SITE_RANK_RULES))}), not {self.strategy!r}")
         if not 0 < self.learning_rate < 1:
             raise bad("learning-rate", f"must be in (0, 1), got {self.learning_rate}")
         if self.ray_address is not None and not self.ray_address.strip():
@@ -164,6 +197,7 @@ class SimulationResult:
     startup_s: float = 0.0  # from the start to the first task sent (data, Ray, the evaluation model and round 0)
     peak_rss_mib: float = 0.0
     memory_scope: str = ""
+    ray: dict[str, Any] = field(default_factory=dict)  # the Ray the sites ran on: GCS address, nodes, CPUs
 
     @property
     def final_loss(self) -> float:
@@ -294,6 +328,15 @@ def start_ray(init_args: dict[str, Any], attempts: int = 5) -> None:
     raise SimulationError(f"could not start {where} ({attempts if 'address' not in init_args else 1} tries): {last}")
 
 
+def ray_info() -> dict[str, Any]:
+    """Where the simulation runs: the Ray cluster's GCS address, its live nodes and CPUs (recorded in the results)."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    return {"gcs_address": ray.get_runtime_context().gcs_address, "nodes": len(nodes),
+            "cpus": float(ray.cluster_resources().get("CPU", 0.0))}
+
+
 def backend_config(cfg: SimulateConfig, ray_temp: Path) -> dict[str, Any]:
     """Flower's Ray backend settings: the virtual sites' resources and how Ray starts (or which cluster it joins)."""
     init: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
@@ -321,7 +364,7 @@ def write_results(res: SimulationResult, out: Path) -> None:
     """``results.json``, ``results.md`` and ``results.csv`` in ``out`` (each written atomically)."""
     doc = {"config": res.config, "initial_loss": res.initial_loss, "final_loss": res.final_loss,
            "total_wall_s": res.total_wall_s, "startup_s": res.startup_s, "mean_round_s": res.mean_round_s,
-           "peak_rss_mib": res.peak_rss_mib, "memory_scope": res.memory_scope,
+           "peak_rss_mib": res.peak_rss_mib, "memory_scope": res.memory_scope, "ray": res.ray,
            "rounds": [asdict(r) for r in res.rounds]}
     write_durable(out / "results.json", (json.dumps(doc, indent=1) + "\n").encode())
     c = res.config
@@ -351,7 +394,7 @@ def federation_toml(cfg: SimulateConfig, base: Path, out: Path) -> Path:
     doc = {
         "federation_id": "simulate", "base_model": str(base), "rounds": cfg.rounds,
         # Flower samples max(fraction x sites, min_sites): min_sites is the round's sample, so --fraction decides.
-        "min_sites": cfg.sampled_per_round, "strategy": STRATEGIES[cfg.strategy], "listen": "127.0.0.1:0",
+        "min_sites": cfg.sampled_per_round, "strategy": rule_name(cfg.strategy), "listen": "127.0.0.1:0",
         "state_dir": str(out / "unused-state"), "registry_dir": str(out / "unused-registry"),
         "tls": {"ca": "unused", "cert": "unused", "key": "unused"},
         "lora": {"rank": cfg.rank, "alpha": 2.0 * cfg.rank, "seed": cfg.seed},
@@ -446,6 +489,8 @@ def run(cfg: SimulateConfig, console: Any = None) -> SimulationResult:
     threads = max(1, int(cfg.client_cpus))  # each virtual site's torch threads: its share of the CPUs
     run_config: dict[str, Any] = {"partition-dir": str(part.out_dir), "base-model": str(base),
                                   "work-dir": str(out / "sites"), "threads": threads}
+    if cfg.lora_ranks:
+        run_config["lora-ranks"] = ",".join(str(r) for r in cfg.lora_ranks)
     app_dir = client_app_dir(out, run_config)
     ray_temp, remove_temp = _ray_temp(out)
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
@@ -504,6 +549,7 @@ def run(cfg: SimulateConfig, console: Any = None) -> SimulationResult:
     try:
         with sampler:
             start_ray(backend_config(cfg, ray_temp)["init_args"])
+            result.ray = ray_info()
             flwr_sim._run_simulation(
                 num_supernodes=cfg.sites, exit_event=flwr_sim.EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
                 client_app=client_app, server_app=server_app, backend_config=backend_config(cfg, ray_temp),

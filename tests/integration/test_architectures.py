@@ -1,7 +1,7 @@
 """The architecture matrix: a real federation on each model family, and the published model loads with stock libraries.
 
 For every family of :mod:`sandbox.families` (Llama 3, Qwen2, Mistral, Gemma 2, Phi-3, GPT-2): a coordinator and two
-site agents as processes on loopback with mTLS, ``all-linear`` targets, two rounds of a few steps, held-out scoring
+site agents as processes on loopback with mTLS, ``all-linear`` targets, rounds of a few steps, held-out scoring
 each round; then ``AutoModelForCausalLM.from_pretrained(published/merged)`` and
 ``PeftModel.from_pretrained(base, published/adapter)`` from stock transformers/peft must give the same logits.
 
@@ -9,7 +9,8 @@ each round; then ``AutoModelForCausalLM.from_pretrained(published/merged)`` and
   ``[in, out]`` layout). Under FedEx-LoRA the published adapter applies to base + residual, so ``adapter/`` on the
   PLAIN base does not reproduce ``merged/``: the test states that truth (the plain-base logits differ, base +
   ``base_residual.safetensors`` + adapter reproduce merged).
-- DPO with FedAvg: ``adapter/`` on the plain base reproduces ``merged/``.
+- DPO with FedAvg, one round (the SFT legs carry state across rounds): ``adapter/`` on the plain base reproduces
+  ``merged/``.
 
 All twelve legs run in the default test run.
 
@@ -43,8 +44,8 @@ def _template(name: str, tmp: Path) -> Path | None:
     return path
 
 
-def _federate(tmp: Path, base: Path, *, strategy: str, mode: str, chat_template: Path | None) -> Store:
-    fed = localfed.prepare(tmp, base, n_sites=2, rounds=2, strategy=strategy, chat_template=chat_template,
+def _federate(tmp: Path, base: Path, *, strategy: str, mode: str, chat_template: Path | None, rounds: int = 2) -> Store:
+    fed = localfed.prepare(tmp, base, n_sites=2, rounds=rounds, strategy=strategy, chat_template=chat_template,
                            training={"mode": mode, "max_steps": 2, "batch_size": 2, "max_length": 64,
                                      "learning_rate": 5e-3},
                            lora={"rank": 2, "alpha": 4.0, "target_modules": ["all-linear"]}, n_train=8, n_heldout=2)
@@ -62,8 +63,8 @@ def _federate(tmp: Path, base: Path, *, strategy: str, mode: str, chat_template:
     assert set(codes.values()) == {0}, (codes, localfed._tail(fed.log_path("coordinator")),
                                         localfed._tail(fed.log_path("site-a")))
     store = Store(fed.state_dir)
-    assert [r.state for r in store.rounds()] == ["closed", "closed"]
-    for r in (1, 2, 3):  # every site scored every global adapter on its held-out rows
+    assert [r.state for r in store.rounds()] == ["closed"] * rounds
+    for r in range(1, rounds + 2):  # every site scored every global adapter on its held-out rows
         assert {m[1] for m in store.metrics(r) if m[2] == "eval_global" and m[3] == "loss"} == {"site-a", "site-b"}
     return store
 
@@ -113,7 +114,7 @@ def test_dpo_fedavg(family: str, tmp_path: Path) -> None:
 
     base = build_family_model(family)
     pub = _published(_federate(tmp_path / "fed", base, strategy="fedavg", mode="dpo",
-                               chat_template=_template(family, tmp_path)))
+                               chat_template=_template(family, tmp_path), rounds=1))
     merged = _logits(AutoModelForCausalLM.from_pretrained(pub / "merged"))
     adapter = _logits(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), pub / "adapter"))
     assert torch.allclose(adapter, merged, atol=1e-4)

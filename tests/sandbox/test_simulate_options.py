@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from sandbox.cli import app
-from sandbox.simulate import SimulateConfig, parse_client_resources
+from sandbox.simulate import SimulateConfig, parse_client_resources, parse_lora_ranks, rule_name
 
 CASES = [
     (["--sites", "1"], "--sites: a federation needs at least 2 sites, got 1"),
@@ -23,7 +23,11 @@ CASES = [
     (["--alpha", "-1"], "--alpha: the Dirichlet concentration must be > 0, got -1.0"),
     (["--fraction", "0"], "--fraction: the share of sites sampled per round must be in (0, 1], got 0.0"),
     (["--fraction", "1.5"], "--fraction: the share of sites sampled per round must be in (0, 1], got 1.5"),
-    (["--strategy", "fedprox"], "--strategy: unknown 'fedprox'; choose from fedavg, fedex-lora"),
+    (["--strategy", "fedsgd"], "--strategy: unknown 'fedsgd'; choose from fedavg, fedex-lora or any of "),
+    (["--lora-ranks", "4,x"], "--lora-ranks: expected integers separated by commas (e.g. 8,4,2), got '4,x'"),
+    (["--lora-ranks", "4,9"], "--lora-ranks: rank 9 is outside 1..8 (--rank)"),
+    (["--lora-ranks", "8,4"], "--lora-ranks: sites below --rank 8 need a mixed-rank strategy (flexlora, hetlora), "
+     "not 'fedavg'"),
     (["--client-resources", "one"], "--client-resources: expected CPUS or CPUS,GPUS"),
     (["--client-resources", "1,0,2"], "--client-resources: expected CPUS or CPUS,GPUS"),
     (["--client-resources", "0"], "--client-resources: CPUs per site must be > 0 and GPUs >= 0"),
@@ -58,6 +62,9 @@ def test_config_defaults_and_sampling() -> None:
     assert SimulateConfig(sites=100, fraction=0.1).sampled_per_round == 10
     assert SimulateConfig(sites=3, fraction=0.1).sampled_per_round == 1  # at least one site
     assert SimulateConfig(alpha=math.inf).alpha == math.inf
+    assert SimulateConfig(strategy="ffa-lora").strategy == "ffa-lora" and rule_name("ffa-lora") == "ffa_lora"
+    assert rule_name("fedex-lora") == "fedex_lora" and parse_lora_ranks(" 8, 4 ") == (8, 4) and not parse_lora_ranks("")
+    assert SimulateConfig(strategy="hetlora", rank=8, lora_ranks=(8, 4, 2)).lora_ranks == (8, 4, 2)
     with pytest.raises(ValueError, match="--alpha"):
         SimulateConfig(alpha=math.nan)
 

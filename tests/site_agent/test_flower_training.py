@@ -1,9 +1,14 @@
-"""Mixed LoRA ranks over Flower: a lower-rank site trains exactly what it trains over fedbridge's own transport.
+"""The Flower ClientApp's handlers train and score what the same site does over fedbridge's own transport.
 
-The ServerApp's strategy builds the real train messages (one full-rank adapter and spec for every node); the
-ClientApp's train handler, at node config ``lora-rank = 2``, projects the adapter with the rule the message names and
-trains. The reference is the same site over fedbridge's transport: the coordinator's :class:`Adapters` projects the
-stored global adapter to the rank the site declared at Join and builds its spec, and the site trainer trains that.
+The ServerApp's strategy builds the real train and evaluate messages; the ClientApp's handlers run in this process
+on the tiny base. The references are the site trainer fed as the task loop feeds it.
+
+- Every preference mode (DPO, KTO, ORPO, SimPO; SFT runs in the Flower deployment test): the reply's delta is the
+  trainer's delta, bit for bit.
+- Mixed ranks: at node config ``lora-rank = 2`` the handler projects the full-rank adapter with the rule the message
+  names. The reference is what the coordinator's :class:`Adapters` sends a site that declared rank 2 at Join.
+- Evaluate: a site with a held-out split scores the message's adapter and sends back only the loss, the token count
+  and its weight.
 """
 
 from __future__ import annotations
@@ -32,10 +37,14 @@ from protos.fedbridge.v1 import federation_service_pb2 as pb  # noqa: E402
 from site_agent.agent import SiteRefusal, egress_delta, make_trainer  # noqa: E402
 from site_agent.egress.dp import SiteDpConfig, resolve  # noqa: E402
 from site_agent.flower import clientapp  # noqa: E402
+from site_agent.training.data import load_sft  # noqa: E402
 from strategies.registry import SITE_RANK_RULES  # noqa: E402
 
 ROWS = [{"messages": [{"role": "user", "content": f"what is {i} plus {i}?"},
                       {"role": "assistant", "content": str(2 * i)}]} for i in range(8)]
+PAIRS = [{"prompt": f"what is {i} plus {i}?", "chosen": str(2 * i), "rejected": "I do not know."} for i in range(8)]
+KTO = [{"prompt": f"what is {i} plus {i}?", "completion": str(2 * i) if i % 2 else "no idea", "label": bool(i % 2)}
+       for i in range(8)]
 
 
 class OneNodeGrid:
@@ -53,22 +62,80 @@ def _run_identity(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     yield
 
 
-def _federation(tiny_model_dir: Path, tmp_path: Path, rule: str):  # type: ignore[no-untyped-def]
+def _federation(tiny_model_dir: Path, tmp_path: Path, rule: str, mode: str = "sft",  # type: ignore[no-untyped-def]
+                rows: list[dict] = ROWS):
     init = init_adapter(tiny_model_dir, LoraSpec(rank=4, alpha=8.0, target_modules=("q_proj", "v_proj")))
     # A global adapter that is not the initial one (B = 0 there would make a projection of B trivially zero).
     g = torch.Generator().manual_seed(3)
     global_state = {k: (v + 0.05 * torch.randn(v.shape, generator=g)).to(v.dtype) for k, v in init.state.items()}
     task = pb.Task(federation_id="f", round=1, total_rounds=1, base_model_sha256=Manifest.of_dir(tiny_model_dir).sha256,
-                   adapter_spec=init.spec, training=pb.TrainingConfig(mode="sft", max_steps=2, learning_rate=1e-2,
-                                                                      per_device_batch_size=4, max_length=64, seed=0))
-    strategy = FedbridgeStrategy(rule, task_for_round=lambda r: task, min_train_nodes=1, min_available_nodes=1)
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+                   adapter_spec=init.spec, training=pb.TrainingConfig(mode=mode, max_steps=2, learning_rate=1e-2,
+                                                                      per_device_batch_size=4, max_length=64, seed=0,
+                                                                      beta=0.2))
+    strategy = FedbridgeStrategy(rule, task_for_round=lambda r: task, min_train_nodes=1, min_available_nodes=1,
+                                 fraction_evaluate=1.0, min_evaluate_nodes=1)
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return init, global_state, task, strategy
 
 
-def _context(tiny_model_dir: Path, tmp_path: Path, rank: int) -> Context:
+def _context(tiny_model_dir: Path, tmp_path: Path, rank: int = 0) -> Context:
     return Context(run_id=1, node_id=7, node_config={"data-path": str(tmp_path / "train.jsonl"), "lora-rank": rank},
                    state=RecordDict(), run_config={"base-model": str(tiny_model_dir), "work-dir": str(tmp_path / "fl")})
+
+
+def _native_delta(tiny_model_dir: Path, tmp_path: Path, task: pb.Task,  # type: ignore[no-untyped-def]
+                  global_state: dict[str, torch.Tensor]):
+    trainer = make_trainer(task.training.mode, tiny_model_dir, tmp_path / "train.jsonl", tmp_path / "native")
+    return egress_delta(trainer.train_round(task, global_state).delta, resolve(SiteDpConfig(), task.dp), task,
+                        tmp_path / "native")
+
+
+# ORPO and SimPO share TRL's CPO trainer path: they run with -m slow.
+@pytest.mark.parametrize("mode,rows", [("dpo", PAIRS), ("kto", KTO), pytest.param("orpo", PAIRS, marks=pytest.mark.slow),
+                                       pytest.param("simpo", PAIRS, marks=pytest.mark.slow)],
+                         ids=["dpo", "kto", "orpo", "simpo"])
+def test_each_preference_mode_trains_the_task_loops_delta(tiny_model_dir: Path, tmp_path: Path, mode: str,
+                                                          rows: list[dict]) -> None:
+    # Prepare
+    init, global_state, task, strategy = _federation(tiny_model_dir, tmp_path, "fedavg", mode, rows)
+    [msg] = strategy.configure_train(1, fw.state_record(global_state), ConfigRecord(), OneNodeGrid())
+    expected = _native_delta(tiny_model_dir, tmp_path, task, global_state)
+
+    # Execute
+    reply = clientapp.train(msg, _context(tiny_model_dir, tmp_path))
+
+    # Assert: the same delta as the task loop's trainer, of the federation's spec; the site's audit log has it
+    delta = fw.record_state(reply.content.array_records[fw.ADAPTER_RECORD])
+    tensors.check_against_spec(delta, init.spec)
+    assert delta.keys() == expected.keys() and all(torch.equal(delta[k], expected[k]) for k in delta)
+    assert any(not torch.equal(delta[k], torch.zeros_like(delta[k])) for k in delta)
+    events = [json.loads(line)["event"] for line in (tmp_path / "fl" / "train" / "audit.jsonl").read_text().splitlines()]
+    assert events == ["task_accepted", "update_sent"]
+
+
+def test_evaluate_scores_the_messages_adapter_and_sends_only_aggregates(tiny_model_dir: Path, tmp_path: Path) -> None:
+    # Prepare: a site with a held-out split (site.toml), the ServerApp's evaluate message
+    init, global_state, task, strategy = _federation(tiny_model_dir, tmp_path, "fedavg")
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_text("".join(json.dumps(r) + "\n" for r in ROWS[:3]))
+    toml = tmp_path / "site.toml"
+    toml.write_text(f'name = "site-e"\ncoordinator = "127.0.0.1:1"\nbase_model = "{tiny_model_dir}"\n'
+                    f'work_dir = "{tmp_path / "work"}"\n[tls]\nca = "ca.pem"\ncert = "c.pem"\nkey = "k"\n'
+                    f'signing_key = "s"\n[data]\ntrain = "{tmp_path / "train.jsonl"}"\nheldout = "{heldout}"\n')
+    ctx = Context(run_id=1, node_id=7, node_config={"site-config": str(toml)}, state=RecordDict(), run_config={})
+    [msg] = strategy.configure_evaluate(1, fw.state_record(global_state), ConfigRecord(), OneNodeGrid())
+    trainer = make_trainer("sft", tiny_model_dir, tmp_path / "train.jsonl", tmp_path / "native")
+    want_loss, want_tokens = trainer.evaluate(init.spec, global_state, load_sft(heldout))
+
+    # Execute
+    reply = clientapp.evaluate(msg, ctx)
+
+    # Assert: the trainer's loss on the held-out rows, weighted by their count; nothing else leaves
+    metrics = dict(reply.content.metric_records[fw.METRICS_RECORD])
+    assert metrics == {fw.WEIGHT_KEY: 3, "loss": pytest.approx(float(want_loss), rel=1e-6),
+                       "tokens": float(want_tokens)}
+    assert not reply.content.array_records
+    assert dict(strategy.aggregate_evaluate(1, [reply]))["loss"] == pytest.approx(float(want_loss), rel=1e-6)
 
 
 @pytest.mark.parametrize("rule", ["hetlora", "flexlora"])
@@ -86,9 +153,7 @@ def test_a_lower_rank_site_trains_what_fedbridges_transport_gives_it(tiny_model_
     native_task = pb.Task()
     native_task.CopyFrom(task)
     native_task.adapter_spec.CopyFrom(native_spec)
-    trainer = make_trainer("sft", tiny_model_dir, tmp_path / "train.jsonl", tmp_path / "native")
-    expected = egress_delta(trainer.train_round(native_task, native_global).delta,
-                            resolve(SiteDpConfig(), native_task.dp), native_task, tmp_path / "native")
+    expected = _native_delta(tiny_model_dir, tmp_path, native_task, native_global)
 
     # Execute: the ClientApp's train handler at lora-rank 2
     reply = clientapp.train(msg, _context(tiny_model_dir, tmp_path, 2))
