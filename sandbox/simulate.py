@@ -36,6 +36,7 @@ from fedcommon.durable import write_durable
 
 # CLI strategy name -> strategies.registry name. fedavg averages A and B separately (naive LoRA aggregation);
 # fedex-lora is exact (the residual mean(B·A) - mean(B)·mean(A) goes into the base weights).
+LOCAL_RAY_IP = "127.0.0.2"  # the local Ray's node address (loopback; see backend_config)
 # The rules the results tables compare; ``--strategy`` takes any registered rule (``fedex-lora`` = ``fedex_lora``).
 STRATEGIES = {"fedavg": "fedavg", "fedex-lora": "fedex_lora"}
 
@@ -343,8 +344,11 @@ def backend_config(cfg: SimulateConfig, ray_temp: Path) -> dict[str, Any]:
     if cfg.ray_address is not None:
         init["address"] = cfg.ray_address
     else:
-        # A private local Ray: its own temp folder (sockets, logs), only loopback, sized to this run.
-        init.update(num_cpus=cfg.num_cpus or os.cpu_count() or 1, _temp_dir=str(ray_temp))
+        # A private local Ray: its own temp folder (sockets, logs), only loopback, sized to this run. Ray replaces
+        # a node address of 127.0.0.1 with the host's interface address (so other hosts could reach it); another
+        # loopback address it leaves alone, so every connection of the run stays on lo.
+        init.update(num_cpus=cfg.num_cpus or os.cpu_count() or 1, _temp_dir=str(ray_temp),
+                    _node_ip_address=LOCAL_RAY_IP)
         if cfg.client_gpus == 0:
             init["num_gpus"] = 0
     return {"init_args": init, "client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": cfg.client_gpus}}

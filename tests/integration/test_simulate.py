@@ -51,6 +51,7 @@ def test_four_sites_one_round_on_ray(tmp_path: Path, tiny_model_dir: Path) -> No
     assert len(res["rounds"]) == 1
     row = res["rounds"][0]
     assert row["sampled"] == 4 and row["replied"] == 4  # every virtual site trained and was aggregated
+    assert res["ray"]["gcs_address"].startswith("127.0.0.2:") and res["ray"]["nodes"] == 1  # loopback only
     assert math.isfinite(row["heldout_loss"]) and row["heldout_loss"] < res["initial_loss"]
     assert row["wall_s"] > 0 and res["peak_rss_mib"] > 100  # the driver alone holds torch
     assert (out / "results.md").read_text().count("\n| 1 |") == 1
@@ -89,14 +90,15 @@ def ray_cluster() -> Iterator[str]:
     temp = tempfile.mkdtemp(prefix="fbraycluster-", dir="/tmp")  # Ray's socket paths must stay short
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"}
-    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
+    # 127.0.0.2, not .1: Ray replaces a node address of 127.0.0.1 with the host's interface address.
+    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--node-ip-address=127.0.0.2",
            f"--port={port}", "--num-cpus=2", "--num-gpus=0", f"--temp-dir={temp}", "--include-dashboard=false",
            "--disable-usage-stats", f"--ray-client-server-port={_free_port()}",
            f"--dashboard-agent-listen-port={_free_port()}", f"--metrics-export-port={_free_port()}"]
     try:
         p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
         assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
-        yield f"127.0.0.1:{port}"
+        yield f"127.0.0.2:{port}"
     finally:
         for pid in _cluster_pids(temp):
             with contextlib.suppress(psutil.NoSuchProcess):
