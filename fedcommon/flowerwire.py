@@ -48,11 +48,11 @@ def state_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
     return ArrayRecord({STATE_KEY: Array(dtype="uint8", shape=(len(data),), stype=STYPE, data=data)})
 
 
-def record_state(record: ArrayRecord, what: str = "arrays") -> dict[str, torch.Tensor]:
-    """The fedbridge state an ArrayRecord made by :func:`state_record` carries.
+def record_bytes(record: ArrayRecord, what: str = "arrays") -> bytes:
+    """The safetensors bytes of an ArrayRecord made by :func:`state_record` (not yet decoded).
 
     Raises:
-        FlowerWireError: The record is not one array of safetensors bytes, or the bytes are not valid safetensors.
+        FlowerWireError: The record is not one array of safetensors bytes.
     """
     arr = record.get(STATE_KEY) if hasattr(record, "get") else None
     if arr is None or set(record.keys()) != {STATE_KEY}:
@@ -61,8 +61,18 @@ def record_state(record: ArrayRecord, what: str = "arrays") -> dict[str, torch.T
     if arr.stype != STYPE:
         raise FlowerWireError(f"record {what!r}: array {STATE_KEY!r} is serialised as {arr.stype!r}, not {STYPE!r} "
                               "(tensors cross as safetensors only)")
+    return bytes(arr.data)
+
+
+def record_state(record: ArrayRecord, what: str = "arrays") -> dict[str, torch.Tensor]:
+    """The fedbridge state an ArrayRecord made by :func:`state_record` carries.
+
+    Raises:
+        FlowerWireError: The record is not one array of safetensors bytes, or the bytes are not valid safetensors.
+    """
+    data = record_bytes(record, what)
     try:
-        return tensors.decode_state(arr.data)
+        return tensors.decode_state(data)
     except tensors.CodecError as e:
         raise FlowerWireError(f"record {what!r}: {e}") from None
 

@@ -25,7 +25,10 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from coordinator.rounds.adapter import add_residual
+from fedcommon import compress
 from fedcommon import flowerwire as fw
+from fedcommon.siterank import site_spec
+from protos.codec import CodecError
 from protos.fedbridge.v1 import federation_service_pb2 as pb
 from strategies.registry import build_strategy
 from strategies.types import AggregationError, ClientUpdate, ServerState
@@ -71,6 +74,7 @@ class FedbridgeStrategy(FedAvg):
         self.server_state: ServerState | None = None
         self.last_info: dict[str, Any] = {}
         self._global: dict[int, dict[str, torch.Tensor]] = {}
+        self._spec: dict[int, pb.AdapterSpec] = {}
 
     def summary(self) -> None:
         log.info("FedbridgeStrategy: rule=%s linear=%s stateful=%s", self.rule.name, self.rule.linear,
@@ -96,6 +100,7 @@ class FedbridgeStrategy(FedAvg):
                         grid: Grid) -> Iterable[Message]:
         """Flower's sampling; each message carries the global adapter, the round's task and the residual."""
         self._global = {server_round: fw.record_state(arrays, fw.ADAPTER_RECORD)}
+        self._spec = {server_round: self.task_for_round(server_round).adapter_spec} if self.task_for_round else {}
         return self._add_residual(super().configure_train(server_round, arrays, self._with_task(server_round, config),
                                                           grid))
 
@@ -121,7 +126,7 @@ class FedbridgeStrategy(FedAvg):
         if server_round not in self._global:
             raise AggregationError(f"round {server_round}: no global adapter was sent for this round")
         global_state = self._global[server_round]
-        updates = sorted((self._update(m) for m in valid), key=lambda u: u.site)
+        updates = sorted((self._update(m, server_round) for m in valid), key=lambda u: u.site)
         result = self.rule.aggregate(global_state, updates, self.server_state)
         self.server_state = result.server_state
         if result.base_residual:
@@ -132,7 +137,9 @@ class FedbridgeStrategy(FedAvg):
         metrics.pop(fw.RANK_KEY, None)
         return fw.state_record(result.state), metrics
 
-    def _update(self, msg: Message) -> ClientUpdate:
+    def _update(self, msg: Message, server_round: int) -> ClientUpdate:
+        """The reply as the rule's input, checked as fedbridge's ingress checks an upload: against the round's
+        adapter spec (at the rank the site reports), decoded first when the spec names a compression."""
         content = msg.content
         node = msg.metadata.src_node_id
         if fw.ADAPTER_RECORD not in content.array_records or fw.METRICS_RECORD not in content.metric_records:
@@ -147,9 +154,22 @@ class FedbridgeStrategy(FedAvg):
         info: dict[str, float | int | str] = {}
         if isinstance(metrics.get(fw.RANK_KEY), int):
             info["lora_rank"] = int(metrics[fw.RANK_KEY])  # type: ignore[arg-type]
-        return ClientUpdate(str(site) if site else f"node-{node}",
-                            fw.record_state(content.array_records[fw.ADAPTER_RECORD], fw.ADAPTER_RECORD),
-                            weight, info)
+        name = str(site) if site else f"node-{node}"
+        record = content.array_records[fw.ADAPTER_RECORD]
+        spec = self._spec.get(server_round)
+        if spec is None:  # no task (the aggregation alone): the state as sent
+            return ClientUpdate(name, fw.record_state(record, fw.ADAPTER_RECORD), weight, info)
+        rank = int(info.get("lora_rank", spec.rank))
+        if not 1 <= rank <= spec.rank:
+            raise AggregationError(f"node {node} ({name}): reported LoRA rank {rank}; this federation trains "
+                                   f"1..{spec.rank}")
+        try:
+            state = compress.decode_update(fw.record_bytes(record, fw.ADAPTER_RECORD),
+                                           site_spec(spec, self._global[server_round], rank))
+        except CodecError as e:
+            raise AggregationError(f"node {node} ({name}): the update does not follow the round's adapter spec "
+                                   f"at rank {rank}: {e}") from None
+        return ClientUpdate(name, state, weight, info)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Weighted mean of the held-out metrics of the sites that have a held-out split (weight > 0)."""

@@ -164,3 +164,43 @@ def test_failed_replies_are_left_out_and_a_foreign_reply_is_refused() -> None:
                                     fw.METRICS_RECORD: MetricRecord({"loss": 1.0})}), reply_to=sent[1])
     with pytest.raises(AggregationError, match="num-examples"):
         strategy.aggregate_train(2, [no_weight])
+
+
+def _task_with(spec: pb.AdapterSpec) -> pb.Task:
+    return pb.Task(federation_id="f", round=1, adapter_spec=spec)
+
+
+def test_replies_are_checked_against_the_rounds_spec_and_compressed_ones_decoded() -> None:
+    from fedcommon import compress, tensors
+
+    g = _state(4, 0)
+    int8 = pb.Compression(encoding="int8", block_size=8)
+    spec = tensors.make_adapter_spec(g, 4, 8.0, 0.0, ["q_proj", "v_proj"], int8)
+    strategy = FedbridgeStrategy("fedavg", task_for_round=lambda r: _task_with(spec), min_train_nodes=1,
+                                 min_available_nodes=1)
+    sent = _sent(strategy, 1, g, [1, 2])
+    deltas = {"site-a": _state(4, 1, 0.1), "site-b": _state(4, 2, 0.1)}
+    encoded = {s: compress.encode(d, int8) for s, d in deltas.items()}
+
+    # An int8 reply is decoded exactly as fedbridge's ingress decodes an upload, then aggregated by the rule.
+    arrays, _ = strategy.aggregate_train(1, [_reply(sent[0], "site-a", encoded["site-a"], 8),
+                                            _reply(sent[1], "site-b", encoded["site-b"], 4)])
+    decoded = [ClientUpdate(s, compress.decode_update(tensors.encode_state(encoded[s]), spec), w)
+               for s, w in (("site-a", 8), ("site-b", 4))]
+    assert arrays is not None
+    _assert_same(fw.record_state(arrays), build_strategy("fedavg").aggregate(g, decoded, None).state)
+
+    # A dense reply where the spec says int8, a reply off the spec's shapes, a rank above the federation's: refused,
+    # naming the node.
+    sent = _sent(strategy, 1, g, [1])
+    with pytest.raises(AggregationError, match=r"node 1 \(site-a\): the update does not follow the round's adapter "
+                                               r"spec at rank 4"):
+        strategy.aggregate_train(1, [_reply(sent[0], "site-a", deltas["site-a"], 8)])
+    plain = tensors.make_adapter_spec(g, 4, 8.0, 0.0, ["q_proj", "v_proj"])
+    dense = FedbridgeStrategy("fedavg", task_for_round=lambda r: _task_with(plain), min_train_nodes=1,
+                              min_available_nodes=1)
+    sent = _sent(dense, 1, g, [1])
+    with pytest.raises(AggregationError, match=r"at rank 4: tensor .* has shape \(3, 6\), the spec says \(4, 6\)"):
+        dense.aggregate_train(1, [_reply(sent[0], "site-a", truncate_rank(_state(4, 1), 3), 8)])
+    with pytest.raises(AggregationError, match=r"reported LoRA rank 5; this federation trains 1\.\.4"):
+        dense.aggregate_train(1, [_reply(sent[0], "site-a", _state(4, 1), 8, rank=5)])
