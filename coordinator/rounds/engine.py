@@ -96,6 +96,7 @@ class RoundEngine:
         self._init_state = adapter.state
         self._changed = asyncio.Event()
         self._closing: set[int] = set()  # rounds being aggregated now (shared with the quorum policy: no late routing)
+        self._advance_queued = False  # an _advance task waits for the lock: it will see every later change too
         self._lock = asyncio.Lock()
         self.finished = asyncio.Event()
         self.failed = asyncio.Event()
@@ -192,6 +193,7 @@ class RoundEngine:
         it) -> closed (aggregated). Every step is in the store first, so a restart at any point continues it.
         """
         async with self._lock:
+            self._advance_queued = False
             while True:
                 if self.control.held():
                     break
@@ -291,7 +293,12 @@ class RoundEngine:
             time.sleep(3600)
 
     def _advance_in_background(self) -> None:
-        """Run :meth:`_advance` as a task that is kept referenced and whose failure is never silent."""
+        """Run :meth:`_advance` as a task that is kept referenced and whose failure is never silent. Coalesced: while
+        one is still waiting for the lock, another would only read the same state again (200 sites' acceptances
+        would read the round's updates 200 times)."""
+        if self._advance_queued:
+            return
+        self._advance_queued = True
         self._keep(asyncio.get_running_loop().create_task(self._advance()))
 
     def _keep(self, task: asyncio.Task[None]) -> None:

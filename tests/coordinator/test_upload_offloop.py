@@ -212,3 +212,36 @@ def test_a_claim_that_requires_an_open_round_is_refused_once_it_closes(tmp_path:
     assert isinstance(revoked, UpdateConflict) and revoked.kind == "revoked"
     assert st.updates(1)[0].site == "a" and st2.updates(1) == []
 
+
+
+def test_advance_requests_made_while_one_waits_are_coalesced(tmp_path: Path) -> None:
+    """Each acceptance asks the engine to advance; while one such pass still waits for the lock, more would only
+    read the same state again (200 acceptances reading the round's updates 200 times). Once a pass has started, a
+    new request gets a new pass, so no change is missed."""
+
+    async def main() -> tuple[int, int]:
+        eng = _engine(tmp_path, min_sites=2)
+        await eng.start()
+        await asyncio.sleep(0.1)  # start-up's own pass
+        calls = 0
+        real = eng._advance
+
+        async def counting() -> None:
+            nonlocal calls
+            calls += 1
+            await real()
+
+        eng._advance = counting  # type: ignore[method-assign]
+        async with eng._lock:  # a pass holds the lock: the requests made meanwhile queue behind it
+            for _ in range(10):
+                eng._advance_in_background()
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)
+        first = calls
+        eng._advance_in_background()
+        await asyncio.sleep(0.2)
+        return first, calls
+
+    ten, after = asyncio.run(main())
+    # Ten requests while a pass waits cost what one request costs (a pass may schedule one follow-up of its own).
+    assert ten == after - ten, (ten, after - ten)
