@@ -96,7 +96,8 @@ class RoundEngine:
         self._init_state = adapter.state
         self._changed = asyncio.Event()
         self._closing: set[int] = set()  # rounds being aggregated now (shared with the quorum policy: no late routing)
-        self._advance_queued = False  # an _advance task waits for the lock: it will see every later change too
+        # The _advance task that waits for the lock (None: none waits): it will see every later change too.
+        self._advance_queued: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self.finished = asyncio.Event()
         self.failed = asyncio.Event()
@@ -193,7 +194,8 @@ class RoundEngine:
         it) -> closed (aggregated). Every step is in the store first, so a restart at any point continues it.
         """
         async with self._lock:
-            self._advance_queued = False
+            if self._advance_queued is asyncio.current_task():
+                self._advance_queued = None  # this pass has started: a change from now on needs a new pass
             while True:
                 if self.control.held():
                     break
@@ -296,10 +298,10 @@ class RoundEngine:
         """Run :meth:`_advance` as a task that is kept referenced and whose failure is never silent. Coalesced: while
         one is still waiting for the lock, another would only read the same state again (200 sites' acceptances
         would read the round's updates 200 times)."""
-        if self._advance_queued:
-            return
-        self._advance_queued = True
-        self._keep(asyncio.get_running_loop().create_task(self._advance()))
+        if self._advance_queued is not None and not self._advance_queued.done():
+            return  # (a queued task that ended before it got the lock, failed or cancelled, does not count)
+        self._advance_queued = asyncio.get_running_loop().create_task(self._advance())
+        self._keep(self._advance_queued)
 
     def _keep(self, task: asyncio.Task[None]) -> None:
         self._tasks.add(task)
