@@ -28,7 +28,8 @@ def site_spec(spec: pb.AdapterSpec, state: Mapping[str, torch.Tensor], rank: int
     """
     if rank == spec.rank:
         return spec
-    return tensors.make_adapter_spec(truncate_rank(state, rank), rank, spec.alpha * rank / spec.rank, spec.dropout,
+    shapes = {k: v.to("meta") for k, v in state.items()}  # shapes and dtypes only: nothing of the values is copied
+    return tensors.make_adapter_spec(truncate_rank(shapes, rank), rank, spec.alpha * rank / spec.rank, spec.dropout,
                                      list(spec.target_modules), spec.compression)
 
 

@@ -34,10 +34,10 @@ from typing import Any
 
 from fedcommon.durable import write_durable
 
-# CLI strategy name -> strategies.registry name. fedavg averages A and B separately (naive LoRA aggregation);
-# fedex-lora is exact (the residual mean(B·A) - mean(B)·mean(A) goes into the base weights).
 LOCAL_RAY_IP = "127.0.0.2"  # the local Ray's node address (loopback; see backend_config)
-# The rules the results tables compare; ``--strategy`` takes any registered rule (``fedex-lora`` = ``fedex_lora``).
+# CLI strategy name -> strategies.registry name, for the rules the results tables compare: fedavg averages A and B
+# separately (naive LoRA aggregation); fedex-lora is exact (the residual mean(B·A) - mean(B)·mean(A) goes into the
+# base weights). ``--strategy`` also takes any other registered rule (hyphens for underscores).
 STRATEGIES = {"fedavg": "fedavg", "fedex-lora": "fedex_lora"}
 
 
@@ -139,17 +139,18 @@ class SimulateConfig:
             raise bad("alpha", f"the Dirichlet concentration must be > 0, got {self.alpha}")
         if not 0 < self.fraction <= 1:
             raise bad("fraction", f"the share of sites sampled per round must be in (0, 1], got {self.fraction}")
-        from strategies.registry import SITE_RANK_RULES, list_strategies
-
-        if rule_name(self.strategy) not in list_strategies():
-            raise bad("strategy", f"unknown {self.strategy!r}; choose from {', '.join(STRATEGIES)} or any of "
-                      f"{', '.join(r for r in list_strategies() if r not in STRATEGIES.values())}")
         for r in self.lora_ranks:
             if not 1 <= r <= self.rank:
                 raise bad("lora-ranks", f"rank {r} is outside 1..{self.rank} (--rank)")
-        if any(r != self.rank for r in self.lora_ranks) and rule_name(self.strategy) not in SITE_RANK_RULES:
-            raise bad("lora-ranks", f"sites below --rank {self.rank} need a mixed-rank strategy "
-                      f"({', '.join(sorted(SITE_RANK_RULES))}), not {self.strategy!r}")
+        if self.strategy not in STRATEGIES or self.lora_ranks:  # the registry imports torch: only when needed
+            from strategies.registry import SITE_RANK_RULES, list_strategies
+
+            if rule_name(self.strategy) not in list_strategies():
+                raise bad("strategy", f"unknown {self.strategy!r}; choose from {', '.join(STRATEGIES)} or any of "
+                          f"{', '.join(r for r in list_strategies() if r not in STRATEGIES.values())}")
+            if any(r != self.rank for r in self.lora_ranks) and rule_name(self.strategy) not in SITE_RANK_RULES:
+                raise bad("lora-ranks", f"sites below --rank {self.rank} need a mixed-rank strategy "
+                          f"({', '.join(sorted(SITE_RANK_RULES))}), not {self.strategy!r}")
         if not 0 < self.learning_rate < 1:
             raise bad("learning-rate", f"must be in (0, 1), got {self.learning_rate}")
         if self.ray_address is not None and not self.ray_address.strip():

@@ -74,7 +74,7 @@ class FedbridgeStrategy(FedAvg):
         self.server_state: ServerState | None = None
         self.last_info: dict[str, Any] = {}
         self._global: dict[int, dict[str, torch.Tensor]] = {}
-        self._spec: dict[int, pb.AdapterSpec] = {}
+        self._spec: dict[int, pb.AdapterSpec] = {}  # the round's spec, then each lower rank's (0: the round's)
 
     def summary(self) -> None:
         log.info("FedbridgeStrategy: rule=%s linear=%s stateful=%s", self.rule.name, self.rule.linear,
@@ -100,7 +100,7 @@ class FedbridgeStrategy(FedAvg):
                         grid: Grid) -> Iterable[Message]:
         """Flower's sampling; each message carries the global adapter, the round's task and the residual."""
         self._global = {server_round: fw.record_state(arrays, fw.ADAPTER_RECORD)}
-        self._spec = {server_round: self.task_for_round(server_round).adapter_spec} if self.task_for_round else {}
+        self._spec = {0: self.task_for_round(server_round).adapter_spec} if self.task_for_round else {}
         return self._add_residual(super().configure_train(server_round, arrays, self._with_task(server_round, config),
                                                           grid))
 
@@ -156,16 +156,17 @@ class FedbridgeStrategy(FedAvg):
             info["lora_rank"] = int(metrics[fw.RANK_KEY])  # type: ignore[arg-type]
         name = str(site) if site else f"node-{node}"
         record = content.array_records[fw.ADAPTER_RECORD]
-        spec = self._spec.get(server_round)
+        spec = self._spec.get(0)
         if spec is None:  # no task (the aggregation alone): the state as sent
             return ClientUpdate(name, fw.record_state(record, fw.ADAPTER_RECORD), weight, info)
         rank = int(info.get("lora_rank", spec.rank))
         if not 1 <= rank <= spec.rank:
             raise AggregationError(f"node {node} ({name}): reported LoRA rank {rank}; this federation trains "
                                    f"1..{spec.rank}")
+        if rank not in self._spec:
+            self._spec[rank] = site_spec(spec, self._global[server_round], rank)
         try:
-            state = compress.decode_update(fw.record_bytes(record, fw.ADAPTER_RECORD),
-                                           site_spec(spec, self._global[server_round], rank))
+            state = compress.decode_update(fw.record_bytes(record, fw.ADAPTER_RECORD), self._spec[rank])
         except CodecError as e:
             raise AggregationError(f"node {node} ({name}): the update does not follow the round's adapter spec "
                                    f"at rank {rank}: {e}") from None
