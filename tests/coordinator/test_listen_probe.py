@@ -27,5 +27,5 @@ def test_a_port_another_process_listens_on_is_refused_and_a_free_one_is_not() ->
 
 
 def test_an_address_not_of_this_host_is_refused() -> None:
-    with pytest.raises(StartRefused, match=r"cannot listen on 192\.0\.2\.1:50051"):
+    with pytest.raises(StartRefused, match=r"cannot listen on 203\.0\.113\.7:50051"):
         probe_listen(_cfg("203.0.113.7:50051"))  # TEST-NET-3 (documentation): not a local address; nothing is sent
