@@ -16,7 +16,9 @@ import json
 import math
 import mmap
 import os
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -82,6 +84,16 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+# Headers already validated, by their exact bytes and the data length that followed them (the whole input of the
+# check): every site of a round sends the same spec, so N updates share one header, which is then parsed and checked
+# once instead of N times (the coordinator maps every stored update again to aggregate it). Bounded in entries and in
+# header size, so hostile headers only evict each other. Read-only: the entries are shared between callers.
+_CHECKED: OrderedDict[tuple[bytes, int], dict[str, Any]] = OrderedDict()
+_CHECKED_MAX = 16
+_CHECKED_MAX_HEADER = 256 << 10
+_CHECKED_LOCK = threading.Lock()
+
+
 def check_header(data: bytes | mmap.mmap) -> dict[str, Any]:
     """Validate a safetensors header before parsing: sane length, known dtypes, shapes that match in-range,
     non-overlapping offsets.
@@ -91,20 +103,38 @@ def check_header(data: bytes | mmap.mmap) -> dict[str, Any]:
 
     Returns:
         The header's tensor entries (name -> ``{"dtype", "shape", "data_offsets"}``, offsets relative to the data
-        that follows the header, which starts at ``8 + header length``), in the header's order.
+        that follows the header, which starts at ``8 + header length``), in the header's order. Callers must not
+        modify them: a header seen before (the same bytes before the same data length) returns the same entries.
     """
     if len(data) < 8:
         raise CodecError(f"payload of {len(data)} bytes is shorter than a safetensors header length")
     n = int.from_bytes(data[:8], "little")
     if n > MAX_HEADER_BYTES or n > len(data) - 8:
         raise CodecError(f"payload header length {n} exceeds the payload or the {MAX_HEADER_BYTES}-byte limit")
+    raw = bytes(data[8:8 + n])
+    key = (raw, len(data) - 8 - n)
+    with _CHECKED_LOCK:
+        hit = _CHECKED.get(key)
+        if hit is not None:
+            _CHECKED.move_to_end(key)
+            return dict(hit)
+    entries = _check_header(raw, len(data) - 8 - n)
+    if n <= _CHECKED_MAX_HEADER:
+        with _CHECKED_LOCK:
+            _CHECKED[key] = entries
+            while len(_CHECKED) > _CHECKED_MAX:
+                _CHECKED.popitem(last=False)
+    return dict(entries)
+
+
+def _check_header(raw: bytes, body: int) -> dict[str, Any]:
+    """:func:`check_header` on the header's bytes ``raw`` followed by ``body`` bytes of data (never cached)."""
     try:
-        header = json.loads(bytes(data[8:8 + n]).decode("utf-8"), object_pairs_hook=_no_duplicates)
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise CodecError(f"payload header is not JSON: {str(e)[:200]}") from None
     if not isinstance(header, dict):
         raise CodecError("payload header is not a JSON object")
-    body = len(data) - 8 - n
     tensors = [k for k in header if k != "__metadata__"]
     if len(tensors) > MAX_TENSORS:
         raise CodecError(f"payload names {len(tensors)} tensors, more than {MAX_TENSORS}")

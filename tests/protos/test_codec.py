@@ -114,3 +114,30 @@ def test_check_against_spec() -> None:
     for bad, msg in cases:
         with pytest.raises(codec.CodecError, match=msg):
             tensors.check_against_spec(bad, spec)
+
+
+def test_header_cache_rechecks_whenever_the_data_length_differs() -> None:
+    """A header validated once is remembered by its bytes AND the data length after it: the same header before
+    fewer bytes (a truncated file) is checked again and refused, never answered from the cache."""
+    data = tensors.encode_state({"a": torch.ones(64), "b": torch.zeros(3, 5)})
+    first = codec.check_header(data)
+    assert codec.check_header(data) == first
+    with pytest.raises(codec.CodecError, match="data offsets outside"):
+        codec.check_header(data[:-4])
+    longer = data + b"\0" * 4  # data past the last tensor is not an error, and not the cached answer either
+    assert codec.check_header(longer) == first
+
+
+def test_header_cache_is_bounded_and_never_changes_an_answer() -> None:
+    seen = []
+    for i in range(codec._CHECKED_MAX * 3):
+        data = tensors.encode_state({f"t{i}": torch.ones(i + 1)})
+        seen.append((data, codec.check_header(data)))
+    assert len(codec._CHECKED) <= codec._CHECKED_MAX
+    for data, entries in seen:  # evicted or not, the same bytes give the same entries
+        assert codec.check_header(data) == entries
+    dup = b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'
+    bad = len(dup).to_bytes(8, "little") + dup + b"\0" * 4
+    for _ in range(2):  # a refused header is not remembered as good
+        with pytest.raises(codec.CodecError, match="twice"):
+            codec.check_header(bad)
