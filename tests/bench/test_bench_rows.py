@@ -41,11 +41,11 @@ def test_the_json_says_null_for_informational_rows(tmp_path: Path, monkeypatch: 
     assert [r["meets_goal"] for r in data] == [None, False]  # a numpy bool is stored as a JSON bool
 
 
-def _case(files_1t: float, memcpy: float = 10e9, flower: float | None = 2.0) -> aggregate.CaseTimes:
+def _case(files_1t: float, memcpy: float = 10e9, flower: float | None = 2.0, pool: int = 10) -> aggregate.CaseTimes:
     return aggregate.CaseTimes("fedavg 8M N=10", read_bytes=10 * 2**25, files_1t=files_1t, files_2t=files_1t / 1.5,
                                tensors_1t=files_1t, plain_1t=files_1t * 1.2, flower=flower, memcpy_1t=memcpy,
                                memcpy_2t=memcpy * 1.3, mem_files=32.0, mem_flower=1000.0 if flower else None,
-                               flat_goal="flat", flat=True)
+                               flat_goal="flat", flat=True, update_bytes=2**25, pool=pool)
 
 
 @pytest.mark.parametrize(("files_1t", "meets"), [(0.05, True), (0.2, False)])
@@ -59,6 +59,23 @@ def test_aggregate_rows_only_the_bandwidth_goal_and_memory_can_pass_or_fail(file
     flower = [r for r in rows if r.case.endswith("(ratio: Flower / ours)")]
     assert len(flower) == 1 and flower[0].meets_goal is None  # Flower is a reference, not a goal any more
     _check(aggregate.case_rows(_case(files_1t, flower=None)))
+
+
+def test_aggregate_goal_is_information_only_where_updates_repeat() -> None:
+    """Fewer distinct updates than N: the blocked sum reads the repeats from cache, so the bandwidth row cannot
+    pass a goal that is about memory (and says why)."""
+    goal = aggregate.case_rows(_case(0.01, pool=4))[0]
+    assert goal.meets_goal is None and goal.goal == INFORMATIONAL and "cache-assisted" in goal.case
+    assert aggregate.case_rows(_case(0.01, pool=10))[0].meets_goal is True
+
+
+def test_pool_is_distinct_up_to_n_where_memory_allows_and_beyond_the_cache() -> None:
+    mib, gib = 1 << 20, 1 << 30
+    size = aggregate.Size("8M", 8, 8, 3)
+    assert aggregate.pool_for(size, 32 * mib, 504 * mib, 100, 24 * gib).pool == 100  # 3 x 100 x 32 MiB < 12 GiB
+    assert aggregate.pool_for(size, 256 * mib, 504 * mib, 100, 24 * gib).pool == 16  # memory-bound: 16 x 3 x 256 MiB
+    assert aggregate.pool_for(size, 32 * mib, 504 * mib, 10, 24 * gib).pool == 32  # twice the cache beyond N
+    assert aggregate.pool_for(size, 32 * mib, 0, 4, 1 * gib).pool == 8  # never fewer than stated
 
 
 def test_quality_rows() -> None:
