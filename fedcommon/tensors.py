@@ -6,6 +6,7 @@ torch side: encoding a state dict to safetensors bytes, decoding validated bytes
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -79,5 +80,13 @@ def check_against_spec(state: Mapping[str, torch.Tensor], spec: pb.AdapterSpec) 
     """Raise :class:`CodecError` unless ``state`` has exactly the spec's keys, shapes and dtypes, all finite."""
     check_header_against_spec({k: {"shape": list(t.shape), "dtype": dtype_name(t.dtype)} for k, t in state.items()}, spec)
     for name, t in state.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if t.is_floating_point() and t.numel() and not _finite(t):
             raise NonFiniteError(f"tensor {name!r} holds NaN or Inf values")
+
+
+def _finite(t: torch.Tensor) -> bool:
+    """Whether every element of a non-empty float tensor is finite: its min and max are (a NaN anywhere makes
+    both NaN). One reducing pass: ``isfinite(t).all()`` writes a bool per element first, 10x slower, and it was
+    the largest cost of the coordinator's check of each upload (``bench/load.py``)."""
+    lo, hi = torch.aminmax(t.detach())
+    return math.isfinite(float(lo)) and math.isfinite(float(hi))

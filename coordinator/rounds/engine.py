@@ -94,7 +94,8 @@ class RoundEngine:
         self.template = template or TemplatePin()  # the chat template every task pins (coordinator.basemodel)
         self.spec = adapter.spec
         self._init_state = adapter.state
-        self._changed = asyncio.Event()
+        self._changed = asyncio.Event()  # any change of state (watchers: dashboard, admin)
+        self._tasks_changed = asyncio.Event()  # a change a site's task may depend on (the sites' long polls)
         self._closing: set[int] = set()  # rounds being aggregated now (shared with the quorum policy: no late routing)
         # The _advance task that waits for the lock (None: none waits): it will see every later change too.
         self._advance_queued: asyncio.Task[None] | None = None
@@ -196,6 +197,7 @@ class RoundEngine:
         async with self._lock:
             if self._advance_queued is asyncio.current_task():
                 self._advance_queued = None  # this pass has started: a change from now on needs a new pass
+            moved = False  # whether this pass changed the round's state (or the federation's)
             while True:
                 if self.control.held():
                     break
@@ -215,6 +217,7 @@ class RoundEngine:
                         if ups:
                             self._hold("collecting", cur.round)
                         break
+                    moved = True
                     event, detail = decision
                     if event == "round_abandoned":
                         self.quorum.abandon(cur, detail)
@@ -224,6 +227,7 @@ class RoundEngine:
                     self._audit(event, {"round": cur.round, "attempt": cur.attempt, **detail})
                     log.info("[RoundEngine] round=%d attempt=%d closing: %s %s", cur.round, cur.attempt, event, detail)
                 elif cur.state == "closing":
+                    moved = True
                     ups = self.store.updates(cur.round)
                     self._closing.add(cur.round)
                     try:
@@ -232,18 +236,24 @@ class RoundEngine:
                         self._closing.discard(cur.round)
                     self._audit("round_closed", {"round": cur.round, "updates": len(ups)})
                 elif self.steps.evaluation_due(cur.round):
+                    moved = True
                     await asyncio.to_thread(self.steps.evaluate, cur.round)
                 elif cur.round < self.cfg.rounds:
+                    moved = True
                     self.store.open_round(cur.round + 1, cur.output_sha256 or "")
                     self._audit("round_opened", {"round": cur.round + 1})
                     log.info("[RoundEngine] round=%d opened", cur.round + 1)
                 elif not self.store.release_decided(self.cfg.rounds):
+                    moved = True
                     await asyncio.to_thread(self.steps.publish)
                 else:
+                    moved = True
                     self.finished.set()
                     break
                 self._notify()
-        self._notify()
+        # A pass that found an open round still collecting changed nothing a site's task depends on: the watchers
+        # of the federation's state (dashboard, admin) hear of the new update, the sites' long polls sleep on.
+        self._notify(tasks=moved)
 
     # -- quorum, deadline, heartbeats -----------------------------------------------------------------------------
     async def _tick(self) -> None:
@@ -329,9 +339,18 @@ class RoundEngine:
             self.store.set_meta("federation_stopped", json.dumps({"round": round, "reason": reason[:500]}))
         return FederationStopped(round, reason)
 
-    def _notify(self) -> None:
+    def _notify(self, tasks: bool = True) -> None:
+        """Wake whoever waits for a change of the federation's state; ``tasks=False``: a change no site's task
+        depends on (an update was stored, the open round still collects), so the sites' long polls are not woken.
+
+        Every long-polling site re-reads its offer when woken, so waking all of them for each of N updates costs
+        N x N offers a round (found by ``bench/load.py``: with 200 sites this took a third of the event loop).
+        """
         self._changed.set()
         self._changed = asyncio.Event()
+        if tasks:
+            self._tasks_changed.set()
+            self._tasks_changed = asyncio.Event()
 
     async def changed(self, timeout: float) -> None:
         """Return when the federation's state changes (update, metrics, round, control), or after ``timeout`` s."""
@@ -399,7 +418,7 @@ class RoundEngine:
             if offer.status != "wait" or remaining <= 0:
                 return offer
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), remaining)
+                await asyncio.wait_for(self._tasks_changed.wait(), remaining)
 
     # -- sites ------------------------------------------------------------------------------------------------
     def require_site(self, peer: PeerIdentity) -> None:

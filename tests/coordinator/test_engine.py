@@ -320,3 +320,36 @@ def test_a_failing_round_stops_loudly_instead_of_hanging(tmp_path: Path) -> None
         assert [u.site for u in eng.store.updates(1)] == ["a"]  # nothing lost: a restart aggregates it
         assert eng.store.rounds()[0].state == "closing"  # decided (quorum) and durable, not yet aggregated
     asyncio.run(main())
+
+
+def test_long_polls_sleep_through_updates_and_wake_when_the_round_moves(tmp_path: Path) -> None:
+    """A site that already sent this round's update long-polls. The other sites' updates that leave the round
+    collecting must not wake it (N sites x N updates of offers a round); the round closing and the next one opening
+    must, at once."""
+    async def main() -> None:
+        eng = _engine(tmp_path, min_sites=3)
+        await eng.start()
+        a, b, c = Site("a"), Site("b"), Site("c")
+        for site in (a, b, c):
+            assert (await eng.fetch_task(site.peer, 0)).status == "train"
+        s, p = a.update(1, _delta(1.0, 2.0))
+        assert (await eng.ingress.receive_upload(a.peer, _chunks(s, p))).accepted
+        offers: list[str] = []
+        real_offer = eng._offer
+
+        def counted(site: str) -> object:
+            offers.append(site)
+            return real_offer(site)
+        eng._offer = counted  # type: ignore[method-assign]
+        poll = asyncio.create_task(eng.fetch_task(a.peer, 30))
+        await asyncio.sleep(0.1)
+        assert offers == ["a"]  # asked once, then sleeps
+        s, p = b.update(1, _delta(4.0, -1.0))
+        assert (await eng.ingress.receive_upload(b.peer, _chunks(s, p))).accepted
+        await asyncio.sleep(0.3)  # b's update is stored and its advance pass has run
+        assert offers == ["a"] and not poll.done()
+        s, p = c.update(1, _delta(0.0, 0.0))
+        assert (await eng.ingress.receive_upload(c.peer, _chunks(s, p))).accepted
+        got = await asyncio.wait_for(poll, 10)
+        assert got.status == "train" and got.round == 2  # woken by the round moving on, long before its 30 s
+    asyncio.run(main())

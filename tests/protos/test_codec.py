@@ -116,6 +116,20 @@ def test_check_against_spec() -> None:
             tensors.check_against_spec(bad, spec)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_one_non_finite_element_anywhere_is_refused_in_every_float_dtype(dtype: torch.dtype, bad: float) -> None:
+    """A single NaN or +-Inf, at the first, a middle or the last element, in any float dtype, names its tensor."""
+    state = {"a.lora_A.weight": torch.randn(8, 300).to(dtype), "a.lora_B.weight": torch.randn(300, 8).to(dtype)}
+    spec = tensors.make_adapter_spec(state, rank=8, alpha=8, dropout=0, target_modules=["a"])
+    tensors.check_against_spec(state, spec)
+    for at in (0, 1234, 2399):
+        hurt = {k: v.clone() for k, v in state.items()}
+        hurt["a.lora_B.weight"].view(-1)[at] = bad
+        with pytest.raises(codec.NonFiniteError, match="'a.lora_B.weight' holds NaN or Inf"):
+            tensors.check_against_spec(hurt, spec)
+
+
 def test_header_cache_rechecks_whenever_the_data_length_differs() -> None:
     """A header validated once is remembered by its bytes AND the data length after it: the same header before
     fewer bytes (a truncated file) is checked again and refused, never answered from the cache."""
