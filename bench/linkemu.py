@@ -83,6 +83,7 @@ class Direction:
     lost: int = 0
     tail_dropped: int = 0
     cut_dropped: int = 0
+    write_dropped: int = 0  # the receiving namespace's stack refused the packet (its backlog was full)
 
     def offer(self, pkt: bytes, now: float, rng: random.Random, cut: bool) -> None:
         if cut:
@@ -204,10 +205,10 @@ class TunLink:
                         direction.forwarded += 1
                         direction.bytes += len(pkt)
                     except OSError:  # the kernel's queue on that device is full: dropped, as a real NIC would
-                        direction.tail_dropped += 1
+                        direction.write_dropped += 1
 
     def stats(self) -> dict[str, dict[str, int]]:
-        return {name: {k: getattr(d, k) for k in ("forwarded", "bytes", "lost", "tail_dropped", "cut_dropped")}
+        return {name: {k: getattr(d, k) for k in ("forwarded", "bytes", "lost", "tail_dropped", "cut_dropped", "write_dropped")}
                 for name, d in (("up", self.up), ("down", self.down))}
 
 

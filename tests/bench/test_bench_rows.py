@@ -112,3 +112,24 @@ def test_round_overhead_counts_set_up_as_overhead() -> None:
     assert rows[2].ratio == pytest.approx(0.6) and rows[2].reference == pytest.approx(2.0)
     assert rows[-1].ratio == pytest.approx((0.025 + 0.6) / 2)
     assert "a 1.000 s" in notes[2]  # the site-side set-up of round 3, printed
+
+
+@pytest.mark.parametrize(("up_s", "meets"), [(15.0, True), (17.0, False)])
+def test_link_rows_put_the_goals_on_the_steady_round_and_the_cut(up_s: float, meets: bool) -> None:
+    from bench import link
+
+    mib80 = 80 << 20
+
+    def rnd(r: int, up: float, down: float = 15.0) -> dict[str, object]:
+        return {"round": r, "upload_bytes": mib80, "upload_s": up, "download_bytes": mib80, "download_s": down,
+                "upload_ack_s": 0.5, "tensor_bytes": mib80}
+    rounds = {1: rnd(1, 30.0, 30.0), 2: rnd(2, up_s), 3: rnd(3, up_s + link.CUT_S + 1.0)}
+    raw = {m: [40e6, 45e6, 45e6] for m in ("up", "down")}
+    rows = link.link_rows(rounds, raw, 3e9)
+    _check(rows)
+    goals = {r.case.split(",")[0] if "goodput" in r.case else "cut": r.meets_goal for r in rows
+             if r.meets_goal is not None}
+    # round 2 carries the goodput goals, the cut row its own; round 1's cold transfer is information only
+    assert goals == {"upload goodput": meets, "download goodput": True, "cut": True}
+    cut = next(r for r in rows if "cut" in r.case)
+    assert cut.ratio == pytest.approx((up_s + link.CUT_S + 1.0) / (up_s + link.CUT_S))

@@ -149,3 +149,31 @@ def test_flexlora_projects_to_the_best_low_rank_and_sites_get_prefixes() -> None
     torch.testing.assert_close(state[B] @ state[A], _t([[1.5, 0, 0], [0, 0.25, 0], [0, 0, 0]]))
     torch.testing.assert_close(site_view[B] @ site_view[A], _t([[1.5, 0, 0], [0, 0, 0], [0, 0, 0]]))
     assert site_view[A].shape == (1, 3) and site_view[B].shape == (3, 1)
+
+
+@pytest.mark.parametrize("rule", ["fedavg", "hetlora-exact"])
+def test_error_meter_from_factors_matches_the_dense_products(rule: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Large modules are measured from their factors (Gram matrices), never forming the d x k products; that must
+    give the dense meter's figure: a real error under FedAvg, and (near) zero where the published product is the
+    sites' mean exactly (one site)."""
+    from strategies import error_meter
+
+    g = torch.Generator().manual_seed(3)
+    d, k, r = 96, 80, 4
+    glob = {"m.lora_A.weight": torch.randn(r, k, generator=g), "m.lora_B.weight": torch.randn(d, r, generator=g)}
+    n_sites = 3 if rule == "fedavg" else 1
+    ups = [ClientUpdate(site=f"s{i}", num_examples=10 * (i + 1),
+                        delta={kk: 0.1 * torch.randn(v.shape, generator=g) for kk, v in glob.items()})
+           for i in range(n_sites)]
+    published = fedavg.aggregate(glob, ups)
+    monkeypatch.setattr(error_meter, "FACTORED_MIN_ELEMENTS", 1 << 40)  # dense
+    dense = aggregation_error_from_updates(glob, ups, published)["m.weight"]
+    monkeypatch.setattr(error_meter, "FACTORED_MIN_ELEMENTS", 1)  # from the factors
+    factored = aggregation_error_from_updates(glob, ups, published)["m.weight"]
+    if n_sites > 1:
+        assert dense > 1e-3 and factored == pytest.approx(dense, rel=1e-6)
+    else:
+        assert dense < 1e-6 and factored < 1e-6
+    full = [{kk: glob[kk] + u.delta[kk] for kk in glob} for u in ups]
+    assert aggregation_error(published, full, [u.num_examples for u in ups])["m.weight"] == pytest.approx(
+        factored, rel=1e-6, abs=1e-6)
