@@ -66,30 +66,39 @@ PY = sys.executable
 TCP_PAUSE_S = 2.0  # between the transfers on one connection (the link goes quiet, as between rounds)
 
 
+def _send(conn: socket.socket, nbytes: int) -> None:
+    block, left = bytes(1 << 20), nbytes
+    while left:
+        conn.sendall(block[:min(left, len(block))])
+        left -= min(left, len(block))
+
+
+def _receive(conn: socket.socket, nbytes: int) -> int:
+    """Read ``nbytes`` (fewer if the peer closes first); returns how many came."""
+    buf, got = memoryview(bytearray(1 << 20)), 0
+    while got < nbytes:
+        n = conn.recv_into(buf, min(len(buf), nbytes - got))
+        if not n:
+            break
+        got += n
+    return got
+
+
 def tcp_server(port: int, mode: str, nbytes: int, reps: int) -> None:
     """``reps`` transfers on one connection: ``up`` reads ``nbytes`` then answers one byte; ``down`` sends
     ``nbytes`` after one byte."""
     srv = socket.create_server(("0.0.0.0", port))
     print("ready", flush=True)
     conn, _ = srv.accept()
-    buf = memoryview(bytearray(1 << 20))
-    block = bytes(1 << 20)
     for _ in range(reps):
         if mode == "up":
-            got = 0
-            while got < nbytes:
-                n = conn.recv_into(buf)
-                if not n:
-                    return
-                got += n
+            if _receive(conn, nbytes) < nbytes:
+                return
             conn.sendall(b"k")
         else:
             if not conn.recv(1):
                 return
-            left = nbytes
-            while left:
-                conn.sendall(block[:min(left, len(block))])
-                left -= min(left, len(block))
+            _send(conn, nbytes)
     conn.close()
 
 
@@ -97,26 +106,17 @@ def tcp_client(host: str, port: int, mode: str, nbytes: int, reps: int) -> None:
     """Prints the seconds of each of ``reps`` transfers on one connection (the first includes its setup)."""
     t0 = time.monotonic()
     conn = socket.create_connection((host, port), timeout=300)
-    block, buf = bytes(1 << 20), memoryview(bytearray(1 << 20))
     seconds = []
     for i in range(reps):
         if i:
             time.sleep(TCP_PAUSE_S)
             t0 = time.monotonic()
         if mode == "up":
-            left = nbytes
-            while left:
-                conn.sendall(block[:min(left, len(block))])
-                left -= min(left, len(block))
+            _send(conn, nbytes)
             assert conn.recv(1) == b"k"
         else:
             conn.sendall(b"g")
-            got = 0
-            while got < nbytes:
-                n = conn.recv_into(buf)
-                if not n:
-                    break
-                got += n
+            got = _receive(conn, nbytes)
             assert got == nbytes, got
         seconds.append(time.monotonic() - t0)
     print(json.dumps({"seconds": seconds}), flush=True)
