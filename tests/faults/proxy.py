@@ -77,6 +77,11 @@ class FaultProxy:
         """Flip every bit of the byte ``n`` bytes further on in ``direction``."""
         self._arm(_Fault("corrupt", _check(direction), n))
 
+    def open_connections(self) -> int:
+        """Connections still forwarding (a side's close is passed on only after what it had sent is through)."""
+        with self._lock:
+            return len(self._socks) // 2
+
     def throttle(self, direction: str, bytes_per_s: float | None) -> None:
         """Forward at most ``bytes_per_s`` in ``direction`` (None: no limit)."""
         with self._lock:
