@@ -214,7 +214,7 @@ class UploadIngress:
         forged or from a clock far off."""
         skew_ms = int(self.cfg.envelope_clock_skew_s * 1000)
         now = int(time.time() * 1000)
-        opened = next((r.opened_ms for r in self.store.rounds() if r.round == env.round), None)
+        opened = self.store.opened_ms(env.round)
         created = env.created_unix_ms
         if created > now + skew_ms:
             raise StaleEnvelope(f"envelope created_unix_ms={created} is {(created - now) / 1000:.0f} s in the future "

@@ -357,6 +357,12 @@ class Store:
     def rounds(self) -> list[RoundRow]:
         return [_round_row(r) for r in self._q(f"SELECT {self._ROUND_COLS} FROM rounds ORDER BY round")]
 
+    def opened_ms(self, round: int) -> int | None:
+        """When ``round`` first opened (ms since the epoch), or None for a round not opened; one row's column (every
+        upload's envelope is checked against it, more than once)."""
+        rows = self._q("SELECT opened_ms FROM rounds WHERE round=?", (round,))
+        return int(rows[0][0]) if rows else None
+
     def current_round(self) -> RoundRow | None:
         """The latest round. One row, not every round: each site's long poll asks on every change of state (found
         by ``bench/load.py``: with 200 sites, decoding every closed round's info here took a fifth of the event
