@@ -348,10 +348,12 @@ def max_abs_diff(ours: StateDict, flower_arrays: Any) -> float:
 
 def run_size(size: Size, ns: tuple[int, ...], flower: bool = True) -> tuple[list[Row], list[str]]:
     """All rows of one adapter size (the pool's safetensors files live in a temporary directory)."""
-    size = pool_for(size, update_bytes(size.rank), last_level_cache_bytes(), max(ns), memory_bytes(),
-                    3 if flower else 2)
+    llc = last_level_cache_bytes()
+    size = pool_for(size, update_bytes(size.rank), llc, max(ns), memory_bytes(), 3 if flower else 2)
     with tempfile.TemporaryDirectory(prefix="fedbridge-bench-") as store:
-        return _run_size(size, ns, build_inputs(size, max(ns), Path(store), flower), flower)
+        rows, notes = _run_size(size, ns, build_inputs(size, max(ns), Path(store), flower), flower)
+    return rows, [f"{size.label}: a pool of {size.pool} distinct updates (at most N where half of memory holds them, "
+                  f"at least twice the {llc >> 20} MiB last-level cache)", *notes]
 
 
 @dataclass(frozen=True)
@@ -533,10 +535,6 @@ def main(argv: list[str] | None = None) -> None:
     ns = (10,) if args.quick else NS
     t0 = time.perf_counter()
     rows, notes = run(sizes, ns, flower=not args.no_flower)
-    llc = last_level_cache_bytes()
-    copies = 2 if args.no_flower else 3
-    pools = ", ".join(f"{s.label}: {pool_for(s, update_bytes(s.rank), llc, max(ns), memory_bytes(), copies).pool}"
-                      for s in sizes)
     notes = [
         "Physical reference: bytes FedAvg must read (N x the update's tensor bytes) / its time, over this machine's "
         f"memcpy bandwidth (glibc memcpy, bytes copied/s, {MEMCPY_BYTES >> 20} MiB buffers, best of {MEMCPY_REPEATS}) "
@@ -544,11 +542,10 @@ def main(argv: list[str] | None = None) -> None:
         "stored safetensors files memory-mapped as the coordinator's round step does. Time: best of R after an "
         "untimed call, heap retained (see the module docstring). Memory: peak heap bytes in use (glibc mallinfo2, "
         "sampled every 0.5 ms) added by the untimed call.",
-        f"Inputs: every side cycles through the same pool of distinct updates ({pools}: at least twice the "
-        f"{llc >> 20} MiB last-level cache), and each timed call of ours and plain torch starts N updates on from the "
-        "last, so no call reads what the one before left in cache; 100 distinct 64M updates would need 25 GiB, more "
-        "than the 24 GiB here. Ours sums float32 "
-        "updates in float32, in site-name order, so the result does not depend on arrival order.",
+        "Inputs: every side cycles through the same pool of distinct updates (each size's pool is noted below), and "
+        "each timed call of ours and plain torch starts N updates on from the last, so no call reads what the one "
+        "before left in cache; 100 distinct 64M updates would need 25 GiB, more than the 24 GiB here. Ours sums "
+        "float32 updates in float32, in site-name order, so the result does not depend on arrival order.",
         *notes, f"wall time {time.perf_counter() - t0:.0f} s"]
     write_results("aggregate", rows, notes)
 

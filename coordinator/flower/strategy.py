@@ -74,7 +74,8 @@ class FedbridgeStrategy(FedAvg):
         self.server_state: ServerState | None = None
         self.last_info: dict[str, Any] = {}
         self._global: dict[int, dict[str, torch.Tensor]] = {}
-        self._spec: dict[int, pb.AdapterSpec] = {}  # the round's spec, then each lower rank's (0: the round's)
+        self._spec: pb.AdapterSpec | None = None  # the round's adapter spec (None: no task, the aggregation alone)
+        self._site_specs: dict[int, pb.AdapterSpec] = {}  # the round's spec at each rank the replies report
 
     def summary(self) -> None:
         log.info("FedbridgeStrategy: rule=%s linear=%s stateful=%s", self.rule.name, self.rule.linear,
@@ -100,7 +101,8 @@ class FedbridgeStrategy(FedAvg):
                         grid: Grid) -> Iterable[Message]:
         """Flower's sampling; each message carries the global adapter, the round's task and the residual."""
         self._global = {server_round: fw.record_state(arrays, fw.ADAPTER_RECORD)}
-        self._spec = {0: self.task_for_round(server_round).adapter_spec} if self.task_for_round else {}
+        self._spec = self.task_for_round(server_round).adapter_spec if self.task_for_round else None
+        self._site_specs = {}
         return self._add_residual(super().configure_train(server_round, arrays, self._with_task(server_round, config),
                                                           grid))
 
@@ -156,17 +158,17 @@ class FedbridgeStrategy(FedAvg):
             info["lora_rank"] = int(metrics[fw.RANK_KEY])  # type: ignore[arg-type]
         name = str(site) if site else f"node-{node}"
         record = content.array_records[fw.ADAPTER_RECORD]
-        spec = self._spec.get(0)
+        spec = self._spec
         if spec is None:  # no task (the aggregation alone): the state as sent
             return ClientUpdate(name, fw.record_state(record, fw.ADAPTER_RECORD), weight, info)
         rank = int(info.get("lora_rank", spec.rank))
         if not 1 <= rank <= spec.rank:
             raise AggregationError(f"node {node} ({name}): reported LoRA rank {rank}; this federation trains "
                                    f"1..{spec.rank}")
-        if rank not in self._spec:
-            self._spec[rank] = site_spec(spec, self._global[server_round], rank)
+        if rank not in self._site_specs:  # built once per rank and round, not per reply
+            self._site_specs[rank] = site_spec(spec, self._global[server_round], rank)
         try:
-            state = compress.decode_update(fw.record_bytes(record, fw.ADAPTER_RECORD), self._spec[rank])
+            state = compress.decode_update(fw.record_bytes(record, fw.ADAPTER_RECORD), self._site_specs[rank])
         except CodecError as e:
             raise AggregationError(f"node {node} ({name}): the update does not follow the round's adapter spec "
                                    f"at rank {rank}: {e}") from None

@@ -217,7 +217,6 @@ class RoundEngine:
                         if ups:
                             self._hold("collecting", cur.round)
                         break
-                    moved = True
                     event, detail = decision
                     if event == "round_abandoned":
                         self.quorum.abandon(cur, detail)
@@ -227,7 +226,6 @@ class RoundEngine:
                     self._audit(event, {"round": cur.round, "attempt": cur.attempt, **detail})
                     log.info("[RoundEngine] round=%d attempt=%d closing: %s %s", cur.round, cur.attempt, event, detail)
                 elif cur.state == "closing":
-                    moved = True
                     ups = self.store.updates(cur.round)
                     self._closing.add(cur.round)
                     try:
@@ -236,20 +234,18 @@ class RoundEngine:
                         self._closing.discard(cur.round)
                     self._audit("round_closed", {"round": cur.round, "updates": len(ups)})
                 elif self.steps.evaluation_due(cur.round):
-                    moved = True
                     await asyncio.to_thread(self.steps.evaluate, cur.round)
                 elif cur.round < self.cfg.rounds:
-                    moved = True
                     self.store.open_round(cur.round + 1, cur.output_sha256 or "")
                     self._audit("round_opened", {"round": cur.round + 1})
                     log.info("[RoundEngine] round=%d opened", cur.round + 1)
                 elif not self.store.release_decided(self.cfg.rounds):
-                    moved = True
                     await asyncio.to_thread(self.steps.publish)
                 else:
                     moved = True
                     self.finished.set()
                     break
+                moved = True  # only a pass that stops where the round still collects (or is held) moves nothing
                 self._notify()
         # A pass that found an open round still collecting changed nothing a site's task depends on: the watchers
         # of the federation's state (dashboard, admin) hear of the new update, the sites' long polls sleep on.
