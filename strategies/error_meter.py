@@ -14,53 +14,106 @@ one LoRA scaling across sites the ratio is the same scaled or not. A module whos
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 
-from strategies.lora import LoraPair, check_mixed_ranks, normalized_weights, pairs_of, product, site_factors
+from strategies.lora import LoraPair, check_mixed_ranks, normalized_weights, pairs_of
 from strategies.types import AggregationError, ClientUpdate
 
-
-def _ratio(target: torch.Tensor, published: torch.Tensor) -> float:
-    num = float(torch.linalg.matrix_norm(target - published))
-    den = float(torch.linalg.matrix_norm(target))
-    if den == 0.0:
-        return 0.0 if num == 0.0 else math.inf
-    return num / den
+# Below this relative error the Gram-matrix form has lost too many digits to cancellation (its rounding is about
+# 1e-8 of the target's norm) and the module is measured again from QR factors (see :func:`_batch_errors`).
+_GRAM_FLOOR = 1e-4
 
 
-# Modules whose dense product has at least this many elements are measured from their factors (see
-# :func:`_module_error`): a Llama-8B MLP product is 4096 x 14336, and forming it for every module and site made the
-# meter take minutes of a round's close on 2 cores; smaller ones keep the dense product.
-FACTORED_MIN_ELEMENTS = 1 << 22
+# Modules of one shape (and ranks) are measured together, stacked into batched matrix products: a per-module loop
+# spent most of a round's close on per-operation overhead (a tiny Llama's 56 modules took 30-60 ms on 2 cores; a
+# 7B's 224 modules pay the same overhead four times over). A batch holds at most this many float64 elements of its
+# largest intermediate, so the meter's memory stays bounded whatever the model (256 MiB).
+BATCH_ELEMENTS = 1 << 25
 
 
-def _fro2(b: torch.Tensor, a: torch.Tensor) -> float:
-    """``||b @ a||_F^2`` without forming the product: ``sum((b^T b) * (a a^T))``, O((d + k) r^2) for rank r."""
-    return float(((b.T @ b) * (a @ a.T)).sum())
+class _Factors:
+    """A batch's stacked factors in float64, B transposed: ``bt`` is M x R' x d and ``a`` is M x R' x k.
 
-
-def _module_error(b_cat: torch.Tensor, a_cat: torch.Tensor, published: Mapping[str, torch.Tensor], p: LoraPair,
-                  residual: Mapping[str, torch.Tensor]) -> float:
-    """One module's error: target ``b_cat @ a_cat`` against the published product (plus its dense residual).
-
-    A large module without a residual is measured from the factors: the difference is the product of
-    ``[b_cat, -B_pub]`` and ``[a_cat; A_pub]``, whose Frobenius norm needs only Gram matrices of the stacked ranks.
-    Its rounding is about 1e-8 of the target's norm (the squares cancel), far below any error this meter reports.
+    Rows ``[0, R)`` hold the weighted sites' factors one after the other, so ``bt[:, :R]^T @ a[:, :R]`` is each
+    module's target ``mean_i(B_i A_i)``; rows ``[R, R')`` hold the published factors with A negated, so the whole
+    ``bt^T @ a`` is target minus published. Every block is written in place (rows are contiguous), never
+    concatenated.
     """
-    d, k = b_cat.shape[0], a_cat.shape[1]
-    if p.base_weight not in residual and d * k >= FACTORED_MIN_ELEMENTS:
-        b_pub, a_pub = published[p.b_key].to(torch.float64), published[p.a_key].to(torch.float64)
-        den2 = _fro2(b_cat, a_cat)
-        num2 = max(0.0, _fro2(torch.cat([b_cat, -b_pub], dim=1), torch.cat([a_cat, a_pub], dim=0)))
-        if den2 <= 0.0:
-            return 0.0 if num2 == 0.0 else math.inf
-        return math.sqrt(num2 / den2)
-    pub = product(published, p)
-    if p.base_weight in residual:
-        pub = pub + residual[p.base_weight].to(torch.float64)
-    return _ratio(b_cat @ a_cat, pub)
+
+    def __init__(self, batch: Sequence[LoraPair], published: Mapping[str, torch.Tensor], site_ranks: Sequence[int]):
+        b0, a0 = published[batch[0].b_key], published[batch[0].a_key]
+        self.target_rows = sum(site_ranks)
+        rows = self.target_rows + b0.shape[1]
+        self.bt = torch.empty(len(batch), rows, b0.shape[0], dtype=torch.float64)
+        self.a = torch.empty(len(batch), rows, a0.shape[1], dtype=torch.float64)
+        self.offsets = [sum(site_ranks[:i]) for i in range(len(site_ranks))]
+        self.fill(self.target_rows, batch, published)
+        self.a[:, self.target_rows:].neg_()
+
+    def fill(self, row: int, batch: Sequence[LoraPair], state: Mapping[str, torch.Tensor]) -> tuple[slice, int]:
+        """Copy ``state``'s factors of every module of ``batch`` into the rows from ``row``; returns their slice."""
+        r = state[batch[0].a_key].shape[0]
+        rows = slice(row, row + r)
+        for m, p in enumerate(batch):
+            self.bt[m, rows].copy_(state[p.b_key].T)
+            self.a[m, rows].copy_(state[p.a_key])
+        return rows, r
+
+
+def _gram_sums(bt: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """``||bt_m^T @ a_m||_F^2`` per batch entry without forming the products: ``sum((B^T B) * (A A^T))``."""
+    return (bt @ bt.transpose(1, 2)).mul_(a @ a.transpose(1, 2)).sum(dim=(1, 2))
+
+
+def _batch_errors(f: _Factors, residual: torch.Tensor | None) -> list[float]:
+    """Errors of a batch of modules of one shape: each target against its published product (plus its residual).
+
+    A module without a residual is measured from its factors, never forming a d x k product: the difference is
+    ``U V`` with ``U = bt^T`` and ``V = a`` (see :class:`_Factors`), and ``||U V||^2 = sum((U^T U) * (V V^T))``
+    needs only Gram matrices of the stacked ranks. Those squares cancel when the error is tiny (an exact rule's zero
+    would come out near 1e-8), so a module whose error is below :data:`_GRAM_FLOOR` is measured again from QR
+    factors, ``U = Q_u R_u`` and ``V^T = Q_v R_v``: the norm is that of the small ``R_u R_v^T``, backward stable,
+    at float64 rounding like the dense product. A module with a dense residual is measured dense.
+    """
+    t = f.target_rows
+    if residual is None:
+        gb, ga = f.bt @ f.bt.transpose(1, 2), f.a @ f.a.transpose(1, 2)
+        den = (gb[:, :t, :t] * ga[:, :t, :t]).sum(dim=(1, 2))
+        num = gb.mul_(ga).sum(dim=(1, 2))
+        if bool((tiny := num <= _GRAM_FLOOR**2 * den).any()):
+            r_u = torch.linalg.qr(f.bt[tiny].transpose(1, 2), mode="r").R
+            r_v = torch.linalg.qr(f.a[tiny].transpose(1, 2), mode="r").R
+            num[tiny] = (r_u @ r_v.transpose(1, 2)).square_().sum(dim=(1, 2))
+        num2, den2 = num.clamp_min_(0.0).tolist(), den.tolist()
+    else:
+        diff = f.bt.transpose(1, 2) @ f.a - residual
+        num2 = diff.square_().sum(dim=(1, 2)).tolist()
+        den2 = _gram_sums(f.bt[:, :t], f.a[:, :t]).tolist()
+    out = []
+    for n, dn in zip(num2, den2, strict=True):
+        out.append((0.0 if n == 0.0 else math.inf) if dn <= 0.0 else math.sqrt(n / dn))
+    return out
+
+
+def _batches(pairs: Sequence[LoraPair], published: Mapping[str, torch.Tensor], residual: Mapping[str, torch.Tensor],
+             ranks: Callable[[LoraPair], tuple[int, ...]]
+             ) -> Iterator[tuple[list[LoraPair], tuple[int, ...], torch.Tensor | None]]:
+    """The modules in batches of one published shape, one set of site ranks and residual or not, each batch's
+    float64 buffers within :data:`BATCH_ELEMENTS`; with the batch's site ranks and stacked residuals."""
+    groups: dict[tuple[Any, ...], list[LoraPair]] = {}
+    for p in pairs:
+        key = (tuple(published[p.b_key].shape), tuple(published[p.a_key].shape), ranks(p), p.base_weight in residual)
+        groups.setdefault(key, []).append(p)
+    for (b_shape, a_shape, site_ranks, has_residual), group in groups.items():
+        d, k, rows = b_shape[0], a_shape[1], sum(site_ranks) + b_shape[1]
+        step = max(1, BATCH_ELEMENTS // ((d + k) * rows + (3 * d * k if has_residual else 0)))
+        for i in range(0, len(group), step):
+            batch = group[i:i + step]
+            yield batch, site_ranks, (torch.stack([residual[p.base_weight] for p in batch]).to(torch.float64)
+                                      if has_residual else None)
 
 
 def aggregation_error(published: Mapping[str, torch.Tensor], site_adapters: Sequence[Mapping[str, torch.Tensor]],
@@ -99,12 +152,14 @@ def aggregation_error(published: Mapping[str, torch.Tensor], site_adapters: Sequ
                                        f"{tuple(pb.shape)} and A {tuple(pa.shape)}")
     residual = base_residual or {}
     out: dict[str, float] = {}
-    for p in pairs:
-        b_cat = torch.cat([(w / total) * site[p.b_key].to(torch.float64)
-                           for w, site in zip(weights, site_adapters, strict=True)], dim=1)
-        a_cat = torch.cat([site[p.a_key].to(torch.float64) for site in site_adapters], dim=0)
-        out[p.base_weight] = _module_error(b_cat, a_cat, published, p, residual)
-    return out
+    for batch, ranks, res in _batches(pairs, published, residual,
+                                      lambda p: tuple(site[p.a_key].shape[0] for site in site_adapters)):
+        f = _Factors(batch, published, ranks)
+        for w, site, row in zip(weights, site_adapters, f.offsets, strict=True):
+            rows, _ = f.fill(row, batch, site)
+            f.bt[:, rows] *= w / total
+        out.update(zip((p.base_weight for p in batch), _batch_errors(f, res), strict=True))
+    return {p.base_weight: out[p.base_weight] for p in pairs}
 
 
 def aggregation_error_from_updates(global_state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate],
@@ -132,9 +187,15 @@ def aggregation_error_from_updates(global_state: Mapping[str, torch.Tensor], upd
     w = normalized_weights(ups)
     residual = base_residual or {}
     out: dict[str, float] = {}
-    for p in pairs:
-        factors = [site_factors(global_state, u.delta, p) for u in ups]
-        b_cat = torch.cat([wi * b for wi, (b, _) in zip(w, factors, strict=True)], dim=1)
-        a_cat = torch.cat([a for _, a in factors], dim=0)
-        out[p.base_weight] = _module_error(b_cat, a_cat, published, p, residual)
-    return out
+    for batch, ranks, res in _batches(pairs, published, residual,
+                                      lambda p: tuple(u.delta[p.a_key].shape[0] for u in ups)):
+        f = _Factors(batch, published, ranks)
+        g_bt = torch.stack([global_state[p.b_key].T for p in batch]).to(torch.float64)
+        g_a = torch.stack([global_state[p.a_key] for p in batch]).to(torch.float64)
+        for wi, u, row in zip(w, ups, f.offsets, strict=True):  # FULL factors: the global's first r_i plus the delta
+            rows, r = f.fill(row, batch, u.delta)
+            f.bt[:, rows] += g_bt[:, :r]
+            f.bt[:, rows] *= wi
+            f.a[:, rows] += g_a[:, :r]
+        out.update(zip((p.base_weight for p in batch), _batch_errors(f, res), strict=True))
+    return {p.base_weight: out[p.base_weight] for p in pairs}

@@ -151,29 +151,82 @@ def test_flexlora_projects_to_the_best_low_rank_and_sites_get_prefixes() -> None
     assert site_view[A].shape == (1, 3) and site_view[B].shape == (3, 1)
 
 
-@pytest.mark.parametrize("rule", ["fedavg", "hetlora-exact"])
-def test_error_meter_from_factors_matches_the_dense_products(rule: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Large modules are measured from their factors (Gram matrices), never forming the d x k products; that must
-    give the dense meter's figure: a real error under FedAvg, and (near) zero where the published product is the
-    sites' mean exactly (one site)."""
+def _dense_errors(glob: dict[str, torch.Tensor], ups: list[ClientUpdate], published: dict[str, torch.Tensor],
+                  residual: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+    """The meter's definition computed the plain way: form every d x k product in float64."""
+    total = sum(u.num_examples for u in ups)
+    out = {}
+    for a_key in (k for k in glob if ".lora_A." in k):
+        b_key, name = a_key.replace(".lora_A.", ".lora_B."), a_key.replace(".lora_A.weight", ".weight")
+        target = sum(u.num_examples / total * (glob[b_key][:, :u.delta[a_key].shape[0]].double() + u.delta[b_key].double())
+                     @ (glob[a_key][:u.delta[a_key].shape[0]].double() + u.delta[a_key].double()) for u in ups)
+        pub = published[b_key].double() @ published[a_key].double() + (residual or {}).get(name, 0.0)
+        out[name] = float(torch.linalg.matrix_norm(target - pub) / torch.linalg.matrix_norm(target))
+    return out
+
+
+def _meter_case(n_sites: int, ranks: tuple[int, ...] = (), dyadic: bool = False
+                ) -> tuple[dict[str, torch.Tensor], list[ClientUpdate]]:
+    """A global adapter of modules in three shapes (several of each, as a model's layers) and its sites' updates;
+    ``ranks`` gives a rank per site (HetLoRA-style) below the global's 6. ``dyadic`` rounds every value to a multiple
+    of 1/8, so that the float32 sums global + delta are exact."""
+    g = torch.Generator().manual_seed(3)
+
+    def draw(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        x = scale * torch.randn(*shape, generator=g)
+        return torch.round(x * 8) / 8 if dyadic else x
+
+    shapes = [(96, 80), (40, 80), (80, 200)] * 3
+    glob = {}
+    for i, (d, k) in enumerate(shapes):
+        glob[f"m{i}.lora_A.weight"] = draw(6, k)
+        glob[f"m{i}.lora_B.weight"] = draw(d, 6)
+    ups = []
+    for i in range(n_sites):
+        r = ranks[i] if ranks else 6
+        delta = {k: draw(*(v[:r].shape if ".lora_A." in k else v[:, :r].shape), scale=0.1 if not dyadic else 1.0)
+                 for k, v in glob.items()}
+        ups.append(ClientUpdate(site=f"s{i}", num_examples=10 * (i + 1), delta=delta))
+    return glob, ups
+
+
+@pytest.mark.parametrize("batch_elements", [1 << 25, 1])  # every module of a shape in one batch, or one per batch
+def test_error_meter_matches_the_dense_products(batch_elements: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The meter stacks modules of one shape and measures them from their factors (Gram matrices, never the d x k
+    products); per module it must give the figure of the dense definition, mixed ranks and residuals included."""
     from strategies import error_meter
 
-    g = torch.Generator().manual_seed(3)
-    d, k, r = 96, 80, 4
-    glob = {"m.lora_A.weight": torch.randn(r, k, generator=g), "m.lora_B.weight": torch.randn(d, r, generator=g)}
-    n_sites = 3 if rule == "fedavg" else 1
-    ups = [ClientUpdate(site=f"s{i}", num_examples=10 * (i + 1),
-                        delta={kk: 0.1 * torch.randn(v.shape, generator=g) for kk, v in glob.items()})
-           for i in range(n_sites)]
+    monkeypatch.setattr(error_meter, "BATCH_ELEMENTS", batch_elements)
+    glob, ups = _meter_case(3)
     published = fedavg.aggregate(glob, ups)
-    monkeypatch.setattr(error_meter, "FACTORED_MIN_ELEMENTS", 1 << 40)  # dense
-    dense = aggregation_error_from_updates(glob, ups, published)["m.weight"]
-    monkeypatch.setattr(error_meter, "FACTORED_MIN_ELEMENTS", 1)  # from the factors
-    factored = aggregation_error_from_updates(glob, ups, published)["m.weight"]
-    if n_sites > 1:
-        assert dense > 1e-3 and factored == pytest.approx(dense, rel=1e-6)
-    else:
-        assert dense < 1e-6 and factored < 1e-6
-    full = [{kk: glob[kk] + u.delta[kk] for kk in glob} for u in ups]
-    assert aggregation_error(published, full, [u.num_examples for u in ups])["m.weight"] == pytest.approx(
-        factored, rel=1e-6, abs=1e-6)
+    got, want = aggregation_error_from_updates(glob, ups, published), _dense_errors(glob, ups, published)
+    assert list(got) == list(want) and min(want.values()) > 1e-3
+    assert got == {k: pytest.approx(v, rel=1e-9) for k, v in want.items()}
+    full = [{k: glob[k].double() + u.delta[k].double() for k in glob} for u in ups]  # the sums the reference used
+    assert aggregation_error(published, full, [u.num_examples for u in ups]) == {
+        k: pytest.approx(v, rel=1e-9) for k, v in want.items()}
+    # HetLoRA ranks (sites below the global's rank) and dense residuals on some modules.
+    glob, ups = _meter_case(3, ranks=(2, 6, 4))
+    state = hetlora.aggregate(glob, ups)
+    residual = {"m0.weight": 0.01 * torch.ones(96, 80), "m4.weight": 0.02 * torch.ones(40, 80)}
+    got, want = aggregation_error_from_updates(glob, ups, state, residual), _dense_errors(glob, ups, state, residual)
+    assert got == {k: pytest.approx(v, rel=1e-9) for k, v in want.items()}
+
+
+def test_error_meter_reports_an_exact_mean_at_float64_rounding() -> None:
+    """Where the published product IS the sites' mean exactly (one site, float32 sums without rounding), the error
+    is zero to float64 rounding. Where the mean is exact up to float32 rounding, the figure is that rounding (about
+    4e-8), as the dense definition gives it: the Gram form alone cancels there (its own rounding is about 1e-8 of the
+    target), so such modules are measured again from QR factors."""
+    glob, ups = _meter_case(1, dyadic=True)
+    published = {k: glob[k] + ups[0].delta[k] for k in glob}  # exact: every value is a multiple of 1/8
+    assert max(aggregation_error_from_updates(glob, ups, published).values()) < 1e-13
+    glob, ups = _meter_case(1)
+    published = fedavg.aggregate(glob, ups)
+    got, want = aggregation_error_from_updates(glob, ups, published), _dense_errors(glob, ups, published)
+    assert 1e-9 < max(want.values()) < 1e-6 and got == {k: pytest.approx(v, rel=1e-6) for k, v in want.items()}
+    # FedEx-LoRA's residual makes a 3-site round exact too (dense modules): the same float32-rounding figure.
+    glob, ups = _meter_case(3)
+    state, residual = fedex_lora.aggregate(glob, ups)
+    got, want = aggregation_error_from_updates(glob, ups, state, residual), _dense_errors(glob, ups, state, residual)
+    assert max(want.values()) < 1e-6 and got == {k: pytest.approx(v, rel=1e-6) for k, v in want.items()}
