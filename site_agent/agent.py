@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -266,6 +267,7 @@ def _serve(cfg: SiteConfig, show_progress: bool, audit: AuditSink | None, ranks:
             ranks.broadcast_bytes([])
         return 0
     client = CoordinatorClient(cfg, chunk_size=cfg.upload_chunk_bytes or codec.DEFAULT_CHUNK_SIZE)
+    scorer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedbridge-heldout")  # step 7, beside the upload
     trained = 0
     beats = client.heartbeats(0, 0, "idle")  # alive for as long as the agent serves (see Heartbeats)
     try:
@@ -386,30 +388,39 @@ def _serve(cfg: SiteConfig, show_progress: bool, audit: AuditSink | None, ranks:
                 audit.record("egress_refused", {"site": cfg.name, "round": task.round, "rule": e.rule,
                                                 "reason": str(e)[:500]})
                 raise SiteRefusal(str(e)) from None
-            if secure:  # only the masked update leaves (site_agent/egress/secagg.py)
-                sent = secagg.secure_upload(client, task, cfg.name, signing_key, Path(cfg.tls.ca).read_bytes(),
-                                            delta, result.num_examples, epsilon=epsilon, dp_delta=dp_delta)
-                if sent is None:  # late for the roster or dropped: nothing about this update left the site
-                    audit.record("secagg_excluded", {"site": cfg.name, "round": task.round})
-                    last_round = task.round
-                    continue
-                env, payload = sent
-                audit.record("update_sent", {"site": cfg.name, "round": task.round, "bytes": len(payload),
-                                             "payload_sha256": env.payload_sha256, "nonce": env.nonce.hex(),
-                                             "epsilon_spent": env.epsilon_spent, "num_examples": env.num_examples,
-                                             "secure_aggregation": True})
-            else:
-                audit.record("update_sent", {"site": cfg.name, "round": task.round, "bytes": len(payload),
-                                             "payload_sha256": env.payload_sha256, "nonce": env.nonce.hex(),
-                                             "epsilon_spent": env.epsilon_spent, "num_examples": env.num_examples})
-                try:
-                    client.upload(codec.sign_envelope(env, signing_key), env, payload)
-                except LateUpdateRefused as e:  # the round closed without us (deadline); go on with the next one
-                    log.warning("[Site.UploadUpdate] round=%d site=%s refused as late: %s", task.round, cfg.name, e)
-                    audit.record("update_refused_late", {"site": cfg.name, "round": task.round,
-                                                         "payload_sha256": env.payload_sha256})
-                    last_round = task.round
-                    continue
+            # 7. Off the critical path: a worker thread scores the round's incoming global adapter on our held-out
+            #    split while the update uploads (and, from the round's last site, while the coordinator aggregates).
+            #    The model is free for it: the delta was copied out of it. Scored after the upload instead, the last
+            #    site's evaluation held up its next round's start by tens of milliseconds every round. It is waited
+            #    for on every way out of the upload, so a next round never trains a model being scored.
+            scoring = scorer.submit(_score_heldout, trainer, task, global_state, heldout_rows)
+            try:
+                if secure:  # only the masked update leaves (site_agent/egress/secagg.py)
+                    sent = secagg.secure_upload(client, task, cfg.name, signing_key, Path(cfg.tls.ca).read_bytes(),
+                                                delta, result.num_examples, epsilon=epsilon, dp_delta=dp_delta)
+                    if sent is None:  # late for the roster or dropped: nothing about this update left the site
+                        audit.record("secagg_excluded", {"site": cfg.name, "round": task.round})
+                        last_round = task.round
+                        continue
+                    env, payload = sent
+                    audit.record("update_sent", {"site": cfg.name, "round": task.round, "bytes": len(payload),
+                                                 "payload_sha256": env.payload_sha256, "nonce": env.nonce.hex(),
+                                                 "epsilon_spent": env.epsilon_spent, "num_examples": env.num_examples,
+                                                 "secure_aggregation": True})
+                else:
+                    audit.record("update_sent", {"site": cfg.name, "round": task.round, "bytes": len(payload),
+                                                 "payload_sha256": env.payload_sha256, "nonce": env.nonce.hex(),
+                                                 "epsilon_spent": env.epsilon_spent, "num_examples": env.num_examples})
+                    try:
+                        client.upload(codec.sign_envelope(env, signing_key), env, payload)
+                    except LateUpdateRefused as e:  # the round closed without us (deadline); go on with the next one
+                        log.warning("[Site.UploadUpdate] round=%d site=%s refused as late: %s", task.round, cfg.name, e)
+                        audit.record("update_refused_late", {"site": cfg.name, "round": task.round,
+                                                             "payload_sha256": env.payload_sha256})
+                        last_round = task.round
+                        continue
+            finally:
+                wait([scoring])
             log.info("[Site.UploadUpdate] round=%d site=%s bytes=%d epsilon=%.4g accepted", task.round, cfg.name,
                      len(payload), epsilon)
             audit.record("update_uploaded", {"site": cfg.name, "round": task.round, "bytes": len(payload),
@@ -423,9 +434,8 @@ def _serve(cfg: SiteConfig, show_progress: bool, audit: AuditSink | None, ranks:
             }, result.num_examples)
             trained += 1
             last_round = task.round
-            # 7. Off the critical path: score the round's incoming global adapter on our held-out split.
             beats.working(task.round, "eval")
-            _report_eval(client, trainer, task, global_state, heldout_rows, guard, audit, cfg.name)
+            _report_eval(client, trainer, task, global_state, heldout_rows, guard, audit, cfg.name, scoring)
             beats.working(task.round, "idle")
     except Exception as e:
         # A site that fails tells the coordinator (one sanitized line, no data), so the admin sees it failed and
@@ -435,6 +445,7 @@ def _serve(cfg: SiteConfig, show_progress: bool, audit: AuditSink | None, ranks:
                                             "error": ": ".join(x for x in error_summary(e) if x)})
         raise
     finally:
+        scorer.shutdown(wait=True)
         beats.__exit__(None, None, None)
         client.close()
         if ranks.world > 1:  # done, refused or failed: the other ranks leave with rank 0
@@ -454,19 +465,30 @@ def _send_metrics(client: CoordinatorClient, guard: EgressGuard, audit: AuditSin
     client.report_metrics(round, phase, metrics, num_examples)
 
 
-def _report_eval(client: CoordinatorClient, trainer, task: pb.Task, state: dict[str, torch.Tensor],  # type: ignore[no-untyped-def]
-                 heldout_rows: list[dict], guard: EgressGuard | None = None, audit: AuditSink | None = None,
-                 site: str = "") -> None:
+def _score_heldout(trainer, task: pb.Task, state: dict[str, torch.Tensor],  # type: ignore[no-untyped-def]
+                   heldout_rows: list[dict]) -> tuple[dict[str, float], int]:
+    """The held-out metrics of ``state`` (the round's incoming global adapter) and the rows they cover; nothing to
+    score without held-out rows."""
     if not heldout_rows:
-        # Nothing to evaluate: an empty final report still tells a coordinator waiting to exit (exit_when_done) that
-        # this site has its DONE and is leaving, so it need not wait out its drain timeout for a report never coming.
-        _send_metrics(client, guard or EgressGuard(), audit or LogAuditSink(), site, task.round, "eval_global", {}, 0)
-        return
+        return {}, 0
     loss, tokens = trainer.evaluate(task.adapter_spec, state, heldout_rows)
     metrics = {"loss": loss, "tokens": float(tokens)}
     if is_mcq(heldout_rows):  # evaluate() left the global adapter loaded; only the fraction correct leaves
         metrics["accuracy"] = mcq_accuracy(trainer.model, trainer.tokenizer, heldout_rows)
+    return metrics, len(heldout_rows)
+
+
+def _report_eval(client: CoordinatorClient, trainer, task: pb.Task, state: dict[str, torch.Tensor],  # type: ignore[no-untyped-def]
+                 heldout_rows: list[dict], guard: EgressGuard | None = None, audit: AuditSink | None = None,
+                 site: str = "", scored: Future[tuple[dict[str, float], int]] | None = None) -> None:
+    """Score ``state`` on the held-out rows (or take ``scored``, that score computed already) and report it.
+
+    Without held-out rows the report is empty: it still tells a coordinator waiting to exit (exit_when_done) that
+    this site has its DONE and is leaving, so it need not wait out its drain timeout for a report never coming.
+    """
+    metrics, rows = scored.result() if scored is not None else _score_heldout(trainer, task, state, heldout_rows)
     _send_metrics(client, guard or EgressGuard(), audit or LogAuditSink(), site, task.round, "eval_global", metrics,
-                  len(heldout_rows))
-    log.info("[Site.Eval] round=%d heldout_loss=%.4f accuracy=%s", task.round, loss,
-             f"{metrics['accuracy']:.4f}" if "accuracy" in metrics else "n/a")
+                  rows)
+    if metrics:
+        log.info("[Site.Eval] round=%d heldout_loss=%.4f accuracy=%s", task.round, metrics["loss"],
+                 f"{metrics['accuracy']:.4f}" if "accuracy" in metrics else "n/a")

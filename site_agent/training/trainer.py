@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import gc
 import hashlib
+import inspect
 import logging
 import math
 import os
@@ -145,6 +146,10 @@ class SftSiteTrainer:
         self._spec_sha = ""
         self._fedsb_r: dict[str, torch.nn.Parameter] | None = None  # Fed-SB: the R matrices, the only trained tensors
         self._pristine: dict[str, torch.Tensor] = {}  # base weights before any residual was folded in
+        # The model's LoRA parameters by adapter key, once the first load checked them against the spec: later loads
+        # of the same spec copy straight into them (see load_adapter). Cleared whenever the model is replaced.
+        self._lora_params: dict[str, torch.Tensor] | None = None
+        self._eval_batches: _EvalBatches | None = None  # the held-out rows, tokenised once (see evaluate)
         # Keep the long-lived model and libraries out of every later collection: train_round collects each round's
         # trainer, and that then costs milliseconds instead of half a second. Collect first, so no garbage is frozen.
         gc.collect()
@@ -169,6 +174,7 @@ class SftSiteTrainer:
                 raise ValueError("the federation changed its adapter spec mid-run; restart the agent to follow it")
             self.model = get_peft_model(self._base_model(), lora_config(spec))
             self._spec_sha = spec.sha256
+            self._lora_params = None
             if fedsb.is_fedsb_spec(spec):
                 if self.zero3 or self.checkpoint_steps:
                     raise ValueError("Fed-SB (strategy fed-sb) does not run under DeepSpeed ZeRO-3 or with step "
@@ -192,7 +198,14 @@ class SftSiteTrainer:
         return spec, state
 
     def load_adapter(self, spec: pb.AdapterSpec, state: dict[str, torch.Tensor]) -> None:
-        """Put ``state`` into the model's LoRA weights (after checking it against the spec)."""
+        """Put ``state`` into the model's LoRA weights (after checking it against the spec).
+
+        The first load checks the model's own LoRA weights against the spec and goes through PEFT; it also finds
+        the parameter behind each adapter key. Every later load (twice a round: the global before training, and
+        again before the held-out evaluation) copies ``state`` straight into those parameters, which is what PEFT's
+        loader ends in, without walking the whole model's state dict each time (about 10 ms of a tiny model's
+        round, on its critical path).
+        """
         from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
         tensors.check_against_spec(state, spec)
@@ -200,11 +213,18 @@ class SftSiteTrainer:
         if self._fedsb_r is not None:
             fedsb.load(self._fedsb_r, state)
             return
+        if self._lora_params is not None:
+            with torch.no_grad():
+                for key, param in self._lora_params.items():
+                    param.copy_(state[key])
+            return
         mine = get_peft_model_state_dict(model)
         # The LoRA weights train in float32 whatever the wire dtype: compare keys and shapes in the spec's dtype.
         wire = {t.name: tensors.torch_dtype(t.dtype) for t in spec.tensors}
         tensors.check_against_spec({k: v.detach().to(wire.get(k, v.dtype)) for k, v in mine.items()}, spec)
         set_peft_model_state_dict(model, state)
+        if not self.zero3:  # ZeRO-3 partitions the parameters after this load: its views would be empty slices
+            self._lora_params = _parameters_behind(model, mine)
 
     def set_base_residual(self, residual: dict[str, torch.Tensor]) -> None:
         """Make the base weights ``W0 + residual`` (FedEx-LoRA's folded correction, already scaled).
@@ -256,8 +276,10 @@ class SftSiteTrainer:
 
         if self._fedsb_r is not None:
             return fedsb.state(self._fedsb_r)
-        # On CPU so the delta is computed and encoded where the global state lives, whatever device trained.
-        return {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(self.model).items()}
+        # On CPU so the delta is computed and encoded where the global state lives, whatever device trained; from
+        # the parameters found at the first load (the same tensors PEFT's state dict views) where there are some.
+        state = self._lora_params if self._lora_params is not None else get_peft_model_state_dict(self.model)
+        return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
 
     def _partitioned_adapter_state(self) -> dict[str, torch.Tensor]:
         """The whole LoRA tensors of a model ZeRO-3 partitioned over the ranks (a collective: every rank calls it).
@@ -285,6 +307,7 @@ class SftSiteTrainer:
             engine.destroy()  # removes ZeRO-3's module hooks and frees its partitions
         trainer.model = trainer.model_wrapped = trainer.deepspeed = None
         self.model = self._base = None
+        self._lora_params = None
         unset_hf_deepspeed_config()
 
     def train_round(self, task: pb.Task, global_state: dict[str, torch.Tensor],
@@ -425,32 +448,37 @@ class SftSiteTrainer:
                  max_length: int = 512, batch_size: int = 32) -> tuple[float, int]:
         """Mean next-token loss on the assistant tokens of ``rows`` with ``state`` as the adapter.
 
+        The agent scores the same held-out rows every round: they are tokenised once (kept while ``rows`` is the
+        same list, with the same ``max_length`` and ``batch_size``). Only the scored positions' logits are
+        computed (the model's ``logits_to_keep`` with a mask, where it takes one): the vocabulary projection of
+        every other position is work whose result nobody reads.
+
         Returns:
             ``(loss, tokens)``: token-weighted mean cross-entropy and how many tokens were scored.
         """
         self.load_adapter(spec, state)
+        cached = self._eval_batches
+        if cached is None or cached.rows is not rows or cached.key != (max_length, batch_size):
+            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+            cached = self._eval_batches = _EvalBatches(rows, (max_length, batch_size), [
+                _eval_batch(self.tokenizer, rows[i:i + batch_size], max_length, pad)
+                for i in range(0, len(rows), batch_size)])
+        device = self.model.get_input_embeddings().weight.device
+        masked = "logits_to_keep" in inspect.signature(self.model.get_base_model().forward).parameters
         self.model.eval()
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         total, count = 0.0, 0
         try:
-            for start in range(0, len(rows), batch_size):
-                ids_list, labels_list = [], []
-                for row in rows[start:start + batch_size]:
-                    enc = mask_conversation(self.tokenizer, row["messages"])
-                    ids, mask = enc.input_ids[:max_length], enc.assistant_mask[:max_length]
-                    ids_list.append(ids)
-                    labels_list.append([t if m else -100 for t, m in zip(ids, mask, strict=True)])
-                width = max(len(x) for x in ids_list)
-                ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids_list])
-                attn = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids_list])
-                labels = torch.tensor([x + [-100] * (width - len(x)) for x in labels_list])
-                device = self.model.get_input_embeddings().weight.device
-                logits = self.model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits[:, :-1]
-                target = labels[:, 1:].to(device)
-                loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
-                                                         target.reshape(-1), ignore_index=-100, reduction="sum")
+            for ids, attn, keep, target in cached.batches:
+                if not len(target):
+                    continue
+                ids, attn, keep, target = ids.to(device), attn.to(device), keep.to(device), target.to(device)
+                logits = self.model(input_ids=ids, attention_mask=attn,
+                                    **({"logits_to_keep": keep} if masked else {})).logits
+                if logits.shape != (len(target), logits.shape[-1]):  # every position came back: pick the scored
+                    logits = logits[keep]
+                loss = torch.nn.functional.cross_entropy(logits.float(), target, reduction="sum")
                 total += float(loss)
-                count += int((target != -100).sum())
+                count += len(target)
         finally:
             self.model.train()
         if count == 0:
@@ -459,6 +487,47 @@ class SftSiteTrainer:
         if not math.isfinite(mean):
             raise ValueError("held-out loss is not finite")
         return mean, count
+
+
+@dataclass(frozen=True)
+class _EvalBatches:
+    """Held-out rows tokenised for :meth:`SiteTrainer.evaluate`, for one list of rows and ``(max_length,
+    batch_size)``."""
+
+    rows: list[dict[str, Any]]
+    key: tuple[int, int]
+    batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def _eval_batch(tokenizer: Any, rows: list[dict[str, Any]], max_length: int, pad: int
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One held-out batch: input ids and attention mask (right-padded), the mask of positions whose next token is
+    an assistant token, and those next tokens in the mask's row-major order."""
+    ids_list, mask_list = [], []
+    for row in rows:
+        enc = mask_conversation(tokenizer, row["messages"])
+        ids_list.append(enc.input_ids[:max_length])
+        mask_list.append(enc.assistant_mask[:max_length])
+    width = max(len(x) for x in ids_list)
+    ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids_list])
+    attn = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids_list])
+    scored = torch.tensor([[bool(m) for m in x] + [False] * (width - len(x)) for x in mask_list])
+    keep = torch.zeros_like(scored)
+    keep[:, :-1] = scored[:, 1:]  # the logits at position p predict the token at p + 1
+    return ids, attn, keep, ids[:, 1:][keep[:, :-1]]
+
+
+def _parameters_behind(model: Any, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """The model parameter each of PEFT's state-dict tensors is a view of (same storage and shape), by key; None if
+    any of them is not one (then every load goes through PEFT)."""
+    params = {p.data_ptr(): p for n, p in model.named_parameters() if "lora_" in n}
+    out = {}
+    for key, view in state.items():
+        param = params.get(view.data_ptr())
+        if param is None or param.shape != view.shape:
+            return None
+        out[key] = param
+    return out
 
 
 def data_weight(t: pb.TrainingConfig, num_rows: int, loss_tokens: Callable[[], int]) -> int:

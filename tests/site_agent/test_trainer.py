@@ -92,3 +92,59 @@ def test_weight_by_tokens_counts_the_tokens_the_loss_sees(setup) -> None:  # typ
     result = trainer.train_round(task, init.state)
     masks = [mask_conversation(trainer.tokenizer, r["messages"]).assistant_mask[:64] for r in trainer._rows]
     assert result.num_examples == sum(sum(m) for m in masks) > 16  # assistant tokens within max_length
+
+
+def _plain_heldout_loss(trainer: SftSiteTrainer, rows: list[dict]) -> tuple[float, int]:
+    """The held-out loss the plain way: every row tokenised afresh, every position's logits, the scored ones picked
+    by the labels."""
+    from site_agent.training.masking import mask_conversation
+
+    total, count = 0.0, 0
+    trainer.model.eval()
+    with torch.no_grad():
+        for row in rows:
+            enc = mask_conversation(trainer.tokenizer, row["messages"])
+            ids = torch.tensor([enc.input_ids])
+            labels = torch.tensor([[t if m else -100 for t, m in zip(enc.input_ids, enc.assistant_mask, strict=True)]])
+            logits = trainer.model(input_ids=ids).logits[:, :-1]
+            total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                             labels[:, 1:].reshape(-1), reduction="sum"))
+            count += int((labels[:, 1:] != -100).sum())
+    trainer.model.train()
+    return total / count, count
+
+
+def test_each_load_puts_the_state_into_the_model_and_the_state_comes_back_out(setup) -> None:  # type: ignore[no-untyped-def]
+    """After the first load (through PEFT) later loads copy straight into the LoRA parameters: each must leave the
+    model holding exactly that state, and adapter_state must read back what trained."""
+    from peft import get_peft_model_state_dict
+
+    trainer, init, _ = setup
+    g = torch.Generator().manual_seed(5)
+    for scale in (0.1, 0.2, 0.3):
+        state = {k: v + scale * torch.randn(v.shape, generator=g) for k, v in init.state.items()}
+        trainer.load_adapter(init.spec, state)
+        held = get_peft_model_state_dict(trainer.model)
+        assert held.keys() == state.keys() and all(torch.equal(held[k], state[k]) for k in state)
+        out = trainer.adapter_state()
+        assert all(torch.equal(out[k], state[k]) for k in state) and all(not out[k].requires_grad for k in out)
+        assert all(out[k].data_ptr() != held[k].data_ptr() for k in out)  # a copy: training on cannot change it
+    result = trainer.train_round(_task(init), init.state)
+    held = get_peft_model_state_dict(trainer.model)
+    assert all(torch.equal(result.delta[k], held[k] - init.state[k]) for k in held)
+
+
+def test_heldout_loss_matches_the_plain_computation_and_follows_the_rows(setup) -> None:  # type: ignore[no-untyped-def]
+    """Rows are tokenised once and only the scored positions' logits are computed; the loss must be the plain
+    one, evaluated again with the same rows (cached) or with other rows (tokenised anew)."""
+    trainer, init, heldout = setup
+    state = {k: v + 0.05 * torch.ones_like(v) for k, v in init.state.items()}
+    loss, tokens = trainer.evaluate(init.spec, state, heldout, batch_size=3)  # batches of unequal widths
+    want_loss, want_tokens = _plain_heldout_loss(trainer, heldout)
+    assert tokens == want_tokens and loss == pytest.approx(want_loss, rel=1e-5)
+    assert trainer.evaluate(init.spec, state, heldout, batch_size=3) == (loss, tokens)
+    fewer = heldout[1:3]
+    part_loss, part_tokens = trainer.evaluate(init.spec, state, fewer, batch_size=3)
+    want_part = _plain_heldout_loss(trainer, fewer)
+    assert part_tokens == want_part[1] < tokens and part_loss == pytest.approx(want_part[0], rel=1e-5)
+    assert trainer.evaluate(init.spec, init.state, heldout)[0] != pytest.approx(loss, rel=1e-4)  # the state counts
