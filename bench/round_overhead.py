@@ -1,13 +1,17 @@
 """Round overhead of a 2-site loopback federation: (round wall time − slowest site's training loop) / training loop.
 
-Round wall time is the coordinator's open-to-close time of a round (from its store). Local training is the wall time
-of a site's training loop alone (``train_time_s`` as the site reports it: ``Trainer.train()``, its optimizer steps).
-Everything else in the round is federation overhead: waking the sites, downloading the global adapter, checking the
-base model, loading the global adapter into the model, building the round's trainer (arguments, optimizer,
-callbacks), computing the delta, signing, uploading, validating, storing durably and aggregating. The site's share
-of that (its whole local round minus its training loop, ``round_time_s - train_time_s``) is printed per round apart.
-Round 1 also includes each agent's one-time model load and tokenisation (the agent is long-lived and does both
-once), so it is reported apart and the goal applies to the steady-state rounds.
+A round's wall time is its whole cycle on the coordinator (from its store): from the previous round's close to this
+round's close, so the step from one round's close to the next one's opening (auditing, opening the round, waking
+the sites) counts as well as the round's own open-to-close time. Local training is the wall time of a site's
+training loop alone (``train_time_s`` as the site reports it: ``Trainer.train()``, its optimizer steps). Everything
+else in the cycle is federation overhead: opening the round, waking the sites, downloading the global adapter,
+checking the base model, loading the global adapter into the model, building the round's trainer (arguments,
+optimizer, callbacks), computing the delta, the held-out score of the global where it delays a site, signing,
+uploading, validating, storing durably, aggregating and measuring the aggregation error. The site's share of that
+(its whole local round minus its training loop, ``round_time_s - train_time_s``) is printed per round apart. Round 1
+has no previous close (its time is open-to-close) and includes each agent's one-time model load and tokenisation
+(the agent is long-lived and does both once), so it is reported apart and the goal applies to the steady-state
+rounds.
 """
 
 from __future__ import annotations
@@ -19,14 +23,15 @@ from pathlib import Path
 
 from bench.report import Row, write_results
 
-ROUNDS = 4
+ROUNDS = 6
 STEPS = 40
 GOAL = 0.05
 
 
 @dataclass(frozen=True)
 class RoundTimes:
-    """One round's times in seconds: coordinator open-to-close, and per site its training loop and whole round."""
+    """One round's times in seconds: its cycle on the coordinator (previous close to close; round 1: open to
+    close), and per site its training loop and whole round."""
 
     round: int
     wall: float
@@ -58,6 +63,12 @@ def build_rows(rounds: list[RoundTimes]) -> tuple[list[Row], list[str]]:
     return rows, notes
 
 
+def round_walls(rounds: list[tuple[int, int]]) -> list[float]:
+    """Each round's wall time in seconds from its ``(opened_ms, closed_ms)``, in round order: the first round's
+    open-to-close, every later one's from the previous round's close (its whole cycle)."""
+    return [(closed - (opened if i == 0 else rounds[i - 1][1])) / 1000 for i, (opened, closed) in enumerate(rounds)]
+
+
 def measure(rounds: int = ROUNDS, steps: int = STEPS) -> list[RoundTimes]:
     """Run the 2-site federation on loopback and read each round's times from the coordinator's store."""
     from coordinator.rounds.store import Store
@@ -77,11 +88,16 @@ def measure(rounds: int = ROUNDS, steps: int = STEPS) -> list[RoundTimes]:
         assert set(codes.values()) == {0}, codes
         store = Store(fed.state_dir)
         out = []
-        for r in store.rounds():
+        rows = store.rounds()
+        spans = []
+        for r in rows:
+            assert r.closed_ms is not None, f"round {r.round} never closed"
+            spans.append((r.opened_ms, r.closed_ms))
+        for r, wall in zip(rows, round_walls(spans), strict=True):
             metrics = [m for m in store.metrics(r.round) if m[2] == "train"]
             train = {m[1]: m[4] for m in metrics if m[3] == "train_time_s"}
             local_round = {m[1]: m[4] for m in metrics if m[3] == "round_time_s"}
-            out.append(RoundTimes(r.round, (r.closed_ms - r.opened_ms) / 1000, train, local_round))  # type: ignore[operator]
+            out.append(RoundTimes(r.round, wall, train, local_round))
         store.close()
     return out
 
@@ -89,7 +105,8 @@ def measure(rounds: int = ROUNDS, steps: int = STEPS) -> list[RoundTimes]:
 def main() -> None:
     rows, notes = build_rows(measure())
     write_results("round_overhead", rows, [f"2 sites, {STEPS} local steps/round, 1 torch thread per site, loopback "
-                                           "mTLS; local training = the training loop alone", *notes])
+                                           "mTLS; round wall = previous round's close to this round's close (round "
+                                           "1: open to close); local training = the training loop alone", *notes])
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -389,13 +391,16 @@ def _serve(cfg: SiteConfig, show_progress: bool, audit: AuditSink | None, ranks:
                                                 "reason": str(e)[:500]})
                 raise SiteRefusal(str(e)) from None
             # 7. Off the critical path: a worker thread scores the round's incoming global adapter on our held-out
-            #    split while the update uploads (and, from the round's last site, while the coordinator aggregates).
-            #    The model is free for it: the delta was copied out of it. Scored after the upload instead, the last
-            #    site's evaluation held up its next round's start by tens of milliseconds every round. It is waited
-            #    for on every way out of the upload, so a next round never trains a model being scored.
-            scoring = scorer.submit(_score_heldout, trainer, task, global_state, heldout_rows)
+            #    split while the coordinator checks and stores the update (and, from the round's last site,
+            #    aggregates): it starts once the last byte is handed to the transport (before a masked upload), so
+            #    it does not hold the GIL against the stream. The model is free for it: the delta was copied out.
+            #    Scored after the upload instead, the last site's evaluation held up its next round's start by
+            #    tens of milliseconds every round. It is waited for on every way out of the upload, so a next round
+            #    never trains a model being scored.
+            scoring = _Scoring(scorer, trainer, task, global_state, heldout_rows)
             try:
                 if secure:  # only the masked update leaves (site_agent/egress/secagg.py)
+                    scoring.start()
                     sent = secagg.secure_upload(client, task, cfg.name, signing_key, Path(cfg.tls.ca).read_bytes(),
                                                 delta, result.num_examples, epsilon=epsilon, dp_delta=dp_delta)
                     if sent is None:  # late for the roster or dropped: nothing about this update left the site
@@ -412,7 +417,8 @@ def _serve(cfg: SiteConfig, show_progress: bool, audit: AuditSink | None, ranks:
                                                  "payload_sha256": env.payload_sha256, "nonce": env.nonce.hex(),
                                                  "epsilon_spent": env.epsilon_spent, "num_examples": env.num_examples})
                     try:
-                        client.upload(codec.sign_envelope(env, signing_key), env, payload)
+                        client.upload(codec.sign_envelope(env, signing_key), env, payload,
+                                      on_progress=scoring.start_once_sent(len(payload)))
                     except LateUpdateRefused as e:  # the round closed without us (deadline); go on with the next one
                         log.warning("[Site.UploadUpdate] round=%d site=%s refused as late: %s", task.round, cfg.name, e)
                         audit.record("update_refused_late", {"site": cfg.name, "round": task.round,
@@ -420,7 +426,7 @@ def _serve(cfg: SiteConfig, show_progress: bool, audit: AuditSink | None, ranks:
                         last_round = task.round
                         continue
             finally:
-                wait([scoring])
+                scoring.wait()
             log.info("[Site.UploadUpdate] round=%d site=%s bytes=%d epsilon=%.4g accepted", task.round, cfg.name,
                      len(payload), epsilon)
             audit.record("update_uploaded", {"site": cfg.name, "round": task.round, "bytes": len(payload),
@@ -478,9 +484,42 @@ def _score_heldout(trainer, task: pb.Task, state: dict[str, torch.Tensor],  # ty
     return metrics, len(heldout_rows)
 
 
+class _Scoring:
+    """The held-out score of a round's incoming global adapter, computed once in ``pool``'s worker thread: started
+    by the first :meth:`start` (from any thread; the upload's progress calls it), awaited by :meth:`wait`, and
+    :meth:`result` starts it if nothing did."""
+
+    def __init__(self, pool: ThreadPoolExecutor, trainer, task: pb.Task,  # type: ignore[no-untyped-def]
+                 state: dict[str, torch.Tensor], heldout_rows: list[dict]) -> None:
+        self._pool, self._args = pool, (trainer, task, state, heldout_rows)
+        self._lock = threading.Lock()
+        self._future: Future[tuple[dict[str, float], int]] | None = None
+
+    def start(self) -> None:
+        with self._lock:
+            if self._future is None:
+                self._future = self._pool.submit(_score_heldout, *self._args)
+
+    def start_once_sent(self, size: int) -> Callable[[int], None]:
+        """An upload progress callback that starts the score once all ``size`` bytes are handed over."""
+        return lambda sent: self.start() if sent >= size else None
+
+    def wait(self) -> None:
+        """Until a started score is done (its error, if any, is kept for :meth:`result`)."""
+        with self._lock:
+            future = self._future
+        if future is not None:
+            wait([future])
+
+    def result(self) -> tuple[dict[str, float], int]:
+        self.start()
+        assert self._future is not None
+        return self._future.result()
+
+
 def _report_eval(client: CoordinatorClient, trainer, task: pb.Task, state: dict[str, torch.Tensor],  # type: ignore[no-untyped-def]
                  heldout_rows: list[dict], guard: EgressGuard | None = None, audit: AuditSink | None = None,
-                 site: str = "", scored: Future[tuple[dict[str, float], int]] | None = None) -> None:
+                 site: str = "", scored: _Scoring | None = None) -> None:
     """Score ``state`` on the held-out rows (or take ``scored``, that score computed already) and report it.
 
     Without held-out rows the report is empty: it still tells a coordinator waiting to exit (exit_when_done) that

@@ -114,6 +114,12 @@ def test_round_overhead_counts_set_up_as_overhead() -> None:
     assert "a 1.000 s" in notes[2]  # the site-side set-up of round 3, printed
 
 
+def test_round_overhead_counts_the_step_between_rounds() -> None:
+    # Round 2 opened 30 ms after round 1 closed: that step is part of round 2's cycle (close to close).
+    walls = round_overhead.round_walls([(1_000, 4_000), (4_030, 6_500), (6_540, 9_000)])
+    assert walls == [3.0, 2.5, 2.5]
+
+
 @pytest.mark.parametrize(("up_s", "meets"), [(15.0, True), (17.0, False)])
 def test_link_rows_put_the_goals_on_the_steady_round_and_the_cut(up_s: float, meets: bool) -> None:
     from bench import link

@@ -3,6 +3,7 @@ and refuses to train once the next round would exceed the site's budget."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,8 @@ def _capturing_client(task: pb.Task, blob: bytes, sent: list[tuple[pb.UpdateEnve
     base = _fake_client(task, blob, [])
 
     class Client(base):  # type: ignore[misc, valid-type]
-        def upload(self, signed: pb.SignedEnvelope, env: pb.UpdateEnvelope, payload: bytes) -> None:
+        def upload(self, signed: pb.SignedEnvelope, env: pb.UpdateEnvelope, payload: bytes,
+                   on_progress: Callable[[int], None] | None = None) -> None:
             sent.append((pb.UpdateEnvelope.FromString(signed.envelope), payload))
 
     return Client

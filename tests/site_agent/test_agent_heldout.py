@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,8 +69,10 @@ def _client(tasks: list[pb.Task], blob: bytes, events: list[tuple[Any, ...]], up
         def download_adapter(self, round: int, sha256: str, size: int, artifact: int = 0) -> bytes:
             return blob
 
-        def upload(self, signed: pb.SignedEnvelope, env: pb.UpdateEnvelope, payload: bytes) -> None:
-            upload(env)
+        def upload(self, signed: pb.SignedEnvelope, env: pb.UpdateEnvelope, payload: bytes,
+                   on_progress: Callable[[int], None] | None = None) -> None:
+            assert on_progress is not None
+            upload(env, payload, on_progress)
 
         def report_metrics(self, round: int, phase: str, metrics: dict[str, float], num_examples: int) -> None:
             events.append(("metrics", round, phase, sorted(metrics)))
@@ -86,9 +89,20 @@ def _client(tasks: list[pb.Task], blob: bytes, events: list[tuple[Any, ...]], up
     return Client
 
 
+def _stream(payload: bytes, on_progress: Callable[[int], None], seen: Callable[[], bool]) -> list[bool]:
+    """Report the payload handed over in 4 KiB chunks, 10 ms apart, as the client's stream does; ``seen()`` before
+    each."""
+    out = []
+    for end in range(1 << 12, len(payload) + (1 << 12), 1 << 12):
+        time.sleep(0.01)
+        out.append(seen())
+        on_progress(min(end, len(payload)))
+    return out
+
+
 def test_the_heldout_score_runs_while_the_update_uploads(tiny_model_dir: Path, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    # Prepare: an upload that waits (up to 20 s) for the held-out evaluation to have started
+    # Prepare: an upload that streams its chunks, then waits (up to 20 s) for the held-out evaluation to start
     tasks, blob = _tasks(tiny_model_dir, rounds=1)
     events: list[tuple[Any, ...]] = []
     scoring = threading.Event()
@@ -99,8 +113,9 @@ def test_the_heldout_score_runs_while_the_update_uploads(tiny_model_dir: Path, t
         scoring.set()
         return evaluate(self, *a, **kw)
 
-    def upload(env: pb.UpdateEnvelope) -> None:
-        events.append(("upload", env.round, scoring.wait(timeout=20)))
+    def upload(env: pb.UpdateEnvelope, payload: bytes, on_progress: Callable[[int], None]) -> None:
+        before = _stream(payload, on_progress, scoring.is_set)
+        events.append(("upload", env.round, any(before), scoring.wait(timeout=20)))
 
     monkeypatch.setattr(SftSiteTrainer, "evaluate", watched)
     monkeypatch.setattr(agent, "CoordinatorClient", _client(tasks, blob, events, upload))
@@ -108,9 +123,9 @@ def test_the_heldout_score_runs_while_the_update_uploads(tiny_model_dir: Path, t
     # Execute
     assert agent.run_site(_site(tmp_path, tiny_model_dir), show_progress=False) == 1
 
-    # Assert: scored in the worker thread during the upload, reported after the round's train metrics (as before);
-    # the DONE round's final score is computed in the loop itself
-    assert events == [("evaluate", False), ("upload", 1, True), ("metrics", 1, "train", [
+    # Assert: scored in the worker thread once the last byte was handed over, before the upload returned; reported
+    # after the round's train metrics (as before); the DONE round's final score is computed in the loop itself
+    assert events == [("evaluate", False), ("upload", 1, False, True), ("metrics", 1, "train", [
         "loss", "round_time_s", "steps", "tokens", "tokens_per_s", "train_time_s", "upload_bytes"]),
         ("metrics", 1, "eval_global", ["loss", "tokens"]), ("evaluate", True), ("metrics", 2, "eval_global",
                                                                                ["loss", "tokens"])]
@@ -118,7 +133,8 @@ def test_the_heldout_score_runs_while_the_update_uploads(tiny_model_dir: Path, t
 
 def test_a_next_round_never_trains_while_the_last_one_is_scored(tiny_model_dir: Path, tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    # Prepare: round 1's upload is refused as late at once (the loop goes straight on to round 2), and scoring is slow
+    # Prepare: round 1's upload is refused as late once streamed (the loop goes straight on to round 2) while its
+    # scoring, slow, still runs
     tasks, blob = _tasks(tiny_model_dir, rounds=2)
     events: list[tuple[Any, ...]] = []
     scoring = threading.Event()
@@ -136,7 +152,8 @@ def test_a_next_round_never_trains_while_the_last_one_is_scored(tiny_model_dir: 
         events.append(("train", task.round, "while scoring" if scoring.is_set() else "alone"))
         return train_round(self, task, *a, **kw)
 
-    def upload(env: pb.UpdateEnvelope) -> None:
+    def upload(env: pb.UpdateEnvelope, payload: bytes, on_progress: Callable[[int], None]) -> None:
+        _stream(payload, on_progress, scoring.is_set)
         events.append(("upload", env.round))
         if env.round == 1:
             raise LateUpdateRefused("round 1 is closed: late")

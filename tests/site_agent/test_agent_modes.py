@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -52,7 +53,8 @@ def _fake_client(task: pb.Task, global_bytes: bytes, uploads: list[bytes]):  # t
         def download_adapter(self, round: int, sha256: str, size: int, artifact: int = 0) -> bytes:
             return global_bytes
 
-        def upload(self, signed: pb.SignedEnvelope, env: pb.UpdateEnvelope, payload: bytes) -> None:
+        def upload(self, signed: pb.SignedEnvelope, env: pb.UpdateEnvelope, payload: bytes,
+                   on_progress: Callable[[int], None] | None = None) -> None:
             uploads.append(payload)
 
         def report_metrics(self, *a, **kw) -> None:  # type: ignore[no-untyped-def]
@@ -141,7 +143,8 @@ def _recording_client(task: pb.Task, global_bytes: bytes, sent: list[bytes]):  #
             sent.append(pb.JoinRequest(agent_version=agent_version, lora_rank=lora_rank).SerializeToString())
             return super().join(agent_version, lora_rank)
 
-        def upload(self, signed: pb.SignedEnvelope, env: pb.UpdateEnvelope, payload: bytes) -> None:
+        def upload(self, signed: pb.SignedEnvelope, env: pb.UpdateEnvelope, payload: bytes,
+                   on_progress: Callable[[int], None] | None = None) -> None:
             sent.extend([signed.SerializeToString(), payload])
 
         def report_metrics(self, round: int, phase: str, metrics: dict[str, float], num_examples: int) -> None:
