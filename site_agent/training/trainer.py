@@ -474,7 +474,10 @@ class SftSiteTrainer:
                 ids, attn, keep, target = ids.to(device), attn.to(device), keep.to(device), target.to(device)
                 logits = self.model(input_ids=ids, attention_mask=attn,
                                     **({"logits_to_keep": keep} if masked else {})).logits
-                if logits.shape != (len(target), logits.shape[-1]):  # every position came back: pick the scored
+                if logits.shape != (len(target), logits.shape[-1]):
+                    if masked:  # a forward that takes logits_to_keep, but not as a mask: every position instead
+                        masked = False
+                        logits = self.model(input_ids=ids, attention_mask=attn).logits
                     logits = logits[keep]
                 loss = torch.nn.functional.cross_entropy(logits.float(), target, reduction="sum")
                 total += float(loss)

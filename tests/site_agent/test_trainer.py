@@ -148,3 +148,22 @@ def test_heldout_loss_matches_the_plain_computation_and_follows_the_rows(setup) 
     want_part = _plain_heldout_loss(trainer, fewer)
     assert part_tokens == want_part[1] < tokens and part_loss == pytest.approx(want_part[0], rel=1e-5)
     assert trainer.evaluate(init.spec, init.state, heldout)[0] != pytest.approx(loss, rel=1e-4)  # the state counts
+
+
+def test_heldout_loss_of_a_model_that_takes_logits_to_keep_but_not_as_a_mask(setup,  # type: ignore[no-untyped-def]
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    trainer, init, heldout = setup
+    trainer.load_adapter(init.spec, init.state)  # the model exists from here on, alone as in any order
+    base = trainer.model.get_base_model()
+    forward = base.forward
+
+    def its_own_way(input_ids=None, attention_mask=None, logits_to_keep=0, **kw):  # type: ignore[no-untyped-def]
+        # An argument of that name that is no mask to it (here: it keeps the last position, whatever it is given);
+        # asked without it, every position.
+        keep = 1 if isinstance(logits_to_keep, torch.Tensor) else logits_to_keep
+        return forward(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep, **kw)
+
+    monkeypatch.setattr(base, "forward", its_own_way)
+    loss, tokens = trainer.evaluate(init.spec, init.state, heldout)
+    want_loss, want_tokens = _plain_heldout_loss(trainer, heldout)
+    assert tokens == want_tokens and loss == pytest.approx(want_loss, rel=1e-5)
