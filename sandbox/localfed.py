@@ -85,10 +85,12 @@ class LocalFederation:
         path.write_text(dumps(cfg))
         return path
 
-    def start_site(self, site: SiteData, threads: int = 1, extra: dict[str, Any] | None = None) -> subprocess.Popen:
+    def start_site(self, site: SiteData, threads: int = 1, extra: dict[str, Any] | None = None,
+                   env: dict[str, str] | None = None) -> subprocess.Popen:
+        """Start a site agent process with its config (``extra`` adds to it); ``env`` adds variables."""
         path = self.write_site_config(site, threads, extra)
         proc = _spawn([*self.wrap.get(site.name, []), PY, "-m", "site_agent", "run", "--config", str(path)],
-                      self.log_path(site.name))
+                      self.log_path(site.name), env)
         self.procs[site.name] = proc
         return proc
 

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -50,6 +51,15 @@ AGENT_VERSION = "fedbridge-site/0.1.0"
 # error would), so a test sees the site report its own crash. The message holds a path and a quoted value on
 # purpose: neither may reach the coordinator.
 FAIL_ENV = "FEDBRIDGE_TEST_SITE_FAIL"
+# Test-only: ``<round>:<seconds>`` holds this site's upload of that round back, so a test can see a round with one
+# update in and another to come (sites training alike otherwise upload at the same moment).
+UPLOAD_DELAY_ENV = "FEDBRIDGE_TEST_SITE_UPLOAD_DELAY"
+
+
+def _test_upload_delay(round: int) -> None:
+    at, _, seconds = os.environ.get(UPLOAD_DELAY_ENV, "").partition(":")
+    if at == str(round):
+        time.sleep(float(seconds))
 
 
 def _test_fault(round: int, step: int) -> None:
@@ -416,6 +426,7 @@ def _serve(cfg: SiteConfig, show_progress: bool, audit: AuditSink | None, ranks:
                     audit.record("update_sent", {"site": cfg.name, "round": task.round, "bytes": len(payload),
                                                  "payload_sha256": env.payload_sha256, "nonce": env.nonce.hex(),
                                                  "epsilon_spent": env.epsilon_spent, "num_examples": env.num_examples})
+                    _test_upload_delay(task.round)
                     try:
                         client.upload(codec.sign_envelope(env, signing_key), env, payload,
                                       on_progress=scoring.start_once_sent(len(payload)))

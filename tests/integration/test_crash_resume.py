@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 from coordinator.rounds.engine import HOLD_ENV
 from coordinator.rounds.store import Store
 from sandbox import localfed
+from site_agent.agent import UPLOAD_DELAY_ENV
 
 ROUNDS = 2
 SITES = ["site-a", "site-b"]
@@ -73,7 +74,10 @@ def _run(fed: localfed.LocalFederation, hold: tuple[str, int] | None) -> dict[st
         fed.start_coordinator(env={HOLD_ENV: f"{hold[0]}:{hold[1]}"} if hold else None)
         fed.pin_port()
         for s in fed.sites:
-            fed.start_site(s)
+            # Killed while collecting, the round must hold one update with the other to come: site-b's upload is
+            # held back, or the two (alike, trained together) can land in one group commit and close the round.
+            late = hold is not None and hold[0] == "collecting" and s.name == "site-b"
+            fed.start_site(s, env={UPLOAD_DELAY_ENV: f"{hold[1]}:2"} if late and hold else None)
         if hold:
             _wait_for(fed.state_dir / f"hold-{hold[0]}-{hold[1]}", fed, timeout=240)
             killed = fed.procs["coordinator"]
