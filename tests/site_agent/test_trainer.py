@@ -167,3 +167,35 @@ def test_heldout_loss_of_a_model_that_takes_logits_to_keep_but_not_as_a_mask(set
     loss, tokens = trainer.evaluate(init.spec, init.state, heldout)
     want_loss, want_tokens = _plain_heldout_loss(trainer, heldout)
     assert tokens == want_tokens and loss == pytest.approx(want_loss, rel=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2", "mistral", "gemma2", "phi3", "gpt2"])
+def test_fast_loads_and_masked_heldout_loss_on_every_family(family: str, tmp_path: Path) -> None:
+    """On the real families' shapes and templates (fused qkv in Phi-3, Conv1D in GPT-2, Gemma 2's soft-capped
+    logits): a later load puts the state in exactly, and the loss from the scored positions' logits alone is the
+    plain one."""
+    import os
+    import sys
+
+    from peft import get_peft_model_state_dict
+
+    from sandbox.families import FAMILIES, build_family_model
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
+    from test_architectures import CHATML
+
+    base = build_family_model(family, cache_dir=os.environ.get("FEDBRIDGE_CACHE") or tmp_path / "cache")
+    site = make_site_datasets(tmp_path / "data", n_sites=1, n_train=8, n_heldout=6)[0]
+    template = CHATML if FAMILIES[family].chat_template is None else ""  # GPT-2 ships none: the federation's
+    trainer = SftSiteTrainer(base, load_sft(site.train_path), tmp_path / "work", chat_template=template)
+    init = init_adapter(base, LoraSpec(rank=2, alpha=4.0, target_modules=("all-linear",)))
+    g = torch.Generator().manual_seed(1)
+    state = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in init.state.items()}
+    trainer.load_adapter(init.spec, init.state)
+    trainer.load_adapter(init.spec, state)  # straight into the parameters
+    held = get_peft_model_state_dict(trainer.model)
+    assert all(torch.equal(held[k], state[k]) for k in state)
+    heldout = load_sft(site.heldout_path)
+    loss, tokens = trainer.evaluate(init.spec, state, heldout, batch_size=4)
+    want_loss, want_tokens = _plain_heldout_loss(trainer, heldout)
+    assert tokens == want_tokens > 0 and loss == pytest.approx(want_loss, rel=1e-5)
